@@ -1,0 +1,425 @@
+//! JSON payloads of the local topic API. These are wire types: field names and shapes are the
+//! contract of shared/DESIGN.md §2, so renaming anything here is a breaking change.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::ids::{DeviceId, ProtocolName};
+
+/// Milliseconds since the Unix epoch.
+pub type TimestampMs = i64;
+
+/// Top-level key of a desired patch carrying the expected current desired version.
+pub const VERSION_KEY: &str = "$version";
+/// Top-level key of a patch carrying the writer's timestamp (ms) instead of the receive time.
+pub const TS_KEY: &str = "ts";
+
+/// The value type of a property, as declared in a device model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PropertyType {
+    /// JSON `true`/`false`.
+    Boolean,
+    /// A JSON number without fraction that fits in an i64.
+    Int,
+    /// Any JSON number.
+    Float,
+    /// A JSON string.
+    String,
+    /// A JSON object (replaced as a whole; never merged key by key).
+    Object,
+}
+
+impl PropertyType {
+    /// Whether `v` has this type. `Float` accepts integers too; `Int` accepts `3.0`-free integers only.
+    pub fn admits(self, v: &Value) -> bool {
+        match self {
+            PropertyType::Boolean => v.is_boolean(),
+            PropertyType::Int => v.is_i64() || v.is_u64() && v.as_u64().is_some_and(|u| i64::try_from(u).is_ok()),
+            PropertyType::Float => v.is_number(),
+            PropertyType::String => v.is_string(),
+            PropertyType::Object => v.is_object(),
+        }
+    }
+}
+
+impl fmt::Display for PropertyType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PropertyType::Boolean => "boolean",
+            PropertyType::Int => "int",
+            PropertyType::Float => "float",
+            PropertyType::String => "string",
+            PropertyType::Object => "object",
+        })
+    }
+}
+
+/// Who may write a property (KubeEdge's `accessMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum AccessMode {
+    /// Reported by the device only; desired writes are rejected.
+    ReadOnly,
+    /// Desired writes are carried to the device.
+    ReadWrite,
+}
+
+/// Where an accepted change came from; also the tie-breaker of last-writer-wins.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Source {
+    /// A local client of the node's broker (engineer, app).
+    Local,
+    /// The cloud, through the bridge.
+    Cloud,
+    /// A protocol mapper.
+    Mapper(ProtocolName),
+}
+
+impl Source {
+    /// The source id as written in metadata (`local`, `cloud`, `mapper:{protocol}`).
+    pub fn id(&self) -> String {
+        match self {
+            Source::Local => "local".into(),
+            Source::Cloud => "cloud".into(),
+            Source::Mapper(p) => format!("mapper:{p}"),
+        }
+    }
+
+    /// Parses a source id.
+    pub fn parse(s: &str) -> Option<Source> {
+        match s {
+            "local" => Some(Source::Local),
+            "cloud" => Some(Source::Cloud),
+            _ => s
+                .strip_prefix("mapper:")
+                .and_then(|p| ProtocolName::new(p).ok())
+                .map(Source::Mapper),
+        }
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.id())
+    }
+}
+
+impl Serialize for Source {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.id())
+    }
+}
+
+impl<'de> Deserialize<'de> for Source {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Source::parse(&s).ok_or_else(|| serde::de::Error::custom(format!("unknown source {s:?}")))
+    }
+}
+
+impl JsonSchema for Source {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Source".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": "string", "pattern": "^(local|cloud|mapper:[A-Za-z0-9][A-Za-z0-9_.-]*)$"})
+    }
+}
+
+/// Metadata of one property in a twin document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PropertyMeta {
+    /// The device version at which this property last changed.
+    pub version: u64,
+    /// The writer's timestamp of the change (ms).
+    pub ts: TimestampMs,
+    /// Who wrote it.
+    pub source: Source,
+}
+
+/// Per-property metadata of both sides of a twin.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TwinMetadata {
+    /// Metadata of desired properties.
+    pub desired: BTreeMap<String, PropertyMeta>,
+    /// Metadata of reported properties.
+    pub reported: BTreeMap<String, PropertyMeta>,
+}
+
+/// Connection state of a device as its mapper sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceState {
+    /// No mapper has said anything yet (twin document only).
+    Unknown,
+    /// The mapper talks to the device.
+    Online,
+    /// The device (or its mapper) is unreachable.
+    Offline,
+    /// The mapper reaches the device but it misbehaves.
+    Error,
+}
+
+/// `dt/{device}/status`, published by the device's mapper.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DeviceStatusMsg {
+    /// The state (`unknown` is not sent by mappers).
+    pub state: DeviceState,
+    /// When the state was observed (ms).
+    pub ts: TimestampMs,
+    /// Human-readable detail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// The `status` object inside a twin document: state plus when the device was last heard of.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TwinStatus {
+    /// Last state a mapper published, `unknown` before any.
+    pub state: DeviceState,
+    /// When that state was published (ms), if ever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ts: Option<TimestampMs>,
+    /// Last reported patch or status from the mapper (ms), if ever; a reading that repeats the
+    /// current value still refreshes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<TimestampMs>,
+    /// Detail from the last status message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// `dt/{device}/twin` (retained) and the `twin` of a get result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TwinDoc {
+    /// The device.
+    pub device: DeviceId,
+    /// The device's model name.
+    pub model: String,
+    /// Per-device version, strictly increasing on every accepted change.
+    pub version: u64,
+    /// Version of the last accepted desired change; what `$version` in a desired patch is checked against.
+    pub desired_version: u64,
+    /// Desired properties.
+    pub desired: Map<String, Value>,
+    /// Reported properties.
+    pub reported: Map<String, Value>,
+    /// Per-property version, timestamp and source.
+    pub metadata: TwinMetadata,
+    /// Connection state and last-seen.
+    pub status: TwinStatus,
+}
+
+/// `dt/{device}/delta`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DeltaMsg {
+    /// The device.
+    pub device: DeviceId,
+    /// The twin version this delta was computed at; a client ignores deltas older than the twin it has.
+    pub version: u64,
+    /// Desired values that reported does not match.
+    pub delta: Map<String, Value>,
+    /// When the delta was computed (ms).
+    pub ts: TimestampMs,
+}
+
+/// `dt/{device}/get` request.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct GetRequest {
+    /// Opaque request id echoed in the result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+/// `dt/{device}/get/result` (or the MQTT 5 response topic).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct GetResult {
+    /// The request's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The twin document.
+    pub twin: TwinDoc,
+}
+
+/// Why a patch or request was rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The payload is not JSON, or not a JSON object where one is needed.
+    MalformedJson,
+    /// No device of that name is registered on this node.
+    UnknownDevice,
+    /// The device's model has no such property.
+    UnknownProperty,
+    /// A desired write to a `ReadOnly` property.
+    ReadOnly,
+    /// The value does not have the property's type.
+    WrongType,
+    /// The value lies outside the property's minimum/maximum.
+    OutOfRange,
+    /// `$version` did not match the current desired version.
+    VersionConflict,
+    /// The patch is structurally wrong (bad `$version`/`ts`, empty, too many properties).
+    InvalidPatch,
+    /// The payload exceeds the configured size limit.
+    TooLarge,
+    /// The node could not store the change; nothing was changed.
+    StoreFailed,
+}
+
+impl ErrorCode {
+    /// The code as it appears on the wire and in metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::MalformedJson => "malformed_json",
+            ErrorCode::UnknownDevice => "unknown_device",
+            ErrorCode::UnknownProperty => "unknown_property",
+            ErrorCode::ReadOnly => "read_only",
+            ErrorCode::WrongType => "wrong_type",
+            ErrorCode::OutOfRange => "out_of_range",
+            ErrorCode::VersionConflict => "version_conflict",
+            ErrorCode::InvalidPatch => "invalid_patch",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::StoreFailed => "store_failed",
+        }
+    }
+
+    /// Every code, for pre-registering metric label values.
+    pub const ALL: [ErrorCode; 10] = [
+        ErrorCode::MalformedJson,
+        ErrorCode::UnknownDevice,
+        ErrorCode::UnknownProperty,
+        ErrorCode::ReadOnly,
+        ErrorCode::WrongType,
+        ErrorCode::OutOfRange,
+        ErrorCode::VersionConflict,
+        ErrorCode::InvalidPatch,
+        ErrorCode::TooLarge,
+        ErrorCode::StoreFailed,
+    ];
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `dt/{device}/error`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ErrorMsg {
+    /// The request id, when the rejected message carried one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Machine-readable reason.
+    pub code: ErrorCode,
+    /// Human-readable reason, naming the property where one is at fault.
+    pub message: String,
+    /// The topic the rejected message arrived on.
+    pub topic: String,
+}
+
+/// `dt/{device}/telemetry`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TelemetryMsg {
+    /// When the values were read (ms).
+    pub ts: TimestampMs,
+    /// The readings.
+    pub values: Map<String, Value>,
+}
+
+/// State of a mapper process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MapperState {
+    /// Connected and serving its devices.
+    Online,
+    /// Stopped cleanly or lost (will message).
+    Offline,
+}
+
+/// `mappers/{protocol}/status` (retained; also the mapper's will).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct MapperStatusMsg {
+    /// The mapper's state.
+    pub state: MapperState,
+    /// When it was published (ms).
+    pub ts: TimestampMs,
+    /// The mapper's version string.
+    #[serde(default)]
+    pub version: String,
+}
+
+/// `node/devices/apply`: profile files sent by `edgetwin device apply`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ApplyRequest {
+    /// Request id echoed in the result.
+    pub id: String,
+    /// The files, by name (used in error messages and as the stored file name).
+    pub files: Vec<ApplyFile>,
+}
+
+/// One profile file of an apply request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ApplyFile {
+    /// File name as the user gave it.
+    pub name: String,
+    /// YAML text.
+    pub content: String,
+}
+
+/// `node/devices/apply/result`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ApplyResult {
+    /// The request's id.
+    pub id: String,
+    /// True when every file was valid and applied.
+    pub ok: bool,
+    /// Every error found, each with file, line and field path.
+    #[serde(default)]
+    pub errors: Vec<String>,
+    /// Devices now registered from these files.
+    #[serde(default)]
+    pub devices: Vec<String>,
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn source_id_round_trips() {
+        for s in ["local", "cloud", "mapper:modbus"] {
+            assert_eq!(Source::parse(s).map(|x| x.id()), Some(s.to_string()));
+        }
+        assert_eq!(Source::parse("mapper:"), None);
+        assert_eq!(Source::parse("cloudy"), None);
+    }
+
+    #[test]
+    fn property_type_admits_only_its_json_kind() {
+        assert!(PropertyType::Int.admits(&json!(3)));
+        assert!(!PropertyType::Int.admits(&json!(3.5)));
+        assert!(!PropertyType::Int.admits(&json!(u64::MAX)));
+        assert!(PropertyType::Float.admits(&json!(3)));
+        assert!(!PropertyType::Float.admits(&json!("3")));
+        assert!(PropertyType::Boolean.admits(&json!(false)));
+        assert!(PropertyType::Object.admits(&json!({})));
+        assert!(!PropertyType::String.admits(&json!(null)));
+    }
+
+    #[test]
+    fn error_code_serializes_as_snake_case() {
+        for c in ErrorCode::ALL {
+            assert_eq!(serde_json::to_value(c).ok(), Some(json!(c.as_str())));
+        }
+    }
+}

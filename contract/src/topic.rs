@@ -1,0 +1,158 @@
+//! Topic names of the local topic API v1, built and parsed in one place.
+
+use crate::ids::{DeviceId, ProtocolName};
+
+/// Every topic of the local API that edgetwin publishes or listens to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Topic {
+    /// `dt/{device}/desired`: merge patch of desired properties.
+    Desired(DeviceId),
+    /// `dt/{device}/reported`: merge patch of reported properties.
+    Reported(DeviceId),
+    /// `dt/{device}/delta`: desired properties that reported does not match yet.
+    Delta(DeviceId),
+    /// `dt/{device}/twin`: the whole twin document (retained).
+    Twin(DeviceId),
+    /// `dt/{device}/get`: request for the twin document.
+    Get(DeviceId),
+    /// `dt/{device}/get/result`: reply to a get request.
+    GetResult(DeviceId),
+    /// `dt/{device}/error`: a rejected patch or request.
+    Error(DeviceId),
+    /// `dt/{device}/status`: the device's connection state, published by its mapper (retained).
+    Status(DeviceId),
+    /// `dt/{device}/telemetry`: time series readings.
+    Telemetry(DeviceId),
+    /// `mappers/{protocol}/devices/{device}`: the resolved device for a mapper (retained).
+    MapperDevice(ProtocolName, DeviceId),
+    /// `mappers/{protocol}/status`: a mapper's own state (retained, also its will).
+    MapperStatus(ProtocolName),
+    /// `node/containers/cmd`: container command.
+    ContainersCmd,
+    /// `node/containers/result`: container command result.
+    ContainersResult,
+    /// `node/containers/status`: container states (retained).
+    ContainersStatus,
+    /// `node/devices/apply`: profile YAML sent by `edgetwin device apply`.
+    DevicesApply,
+    /// `node/devices/apply/result`: the answer to an apply request.
+    DevicesApplyResult,
+}
+
+/// Subscription filters the twin service listens on.
+pub mod filter {
+    /// All desired patches.
+    pub const DESIRED: &str = "dt/+/desired";
+    /// All reported patches.
+    pub const REPORTED: &str = "dt/+/reported";
+    /// All get requests.
+    pub const GET: &str = "dt/+/get";
+    /// All device status messages.
+    pub const STATUS: &str = "dt/+/status";
+    /// All mapper status messages.
+    pub const MAPPER_STATUS: &str = "mappers/+/status";
+    /// Every device-twin topic.
+    pub const ALL_TWIN: &str = "dt/#";
+}
+
+impl Topic {
+    /// The topic string.
+    pub fn to_topic_string(&self) -> String {
+        match self {
+            Topic::Desired(d) => format!("dt/{d}/desired"),
+            Topic::Reported(d) => format!("dt/{d}/reported"),
+            Topic::Delta(d) => format!("dt/{d}/delta"),
+            Topic::Twin(d) => format!("dt/{d}/twin"),
+            Topic::Get(d) => format!("dt/{d}/get"),
+            Topic::GetResult(d) => format!("dt/{d}/get/result"),
+            Topic::Error(d) => format!("dt/{d}/error"),
+            Topic::Status(d) => format!("dt/{d}/status"),
+            Topic::Telemetry(d) => format!("dt/{d}/telemetry"),
+            Topic::MapperDevice(p, d) => format!("mappers/{p}/devices/{d}"),
+            Topic::MapperStatus(p) => format!("mappers/{p}/status"),
+            Topic::ContainersCmd => "node/containers/cmd".into(),
+            Topic::ContainersResult => "node/containers/result".into(),
+            Topic::ContainersStatus => "node/containers/status".into(),
+            Topic::DevicesApply => "node/devices/apply".into(),
+            Topic::DevicesApplyResult => "node/devices/apply/result".into(),
+        }
+    }
+
+    /// Parses a topic string; `None` for anything outside the API or with an invalid id.
+    pub fn parse(topic: &str) -> Option<Topic> {
+        let parts: Vec<&str> = topic.split('/').collect();
+        let dev = |s: &str| DeviceId::new(s).ok();
+        let proto = |s: &str| ProtocolName::new(s).ok();
+        Some(match parts.as_slice() {
+            ["dt", d, "desired"] => Topic::Desired(dev(d)?),
+            ["dt", d, "reported"] => Topic::Reported(dev(d)?),
+            ["dt", d, "delta"] => Topic::Delta(dev(d)?),
+            ["dt", d, "twin"] => Topic::Twin(dev(d)?),
+            ["dt", d, "get"] => Topic::Get(dev(d)?),
+            ["dt", d, "get", "result"] => Topic::GetResult(dev(d)?),
+            ["dt", d, "error"] => Topic::Error(dev(d)?),
+            ["dt", d, "status"] => Topic::Status(dev(d)?),
+            ["dt", d, "telemetry"] => Topic::Telemetry(dev(d)?),
+            ["mappers", p, "devices", d] => Topic::MapperDevice(proto(p)?, dev(d)?),
+            ["mappers", p, "status"] => Topic::MapperStatus(proto(p)?),
+            ["node", "containers", "cmd"] => Topic::ContainersCmd,
+            ["node", "containers", "result"] => Topic::ContainersResult,
+            ["node", "containers", "status"] => Topic::ContainersStatus,
+            ["node", "devices", "apply"] => Topic::DevicesApply,
+            ["node", "devices", "apply", "result"] => Topic::DevicesApplyResult,
+            _ => return None,
+        })
+    }
+
+    /// The device a `dt/{device}/...` topic names, if any; used to answer errors on the right topic
+    /// even when the rest of the topic is unknown.
+    pub fn device_of(topic: &str) -> Option<DeviceId> {
+        let mut parts = topic.split('/');
+        match (parts.next(), parts.next()) {
+            (Some("dt"), Some(d)) => DeviceId::new(d).ok(),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(s: &str) -> DeviceId {
+        DeviceId::new(s).expect("valid id")
+    }
+
+    #[test]
+    fn topic_round_trips_through_its_string() {
+        let p = ProtocolName::new("modbus").expect("valid");
+        for t in [
+            Topic::Desired(d("m-1")),
+            Topic::Reported(d("m-1")),
+            Topic::Delta(d("m-1")),
+            Topic::Twin(d("m-1")),
+            Topic::Get(d("m-1")),
+            Topic::GetResult(d("m-1")),
+            Topic::Error(d("m-1")),
+            Topic::Status(d("m-1")),
+            Topic::Telemetry(d("m-1")),
+            Topic::MapperDevice(p.clone(), d("m-1")),
+            Topic::MapperStatus(p),
+            Topic::ContainersCmd,
+            Topic::ContainersResult,
+            Topic::ContainersStatus,
+            Topic::DevicesApply,
+            Topic::DevicesApplyResult,
+        ] {
+            assert_eq!(Topic::parse(&t.to_topic_string()), Some(t));
+        }
+    }
+
+    #[test]
+    fn topic_parse_rejects_wildcards_and_unknown_shapes() {
+        assert_eq!(Topic::parse("dt/+/desired"), None);
+        assert_eq!(Topic::parse("dt/a/b/desired"), None);
+        assert_eq!(Topic::parse("dt/a/whatever"), None);
+        assert_eq!(Topic::parse("dt/$x/desired"), None);
+    }
+}
