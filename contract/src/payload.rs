@@ -390,6 +390,39 @@ pub struct ApplyResult {
 }
 
 
+/// `node/devices/list` request.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ListRequest {
+    /// Request id echoed in the result.
+    #[serde(default)]
+    pub id: String,
+}
+
+/// One registered device in a list result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ListedDevice {
+    /// The device.
+    pub name: DeviceId,
+    /// Its model.
+    pub model: String,
+    /// Its protocol (which mapper serves it).
+    pub protocol: ProtocolName,
+    /// The profile file it came from.
+    pub file: String,
+}
+
+/// `node/devices/list/result`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ListResult {
+    /// The request's id.
+    pub id: String,
+    /// Every registered device, sorted by name.
+    pub devices: Vec<ListedDevice>,
+    /// Profile files currently rejected, with their errors (the devices they defined before stay).
+    #[serde(default)]
+    pub errors: Vec<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

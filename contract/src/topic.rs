@@ -37,6 +37,10 @@ pub enum Topic {
     DevicesApply,
     /// `node/devices/apply/result`: the answer to an apply request.
     DevicesApplyResult,
+    /// `node/devices/list`: request for the registered devices.
+    DevicesList,
+    /// `node/devices/list/result`: the registered devices.
+    DevicesListResult,
 }
 
 /// Subscription filters the twin service listens on.
@@ -75,6 +79,8 @@ impl Topic {
             Topic::ContainersStatus => "node/containers/status".into(),
             Topic::DevicesApply => "node/devices/apply".into(),
             Topic::DevicesApplyResult => "node/devices/apply/result".into(),
+            Topic::DevicesList => "node/devices/list".into(),
+            Topic::DevicesListResult => "node/devices/list/result".into(),
         }
     }
 
@@ -100,6 +106,8 @@ impl Topic {
             ["node", "containers", "status"] => Topic::ContainersStatus,
             ["node", "devices", "apply"] => Topic::DevicesApply,
             ["node", "devices", "apply", "result"] => Topic::DevicesApplyResult,
+            ["node", "devices", "list"] => Topic::DevicesList,
+            ["node", "devices", "list", "result"] => Topic::DevicesListResult,
             _ => return None,
         })
     }
@@ -143,6 +151,8 @@ mod tests {
             Topic::ContainersStatus,
             Topic::DevicesApply,
             Topic::DevicesApplyResult,
+            Topic::DevicesList,
+            Topic::DevicesListResult,
         ] {
             assert_eq!(Topic::parse(&t.to_topic_string()), Some(t));
         }
