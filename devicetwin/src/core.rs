@@ -1,0 +1,571 @@
+//! The pure device-twin state machine: merge patches, per-property last-writer-wins registers,
+//! versions, delta and model checks. No I/O and no clock reads: the caller passes `now_ms`.
+//!
+//! # Rules (shared/DESIGN.md §3)
+//!
+//! - **Whole-patch validation first.** Every property of a patch is checked against the model
+//!   before any property is applied, so a rejected patch changes nothing (not even `lastSeen`).
+//! - **Desired checks**, per property in name order, first failure wins: the property exists
+//!   ([`ErrorCode::UnknownProperty`]), is writable ([`ErrorCode::ReadOnly`]), `null` is always
+//!   allowed (removal), the value has the model's type ([`ErrorCode::WrongType`]), a number lies in
+//!   `minimum..=maximum` ([`ErrorCode::OutOfRange`]). Then `$version`, when present, must equal
+//!   [`Twin::desired_version`] ([`ErrorCode::VersionConflict`]). Property errors are reported before
+//!   a version conflict because retrying after a re-read would not fix them.
+//! - **Reported checks**: the property exists and the value has its type (`null` removes). A
+//!   `$version` in a reported patch is [`ErrorCode::InvalidPatch`].
+//! - **Last-writer-wins per property.** The writer timestamp is the patch's `ts` if given, else
+//!   `now_ms`. Each property (desired and reported separately) is a register ordered by the key
+//!   `(ts, source id, canonical JSON of the value or "null" for a tombstone)`. A write whose key is
+//!   not larger than the current entry's key lost and is ignored (it is not an error). An absent
+//!   property behaves as a tombstone with the smallest key, so a removal that arrives before the
+//!   write it supersedes still wins.
+//! - **Equal value is not a change.** A winning write (larger key) whose value equals the current
+//!   value (tombstone == tombstone == absent) does not bump the version and is not listed in
+//!   [`Applied::changed`]; it still advances the entry's `ts`/`source` silently and is listed in
+//!   [`Applied::touched`]. Without that silent advance, the final metadata would depend on the order
+//!   of arrival; with it, the state of each property is the write with the largest key among all
+//!   writes ever accepted, so **any order and duplication of the same patches converge** to the same
+//!   values and the same `(ts, source)` metadata. (Per-property `version`s are local counters and
+//!   do depend on order.) A silently advanced entry keeps its `version`. Persisting touched-only
+//!   twins is the caller's choice: the values are unchanged, only tie-breaking metadata moved.
+//! - **One version per patch.** An accepted patch that changes at least one value bumps
+//!   [`Twin::version`] by exactly one, and every property it changed gets that new version. A
+//!   desired change also sets [`Twin::desired_version`] to it. So `version` strictly increases on
+//!   every accepted change, and a client holding version `v` knows it has seen every change `<= v`.
+//! - **Reported patches refresh `lastSeen`.** Every accepted reported patch (changing or not) sets
+//!   `status.lastSeen = now_ms` and reports [`Applied::refreshed`]. Desired patches never do.
+//! - **Status**: [`Twin::apply_status`] records the mapper's state, ts and message and refreshes
+//!   `lastSeen`; a status whose `ts` is older than the current one is stale and only refreshes
+//!   `lastSeen`. Status does not bump the version (it is not a property change).
+//! - **Values are canonical.** Object values are stored with their keys sorted (recursively), so
+//!   two patches with the same object in different key order store the same bytes.
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+use std::fmt;
+
+use edgetwin_contract::{
+    AccessMode, DeviceId, DeviceState, DeviceStatusMsg, ErrorCode, PropertyMeta, PropertyName,
+    PropertyType, Source, TwinDoc, TwinMetadata, TwinStatus, TS_KEY, VERSION_KEY,
+};
+use serde_json::{Map, Value};
+
+#[cfg(test)]
+mod tests;
+
+/// What the model says about one property.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PropertySpec {
+    /// The value type.
+    pub ty: PropertyType,
+    /// Whether desired writes are allowed.
+    pub access: AccessMode,
+    /// Inclusive lower bound for numbers.
+    pub minimum: Option<f64>,
+    /// Inclusive upper bound for numbers.
+    pub maximum: Option<f64>,
+}
+
+/// A device model as the twin needs it: its name and its properties.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSpec {
+    /// The model name (`metadata.name` of the DeviceModel).
+    pub name: String,
+    /// Properties by name.
+    pub properties: BTreeMap<String, PropertySpec>,
+}
+
+/// Why a patch was rejected; nothing was changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct Rejection {
+    /// Machine-readable reason.
+    pub code: ErrorCode,
+    /// Human-readable reason naming the property at fault, if any.
+    pub message: String,
+}
+
+impl Rejection {
+    /// A rejection with `code` and `message`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Rejection {
+        Rejection {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn property(code: ErrorCode, name: &str, detail: impl fmt::Display) -> Rejection {
+        Rejection::new(code, format!("property {name:?}: {detail}"))
+    }
+}
+
+/// A parsed merge patch (RFC 7386 at top level; object-typed values are replaced whole, not merged
+/// key by key).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Patch {
+    /// `$version`: the desired version the writer expects (desired patches only).
+    pub expected_version: Option<u64>,
+    /// `ts`: the writer's timestamp (ms); the receive time is used when absent.
+    pub ts: Option<i64>,
+    /// Properties to set (`Some`) or remove (`None`, JSON `null`). Values are canonical.
+    pub props: BTreeMap<PropertyName, Option<Value>>,
+}
+
+impl Patch {
+    /// Parses a patch payload. Malformed JSON or a non-object is [`ErrorCode::MalformedJson`]; a
+    /// `$version` that is not a u64, a `ts` that is not an i64, an invalid property name, no
+    /// properties or more than `max_props` properties is [`ErrorCode::InvalidPatch`].
+    pub fn parse(payload: &[u8], max_props: usize) -> Result<Patch, Rejection> {
+        let value: Value = serde_json::from_slice(payload)
+            .map_err(|e| Rejection::new(ErrorCode::MalformedJson, format!("not JSON: {e}")))?;
+        let Value::Object(map) = value else {
+            return Err(Rejection::new(
+                ErrorCode::MalformedJson,
+                format!("a patch must be a JSON object, got {}", kind_of(&value)),
+            ));
+        };
+        let mut patch = Patch {
+            expected_version: None,
+            ts: None,
+            props: BTreeMap::new(),
+        };
+        for (key, v) in map {
+            if key == VERSION_KEY {
+                patch.expected_version = Some(v.as_u64().ok_or_else(|| {
+                    Rejection::new(
+                        ErrorCode::InvalidPatch,
+                        format!("{VERSION_KEY:?} must be a non-negative integer, got {v}"),
+                    )
+                })?);
+            } else if key == TS_KEY {
+                patch.ts = Some(v.as_i64().ok_or_else(|| {
+                    Rejection::new(
+                        ErrorCode::InvalidPatch,
+                        format!("{TS_KEY:?} must be an integer of milliseconds, got {v}"),
+                    )
+                })?);
+            } else {
+                let name = PropertyName::new(key.as_str())
+                    .map_err(|e| Rejection::new(ErrorCode::InvalidPatch, e.to_string()))?;
+                let v = match v {
+                    Value::Null => None,
+                    other => Some(canonicalize(other)),
+                };
+                patch.props.insert(name, v);
+            }
+        }
+        if patch.props.is_empty() {
+            return Err(Rejection::new(
+                ErrorCode::InvalidPatch,
+                "the patch names no property",
+            ));
+        }
+        if patch.props.len() > max_props {
+            return Err(Rejection::new(
+                ErrorCode::InvalidPatch,
+                format!(
+                    "the patch names {} properties, at most {max_props} are allowed",
+                    patch.props.len()
+                ),
+            ));
+        }
+        Ok(patch)
+    }
+}
+
+/// One property register: its value (or tombstone) and the metadata of the write that set it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    /// The value; `None` is a tombstone (removed, kept for last-writer-wins).
+    pub value: Option<Value>,
+    /// The twin version at which the value last changed.
+    pub version: u64,
+    /// The winning writer's timestamp (ms).
+    pub ts: i64,
+    /// The winning writer.
+    pub source: Source,
+}
+
+impl Entry {
+    /// The last-writer-wins key of this entry: `(ts, source id, canonical value)`.
+    pub fn lww_key(&self) -> (i64, String, String) {
+        (
+            self.ts,
+            self.source.id(),
+            canonical_opt(self.value.as_ref()),
+        )
+    }
+}
+
+/// What an accepted patch did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Properties whose value changed (they share the twin's new version).
+    pub changed: Vec<String>,
+    /// Whether `status.lastSeen` was refreshed (every accepted reported patch).
+    pub refreshed: bool,
+    /// Properties whose value stayed the same but whose `ts`/`source` advanced (a newer write of
+    /// the same value); no version bump, no republish needed.
+    pub touched: Vec<String>,
+}
+
+impl Applied {
+    /// Whether any value changed (the twin version was bumped).
+    pub fn is_change(&self) -> bool {
+        !self.changed.is_empty()
+    }
+}
+
+/// The twin of one device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Twin {
+    /// The device.
+    pub device: DeviceId,
+    /// Its model name.
+    pub model: String,
+    /// Per-device version, bumped by one for every accepted patch that changes a value.
+    pub version: u64,
+    /// Version of the last accepted desired change (what `$version` is checked against).
+    pub desired_version: u64,
+    /// Desired properties, tombstones included.
+    pub desired: BTreeMap<String, Entry>,
+    /// Reported properties, tombstones included.
+    pub reported: BTreeMap<String, Entry>,
+    /// Connection state and last-seen.
+    pub status: TwinStatus,
+}
+
+enum Side {
+    Desired,
+    Reported,
+}
+
+impl Twin {
+    /// An empty twin at version 0 with unknown status.
+    pub fn new(device: DeviceId, model: String) -> Twin {
+        Twin {
+            device,
+            model,
+            version: 0,
+            desired_version: 0,
+            desired: BTreeMap::new(),
+            reported: BTreeMap::new(),
+            status: TwinStatus {
+                state: DeviceState::Unknown,
+                ts: None,
+                last_seen: None,
+                message: None,
+            },
+        }
+    }
+
+    /// Validates and applies a desired patch (see the module doc for the rules).
+    pub fn apply_desired(
+        &mut self,
+        model: &ModelSpec,
+        patch: &Patch,
+        source: Source,
+        now_ms: i64,
+    ) -> Result<Applied, Rejection> {
+        for (name, value) in &patch.props {
+            check_desired(model, name.as_str(), value.as_ref())?;
+        }
+        if let Some(expected) = patch.expected_version {
+            if expected != self.desired_version {
+                return Err(Rejection::new(
+                    ErrorCode::VersionConflict,
+                    format!(
+                        "{VERSION_KEY} {expected} does not match the current desired version {}",
+                        self.desired_version
+                    ),
+                ));
+            }
+        }
+        Ok(self.merge(Side::Desired, patch, source, now_ms))
+    }
+
+    /// Validates and applies a reported patch (see the module doc for the rules).
+    pub fn apply_reported(
+        &mut self,
+        model: &ModelSpec,
+        patch: &Patch,
+        source: Source,
+        now_ms: i64,
+    ) -> Result<Applied, Rejection> {
+        if patch.expected_version.is_some() {
+            return Err(Rejection::new(
+                ErrorCode::InvalidPatch,
+                format!("{VERSION_KEY} is only allowed in desired patches"),
+            ));
+        }
+        for (name, value) in &patch.props {
+            check_reported(model, name.as_str(), value.as_ref())?;
+        }
+        let mut applied = self.merge(Side::Reported, patch, source, now_ms);
+        self.status.last_seen = Some(now_ms);
+        applied.refreshed = true;
+        Ok(applied)
+    }
+
+    /// Records a device status message; returns whether the twin document's state or message
+    /// changed. Always refreshes `lastSeen`; a status older than the current one is ignored.
+    pub fn apply_status(&mut self, msg: &DeviceStatusMsg, now_ms: i64) -> bool {
+        self.status.last_seen = Some(now_ms);
+        if self.status.ts.is_some_and(|ts| msg.ts < ts) {
+            return false;
+        }
+        let changed = self.status.state != msg.state || self.status.message != msg.message;
+        self.status.state = msg.state;
+        self.status.ts = Some(msg.ts);
+        self.status.message.clone_from(&msg.message);
+        changed
+    }
+
+    /// Desired properties (not removed) whose reported value differs or is absent.
+    pub fn delta(&self) -> Map<String, Value> {
+        let mut delta = Map::new();
+        for (name, entry) in &self.desired {
+            let Some(want) = &entry.value else { continue };
+            let have = self.reported.get(name).and_then(|e| e.value.as_ref());
+            if have.is_none_or(|have| !same_value(have, want)) {
+                delta.insert(name.clone(), want.clone());
+            }
+        }
+        delta
+    }
+
+    /// The wire twin document; tombstones are omitted from values and metadata.
+    pub fn to_doc(&self) -> TwinDoc {
+        let (desired, desired_meta) = side_doc(&self.desired);
+        let (reported, reported_meta) = side_doc(&self.reported);
+        TwinDoc {
+            device: self.device.clone(),
+            model: self.model.clone(),
+            version: self.version,
+            desired_version: self.desired_version,
+            desired,
+            reported,
+            metadata: TwinMetadata {
+                desired: desired_meta,
+                reported: reported_meta,
+            },
+            status: self.status.clone(),
+        }
+    }
+
+    fn merge(&mut self, side: Side, patch: &Patch, source: Source, now_ms: i64) -> Applied {
+        let ts = patch.ts.unwrap_or(now_ms);
+        let new_version = self.version.saturating_add(1);
+        let src_id = source.id();
+        let mut applied = Applied::default();
+        let entries = match side {
+            Side::Desired => &mut self.desired,
+            Side::Reported => &mut self.reported,
+        };
+        for (name, value) in &patch.props {
+            let name = name.as_str();
+            let new_canon = canonical_opt(value.as_ref());
+            let current = entries.get(name);
+            let wins = current.is_none_or(|cur| {
+                let (cur_ts, cur_src, cur_canon) = cur.lww_key();
+                (ts, src_id.as_str(), new_canon.as_str()).cmp(&(
+                    cur_ts,
+                    cur_src.as_str(),
+                    cur_canon.as_str(),
+                )) == Ordering::Greater
+            });
+            if !wins {
+                continue;
+            }
+            let cur_canon = canonical_opt(current.and_then(|c| c.value.as_ref()));
+            let (version, is_change) = if cur_canon == new_canon {
+                (current.map_or(0, |c| c.version), false)
+            } else {
+                (new_version, true)
+            };
+            entries.insert(
+                name.to_string(),
+                Entry {
+                    value: value.clone(),
+                    version,
+                    ts,
+                    source: source.clone(),
+                },
+            );
+            if is_change {
+                applied.changed.push(name.to_string());
+            } else {
+                applied.touched.push(name.to_string());
+            }
+        }
+        if applied.is_change() {
+            self.version = new_version;
+            if matches!(side, Side::Desired) {
+                self.desired_version = new_version;
+            }
+        }
+        applied
+    }
+}
+
+fn side_doc(
+    entries: &BTreeMap<String, Entry>,
+) -> (Map<String, Value>, BTreeMap<String, PropertyMeta>) {
+    let mut values = Map::new();
+    let mut meta = BTreeMap::new();
+    for (name, entry) in entries {
+        if let Some(v) = &entry.value {
+            values.insert(name.clone(), v.clone());
+            meta.insert(
+                name.clone(),
+                PropertyMeta {
+                    version: entry.version,
+                    ts: entry.ts,
+                    source: entry.source.clone(),
+                },
+            );
+        }
+    }
+    (values, meta)
+}
+
+fn spec_of<'m>(model: &'m ModelSpec, name: &str) -> Result<&'m PropertySpec, Rejection> {
+    model.properties.get(name).ok_or_else(|| {
+        Rejection::property(
+            ErrorCode::UnknownProperty,
+            name,
+            format_args!("model {:?} has no such property", model.name),
+        )
+    })
+}
+
+fn check_type(spec: &PropertySpec, name: &str, v: &Value) -> Result<(), Rejection> {
+    if spec.ty.admits(v) {
+        Ok(())
+    } else {
+        Err(Rejection::property(
+            ErrorCode::WrongType,
+            name,
+            format_args!("expected {}, got {} {v}", spec.ty, kind_of(v)),
+        ))
+    }
+}
+
+fn check_desired(model: &ModelSpec, name: &str, value: Option<&Value>) -> Result<(), Rejection> {
+    let spec = spec_of(model, name)?;
+    if spec.access == AccessMode::ReadOnly {
+        return Err(Rejection::property(
+            ErrorCode::ReadOnly,
+            name,
+            "is read-only; only the device reports it",
+        ));
+    }
+    let Some(v) = value else { return Ok(()) };
+    check_type(spec, name, v)?;
+    if let Some(x) = v.as_f64() {
+        if let Some(min) = spec.minimum {
+            if x < min {
+                return Err(Rejection::property(
+                    ErrorCode::OutOfRange,
+                    name,
+                    format_args!("{v} is below minimum {min}"),
+                ));
+            }
+        }
+        if let Some(max) = spec.maximum {
+            if x > max {
+                return Err(Rejection::property(
+                    ErrorCode::OutOfRange,
+                    name,
+                    format_args!("{v} is above maximum {max}"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_reported(model: &ModelSpec, name: &str, value: Option<&Value>) -> Result<(), Rejection> {
+    let spec = spec_of(model, name)?;
+    match value {
+        Some(v) => check_type(spec, name, v),
+        None => Ok(()),
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(n) if n.is_f64() => "float",
+        Value::Number(_) => "integer",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// Returns `v` with every object's keys sorted (recursively), so equal values serialize equally.
+pub fn canonicalize(v: Value) -> Value {
+    match v {
+        Value::Object(map) => {
+            let mut pairs: Vec<(String, Value)> = map.into_iter().collect();
+            pairs.sort_by(|a, b| a.0.cmp(&b.0));
+            Value::Object(
+                pairs
+                    .into_iter()
+                    .map(|(k, v)| (k, canonicalize(v)))
+                    .collect(),
+            )
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(canonicalize).collect()),
+        other => other,
+    }
+}
+
+/// The canonical JSON text of a value: object keys sorted, no whitespace.
+pub fn canonical_json(v: &Value) -> String {
+    let mut out = String::new();
+    write_canonical(v, &mut out);
+    out
+}
+
+fn canonical_opt(v: Option<&Value>) -> String {
+    v.map_or_else(|| "null".to_string(), canonical_json)
+}
+
+fn write_canonical(v: &Value, out: &mut String) {
+    match v {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push(':');
+                if let Some(child) = map.get(k) {
+                    write_canonical(child, out);
+                }
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(']');
+        }
+        scalar => out.push_str(&scalar.to_string()),
+    }
+}
+
+fn same_value(a: &Value, b: &Value) -> bool {
+    canonical_json(a) == canonical_json(b)
+}

@@ -1,0 +1,757 @@
+//! Behaviour of the twin state machine, one test per rule, plus property tests.
+
+use super::*;
+use edgetwin_contract::ProtocolName;
+use proptest::prelude::*;
+use serde_json::json;
+
+const MAX_PROPS: usize = 64;
+
+fn model() -> ModelSpec {
+    let p = |ty, access, minimum, maximum| PropertySpec {
+        ty,
+        access,
+        minimum,
+        maximum,
+    };
+    ModelSpec {
+        name: "thermostat".into(),
+        properties: BTreeMap::from([
+            (
+                "setpoint".to_string(),
+                p(
+                    PropertyType::Float,
+                    AccessMode::ReadWrite,
+                    Some(5.0),
+                    Some(35.0),
+                ),
+            ),
+            (
+                "relay".to_string(),
+                p(PropertyType::Boolean, AccessMode::ReadWrite, None, None),
+            ),
+            (
+                "voltage".to_string(),
+                p(PropertyType::Float, AccessMode::ReadOnly, None, None),
+            ),
+            (
+                "mode".to_string(),
+                p(PropertyType::String, AccessMode::ReadWrite, None, None),
+            ),
+            (
+                "count".to_string(),
+                p(PropertyType::Int, AccessMode::ReadWrite, Some(0.0), None),
+            ),
+            (
+                "cfg".to_string(),
+                p(PropertyType::Object, AccessMode::ReadWrite, None, None),
+            ),
+        ]),
+    }
+}
+
+fn twin() -> Twin {
+    Twin::new(
+        DeviceId::new("meter-7").expect("valid"),
+        "thermostat".into(),
+    )
+}
+
+fn patch(v: Value) -> Patch {
+    Patch::parse(v.to_string().as_bytes(), MAX_PROPS).expect("valid patch")
+}
+
+fn mapper() -> Source {
+    Source::Mapper(ProtocolName::new("modbus").expect("valid"))
+}
+
+fn desired(t: &mut Twin, v: Value, now: i64) -> Result<Applied, Rejection> {
+    t.apply_desired(&model(), &patch(v), Source::Local, now)
+}
+
+fn reported(t: &mut Twin, v: Value, now: i64) -> Result<Applied, Rejection> {
+    t.apply_reported(&model(), &patch(v), mapper(), now)
+}
+
+fn code(r: Result<Applied, Rejection>) -> ErrorCode {
+    r.expect_err("patch should be rejected").code
+}
+
+// ---- Patch::parse ----
+
+#[test]
+fn patch_parse_rejects_non_json_as_malformed_json() {
+    let e = Patch::parse(b"{not json", MAX_PROPS).expect_err("rejected");
+    assert_eq!(e.code, ErrorCode::MalformedJson);
+}
+
+#[test]
+fn patch_parse_rejects_non_object_as_malformed_json() {
+    for p in ["[1]", "3", "\"x\"", "null"] {
+        let e = Patch::parse(p.as_bytes(), MAX_PROPS).expect_err("rejected");
+        assert_eq!(e.code, ErrorCode::MalformedJson, "{p}");
+    }
+}
+
+#[test]
+fn patch_parse_rejects_bad_version_as_invalid_patch() {
+    for p in [
+        r#"{"$version":-1,"a":1}"#,
+        r#"{"$version":"3","a":1}"#,
+        r#"{"$version":1.5,"a":1}"#,
+    ] {
+        let e = Patch::parse(p.as_bytes(), MAX_PROPS).expect_err("rejected");
+        assert_eq!(e.code, ErrorCode::InvalidPatch, "{p}");
+    }
+}
+
+#[test]
+fn patch_parse_rejects_bad_ts_as_invalid_patch() {
+    for p in [
+        r#"{"ts":"now","a":1}"#,
+        r#"{"ts":1.5,"a":1}"#,
+        r#"{"ts":18446744073709551615,"a":1}"#,
+    ] {
+        let e = Patch::parse(p.as_bytes(), MAX_PROPS).expect_err("rejected");
+        assert_eq!(e.code, ErrorCode::InvalidPatch, "{p}");
+    }
+}
+
+#[test]
+fn patch_parse_rejects_invalid_property_name_as_invalid_patch() {
+    for p in [
+        r#"{"a.b":1}"#,
+        r#"{"$other":1}"#,
+        r#"{"":1}"#,
+        r#"{"a/b":1}"#,
+    ] {
+        let e = Patch::parse(p.as_bytes(), MAX_PROPS).expect_err("rejected");
+        assert_eq!(e.code, ErrorCode::InvalidPatch, "{p}");
+    }
+}
+
+#[test]
+fn patch_parse_rejects_empty_patch_as_invalid_patch() {
+    for p in ["{}", r#"{"$version":1}"#, r#"{"ts":5}"#] {
+        let e = Patch::parse(p.as_bytes(), MAX_PROPS).expect_err("rejected");
+        assert_eq!(e.code, ErrorCode::InvalidPatch, "{p}");
+    }
+}
+
+#[test]
+fn patch_parse_rejects_more_than_max_props_as_invalid_patch() {
+    let e = Patch::parse(br#"{"a":1,"b":2,"c":3}"#, 2).expect_err("rejected");
+    assert_eq!(e.code, ErrorCode::InvalidPatch);
+    assert!(Patch::parse(br#"{"a":1,"b":2}"#, 2).is_ok());
+}
+
+#[test]
+fn patch_parse_reads_version_ts_and_null_as_removal() {
+    let p = Patch::parse(
+        br#"{"$version":4,"ts":-7,"a":null,"b":{"y":1,"x":2}}"#,
+        MAX_PROPS,
+    )
+    .expect("ok");
+    assert_eq!(p.expected_version, Some(4));
+    assert_eq!(p.ts, Some(-7));
+    assert_eq!(p.props.len(), 2);
+    let a = PropertyName::new("a").expect("valid");
+    assert_eq!(p.props.get(&a), Some(&None));
+}
+
+#[test]
+fn patch_parse_canonicalizes_object_key_order() {
+    let p1 = Patch::parse(br#"{"cfg":{"b":1,"a":{"d":1,"c":2}}}"#, MAX_PROPS).expect("ok");
+    let p2 = Patch::parse(br#"{"cfg":{"a":{"c":2,"d":1},"b":1}}"#, MAX_PROPS).expect("ok");
+    let s = |p: &Patch| serde_json::to_string(&p.props.values().collect::<Vec<_>>()).expect("json");
+    assert_eq!(s(&p1), s(&p2));
+}
+
+// ---- desired checks ----
+
+#[test]
+fn desired_patch_rejected_when_property_unknown() {
+    let mut t = twin();
+    let e = desired(&mut t, json!({"nope": 1}), 1).expect_err("rejected");
+    assert_eq!(e.code, ErrorCode::UnknownProperty);
+    assert!(e.message.contains("\"nope\""), "{}", e.message);
+}
+
+#[test]
+fn desired_patch_rejected_when_read_only() {
+    let mut t = twin();
+    assert_eq!(
+        code(desired(&mut t, json!({"voltage": 230.0}), 1)),
+        ErrorCode::ReadOnly
+    );
+}
+
+#[test]
+fn desired_patch_rejected_when_removing_read_only() {
+    let mut t = twin();
+    assert_eq!(
+        code(desired(&mut t, json!({"voltage": null}), 1)),
+        ErrorCode::ReadOnly
+    );
+}
+
+#[test]
+fn desired_patch_rejected_when_wrong_type() {
+    let mut t = twin();
+    assert_eq!(
+        code(desired(&mut t, json!({"relay": "on"}), 1)),
+        ErrorCode::WrongType
+    );
+    assert_eq!(
+        code(desired(&mut t, json!({"count": 1.5}), 1)),
+        ErrorCode::WrongType
+    );
+    assert_eq!(
+        code(desired(&mut t, json!({"cfg": [1]}), 1)),
+        ErrorCode::WrongType
+    );
+}
+
+#[test]
+fn desired_patch_rejected_when_above_maximum_naming_property_and_bound() {
+    let mut t = twin();
+    let e = desired(&mut t, json!({"setpoint": 40}), 1).expect_err("rejected");
+    assert_eq!(e.code, ErrorCode::OutOfRange);
+    assert_eq!(e.message, "property \"setpoint\": 40 is above maximum 35");
+}
+
+#[test]
+fn desired_patch_rejected_when_below_minimum() {
+    let mut t = twin();
+    let e = desired(&mut t, json!({"setpoint": 4.5}), 1).expect_err("rejected");
+    assert_eq!(e.code, ErrorCode::OutOfRange);
+    assert_eq!(e.message, "property \"setpoint\": 4.5 is below minimum 5");
+    assert_eq!(
+        code(desired(&mut t, json!({"count": -1}), 1)),
+        ErrorCode::OutOfRange
+    );
+}
+
+#[test]
+fn desired_patch_accepts_bounds_inclusive() {
+    let mut t = twin();
+    desired(&mut t, json!({"setpoint": 5}), 1).expect("min accepted");
+    desired(&mut t, json!({"setpoint": 35.0}), 2).expect("max accepted");
+}
+
+#[test]
+fn desired_patch_rejected_when_version_conflicts() {
+    let mut t = twin();
+    desired(&mut t, json!({"setpoint": 20}), 1).expect("ok");
+    assert_eq!(t.desired_version, 1);
+    assert_eq!(
+        code(desired(&mut t, json!({"$version": 0, "setpoint": 21}), 2)),
+        ErrorCode::VersionConflict
+    );
+    desired(&mut t, json!({"$version": 1, "setpoint": 21}), 3).expect("matching version accepted");
+    assert_eq!(t.desired_version, 2);
+}
+
+#[test]
+fn desired_patch_reports_property_error_before_version_conflict() {
+    let mut t = twin();
+    assert_eq!(
+        code(desired(&mut t, json!({"$version": 9, "nope": 1}), 1)),
+        ErrorCode::UnknownProperty
+    );
+}
+
+#[test]
+fn desired_patch_rejected_whole_when_one_property_is_bad() {
+    let mut t = twin();
+    let before = t.clone();
+    assert_eq!(
+        code(desired(&mut t, json!({"relay": true, "setpoint": 99}), 1)),
+        ErrorCode::OutOfRange
+    );
+    assert_eq!(t, before);
+}
+
+#[test]
+fn desired_patch_sets_value_metadata_and_versions() {
+    let mut t = twin();
+    let a = desired(&mut t, json!({"setpoint": 21.5, "relay": true}), 1000).expect("ok");
+    assert_eq!(a.changed, vec!["relay".to_string(), "setpoint".to_string()]);
+    assert!(!a.refreshed);
+    assert_eq!(t.version, 1, "one version per patch");
+    assert_eq!(t.desired_version, 1);
+    let e = &t.desired["setpoint"];
+    assert_eq!(
+        (e.value.clone(), e.version, e.ts, e.source.clone()),
+        (Some(json!(21.5)), 1, 1000, Source::Local)
+    );
+    assert_eq!(
+        t.status.last_seen, None,
+        "desired patches do not touch lastSeen"
+    );
+}
+
+#[test]
+fn desired_patch_uses_writer_ts_when_given() {
+    let mut t = twin();
+    desired(&mut t, json!({"ts": 77, "mode": "eco"}), 1000).expect("ok");
+    assert_eq!(t.desired["mode"].ts, 77);
+}
+
+#[test]
+fn desired_patch_repeating_current_value_is_not_a_change() {
+    let mut t = twin();
+    desired(&mut t, json!({"mode": "eco"}), 1).expect("ok");
+    let a = desired(&mut t, json!({"mode": "eco"}), 2).expect("ok");
+    assert!(a.changed.is_empty());
+    assert_eq!(a.touched, vec!["mode".to_string()]);
+    assert_eq!(t.version, 1);
+    assert_eq!(t.desired["mode"].ts, 2, "metadata advances silently");
+    assert_eq!(t.desired["mode"].version, 1);
+}
+
+#[test]
+fn desired_null_removes_property_as_tombstone() {
+    let mut t = twin();
+    desired(&mut t, json!({"mode": "eco"}), 1).expect("ok");
+    let a = desired(&mut t, json!({"mode": null}), 2).expect("ok");
+    assert_eq!(a.changed, vec!["mode".to_string()]);
+    assert_eq!(t.version, 2);
+    assert_eq!(t.desired["mode"].value, None);
+    let doc = t.to_doc();
+    assert!(!doc.desired.contains_key("mode"));
+    assert!(!doc.metadata.desired.contains_key("mode"));
+}
+
+#[test]
+fn desired_removal_of_absent_property_is_not_a_change_but_still_wins_later() {
+    let mut t = twin();
+    let a = desired(&mut t, json!({"ts": 50, "mode": null}), 1).expect("ok");
+    assert!(a.changed.is_empty());
+    assert_eq!(t.version, 0);
+    // An older write arriving afterwards loses against the tombstone.
+    let a = desired(&mut t, json!({"ts": 40, "mode": "eco"}), 2).expect("ok");
+    assert!(a.changed.is_empty());
+    assert_eq!(t.to_doc().desired.get("mode"), None);
+}
+
+// ---- last-writer-wins ----
+
+#[test]
+fn lww_older_write_loses_without_error() {
+    let mut t = twin();
+    desired(&mut t, json!({"ts": 100, "mode": "eco"}), 1).expect("ok");
+    let a = desired(&mut t, json!({"ts": 99, "mode": "boost"}), 2).expect("accepted, but lost");
+    assert!(a.changed.is_empty() && a.touched.is_empty());
+    assert_eq!(t.desired["mode"].value, Some(json!("eco")));
+    assert_eq!(t.version, 1);
+}
+
+#[test]
+fn lww_tie_on_ts_broken_by_source_id() {
+    let m = model();
+    let mut t = twin();
+    let p_cloud = patch(json!({"ts": 100, "mode": "cloudy"}));
+    let p_local = patch(json!({"ts": 100, "mode": "locally"}));
+    t.apply_desired(&m, &p_local, Source::Local, 1).expect("ok");
+    t.apply_desired(&m, &p_cloud, Source::Cloud, 2).expect("ok");
+    // "local" > "cloud", so the local write wins whatever the order.
+    assert_eq!(t.desired["mode"].value, Some(json!("locally")));
+    let mut u = twin();
+    u.apply_desired(&m, &p_cloud, Source::Cloud, 1).expect("ok");
+    u.apply_desired(&m, &p_local, Source::Local, 2).expect("ok");
+    assert_eq!(u.desired["mode"].value, Some(json!("locally")));
+}
+
+#[test]
+fn lww_tie_on_ts_and_source_broken_by_canonical_value() {
+    let mut t = twin();
+    desired(&mut t, json!({"ts": 100, "mode": "b"}), 1).expect("ok");
+    desired(&mut t, json!({"ts": 100, "mode": "a"}), 2).expect("ok");
+    assert_eq!(t.desired["mode"].value, Some(json!("b")));
+}
+
+#[test]
+fn lww_duplicate_patch_is_ignored() {
+    let mut t = twin();
+    desired(&mut t, json!({"ts": 100, "mode": "eco"}), 1).expect("ok");
+    let before = t.clone();
+    let a = desired(&mut t, json!({"ts": 100, "mode": "eco"}), 2).expect("ok");
+    assert_eq!(a, Applied::default());
+    assert_eq!(t, before);
+}
+
+// ---- reported ----
+
+#[test]
+fn reported_patch_rejected_when_property_unknown() {
+    let mut t = twin();
+    assert_eq!(
+        code(reported(&mut t, json!({"nope": 1}), 1)),
+        ErrorCode::UnknownProperty
+    );
+}
+
+#[test]
+fn reported_patch_rejected_when_wrong_type() {
+    let mut t = twin();
+    assert_eq!(
+        code(reported(&mut t, json!({"voltage": "230"}), 1)),
+        ErrorCode::WrongType
+    );
+}
+
+#[test]
+fn reported_patch_rejected_when_it_carries_version() {
+    let mut t = twin();
+    assert_eq!(
+        code(reported(&mut t, json!({"$version": 0, "voltage": 230}), 1)),
+        ErrorCode::InvalidPatch
+    );
+}
+
+#[test]
+fn reported_patch_ignores_range_and_access_mode() {
+    let mut t = twin();
+    let a = reported(&mut t, json!({"voltage": 230.1, "setpoint": 99}), 5).expect("ok");
+    assert_eq!(a.changed.len(), 2);
+    assert_eq!(t.reported["voltage"].source, mapper());
+}
+
+#[test]
+fn reported_patch_sets_last_seen() {
+    let mut t = twin();
+    let a = reported(&mut t, json!({"voltage": 230}), 5).expect("ok");
+    assert!(a.refreshed);
+    assert_eq!(t.status.last_seen, Some(5));
+    assert_eq!(t.version, 1);
+    assert_eq!(
+        t.desired_version, 0,
+        "reported changes leave desired_version alone"
+    );
+}
+
+#[test]
+fn reported_patch_repeating_current_value_refreshes_last_seen_without_version_bump() {
+    let mut t = twin();
+    reported(&mut t, json!({"voltage": 230}), 5).expect("ok");
+    let a = reported(&mut t, json!({"voltage": 230}), 9).expect("ok");
+    assert!(a.changed.is_empty());
+    assert!(a.refreshed);
+    assert_eq!(t.version, 1);
+    assert_eq!(t.status.last_seen, Some(9));
+    assert_eq!(t.reported["voltage"].ts, 9);
+}
+
+#[test]
+fn rejected_reported_patch_does_not_refresh_last_seen() {
+    let mut t = twin();
+    let _ = reported(&mut t, json!({"voltage": "x"}), 5);
+    assert_eq!(t.status.last_seen, None);
+}
+
+// ---- status ----
+
+#[test]
+fn status_sets_state_and_last_seen_and_reports_change() {
+    let mut t = twin();
+    let online = DeviceStatusMsg {
+        state: DeviceState::Online,
+        ts: 10,
+        message: None,
+    };
+    assert!(t.apply_status(&online, 11));
+    assert_eq!(t.status.state, DeviceState::Online);
+    assert_eq!(t.status.ts, Some(10));
+    assert_eq!(t.status.last_seen, Some(11));
+    assert!(
+        !t.apply_status(
+            &DeviceStatusMsg {
+                ts: 20,
+                ..online.clone()
+            },
+            21
+        ),
+        "same state is no change"
+    );
+    assert_eq!(t.status.last_seen, Some(21));
+    let err = DeviceStatusMsg {
+        state: DeviceState::Online,
+        ts: 30,
+        message: Some("slave 3 timeout".into()),
+    };
+    assert!(t.apply_status(&err, 31), "message change is a change");
+    assert_eq!(t.version, 0, "status does not bump the version");
+}
+
+#[test]
+fn status_older_than_current_is_ignored() {
+    let mut t = twin();
+    t.apply_status(
+        &DeviceStatusMsg {
+            state: DeviceState::Offline,
+            ts: 50,
+            message: None,
+        },
+        51,
+    );
+    assert!(!t.apply_status(
+        &DeviceStatusMsg {
+            state: DeviceState::Online,
+            ts: 40,
+            message: None
+        },
+        60
+    ));
+    assert_eq!(t.status.state, DeviceState::Offline);
+    assert_eq!(t.status.last_seen, Some(60));
+}
+
+// ---- delta and doc ----
+
+#[test]
+fn delta_lists_desired_values_reported_does_not_match() {
+    let mut t = twin();
+    desired(
+        &mut t,
+        json!({"setpoint": 21.5, "relay": true, "mode": "eco"}),
+        1,
+    )
+    .expect("ok");
+    reported(&mut t, json!({"setpoint": 20.0, "relay": true}), 2).expect("ok");
+    let d = t.delta();
+    assert_eq!(Value::Object(d), json!({"setpoint": 21.5, "mode": "eco"}));
+}
+
+#[test]
+fn delta_is_empty_once_reported_matches_desired() {
+    let mut t = twin();
+    desired(
+        &mut t,
+        json!({"setpoint": 21.5, "cfg": {"a": 1, "b": 2}}),
+        1,
+    )
+    .expect("ok");
+    reported(
+        &mut t,
+        json!({"setpoint": 21.5, "cfg": {"b": 2, "a": 1}}),
+        2,
+    )
+    .expect("ok");
+    assert!(t.delta().is_empty());
+}
+
+#[test]
+fn delta_ignores_removed_desired_properties() {
+    let mut t = twin();
+    desired(&mut t, json!({"mode": "eco"}), 1).expect("ok");
+    desired(&mut t, json!({"mode": null}), 2).expect("ok");
+    assert!(t.delta().is_empty());
+}
+
+#[test]
+fn to_doc_serializes_the_wire_shape() {
+    let mut t = twin();
+    desired(&mut t, json!({"ts": 5, "setpoint": 21.5}), 6).expect("ok");
+    reported(&mut t, json!({"ts": 7, "voltage": 230}), 8).expect("ok");
+    let doc = serde_json::to_value(t.to_doc()).expect("json");
+    assert_eq!(
+        doc,
+        json!({
+            "device": "meter-7", "model": "thermostat", "version": 2, "desiredVersion": 1,
+            "desired": {"setpoint": 21.5}, "reported": {"voltage": 230},
+            "metadata": {
+                "desired": {"setpoint": {"version": 1, "ts": 5, "source": "local"}},
+                "reported": {"voltage": {"version": 2, "ts": 7, "source": "mapper:modbus"}}
+            },
+            "status": {"state": "unknown", "lastSeen": 8}
+        })
+    );
+}
+
+// ---- property tests ----
+
+#[derive(Debug, Clone)]
+enum Op {
+    Desired(Value, Source),
+    Reported(Value, Source),
+}
+
+fn arb_source() -> impl Strategy<Value = Source> {
+    prop_oneof![Just(Source::Local), Just(Source::Cloud), Just(mapper())]
+}
+
+/// A small value domain so that collisions, ties and repeats are frequent; includes values that
+/// the model rejects (wrong type, out of range, unknown or read-only properties).
+fn arb_value() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        Just(Value::Null),
+        Just(json!(true)),
+        Just(json!(false)),
+        Just(json!(5)),
+        Just(json!(20.5)),
+        Just(json!(40)),
+        Just(json!("eco")),
+        Just(json!("boost")),
+        Just(json!({"a": 1, "b": 2})),
+        Just(json!({"a": 2})),
+    ]
+}
+
+fn arb_prop() -> impl Strategy<Value = &'static str> {
+    prop_oneof![
+        Just("setpoint"),
+        Just("relay"),
+        Just("mode"),
+        Just("cfg"),
+        Just("count"),
+        Just("voltage"),
+        Just("nope"),
+    ]
+}
+
+fn arb_patch_json(with_version: bool) -> impl Strategy<Value = Value> {
+    (
+        0i64..4,
+        proptest::collection::btree_map(arb_prop(), arb_value(), 1..4),
+        proptest::option::of(0u64..4),
+    )
+        .prop_map(move |(ts, props, ver)| {
+            let mut m = Map::new();
+            m.insert("ts".into(), json!(ts));
+            if with_version {
+                if let Some(v) = ver {
+                    m.insert("$version".into(), json!(v));
+                }
+            }
+            for (k, v) in props {
+                m.insert(k.to_string(), v);
+            }
+            Value::Object(m)
+        })
+}
+
+fn arb_op(with_version: bool) -> impl Strategy<Value = Op> {
+    (any::<bool>(), arb_patch_json(with_version), arb_source()).prop_map(|(d, p, s)| {
+        if d {
+            Op::Desired(p, s)
+        } else {
+            Op::Reported(p, s)
+        }
+    })
+}
+
+fn run(t: &mut Twin, op: &Op, now: i64) -> Result<Applied, Rejection> {
+    let m = model();
+    match op {
+        Op::Desired(p, s) => t.apply_desired(&m, &patch(p.clone()), s.clone(), now),
+        Op::Reported(p, s) => {
+            let mut p = patch(p.clone());
+            p.expected_version = None;
+            t.apply_reported(&m, &p, s.clone(), now)
+        }
+    }
+}
+
+/// Values and (ts, source) per property, tombstones included; versions are local and excluded.
+fn lww_state(t: &Twin) -> Vec<(String, String, Option<Value>, i64, String)> {
+    let side = |name: &str, es: &BTreeMap<String, Entry>| {
+        es.iter()
+            .map(|(k, e)| {
+                (
+                    name.to_string(),
+                    k.clone(),
+                    e.value.clone(),
+                    e.ts,
+                    e.source.id(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut v = side("desired", &t.desired);
+    v.extend(side("reported", &t.reported));
+    v
+}
+
+proptest! {
+    #[test]
+    fn versions_never_decrease_over_any_sequence(ops in proptest::collection::vec(arb_op(true), 0..40)) {
+        let mut t = twin();
+        for (i, op) in ops.iter().enumerate() {
+            let (v, dv) = (t.version, t.desired_version);
+            let r = run(&mut t, op, i as i64);
+            prop_assert!(t.version >= v && t.desired_version >= dv);
+            if let Ok(a) = r {
+                prop_assert_eq!(t.version, if a.is_change() { v + 1 } else { v });
+            }
+            prop_assert!(t.desired_version <= t.version);
+            for e in t.desired.values().chain(t.reported.values()) {
+                prop_assert!(e.version <= t.version);
+            }
+        }
+    }
+
+    #[test]
+    fn any_order_and_duplication_of_patches_converges(
+        ops in proptest::collection::vec(arb_op(false), 1..12),
+        seed in any::<u64>(),
+        dups in proptest::collection::vec(any::<proptest::sample::Index>(), 0..6),
+    ) {
+        let mut reference = twin();
+        for (i, op) in ops.iter().enumerate() {
+            let _ = run(&mut reference, op, 1000 + i as i64);
+        }
+        // A shuffled copy with duplicates.
+        let mut shuffled: Vec<Op> = ops.clone();
+        for d in &dups {
+            shuffled.push(d.get(&ops).clone());
+        }
+        let mut state = seed;
+        for i in (1..shuffled.len()).rev() {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let j = (state >> 33) as usize % (i + 1);
+            shuffled.swap(i, j);
+        }
+        let mut other = twin();
+        for (i, op) in shuffled.iter().enumerate() {
+            let _ = run(&mut other, op, 5000 + i as i64);
+        }
+        prop_assert_eq!(lww_state(&reference), lww_state(&other));
+        let (a, b) = (reference.to_doc(), other.to_doc());
+        prop_assert_eq!(a.desired, b.desired);
+        prop_assert_eq!(a.reported, b.reported);
+    }
+
+    #[test]
+    fn delta_is_empty_exactly_when_reported_matches_every_desired_value(
+        ops in proptest::collection::vec(arb_op(false), 0..30),
+    ) {
+        let mut t = twin();
+        for (i, op) in ops.iter().enumerate() {
+            let _ = run(&mut t, op, i as i64);
+            let doc = t.to_doc();
+            let converged = doc.desired.iter().all(|(k, v)| {
+                doc.reported.get(k).is_some_and(|r| canonical_json(r) == canonical_json(v))
+            });
+            prop_assert_eq!(t.delta().is_empty(), converged);
+            for (k, v) in t.delta() {
+                prop_assert_eq!(doc.desired.get(&k), Some(&v));
+            }
+        }
+    }
+
+    #[test]
+    fn rejected_patch_leaves_the_twin_byte_identical(
+        ops in proptest::collection::vec(arb_op(true), 0..30),
+    ) {
+        let mut t = twin();
+        for (i, op) in ops.iter().enumerate() {
+            let before = t.clone();
+            let before_doc = serde_json::to_vec(&t.to_doc()).expect("json");
+            if run(&mut t, op, i as i64).is_err() {
+                prop_assert_eq!(serde_json::to_vec(&t.to_doc()).expect("json"), before_doc);
+                prop_assert_eq!(&t, &before);
+            }
+        }
+    }
+}
