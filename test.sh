@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs the whole edgetwin test suite. Installs the real peers the tests drive when they are
+# missing (Debian packages: mosquitto, mosquitto-clients, socat; PyPI: paho-mqtt, pymodbus,
+# asyncua). Under CI=true a peer that cannot be installed is a failure, never a skip.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+need_apt=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
+command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
+command -v socat >/dev/null 2>&1 || need_apt+=(socat)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "test.sh: installing ${need_apt[*]} (apt-get)"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+PY=${EDGETWIN_TEST_PYTHON:-python3}
+if ! "$PY" -c 'import paho.mqtt, pymodbus, asyncua' 2>/dev/null; then
+  echo "test.sh: installing paho-mqtt, pymodbus, asyncua (pip)"
+  "$PY" -m pip install -q --disable-pip-version-check 'paho-mqtt>=2,<3' 'pymodbus==3.16.1' 'asyncua==2.1.0' \
+    || "$PY" -m pip install -q --disable-pip-version-check --break-system-packages 'paho-mqtt>=2,<3' 'pymodbus==3.16.1' 'asyncua==2.1.0'
+fi
+
+for p in mosquitto_pub mosquitto_sub mosquitto_rr socat; do
+  command -v "$p" >/dev/null 2>&1 || { echo "test.sh: peer $p is still missing" >&2; exit 1; }
+done
+"$PY" -c 'import paho.mqtt' || { echo "test.sh: paho-mqtt is still missing" >&2; exit 1; }
+export PATH="$PATH:/usr/sbin"
+export EDGETWIN_TEST_PYTHON="$PY"
+
+cargo test --workspace --locked "$@"
