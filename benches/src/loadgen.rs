@@ -305,12 +305,12 @@ pub async fn run_pubsub(spec: &PubSubSpec) -> Result<PubSubResult> {
                     .poll()
                     .await
                     .with_context(|| format!("publisher {p} connection"))?;
-                let finished = match (qos, ev) {
-                    (QoS::AtMostOnce, Event::Outgoing(Outgoing::Publish(_))) => true,
-                    (QoS::AtLeastOnce, Event::Incoming(Packet::PubAck(_))) => true,
-                    (QoS::ExactlyOnce, Event::Incoming(Packet::PubComp(_))) => true,
-                    _ => false,
-                };
+                let finished = matches!(
+                    (qos, ev),
+                    (QoS::AtMostOnce, Event::Outgoing(Outgoing::Publish(_)))
+                        | (QoS::AtLeastOnce, Event::Incoming(Packet::PubAck(_)))
+                        | (QoS::ExactlyOnce, Event::Incoming(Packet::PubComp(_)))
+                );
                 if finished {
                     done += 1;
                     completed.fetch_add(1, Ordering::Relaxed);

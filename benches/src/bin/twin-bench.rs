@@ -1,0 +1,465 @@
+//! `twin-bench`: durable device-twin updates through `edgetwin serve`.
+//!
+//! Starts `edgetwin serve` with N thermostat devices (`bench-0..N-1`) on free ports of 127.0.0.1 and
+//! measures, in one run:
+//! - **durable updates/s**: a closed loop with one outstanding desired patch per device (window N);
+//!   a patch counts once its `dt/{device}/delta` arrives, and the node publishes a delta only after
+//!   the redb commit, so this counts committed updates;
+//! - **desired → delta latency** at a fixed rate (open loop), from the publish call to the receipt
+//!   of the delta carrying that value;
+//! - the **reference**: a plain publish → subscribe round trip at the same rate and QoS, with no
+//!   persistence, through Mosquitto and through edgetwin's embedded broker (topics outside `dt/`).
+//!
+//! Every patch carries a unique setpoint (`id + 0.5`), so each delta is matched to its patch.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Parser;
+use edgetwin_benches::loadgen::{self, PubSubResult, PubSubSpec};
+use edgetwin_benches::procs::{self, Edgetwin, Mosquitto, MosquittoQueues};
+use edgetwin_benches::stats::{ms, Summary};
+use edgetwin_benches::table::Table;
+use rumqttc::{AsyncClient, Event, Packet, QoS};
+use tokio::sync::mpsc;
+
+/// Command line.
+#[derive(Parser, Debug)]
+#[command(about = "Durable twin update throughput and desired->delta latency of edgetwin")]
+struct Args {
+    /// Number of devices (`bench-0..N-1`).
+    #[arg(long, default_value_t = 100)]
+    devices: usize,
+    /// Duration of the closed-loop throughput phase, in seconds.
+    #[arg(long, default_value_t = 10)]
+    throughput_secs: u64,
+    /// Fixed rate of the latency phase, in patches per second.
+    #[arg(long, default_value_t = 500.0)]
+    rate: f64,
+    /// Duration of the latency phase, in seconds.
+    #[arg(long, default_value_t = 10)]
+    latency_secs: u64,
+    /// The edgetwin binary (default: `edgetwin` next to this program, i.e. target/release/edgetwin).
+    #[arg(long)]
+    edgetwin: Option<PathBuf>,
+    /// The mosquitto binary (default /usr/sbin/mosquitto).
+    #[arg(long)]
+    mosquitto: Option<PathBuf>,
+    /// Skip the plain publish/subscribe reference runs.
+    #[arg(long)]
+    skip_reference: bool,
+}
+
+/// Patches waiting for their delta, and what came back.
+#[derive(Default)]
+struct Tracker {
+    /// Patch id → (device index, send time).
+    pending: HashMap<u64, (usize, Instant)>,
+    latencies: Vec<u64>,
+    completed: usize,
+    last_completed: Option<Instant>,
+    errors: usize,
+    first_error: Option<String>,
+    /// In the closed loop: told the device index whose patch just completed.
+    on_done: Option<mpsc::UnboundedSender<usize>>,
+}
+
+type Shared = Arc<Mutex<Tracker>>;
+
+fn lock(t: &Shared) -> Result<std::sync::MutexGuard<'_, Tracker>> {
+    t.lock().map_err(|_| anyhow!("tracker poisoned"))
+}
+
+/// Handles one message on `dt/+/delta` or `dt/+/error`.
+fn on_message(tracker: &Shared, topic: &str, payload: &[u8]) -> Result<()> {
+    let now = Instant::now();
+    let mut t = lock(tracker)?;
+    if topic.ends_with("/error") {
+        t.errors += 1;
+        if t.first_error.is_none() {
+            t.first_error = Some(format!("{topic}: {}", String::from_utf8_lossy(payload)));
+        }
+        return Ok(());
+    }
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
+        return Ok(());
+    };
+    let Some(setpoint) = v.pointer("/delta/setpoint").and_then(|s| s.as_f64()) else {
+        return Ok(());
+    };
+    if setpoint < 0.0 {
+        return Ok(());
+    }
+    let id = setpoint.floor() as u64;
+    if let Some((device, sent)) = t.pending.remove(&id) {
+        t.latencies.push(now.duration_since(sent).as_nanos() as u64);
+        t.completed += 1;
+        t.last_completed = Some(now);
+        if let Some(tx) = &t.on_done {
+            let _ = tx.send(device);
+        }
+    }
+    Ok(())
+}
+
+/// Publishes `{"setpoint": id + 0.5}` to `dt/bench-{device}/desired` and records it as pending.
+async fn send_patch(client: &AsyncClient, tracker: &Shared, device: usize, id: u64) -> Result<()> {
+    let body = format!("{{\"setpoint\": {}.5}}", id);
+    lock(tracker)?.pending.insert(id, (device, Instant::now()));
+    client
+        .publish(
+            format!("dt/bench-{device}/desired"),
+            QoS::AtLeastOnce,
+            false,
+            body,
+        )
+        .await
+        .context("publish desired patch")
+}
+
+/// Result of one twin phase.
+struct Phase {
+    sent: usize,
+    completed: usize,
+    secs: f64,
+    latency: Summary,
+    errors: usize,
+}
+
+/// Resets the tracker for a new phase.
+fn reset(tracker: &Shared, on_done: Option<mpsc::UnboundedSender<usize>>) -> Result<()> {
+    let mut t = lock(tracker)?;
+    t.pending.clear();
+    t.latencies.clear();
+    t.completed = 0;
+    t.last_completed = None;
+    t.errors = 0;
+    t.on_done = on_done;
+    Ok(())
+}
+
+/// Collects the tracker's figures for a phase that started at `start`.
+fn finish(tracker: &Shared, sent: usize, start: Instant) -> Result<Phase> {
+    let mut t = lock(tracker)?;
+    t.on_done = None;
+    let secs = t
+        .last_completed
+        .map_or(0.0, |l| l.duration_since(start).as_secs_f64());
+    Ok(Phase {
+        sent,
+        completed: t.completed,
+        secs,
+        latency: Summary::from_nanos(&mut t.latencies),
+        errors: t.errors,
+    })
+}
+
+/// Waits until nothing is pending, or nothing completed for `idle`, or `limit` passed.
+async fn drain(tracker: &Shared, idle: Duration, limit: Instant) -> Result<()> {
+    let since = Instant::now();
+    loop {
+        let (pending, last) = {
+            let t = lock(tracker)?;
+            (t.pending.len(), t.last_completed)
+        };
+        if pending == 0
+            || Instant::now() > limit
+            || last.unwrap_or(since).max(since).elapsed() > idle
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Closed loop: one outstanding patch per device for `secs`.
+async fn closed_loop(
+    client: &AsyncClient,
+    tracker: &Shared,
+    devices: usize,
+    secs: u64,
+    next_id: &mut u64,
+) -> Result<Phase> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    reset(tracker, Some(tx))?;
+    let start = Instant::now();
+    let end = start + Duration::from_secs(secs);
+    let mut sent = 0;
+    for d in 0..devices {
+        send_patch(client, tracker, d, *next_id).await?;
+        *next_id += 1;
+        sent += 1;
+    }
+    while Instant::now() < end {
+        match tokio::time::timeout_at(end.into(), rx.recv()).await {
+            Ok(Some(d)) => {
+                send_patch(client, tracker, d, *next_id).await?;
+                *next_id += 1;
+                sent += 1;
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    drain(
+        tracker,
+        Duration::from_secs(3),
+        end + Duration::from_secs(10),
+    )
+    .await?;
+    finish(tracker, sent, start)
+}
+
+/// Open loop: patches at a fixed `rate` round robin over the devices for `secs`.
+async fn open_loop(
+    client: &AsyncClient,
+    tracker: &Shared,
+    devices: usize,
+    rate: f64,
+    secs: u64,
+    next_id: &mut u64,
+) -> Result<Phase> {
+    reset(tracker, None)?;
+    let total = (rate * secs as f64).round() as usize;
+    let interval = Duration::from_secs_f64(1.0 / rate.max(0.001));
+    let start = Instant::now();
+    let hard_end = start + Duration::from_secs(secs) * 3 + Duration::from_secs(10);
+    let mut sent = 0;
+    for i in 0..total {
+        tokio::time::sleep_until((start + interval * i as u32).into()).await;
+        if Instant::now() > hard_end {
+            break;
+        }
+        send_patch(client, tracker, i % devices, *next_id).await?;
+        *next_id += 1;
+        sent += 1;
+    }
+    drain(tracker, Duration::from_secs(3), hard_end).await?;
+    finish(tracker, sent, start)
+}
+
+/// Plain publish → subscribe at `rate` for `secs`, QoS 1, with a patch-sized payload.
+async fn reference(addr: SocketAddr, rate: f64, secs: u64) -> Result<PubSubResult> {
+    loadgen::run_pubsub(&PubSubSpec {
+        addr,
+        publishers: 1,
+        messages: (rate * secs as f64).round().max(1.0) as usize,
+        payload: 32,
+        qos: QoS::AtLeastOnce,
+        rate: Some(rate),
+        prefix: "ref".into(),
+        inflight: 100,
+        deadline: Duration::from_secs(secs * 3 + 10),
+        drain_idle: Duration::from_secs(3),
+    })
+    .await
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.devices == 0 {
+        bail!("--devices must be at least 1");
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("edgetwin-twin-bench-")
+        .tempdir()
+        .context("temp dir")?;
+    let bin = procs::find_edgetwin(args.edgetwin.as_deref())?;
+    let profile = procs::thermostat_profile(args.devices);
+    let mut node = Edgetwin::start(&bin, tmp.path(), &[("bench.yaml", profile)])?;
+    println!(
+        "twin-bench: edgetwin {} on {} with {} devices; closed loop {} s; open loop {} patch/s for {} s; QoS 1",
+        bin.display(),
+        node.mqtt,
+        args.devices,
+        args.throughput_secs,
+        args.rate,
+        args.latency_secs
+    );
+
+    let tracker: Shared = Arc::new(Mutex::new(Tracker::default()));
+    let (sub, mut sub_el) = loadgen::connect("twin-bench-sub", node.mqtt, 100).await?;
+    loadgen::subscribe(
+        &sub,
+        &mut sub_el,
+        &["dt/+/delta", "dt/+/error"],
+        QoS::AtLeastOnce,
+    )
+    .await?;
+    let sub_task = {
+        let tracker = tracker.clone();
+        tokio::spawn(async move {
+            loop {
+                match sub_el.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        on_message(&tracker, &p.topic, &p.payload)?
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        return Err::<(), _>(anyhow::Error::new(e).context("delta subscriber"))
+                    }
+                }
+            }
+        })
+    };
+    let (publ, mut pub_el) = loadgen::client("twin-bench-pub", node.mqtt, 200);
+    let pub_task = tokio::spawn(async move {
+        loop {
+            if let Err(e) = pub_el.poll().await {
+                return Err::<(), _>(anyhow::Error::new(e).context("patch publisher"));
+            }
+        }
+    });
+
+    // Probe: one patch must come back as a delta, else say why (profile rejected, error topic...).
+    let mut next_id: u64 = 1;
+    reset(&tracker, None)?;
+    send_patch(&publ, &tracker, 0, next_id).await?;
+    next_id += 1;
+    drain(
+        &tracker,
+        Duration::from_secs(10),
+        Instant::now() + Duration::from_secs(10),
+    )
+    .await?;
+    {
+        let t = lock(&tracker)?;
+        if t.completed != 1 {
+            bail!(
+                "probe patch to bench-0 got no delta within 10 s; first error: {}; node log tail:\n{}",
+                t.first_error.as_deref().unwrap_or("none"),
+                node.child.log_tail()
+            );
+        }
+    }
+
+    let closed = closed_loop(
+        &publ,
+        &tracker,
+        args.devices,
+        args.throughput_secs,
+        &mut next_id,
+    )
+    .await?;
+    node.child.check_running()?;
+    println!(
+        "  closed loop: {} durable updates in {:.2}s",
+        closed.completed, closed.secs
+    );
+    let open = open_loop(
+        &publ,
+        &tracker,
+        args.devices,
+        args.rate,
+        args.latency_secs,
+        &mut next_id,
+    )
+    .await?;
+    node.child.check_running()?;
+    println!("  open loop: {} of {} deltas", open.completed, open.sent);
+    let first_error = lock(&tracker)?.first_error.clone();
+
+    let mut refs = Vec::new();
+    if !args.skip_reference {
+        let r = reference(node.mqtt, args.rate, args.latency_secs)
+            .await
+            .context("edgetwin reference")?;
+        refs.push((
+            "plain pub->sub, edgetwin broker (reference, no persistence)",
+            r,
+        ));
+    }
+    let node_rss = node.child.peak_rss_kib()?;
+    sub_task.abort();
+    pub_task.abort();
+    node.child.stop();
+
+    let queues = MosquittoQueues {
+        max_inflight: 100,
+        max_queued: 1_000_000,
+    };
+    if !args.skip_reference {
+        let dir = tmp.path().join("mosquitto");
+        std::fs::create_dir_all(&dir)?;
+        let mut m = Mosquitto::start(
+            &procs::find_mosquitto(args.mosquitto.as_deref()),
+            &dir,
+            queues,
+        )?;
+        let r = reference(m.addr, args.rate, args.latency_secs)
+            .await
+            .context("mosquitto reference")?;
+        m.child.check_running()?;
+        refs.push(("plain pub->sub, mosquitto (reference, no persistence)", r));
+    }
+
+    println!();
+    let mut t = Table::new(&[
+        "measurement",
+        "sent",
+        "completed",
+        "missing",
+        "rate /s",
+        "p50",
+        "p99",
+        "max",
+    ]);
+    let rate = |n: usize, s: f64| {
+        if s > 0.0 {
+            format!("{:.0}", n as f64 / s)
+        } else {
+            "-".into()
+        }
+    };
+    t.row(vec![
+        format!(
+            "durable twin updates, closed loop (window {})",
+            args.devices
+        ),
+        closed.sent.to_string(),
+        closed.completed.to_string(),
+        (closed.sent - closed.completed.min(closed.sent)).to_string(),
+        rate(closed.completed, closed.secs),
+        ms(closed.latency.p50, closed.latency.count),
+        ms(closed.latency.p99, closed.latency.count),
+        ms(closed.latency.max, closed.latency.count),
+    ]);
+    t.row(vec![
+        format!("desired->delta at {} patch/s", args.rate),
+        open.sent.to_string(),
+        open.completed.to_string(),
+        (open.sent - open.completed.min(open.sent)).to_string(),
+        rate(open.completed, open.secs),
+        ms(open.latency.p50, open.latency.count),
+        ms(open.latency.p99, open.latency.count),
+        ms(open.latency.max, open.latency.count),
+    ]);
+    for (name, r) in &refs {
+        t.row(vec![
+            format!("{name} at {} msg/s", args.rate),
+            r.sent.to_string(),
+            r.received.to_string(),
+            r.lost().to_string(),
+            format!("{:.0}", r.receive_rate()),
+            ms(r.latency.p50, r.latency.count),
+            ms(r.latency.p99, r.latency.count),
+            ms(r.latency.max, r.latency.count),
+        ]);
+    }
+    print!("{}", t.render());
+    println!("(completed = deltas received, i.e. updates committed to redb; latency = publish call to receipt; QoS 1 everywhere)");
+    println!(
+        "edgetwin peak RSS (VmHWM): {}; rejected patches: {}",
+        procs::mib(node_rss),
+        closed.errors + open.errors
+    );
+    if let Some(e) = first_error {
+        println!("first error message: {e}");
+    }
+    println!("reference broker settings: {}", queues.describe());
+    Ok(())
+}
