@@ -1,0 +1,147 @@
+//! `kind: Device`: one physical device: its model, its connection (one protocol section) and,
+//! per property, how often to read it, when to report it and where it lives on the device.
+
+use std::collections::BTreeMap;
+
+use edgetwin_contract::{DeviceId, PropertyName};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::model::ApiVersion;
+use crate::protocol::{PropertyVisitor, ProtocolConfig};
+use crate::source::SourceDoc;
+use crate::Duration;
+
+/// The `kind` of a device document.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum DeviceKind {
+    /// `Device`.
+    #[default]
+    Device,
+}
+
+/// Name and labels of a device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeviceMetadata {
+    /// The device id used in topics (`dt/{device}/...`): `[A-Za-z0-9][A-Za-z0-9_.-]{0,127}`.
+    pub name: DeviceId,
+    /// Free-form labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A device document (`kind: Device`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(title = "Device")]
+pub struct Device {
+    /// Always `edgetwin/v1`.
+    pub api_version: ApiVersion,
+    /// Always `Device`.
+    pub kind: DeviceKind,
+    /// Name (the device id) and labels.
+    pub metadata: DeviceMetadata,
+    /// Model, connection and properties.
+    pub spec: DeviceSpec,
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub(crate) source: SourceDoc,
+}
+
+/// What a device document declares.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeviceSpec {
+    /// Name of the device's `DeviceModel`.
+    pub device_model_ref: String,
+    /// Connection settings: exactly one of `modbus`, `opcua`, `ble`, `serial`, matching the
+    /// model's `protocol`.
+    pub protocol: ProtocolConfig,
+    /// How each property is read and reported; every name must be a property of the model.
+    /// Model properties left out here are not read from the device.
+    #[serde(default)]
+    pub properties: Vec<DeviceProperty>,
+    /// What or where the device is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// How one property of a device is read, reported and addressed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeviceProperty {
+    /// A property of the device's model.
+    pub name: PropertyName,
+    /// How often the mapper reads the value (`250ms`, `1s`, `5m`); the mapper's default (1s) when
+    /// absent. Ignored for values the device pushes (BLE `notify`, OPC UA subscriptions, serial
+    /// `unsolicited`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collect_cycle: Option<Duration>,
+    /// Also report the current value at this period even when it has not changed (a heartbeat).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_cycle: Option<Duration>,
+    /// Report a reading only when it differs from the last reported value (by more than
+    /// `deadband` for numbers). Without it every reading is reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_on_change: Option<ReportOnChange>,
+    /// Also publish each reading on `dt/{device}/telemetry`, forwarded upstream. Default false.
+    #[serde(default)]
+    pub telemetry: bool,
+    /// Where the property lives on the device: exactly one entry, keyed by the device's protocol.
+    pub visitors: PropertyVisitor,
+}
+
+/// Report-on-change settings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReportOnChange {
+    /// A number is a change only when it differs from the last reported value by more than this
+    /// (absolute, in the property's unit). Default 0: any difference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadband: Option<f64>,
+}
+
+impl Device {
+    /// A device document named `name` with `spec`.
+    pub fn new(name: DeviceId, spec: DeviceSpec) -> Device {
+        Device {
+            api_version: ApiVersion::V1,
+            kind: DeviceKind::Device,
+            metadata: DeviceMetadata {
+                name,
+                labels: BTreeMap::new(),
+            },
+            spec,
+            source: SourceDoc::default(),
+        }
+    }
+
+    /// The device id (`metadata.name`).
+    pub fn id(&self) -> &DeviceId {
+        &self.metadata.name
+    }
+
+    /// The model name it refers to.
+    pub fn model_ref(&self) -> &str {
+        &self.spec.device_model_ref
+    }
+
+    /// The protocol of its connection section (`modbus`, `opcua`, `ble`, `serial`).
+    pub fn protocol_name(&self) -> &'static str {
+        self.spec.protocol.name()
+    }
+
+    /// The device settings of the property called `name`, if any.
+    pub fn property(&self, name: &str) -> Option<&DeviceProperty> {
+        self.spec.properties.iter().find(|p| p.name.as_str() == name)
+    }
+
+    pub(crate) fn source(&self) -> &SourceDoc {
+        &self.source
+    }
+
+    pub(crate) fn set_source(&mut self, source: SourceDoc) {
+        self.source = source;
+    }
+}

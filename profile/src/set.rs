@@ -1,0 +1,79 @@
+//! The result of loading: documents, the validated set, and the resolved device a mapper gets.
+
+use std::collections::BTreeMap;
+
+use edgetwin_contract::{DeviceId, ProtocolName};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::{Device, DeviceModel};
+
+/// One YAML document of a profile file.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Document {
+    /// `kind: DeviceModel`.
+    DeviceModel(DeviceModel),
+    /// `kind: Device`.
+    Device(Device),
+}
+
+impl Document {
+    /// `metadata.name` of the document.
+    pub fn name(&self) -> &str {
+        match self {
+            Document::DeviceModel(m) => m.name(),
+            Document::Device(d) => d.id().as_str(),
+        }
+    }
+}
+
+/// Validated models and devices; every device's model is in `models`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProfileSet {
+    /// Models by name.
+    pub models: BTreeMap<String, DeviceModel>,
+    /// Devices by id.
+    pub devices: BTreeMap<DeviceId, Device>,
+}
+
+impl ProfileSet {
+    /// The device `id` together with its model, if both are in the set.
+    pub fn resolve(&self, id: &DeviceId) -> Option<ResolvedDevice> {
+        let device = self.devices.get(id)?;
+        let model = self.models.get(device.model_ref())?;
+        Some(ResolvedDevice {
+            device: device.clone(),
+            model: model.clone(),
+        })
+    }
+
+    /// Every device of the set with its model, in device id order.
+    pub fn resolved(&self) -> impl Iterator<Item = ResolvedDevice> + '_ {
+        self.devices.keys().filter_map(|id| self.resolve(id))
+    }
+}
+
+/// A device with its model: the retained JSON payload on `mappers/{protocol}/devices/{device}`,
+/// everything a mapper needs to serve the device. Defaults are written out explicitly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "ResolvedDevice")]
+pub struct ResolvedDevice {
+    /// The device document.
+    pub device: Device,
+    /// The model it refers to.
+    pub model: DeviceModel,
+}
+
+impl ResolvedDevice {
+    /// The protocol whose mapper serves the device (the model's `protocol`).
+    pub fn protocol(&self) -> ProtocolName {
+        self.model.spec.protocol.clone()
+    }
+
+    /// The device id.
+    pub fn id(&self) -> &DeviceId {
+        self.device.id()
+    }
+}
