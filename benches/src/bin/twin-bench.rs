@@ -258,38 +258,36 @@ async fn reference(addr: SocketAddr, rate: f64, secs: u64) -> Result<PubSubResul
     .await
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
-    let args = Args::parse();
-    if args.devices == 0 {
-        bail!("--devices must be at least 1");
-    }
-    let tmp = tempfile::Builder::new()
-        .prefix("edgetwin-twin-bench-")
-        .tempdir()
-        .context("temp dir")?;
-    let bin = procs::find_edgetwin(args.edgetwin.as_deref())?;
+/// Everything measured through `edgetwin serve`.
+struct TwinFigures {
+    closed: Phase,
+    open: Phase,
+    plain: Option<PubSubResult>,
+    rss_kib: u64,
+    first_error: Option<String>,
+}
+
+/// Starts the node with `args.devices` devices and runs the probe, both twin phases and (unless
+/// skipped) the plain pub/sub reference through its broker; the node is killed on return.
+async fn measure_twin(
+    args: &Args,
+    bin: &std::path::Path,
+    dir: &std::path::Path,
+) -> Result<TwinFigures> {
     let profile = procs::thermostat_profile(args.devices);
-    let mut node = Edgetwin::start(&bin, tmp.path(), &[("bench.yaml", profile)])?;
+    let mut node = Edgetwin::start(bin, dir, &[("bench.yaml", profile)])?;
     println!(
-        "twin-bench: edgetwin {} on {} with {} devices; closed loop {} s; open loop {} patch/s for {} s; QoS 1",
+        "edgetwin {} on {} (http {}) with {} devices",
         bin.display(),
         node.mqtt,
-        args.devices,
-        args.throughput_secs,
-        args.rate,
-        args.latency_secs
+        node.http,
+        args.devices
     );
 
     let tracker: Shared = Arc::new(Mutex::new(Tracker::default()));
     let (sub, mut sub_el) = loadgen::connect("twin-bench-sub", node.mqtt, 100).await?;
-    loadgen::subscribe(
-        &sub,
-        &mut sub_el,
-        &["dt/+/delta", "dt/+/error"],
-        QoS::AtLeastOnce,
-    )
-    .await?;
+    let filters = ["dt/+/delta", "dt/+/error"];
+    loadgen::subscribe(&sub, &mut sub_el, &filters, QoS::AtLeastOnce).await?;
     let sub_task = {
         let tracker = tracker.clone();
         tokio::spawn(async move {
@@ -314,74 +312,114 @@ async fn main() -> Result<()> {
             }
         }
     });
-
-    // Probe: one patch must come back as a delta, else say why (profile rejected, error topic...).
-    let mut next_id: u64 = 1;
-    reset(&tracker, None)?;
-    send_patch(&publ, &tracker, 0, next_id).await?;
-    next_id += 1;
-    drain(
-        &tracker,
-        Duration::from_secs(10),
-        Instant::now() + Duration::from_secs(10),
-    )
-    .await?;
-    {
-        let t = lock(&tracker)?;
-        if t.completed != 1 {
-            bail!(
-                "probe patch to bench-0 got no delta within 10 s; first error: {}; node log tail:\n{}",
-                t.first_error.as_deref().unwrap_or("none"),
-                node.child.log_tail()
-            );
+    let result = async {
+        // Probe: one patch must come back as a delta, else say why (profile rejected, error topic...).
+        let mut next_id: u64 = 1;
+        reset(&tracker, None)?;
+        send_patch(&publ, &tracker, 0, next_id).await?;
+        next_id += 1;
+        let ten = Duration::from_secs(10);
+        drain(&tracker, ten, Instant::now() + ten).await?;
+        {
+            let t = lock(&tracker)?;
+            if t.completed != 1 {
+                bail!(
+                    "probe patch to bench-0 got no delta within 10 s; first error: {}; node log tail:\n{}",
+                    t.first_error.as_deref().unwrap_or("none"),
+                    node.child.log_tail()
+                );
+            }
         }
+        let closed = closed_loop(&publ, &tracker, args.devices, args.throughput_secs, &mut next_id).await?;
+        node.child.check_running()?;
+        println!("  closed loop: {} durable updates in {:.2}s", closed.completed, closed.secs);
+        let (rate, secs) = (args.rate, args.latency_secs);
+        let open = open_loop(&publ, &tracker, args.devices, rate, secs, &mut next_id).await?;
+        node.child.check_running()?;
+        println!("  open loop: {} of {} deltas", open.completed, open.sent);
+        let plain = if args.skip_reference {
+            None
+        } else {
+            Some(reference(node.mqtt, rate, secs).await.context("edgetwin reference")?)
+        };
+        node.child.check_running()?;
+        Ok(TwinFigures {
+            closed,
+            open,
+            plain,
+            rss_kib: node.child.peak_rss_kib()?,
+            first_error: lock(&tracker)?.first_error.clone(),
+        })
     }
-
-    let closed = closed_loop(
-        &publ,
-        &tracker,
-        args.devices,
-        args.throughput_secs,
-        &mut next_id,
-    )
-    .await?;
-    node.child.check_running()?;
-    println!(
-        "  closed loop: {} durable updates in {:.2}s",
-        closed.completed, closed.secs
-    );
-    let open = open_loop(
-        &publ,
-        &tracker,
-        args.devices,
-        args.rate,
-        args.latency_secs,
-        &mut next_id,
-    )
-    .await?;
-    node.child.check_running()?;
-    println!("  open loop: {} of {} deltas", open.completed, open.sent);
-    let first_error = lock(&tracker)?.first_error.clone();
-
-    let mut refs = Vec::new();
-    if !args.skip_reference {
-        let r = reference(node.mqtt, args.rate, args.latency_secs)
-            .await
-            .context("edgetwin reference")?;
-        refs.push((
-            "plain pub->sub, edgetwin broker (reference, no persistence)",
-            r,
-        ));
-    }
-    let node_rss = node.child.peak_rss_kib()?;
+    .await;
     sub_task.abort();
     pub_task.abort();
     node.child.stop();
+    result
+}
+
+/// One table row from a twin phase.
+fn phase_row(name: String, p: &Phase) -> Vec<String> {
+    let rate = if p.secs > 0.0 {
+        format!("{:.0}", p.completed as f64 / p.secs)
+    } else {
+        "-".into()
+    };
+    vec![
+        name,
+        p.sent.to_string(),
+        p.completed.to_string(),
+        (p.sent - p.completed.min(p.sent)).to_string(),
+        rate,
+        ms(p.latency.p50, p.latency.count),
+        ms(p.latency.p99, p.latency.count),
+        ms(p.latency.max, p.latency.count),
+    ]
+}
+
+/// One table row from a plain pub/sub reference run.
+fn reference_row(name: String, r: &PubSubResult) -> Vec<String> {
+    vec![
+        name,
+        r.sent.to_string(),
+        r.received.to_string(),
+        r.lost().to_string(),
+        format!("{:.0}", r.receive_rate()),
+        ms(r.latency.p50, r.latency.count),
+        ms(r.latency.p99, r.latency.count),
+        ms(r.latency.max, r.latency.count),
+    ]
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.devices == 0 || args.rate <= 0.0 {
+        bail!("--devices and --rate must be positive");
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("edgetwin-twin-bench-")
+        .tempdir()
+        .context("temp dir")?;
+    println!(
+        "twin-bench: {} devices; closed loop {} s; open loop {} patch/s for {} s; QoS 1",
+        args.devices, args.throughput_secs, args.rate, args.latency_secs
+    );
+    let mut notes = Vec::new();
+    let twin = match procs::find_edgetwin(args.edgetwin.as_deref()) {
+        Ok(bin) => Some(measure_twin(&args, &bin, tmp.path()).await?),
+        Err(e) if args.edgetwin.is_none() => {
+            notes.push(format!("edgetwin not measured: {e:#}"));
+            None
+        }
+        Err(e) => return Err(e),
+    };
 
     let queues = MosquittoQueues {
         max_inflight: 100,
         max_queued: 1_000_000,
     };
+    let mut mosq = None;
     if !args.skip_reference {
         let dir = tmp.path().join("mosquitto");
         std::fs::create_dir_all(&dir)?;
@@ -390,11 +428,12 @@ async fn main() -> Result<()> {
             &dir,
             queues,
         )?;
+        println!("mosquitto on {}", m.addr);
         let r = reference(m.addr, args.rate, args.latency_secs)
             .await
             .context("mosquitto reference")?;
         m.child.check_running()?;
-        refs.push(("plain pub->sub, mosquitto (reference, no persistence)", r));
+        mosq = Some(r);
     }
 
     println!();
@@ -408,58 +447,50 @@ async fn main() -> Result<()> {
         "p99",
         "max",
     ]);
-    let rate = |n: usize, s: f64| {
-        if s > 0.0 {
-            format!("{:.0}", n as f64 / s)
-        } else {
-            "-".into()
+    if let Some(f) = &twin {
+        t.row(phase_row(
+            format!(
+                "durable twin updates, closed loop (window {})",
+                args.devices
+            ),
+            &f.closed,
+        ));
+        t.row(phase_row(
+            format!("desired->delta at {} patch/s", args.rate),
+            &f.open,
+        ));
+        if let Some(r) = &f.plain {
+            let name = format!(
+                "REFERENCE plain pub->sub at {} msg/s, edgetwin broker (no twin, no persistence)",
+                args.rate
+            );
+            t.row(reference_row(name, r));
         }
-    };
-    t.row(vec![
-        format!(
-            "durable twin updates, closed loop (window {})",
-            args.devices
-        ),
-        closed.sent.to_string(),
-        closed.completed.to_string(),
-        (closed.sent - closed.completed.min(closed.sent)).to_string(),
-        rate(closed.completed, closed.secs),
-        ms(closed.latency.p50, closed.latency.count),
-        ms(closed.latency.p99, closed.latency.count),
-        ms(closed.latency.max, closed.latency.count),
-    ]);
-    t.row(vec![
-        format!("desired->delta at {} patch/s", args.rate),
-        open.sent.to_string(),
-        open.completed.to_string(),
-        (open.sent - open.completed.min(open.sent)).to_string(),
-        rate(open.completed, open.secs),
-        ms(open.latency.p50, open.latency.count),
-        ms(open.latency.p99, open.latency.count),
-        ms(open.latency.max, open.latency.count),
-    ]);
-    for (name, r) in &refs {
-        t.row(vec![
-            format!("{name} at {} msg/s", args.rate),
-            r.sent.to_string(),
-            r.received.to_string(),
-            r.lost().to_string(),
-            format!("{:.0}", r.receive_rate()),
-            ms(r.latency.p50, r.latency.count),
-            ms(r.latency.p99, r.latency.count),
-            ms(r.latency.max, r.latency.count),
-        ]);
+    }
+    if let Some(r) = &mosq {
+        let name = format!(
+            "REFERENCE plain pub->sub at {} msg/s, mosquitto (no persistence)",
+            args.rate
+        );
+        t.row(reference_row(name, r));
     }
     print!("{}", t.render());
-    println!("(completed = deltas received, i.e. updates committed to redb; latency = publish call to receipt; QoS 1 everywhere)");
-    println!(
-        "edgetwin peak RSS (VmHWM): {}; rejected patches: {}",
-        procs::mib(node_rss),
-        closed.errors + open.errors
-    );
-    if let Some(e) = first_error {
-        println!("first error message: {e}");
+    println!("(completed = deltas received for twin rows, i.e. updates committed to redb; latency = publish call to receipt; QoS 1 everywhere)");
+    if let Some(f) = &twin {
+        let rejected = f.closed.errors + f.open.errors;
+        println!(
+            "edgetwin peak RSS (VmHWM): {}; rejected patches: {rejected}",
+            procs::mib(f.rss_kib)
+        );
+        if let Some(e) = &f.first_error {
+            println!("first error message: {e}");
+        }
     }
-    println!("reference broker settings: {}", queues.describe());
+    if mosq.is_some() {
+        println!("reference broker settings: {}", queues.describe());
+    }
+    for n in notes {
+        println!("note: {n}");
+    }
     Ok(())
 }
