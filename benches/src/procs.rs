@@ -336,3 +336,23 @@ spec:
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_profile_loads_with_the_real_loader() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("bench.yaml"), thermostat_profile(3)).expect("write");
+        let (set, errors) = edgetwin_profile::load_dir(dir.path());
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(set.resolved().count(), 3);
+    }
+
+    #[test]
+    fn free_ports_are_distinct() {
+        let p = free_ports(3).expect("ports");
+        assert!(p[0] != p[1] && p[1] != p[2] && p[0] != p[2]);
+    }
+}
