@@ -134,7 +134,10 @@ impl Device {
 
     /// The device settings of the property called `name`, if any.
     pub fn property(&self, name: &str) -> Option<&DeviceProperty> {
-        self.spec.properties.iter().find(|p| p.name.as_str() == name)
+        self.spec
+            .properties
+            .iter()
+            .find(|p| p.name.as_str() == name)
     }
 
     pub(crate) fn source(&self) -> &SourceDoc {

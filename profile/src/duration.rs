@@ -17,7 +17,9 @@ pub enum DurationError {
     #[error("duration {0:?} has no unit: write e.g. \"{0}s\" or \"{0}ms\"")]
     MissingUnit(String),
     /// Not a duration at all.
-    #[error("invalid duration {input:?} ({reason}): write e.g. \"250ms\", \"1s\", \"5m\" or \"1h 30m\"")]
+    #[error(
+        "invalid duration {input:?} ({reason}): write e.g. \"250ms\", \"1s\", \"5m\" or \"1h 30m\""
+    )]
     Invalid {
         /// The text that was given.
         input: String,
@@ -147,10 +149,16 @@ mod tests {
 
     #[test]
     fn duration_parses_common_units() {
-        assert_eq!("250ms".parse::<Duration>().unwrap(), Duration::from_millis(250));
+        assert_eq!(
+            "250ms".parse::<Duration>().unwrap(),
+            Duration::from_millis(250)
+        );
         assert_eq!("1s".parse::<Duration>().unwrap(), Duration::from_secs(1));
         assert_eq!("5m".parse::<Duration>().unwrap(), Duration::from_secs(300));
-        assert_eq!("1h 30m".parse::<Duration>().unwrap(), Duration::from_secs(5400));
+        assert_eq!(
+            "1h 30m".parse::<Duration>().unwrap(),
+            Duration::from_secs(5400)
+        );
     }
 
     #[test]

@@ -31,7 +31,9 @@ pub use device::{Device, DeviceKind, DeviceMetadata, DeviceProperty, DeviceSpec,
 pub use duration::{Duration, DurationError};
 pub use error::ProfileError;
 pub use loader::load_dir;
-pub use model::{ApiVersion, DeviceModel, DeviceModelKind, DeviceModelSpec, ModelMetadata, ModelProperty};
+pub use model::{
+    ApiVersion, DeviceModel, DeviceModelKind, DeviceModelSpec, ModelMetadata, ModelProperty,
+};
 pub use parse::parse_str;
 pub use protocol::{PropertyVisitor, ProtocolConfig};
 pub use set::{Document, ProfileSet, ResolvedDevice};

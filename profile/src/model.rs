@@ -166,7 +166,10 @@ impl DeviceModel {
 
     /// The property called `name`, if the model has one.
     pub fn property(&self, name: &str) -> Option<&ModelProperty> {
-        self.spec.properties.iter().find(|p| p.name.as_str() == name)
+        self.spec
+            .properties
+            .iter()
+            .find(|p| p.name.as_str() == name)
     }
 
     /// All properties, in declaration order.

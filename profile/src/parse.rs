@@ -39,19 +39,22 @@ pub fn parse_str(file: &str, text: &str) -> Result<Vec<Document>, Vec<ProfileErr
             if !value.is_null() {
                 errors.push(at(
                     "",
-                    "a profile document must be a mapping with apiVersion, kind, metadata and spec".into(),
+                    "a profile document must be a mapping with apiVersion, kind, metadata and spec"
+                        .into(),
                 ));
             }
             continue;
         };
         match map.get("kind") {
-            Some(Value::String(k)) if k == "DeviceModel" => match typed::<DeviceModel>(file, text, index) {
-                Ok(mut m) => {
-                    m.set_source(source);
-                    docs.push(Document::DeviceModel(m));
+            Some(Value::String(k)) if k == "DeviceModel" => {
+                match typed::<DeviceModel>(file, text, index) {
+                    Ok(mut m) => {
+                        m.set_source(source);
+                        docs.push(Document::DeviceModel(m));
+                    }
+                    Err(e) => errors.push(e),
                 }
-                Err(e) => errors.push(e),
-            },
+            }
             Some(Value::String(k)) if k == "Device" => match typed::<Device>(file, text, index) {
                 Ok(mut d) => {
                     d.set_source(source);
@@ -61,9 +64,15 @@ pub fn parse_str(file: &str, text: &str) -> Result<Vec<Document>, Vec<ProfileErr
             },
             Some(other) => errors.push(at(
                 "kind",
-                format!("unknown kind {}, expected DeviceModel or Device", show(other)),
+                format!(
+                    "unknown kind {}, expected DeviceModel or Device",
+                    show(other)
+                ),
             )),
-            None => errors.push(at("", "missing field `kind`: expected DeviceModel or Device".into())),
+            None => errors.push(at(
+                "",
+                "missing field `kind`: expected DeviceModel or Device".into(),
+            )),
         }
     }
     if errors.is_empty() {
@@ -92,13 +101,30 @@ fn typed<T: DeserializeOwned>(file: &str, text: &str, index: usize) -> Result<T,
         });
     };
     serde_path_to_error::deserialize(de).map_err(|e| {
-        let fallback = e.path().to_string();
-        from_yaml_error(file, e.inner(), Some(fallback))
+        let tracked = e.path().to_string();
+        let mut error = from_yaml_error(file, e.inner(), Some(tracked.clone()));
+        // Values checked after they were read (ids, `try_from` enums) get the position and path
+        // of their parent from serde_norway; serde_path_to_error knows the field itself.
+        let deeper = tracked != "."
+            && looks_like_path(&tracked)
+            && tracked.len() > error.path.len()
+            && (error.path.is_empty()
+                || tracked.starts_with(&format!("{}.", error.path))
+                || tracked.starts_with(&format!("{}[", error.path)));
+        if deeper {
+            error.line = crate::source::line_of(text, index, &tracked).or(error.line);
+            error.path = tracked;
+        }
+        error
     })
 }
 
 /// Splits serde_norway's `"{path}: {message} at line L column C"` into its parts.
-pub(crate) fn from_yaml_error(file: &str, err: &serde_norway::Error, fallback_path: Option<String>) -> ProfileError {
+pub(crate) fn from_yaml_error(
+    file: &str,
+    err: &serde_norway::Error,
+    fallback_path: Option<String>,
+) -> ProfileError {
     let location = err.location();
     let mut message = err.to_string();
     if let Some(loc) = &location {
@@ -124,7 +150,11 @@ pub(crate) fn from_yaml_error(file: &str, err: &serde_norway::Error, fallback_pa
         .and_then(|r| r.split_once('`'))
         .map(|(f, _)| f.to_owned())
     {
-        path = if path.is_empty() { field } else { format!("{path}.{field}") };
+        path = if path.is_empty() {
+            field
+        } else {
+            format!("{path}.{field}")
+        };
     }
     ProfileError {
         file: file.to_owned(),

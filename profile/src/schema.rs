@@ -14,7 +14,10 @@ fn settings() -> SchemaSettings {
 }
 
 fn root_for<T: JsonSchema>() -> Value {
-    settings().into_generator().into_root_schema_for::<T>().to_value()
+    settings()
+        .into_generator()
+        .into_root_schema_for::<T>()
+        .to_value()
 }
 
 /// Schema of a `kind: DeviceModel` document.

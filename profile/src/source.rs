@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-
 /// Where a parsed document came from: the whole file text and the document's index in it.
 /// Not part of any document's value: it compares equal to every other `SourceDoc`.
 #[derive(Clone, Default)]
@@ -23,7 +22,10 @@ pub(crate) struct SourceDoc {
 
 impl SourceDoc {
     pub(crate) fn new(text: Arc<str>, index: usize) -> SourceDoc {
-        SourceDoc { text: Some(text), index }
+        SourceDoc {
+            text: Some(text),
+            index,
+        }
     }
 
     /// The 1-based line of `path` (or of its nearest existing parent) in this document.
@@ -78,7 +80,9 @@ const MARKER: &str = "\u{0}edgetwin-locate";
 /// The 1-based line of `path` in document `index` of `text`, falling back to its parents.
 pub(crate) fn line_of(text: &str, index: usize, path: &str) -> Option<usize> {
     let segs = segments(path);
-    (0..=segs.len()).rev().find_map(|n| locate(text, index, &segs[..n]))
+    (0..=segs.len())
+        .rev()
+        .find_map(|n| locate(text, index, &segs[..n]))
 }
 
 fn locate(text: &str, index: usize, segs: &[Seg]) -> Option<usize> {
@@ -183,7 +187,12 @@ impl<'de> Visitor<'de> for Walk<'_> {
         let mut i = 0;
         loop {
             if Some(i) == target {
-                if seq.next_element_seed(Locate { rest: &self.rest[1..] })?.is_none() {
+                if seq
+                    .next_element_seed(Locate {
+                        rest: &self.rest[1..],
+                    })?
+                    .is_none()
+                {
                     break;
                 }
             } else if seq.next_element::<IgnoredAny>()?.is_none() {
@@ -205,7 +214,9 @@ impl<'de> Visitor<'de> for Walk<'_> {
                 _ => false,
             };
             if matches {
-                map.next_value_seed(Locate { rest: &self.rest[1..] })?;
+                map.next_value_seed(Locate {
+                    rest: &self.rest[1..],
+                })?;
             } else {
                 map.next_value::<IgnoredAny>()?;
             }
@@ -216,7 +227,9 @@ impl<'de> Visitor<'de> for Walk<'_> {
         use de::VariantAccess;
         let (tag, variant) = data.variant::<String>()?;
         match self.rest.first() {
-            Some(Seg::Key(k)) if *k == tag => variant.newtype_variant_seed(Locate { rest: &self.rest[1..] }),
+            Some(Seg::Key(k)) if *k == tag => variant.newtype_variant_seed(Locate {
+                rest: &self.rest[1..],
+            }),
             _ => variant.newtype_variant::<IgnoredAny>().map(|_| ()),
         }
     }

@@ -97,7 +97,11 @@ pub(crate) fn validate_with(
                     file,
                     d.source(),
                     "metadata.name",
-                    format!("device {:?} is already defined at {}", d.id().as_str(), place(first_file, first.source())),
+                    format!(
+                        "device {:?} is already defined at {}",
+                        d.id().as_str(),
+                        place(first_file, first.source())
+                    ),
                 );
                 continue;
             }
@@ -108,7 +112,10 @@ pub(crate) fn validate_with(
             };
             if model.is_none() {
                 let why = match rejected_models.get(d.model_ref()) {
-                    Some(f) => format!("device model {:?} is defined in {f}, which has errors", d.model_ref()),
+                    Some(f) => format!(
+                        "device model {:?} is defined in {f}, which has errors",
+                        d.model_ref()
+                    ),
                     None => format!("unknown device model {:?}", d.model_ref()),
                 };
                 report.push(file, d.source(), "spec.deviceModelRef", why);
@@ -155,7 +162,10 @@ fn check_model(file: &str, m: &DeviceModel, report: &mut Report) {
             file,
             src,
             "spec.protocol",
-            format!("unknown protocol {protocol:?}: expected one of {}", KNOWN_PROTOCOLS.join(", ")),
+            format!(
+                "unknown protocol {protocol:?}: expected one of {}",
+                KNOWN_PROTOCOLS.join(", ")
+            ),
         );
     }
     let mut seen: HashMap<&str, usize> = HashMap::new();
@@ -167,7 +177,10 @@ fn check_model(file: &str, m: &DeviceModel, report: &mut Report) {
                 file,
                 src,
                 &at("name"),
-                format!("duplicate property {:?} (first at spec.properties[{first}])", p.name.as_str()),
+                format!(
+                    "duplicate property {:?} (first at spec.properties[{first}])",
+                    p.name.as_str()
+                ),
             );
         }
         let numeric = matches!(p.ty, PropertyType::Int | PropertyType::Float);
@@ -177,20 +190,38 @@ fn check_model(file: &str, m: &DeviceModel, report: &mut Report) {
                     file,
                     src,
                     &at(field),
-                    format!("{field} applies only to int and float properties, not {}", p.ty),
+                    format!(
+                        "{field} applies only to int and float properties, not {}",
+                        p.ty
+                    ),
                 ),
-                Some(b) if !b.is_finite() => report.push(file, src, &at(field), format!("{field} must be a finite number")),
+                Some(b) if !b.is_finite() => report.push(
+                    file,
+                    src,
+                    &at(field),
+                    format!("{field} must be a finite number"),
+                ),
                 _ => {}
             }
         }
         if let (Some(lo), Some(hi)) = (p.minimum, p.maximum) {
             if lo > hi {
-                report.push(file, src, &at("minimum"), format!("minimum {lo} is greater than maximum {hi}"));
+                report.push(
+                    file,
+                    src,
+                    &at("minimum"),
+                    format!("minimum {lo} is greater than maximum {hi}"),
+                );
             }
         }
         if let Some(v) = &p.default {
             if !p.ty.admits(v) {
-                report.push(file, src, &at("default"), format!("default {v} is not a {} value", p.ty));
+                report.push(
+                    file,
+                    src,
+                    &at("default"),
+                    format!("default {v} is not a {} value", p.ty),
+                );
             } else if let Some(x) = v.as_f64() {
                 if p.minimum.is_some_and(|lo| x < lo) || p.maximum.is_some_and(|hi| x > hi) {
                     report.push(
@@ -244,12 +275,23 @@ fn check_device(file: &str, d: &Device, model: Option<&DeviceModel>, report: &mu
                 file,
                 src,
                 &format!("{base}.name"),
-                format!("duplicate property {:?} (first at spec.properties[{first}])", p.name.as_str()),
+                format!(
+                    "duplicate property {:?} (first at spec.properties[{first}])",
+                    p.name.as_str()
+                ),
             );
         }
-        for (field, cycle) in [("collectCycle", p.collect_cycle), ("reportCycle", p.report_cycle)] {
+        for (field, cycle) in [
+            ("collectCycle", p.collect_cycle),
+            ("reportCycle", p.report_cycle),
+        ] {
             if cycle.is_some_and(|c| c.is_zero()) {
-                report.push(file, src, &format!("{base}.{field}"), format!("{field} must be greater than 0"));
+                report.push(
+                    file,
+                    src,
+                    &format!("{base}.{field}"),
+                    format!("{field} must be greater than 0"),
+                );
             }
         }
         let deadband = p.report_on_change.as_ref().and_then(|r| r.deadband);
@@ -292,7 +334,10 @@ fn check_device(file: &str, d: &Device, model: Option<&DeviceModel>, report: &mu
                 file,
                 src,
                 &format!("{base}.reportOnChange.deadband"),
-                format!("deadband applies only to int and float properties, not {}", mp.ty),
+                format!(
+                    "deadband applies only to int and float properties, not {}",
+                    mp.ty
+                ),
             );
         }
         if visitor_protocol != protocol {

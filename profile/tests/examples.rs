@@ -8,13 +8,32 @@ fn examples_profiles_are_valid() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/profiles");
     let (set, errors) = edgetwin_profile::load_dir(&dir);
     let shown: Vec<String> = errors.iter().map(ToString::to_string).collect();
-    assert!(errors.is_empty(), "example profiles have errors:\n{}", shown.join("\n"));
+    assert!(
+        errors.is_empty(),
+        "example profiles have errors:\n{}",
+        shown.join("\n")
+    );
     let models: Vec<&str> = set.models.keys().map(String::as_str).collect();
-    assert_eq!(models, ["co2-analyser", "ess-sensor", "power-meter", "tank-plc"]);
+    assert_eq!(
+        models,
+        ["co2-analyser", "ess-sensor", "power-meter", "tank-plc"]
+    );
     let devices: Vec<&str> = set.devices.keys().map(|d| d.as_str()).collect();
-    assert_eq!(devices, ["co2-lab-1", "cold-room-3", "meter-12", "meter-7", "tank-station-1"]);
+    assert_eq!(
+        devices,
+        [
+            "co2-lab-1",
+            "cold-room-3",
+            "meter-12",
+            "meter-7",
+            "tank-station-1"
+        ]
+    );
     for resolved in set.resolved() {
-        assert_eq!(resolved.protocol().as_str(), resolved.device.protocol_name());
+        assert_eq!(
+            resolved.protocol().as_str(),
+            resolved.device.protocol_name()
+        );
     }
     for file in std::fs::read_dir(&dir).unwrap() {
         let path = file.unwrap().path();

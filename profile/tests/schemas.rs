@@ -25,5 +25,8 @@ fn schemas_offer_one_of_the_two_documents_to_editors() {
     let schema = edgetwin_profile::schema::profile_schema();
     let one_of = schema["oneOf"].as_array().unwrap();
     assert_eq!(one_of.len(), 2);
-    assert_eq!(schema["definitions"]["DeviceModelKind"]["oneOf"][0]["const"], "DeviceModel");
+    assert_eq!(
+        schema["definitions"]["DeviceModelKind"]["oneOf"][0]["const"],
+        "DeviceModel"
+    );
 }

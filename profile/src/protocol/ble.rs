@@ -25,13 +25,21 @@ pub struct BleDevice {
 impl BleDevice {
     pub(crate) fn check(&self, out: &mut Issues) {
         match (&self.mac_address, &self.name) {
-            (None, None) => out.push((String::new(), "give `macAddress` or `name` to find the device".into())),
-            (Some(_), Some(_)) => out.push(("name".into(), "give either `macAddress` or `name`, not both".into())),
+            (None, None) => out.push((
+                String::new(),
+                "give `macAddress` or `name` to find the device".into(),
+            )),
+            (Some(_), Some(_)) => out.push((
+                "name".into(),
+                "give either `macAddress` or `name`, not both".into(),
+            )),
             (Some(mac), None) if !is_mac(mac) => out.push((
                 "macAddress".into(),
                 format!("{mac:?} is not a Bluetooth address like AA:BB:CC:DD:EE:FF"),
             )),
-            (None, Some(n)) if n.is_empty() => out.push(("name".into(), "name must not be empty".into())),
+            (None, Some(n)) if n.is_empty() => {
+                out.push(("name".into(), "name must not be empty".into()))
+            }
             _ => {}
         }
     }
@@ -39,18 +47,27 @@ impl BleDevice {
 
 fn is_mac(s: &str) -> bool {
     let parts: Vec<&str> = s.split(':').collect();
-    parts.len() == 6 && parts.iter().all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 /// Accepts a 16-bit (`2A6E`, `0x2A6E`), 32-bit or 128-bit (`0000181a-0000-1000-8000-00805f9b34fb`) UUID.
 pub(crate) fn is_uuid(s: &str) -> bool {
-    let short = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")).unwrap_or(s);
+    let short = s
+        .strip_prefix("0x")
+        .or_else(|| s.strip_prefix("0X"))
+        .unwrap_or(s);
     if (short.len() == 4 || short.len() == 8) && short.chars().all(|c| c.is_ascii_hexdigit()) {
         return true;
     }
     let groups: Vec<&str> = s.split('-').collect();
     groups.len() == 5
-        && groups.iter().zip([8, 4, 4, 4, 12]).all(|(g, n)| g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit()))
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 /// How the bytes of a characteristic value are decoded.
@@ -112,7 +129,11 @@ pub struct BleVisitor {
     #[serde(rename = "characteristicUUID")]
     pub characteristic_uuid: String,
     /// Service UUID, when the characteristic UUID is not unique on the device.
-    #[serde(rename = "serviceUUID", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "serviceUUID",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub service_uuid: Option<String>,
     /// How the value bytes are decoded.
     pub data_type: BleDataType,
@@ -135,23 +156,40 @@ impl BleVisitor {
         if !is_uuid(&self.characteristic_uuid) {
             out.push((
                 "characteristicUUID".into(),
-                format!("{:?} is not a UUID like 2A6E or 00002a6e-0000-1000-8000-00805f9b34fb", self.characteristic_uuid),
+                format!(
+                    "{:?} is not a UUID like 2A6E or 00002a6e-0000-1000-8000-00805f9b34fb",
+                    self.characteristic_uuid
+                ),
             ));
         }
         if let Some(s) = &self.service_uuid {
             if !is_uuid(s) {
-                out.push(("serviceUUID".into(), format!("{s:?} is not a UUID like 181A or 0000181a-0000-1000-8000-00805f9b34fb")));
+                out.push((
+                    "serviceUUID".into(),
+                    format!(
+                        "{s:?} is not a UUID like 181A or 0000181a-0000-1000-8000-00805f9b34fb"
+                    ),
+                ));
             }
         }
         if !self.scale.is_finite() || self.scale == 0.0 {
-            out.push(("scale".into(), "scale must be a finite number other than 0".into()));
+            out.push((
+                "scale".into(),
+                "scale must be a finite number other than 0".into(),
+            ));
         }
         if !self.value_offset.is_finite() {
-            out.push(("valueOffset".into(), "valueOffset must be a finite number".into()));
+            out.push((
+                "valueOffset".into(),
+                "valueOffset must be a finite number".into(),
+            ));
         }
         let dt = self.data_type;
         if !dt.is_numeric() && (self.scale != 1.0 || self.value_offset != 0.0) {
-            out.push(("scale".into(), format!("scale and valueOffset apply only to numbers, not dataType {dt:?}")));
+            out.push((
+                "scale".into(),
+                format!("scale and valueOffset apply only to numbers, not dataType {dt:?}"),
+            ));
         }
         let ok = match prop.ty {
             PropertyType::Boolean => dt == BleDataType::Bool,
@@ -162,11 +200,17 @@ impl BleVisitor {
         if !ok {
             out.push((
                 "dataType".into(),
-                format!("dataType {dt:?} cannot hold the model's {} property {:?}", prop.ty, prop.name.as_str()),
+                format!(
+                    "dataType {dt:?} cannot hold the model's {} property {:?}",
+                    prop.ty,
+                    prop.name.as_str()
+                ),
             ));
         } else if prop.ty == PropertyType::Int
-            && (matches!(dt, BleDataType::Float32 | BleDataType::Sfloat | BleDataType::Float)
-                || self.scale.fract() != 0.0
+            && (matches!(
+                dt,
+                BleDataType::Float32 | BleDataType::Sfloat | BleDataType::Float
+            ) || self.scale.fract() != 0.0
                 || self.value_offset.fract() != 0.0)
         {
             out.push((
@@ -186,7 +230,12 @@ mod tests {
 
     #[test]
     fn ble_uuid_accepts_short_and_full_forms() {
-        for good in ["2A6E", "0x2a19", "0000181a-0000-1000-8000-00805f9b34fb", "12345678"] {
+        for good in [
+            "2A6E",
+            "0x2a19",
+            "0000181a-0000-1000-8000-00805f9b34fb",
+            "12345678",
+        ] {
             assert!(is_uuid(good), "{good}");
         }
         for bad in ["", "2A6", "xyz1", "0000181a-0000-1000-8000-00805f9b34f"] {

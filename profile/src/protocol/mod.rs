@@ -180,7 +180,6 @@ macro_rules! small_int_enum {
     };
 }
 
-
 small_int_enum!(
     /// Data bits per character on a serial line (5 to 8).
     DataBits, "dataBits", Eight, [

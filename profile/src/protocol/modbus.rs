@@ -82,7 +82,10 @@ impl ModbusDevice {
                     Some(_) => {}
                 }
                 if self.serial_name.is_some() {
-                    out.push(("serialName".into(), "`serialName` is for communicateMode RTU, not TCP".into()));
+                    out.push((
+                        "serialName".into(),
+                        "`serialName` is for communicateMode RTU, not TCP".into(),
+                    ));
                 }
                 if self.port == 0 {
                     out.push(("port".into(), "port must not be 0".into()));
@@ -90,14 +93,20 @@ impl ModbusDevice {
             }
             CommunicateMode::Rtu => {
                 match &self.serial_name {
-                    None => out.push((String::new(), "communicateMode RTU needs `serialName`".into())),
+                    None => out.push((
+                        String::new(),
+                        "communicateMode RTU needs `serialName`".into(),
+                    )),
                     Some(p) if p.trim().is_empty() => {
                         out.push(("serialName".into(), "serialName must not be empty".into()))
                     }
                     Some(_) => {}
                 }
                 if self.ip.is_some() {
-                    out.push(("ip".into(), "`ip` is for communicateMode TCP, not RTU".into()));
+                    out.push((
+                        "ip".into(),
+                        "`ip` is for communicateMode TCP, not RTU".into(),
+                    ));
                 }
                 if self.baud_rate == 0 {
                     out.push(("baudRate".into(), "baudRate must be greater than 0".into()));
@@ -144,12 +153,18 @@ pub enum RegisterType {
 impl RegisterType {
     /// Whether this table holds single bits rather than 16-bit registers.
     pub fn is_bit(self) -> bool {
-        matches!(self, RegisterType::CoilRegister | RegisterType::DiscreteInputRegister)
+        matches!(
+            self,
+            RegisterType::CoilRegister | RegisterType::DiscreteInputRegister
+        )
     }
 
     /// Whether the master may write this table.
     pub fn is_writable(self) -> bool {
-        matches!(self, RegisterType::CoilRegister | RegisterType::HoldingRegister)
+        matches!(
+            self,
+            RegisterType::CoilRegister | RegisterType::HoldingRegister
+        )
     }
 }
 
@@ -269,20 +284,32 @@ impl ModbusVisitor {
         if self.register.is_bit() && dt != ModbusDataType::Bool {
             out.push((
                 "dataType".into(),
-                format!("{:?} holds single bits, so dataType must be bool, not {}", self.register, dt.as_str()),
+                format!(
+                    "{:?} holds single bits, so dataType must be bool, not {}",
+                    self.register,
+                    dt.as_str()
+                ),
             ));
         }
         match (self.limit, dt.register_count()) {
-            (None, None) => out.push((String::new(), "dataType string needs `limit` (registers to read)".into())),
+            (None, None) => out.push((
+                String::new(),
+                "dataType string needs `limit` (registers to read)".into(),
+            )),
             (Some(0), _) => out.push(("limit".into(), "limit must be at least 1".into())),
             (Some(l), _) if l > max => out.push((
                 "limit".into(),
                 format!("limit {l} is more than one Modbus read returns ({max} {unit})"),
             )),
-            (Some(l), Some(need)) if l != need && !(self.register.is_bit() && dt == ModbusDataType::Bool) => {
+            (Some(l), Some(need))
+                if l != need && !(self.register.is_bit() && dt == ModbusDataType::Bool) =>
+            {
                 out.push((
                     "limit".into(),
-                    format!("dataType {} needs limit {need} (registers), not {l}", dt.as_str()),
+                    format!(
+                        "dataType {} needs limit {need} (registers), not {l}",
+                        dt.as_str()
+                    ),
                 ))
             }
             (Some(l), Some(_)) if self.register.is_bit() && l != 1 => out.push((
@@ -294,26 +321,50 @@ impl ModbusVisitor {
         if u32::from(self.offset) + u32::from(self.register_count()) > 65536 {
             out.push((
                 "offset".into(),
-                format!("offset {} + limit {} runs past the last address 65535", self.offset, self.register_count()),
+                format!(
+                    "offset {} + limit {} runs past the last address 65535",
+                    self.offset,
+                    self.register_count()
+                ),
             ));
         }
-        if self.mask.is_some() && (self.register.is_bit() || !(dt.is_integer() || dt == ModbusDataType::Bool)) {
-            out.push(("mask".into(), "mask applies only to integer or bool values read from registers".into()));
+        if self.mask.is_some()
+            && (self.register.is_bit() || !(dt.is_integer() || dt == ModbusDataType::Bool))
+        {
+            out.push((
+                "mask".into(),
+                "mask applies only to integer or bool values read from registers".into(),
+            ));
         }
         if !self.scale.is_finite() || self.scale == 0.0 {
-            out.push(("scale".into(), "scale must be a finite number other than 0".into()));
+            out.push((
+                "scale".into(),
+                "scale must be a finite number other than 0".into(),
+            ));
         }
         if !self.value_offset.is_finite() {
-            out.push(("valueOffset".into(), "valueOffset must be a finite number".into()));
+            out.push((
+                "valueOffset".into(),
+                "valueOffset must be a finite number".into(),
+            ));
         }
         if !dt.is_numeric() {
             if self.scale != 1.0 {
-                out.push(("scale".into(), format!("scale applies only to numbers, not dataType {}", dt.as_str())));
+                out.push((
+                    "scale".into(),
+                    format!(
+                        "scale applies only to numbers, not dataType {}",
+                        dt.as_str()
+                    ),
+                ));
             }
             if self.value_offset != 0.0 {
                 out.push((
                     "valueOffset".into(),
-                    format!("valueOffset applies only to numbers, not dataType {}", dt.as_str()),
+                    format!(
+                        "valueOffset applies only to numbers, not dataType {}",
+                        dt.as_str()
+                    ),
                 ));
             }
         }
@@ -326,9 +377,16 @@ impl ModbusVisitor {
         if !ok {
             out.push((
                 "dataType".into(),
-                format!("dataType {} cannot hold the model's {} property {:?}", dt.as_str(), prop.ty, prop.name.as_str()),
+                format!(
+                    "dataType {} cannot hold the model's {} property {:?}",
+                    dt.as_str(),
+                    prop.ty,
+                    prop.name.as_str()
+                ),
             ));
-        } else if prop.ty == PropertyType::Int && (self.scale.fract() != 0.0 || self.value_offset.fract() != 0.0) {
+        } else if prop.ty == PropertyType::Int
+            && (self.scale.fract() != 0.0 || self.value_offset.fract() != 0.0)
+        {
             out.push((
                 "scale".into(),
                 format!(
@@ -340,7 +398,11 @@ impl ModbusVisitor {
         if prop.access_mode == AccessMode::ReadWrite && !self.register.is_writable() {
             out.push((
                 "register".into(),
-                format!("property {:?} is ReadWrite but {:?} is read-only", prop.name.as_str(), self.register),
+                format!(
+                    "property {:?} is ReadWrite but {:?} is read-only",
+                    prop.name.as_str(),
+                    self.register
+                ),
             ));
         }
     }

@@ -65,7 +65,10 @@ pub struct OpcuaDevice {
 impl OpcuaDevice {
     pub(crate) fn check(&self, out: &mut Issues) {
         if !self.url.starts_with("opc.tcp://") || self.url.len() <= "opc.tcp://".len() {
-            out.push(("url".into(), format!("url {:?} must look like opc.tcp://host:4840/path", self.url)));
+            out.push((
+                "url".into(),
+                format!("url {:?} must look like opc.tcp://host:4840/path", self.url),
+            ));
         }
         match (self.security_policy, self.security_mode) {
             (SecurityPolicy::None, SecurityMode::None) => {}
@@ -79,15 +82,24 @@ impl OpcuaDevice {
             )),
             _ => {
                 if self.certificate.is_none() {
-                    out.push((String::new(), "a secure channel needs `certificate` and `privateKey`".into()));
+                    out.push((
+                        String::new(),
+                        "a secure channel needs `certificate` and `privateKey`".into(),
+                    ));
                 }
             }
         }
         if self.certificate.is_some() != self.private_key.is_some() {
-            out.push((String::new(), "`certificate` and `privateKey` go together".into()));
+            out.push((
+                String::new(),
+                "`certificate` and `privateKey` go together".into(),
+            ));
         }
         if self.password.is_some() && self.password_file.is_some() {
-            out.push(("passwordFile".into(), "give either `password` or `passwordFile`, not both".into()));
+            out.push((
+                "passwordFile".into(),
+                "give either `password` or `passwordFile`, not both".into(),
+            ));
         }
         if (self.password.is_some() || self.password_file.is_some()) && self.user_name.is_none() {
             out.push((String::new(), "a password needs `userName`".into()));
@@ -164,7 +176,13 @@ mod tests {
 
     #[test]
     fn opcua_node_id_accepts_the_standard_forms() {
-        for good in ["ns=2;s=Temp", "i=2258", "ns=3;i=1001", "nsu=urn:x;s=A.B", "ns=1;g=09087e75-8e5e-499b-954f-f2a9603db28a"] {
+        for good in [
+            "ns=2;s=Temp",
+            "i=2258",
+            "ns=3;i=1001",
+            "nsu=urn:x;s=A.B",
+            "ns=1;g=09087e75-8e5e-499b-954f-f2a9603db28a",
+        ] {
             assert!(is_node_id(good), "{good}");
         }
         for bad in ["", "Temp", "ns=x;s=T", "ns=2;i=abc", "ns=2;q=1", "ns=2;s="] {

@@ -107,10 +107,15 @@ impl SerialVisitor {
             }
         }
         match &self.write {
-            Some(w) if !w.contains("{value}") => out.push(("write".into(), "write template needs `{value}`".into())),
+            Some(w) if !w.contains("{value}") => {
+                out.push(("write".into(), "write template needs `{value}`".into()))
+            }
             None if prop.access_mode == AccessMode::ReadWrite => out.push((
                 String::new(),
-                format!("property {:?} is ReadWrite, so it needs a `write` template", prop.name.as_str()),
+                format!(
+                    "property {:?} is ReadWrite, so it needs a `write` template",
+                    prop.name.as_str()
+                ),
             )),
             _ => {}
         }
