@@ -147,4 +147,16 @@ impl Device {
     pub(crate) fn set_source(&mut self, source: SourceDoc) {
         self.source = source;
     }
+
+    /// Writes out defaults that depend on other fields (a Modbus visitor's `limit`), so the
+    /// resolved device a mapper receives needs no knowledge of them.
+    pub(crate) fn fill_defaults(&mut self) {
+        for p in &mut self.spec.properties {
+            if let PropertyVisitor::Modbus(v) = &mut p.visitors {
+                if v.limit.is_none() {
+                    v.limit = Some(v.register_count());
+                }
+            }
+        }
+    }
 }

@@ -145,6 +145,65 @@ impl<'de> Visitor<'de> for Found {
     }
 }
 
+/// Reads a mapping key and tells whether it is the next path segment; when it is the last
+/// segment, fails on the key itself, so a field's line is the line of its key (in a block
+/// mapping the value starts on the next line).
+struct Key<'a> {
+    target: Option<&'a str>,
+    last: bool,
+}
+
+impl<'de> DeserializeSeed<'de> for Key<'_> {
+    type Value = bool;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl Key<'_> {
+    fn check<E: de::Error>(&self, key: &str) -> Result<bool, E> {
+        let matches = self.target == Some(key);
+        if matches && self.last {
+            return Err(E::custom(MARKER));
+        }
+        Ok(matches)
+    }
+}
+
+impl<'de> Visitor<'de> for Key<'_> {
+    type Value = bool;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a mapping key")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<bool, E> {
+        self.check(v)
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<bool, E> {
+        self.check(&v.to_string())
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<bool, E> {
+        self.check(&v.to_string())
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<bool, E> {
+        self.check(&v.to_string())
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<bool, E> {
+        self.check(&v.to_string())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(false)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(false)
+    }
+}
+
 /// Walks towards the target, ignoring everything beside the path.
 struct Walk<'a> {
     rest: &'a [Seg],
@@ -207,12 +266,8 @@ impl<'de> Visitor<'de> for Walk<'_> {
             Some(Seg::Key(k)) => Some(k.as_str()),
             _ => None,
         };
-        while let Some(key) = map.next_key::<serde_norway::Value>()? {
-            let matches = match (&key, target) {
-                (serde_norway::Value::String(k), Some(t)) => k == t,
-                (other, Some(t)) => serde_norway::to_string(other).is_ok_and(|s| s.trim_end() == t),
-                _ => false,
-            };
+        let last = self.rest.len() == 1;
+        while let Some(matches) = map.next_key_seed(Key { target, last })? {
             if matches {
                 map.next_value_seed(Locate {
                     rest: &self.rest[1..],
@@ -261,9 +316,15 @@ z: {w: 6}
     }
 
     #[test]
+    fn locator_gives_the_key_line_of_a_block_mapping_field() {
+        assert_eq!(line_of(DOC, 0, "b"), Some(2));
+        assert_eq!(line_of(DOC, 0, "b.e"), Some(4));
+    }
+
+    #[test]
     fn locator_falls_back_to_the_nearest_parent() {
         assert_eq!(line_of(DOC, 0, "b.e[1].missing"), Some(6));
-        assert_eq!(line_of(DOC, 0, "b.e[7].x"), Some(5));
+        assert_eq!(line_of(DOC, 0, "b.e[7].x"), Some(4));
     }
 
     #[test]

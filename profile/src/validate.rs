@@ -139,6 +139,7 @@ pub(crate) fn validate_with(
     }
     for d in set.devices.values_mut() {
         d.set_source(SourceDoc::default());
+        d.fill_defaults();
     }
     Ok(set)
 }

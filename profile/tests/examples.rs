@@ -29,6 +29,17 @@ fn examples_profiles_are_valid() {
             "tank-station-1"
         ]
     );
+    let relay = set.devices[&"meter-7".parse().unwrap()]
+        .property("relay")
+        .unwrap();
+    let edgetwin_profile::PropertyVisitor::Modbus(visitor) = &relay.visitors else {
+        panic!("not modbus")
+    };
+    assert_eq!(
+        visitor.limit,
+        Some(1),
+        "validated devices carry their default limit"
+    );
     for resolved in set.resolved() {
         assert_eq!(
             resolved.protocol().as_str(),

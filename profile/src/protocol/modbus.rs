@@ -244,7 +244,7 @@ pub struct ModbusVisitor {
     pub offset: u16,
     /// Number of registers (or bits) to read. Default: the width of `dataType` (1 for bool and
     /// 16-bit types, 2 for 32-bit, 4 for 64-bit); required for `string`. At most 125 registers or
-    /// 2000 bits.
+    /// 2000 bits. Validated devices (and so resolved devices) always carry it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u16>,
     /// How the registers are decoded.
