@@ -1,1 +1,159 @@
-fn main(){}
+//! `edgetwin`: the node daemon (`serve`) and the field engineer's tools (`twin`, `device`).
+
+mod cli;
+mod clock;
+mod config;
+mod embedded_broker;
+mod http;
+mod metrics;
+mod registry;
+mod serve;
+mod twin_service;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// edgetwin: the edge node daemon and its command-line tools.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node (embedded broker, twin service, HTTP metrics).
+    Serve {
+        /// Node config YAML; without it the embedded default runs (broker :1883, HTTP :8080,
+        /// data in ./edgetwin-data, profiles from ./devices).
+        #[arg(long, env = "EDGETWIN_CONFIG")]
+        config: Option<PathBuf>,
+        /// Print the effective config as YAML and exit.
+        #[arg(long)]
+        print_config: bool,
+    },
+    /// Read and write device twins on a node.
+    Twin {
+        #[command(subcommand)]
+        command: TwinCommand,
+    },
+    /// Check and manage device profiles.
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TwinCommand {
+    /// Print a device's twin document.
+    Get {
+        /// Device name.
+        device: String,
+        #[command(flatten)]
+        broker: cli::BrokerArgs,
+    },
+    /// Set desired properties: `prop=value ...` or one JSON object; waits for the node's verdict.
+    Set {
+        /// Device name.
+        device: String,
+        /// `prop=value` pairs (values are JSON, else strings) or one JSON merge patch.
+        #[arg(required = true)]
+        patch: Vec<String>,
+        #[command(flatten)]
+        broker: cli::BrokerArgs,
+    },
+    /// Print every twin message of a device as it happens.
+    Watch {
+        /// Device name.
+        device: String,
+        #[command(flatten)]
+        broker: cli::BrokerArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// Check profile files locally; prints every error with file, line and field path.
+    Validate {
+        /// Profile YAML files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Send profile files to a node; all are applied or none.
+    Apply {
+        /// Profile YAML files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        broker: cli::BrokerArgs,
+    },
+    /// List the devices registered on a node.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        broker: cli::BrokerArgs,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("EDGETWIN_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve {
+            config,
+            print_config,
+        } => {
+            let cfg = match &config {
+                Some(path) => config::NodeConfig::load(path)?,
+                None => config::NodeConfig::default(),
+            };
+            if print_config {
+                print!("{}", serde_norway::to_string(&cfg)?);
+                return Ok(());
+            }
+            serve::serve(cfg).await
+        }
+        Command::Twin { command } => match command {
+            TwinCommand::Get { device, broker } => cli::twin_get(&device, &broker).await,
+            TwinCommand::Set {
+                device,
+                patch,
+                broker,
+            } => cli::twin_set(&device, &patch, &broker).await,
+            TwinCommand::Watch { device, broker } => cli::twin_watch(&device, &broker).await,
+        },
+        Command::Device { command } => match command {
+            DeviceCommand::Validate { files } => cli::device_validate(&files),
+            DeviceCommand::Apply { files, broker } => cli::device_apply(&files, &broker).await,
+            DeviceCommand::List { json, broker } => cli::device_list(&broker, json).await,
+        },
+    }
+}

@@ -1,0 +1,209 @@
+//! Node configuration: a YAML file with `deny_unknown_fields`, every field defaulted so that an empty
+//! file (or no file) is the embedded default of shared/DESIGN.md §6.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use edgetwin_contract::NodeId;
+use serde::{Deserialize, Serialize};
+
+/// The whole node configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// This node's id; names the node upstream (`edgetwin/{node}/...`). Default `edgetwin-node`.
+    pub node_id: NodeId,
+    /// Where the twin store and applied profiles live. Default `./edgetwin-data`.
+    pub data_dir: PathBuf,
+    /// Folder of device profile YAML files, watched for changes. Default `./devices` (used only if present).
+    pub devices_dir: PathBuf,
+    /// How often the devices folder is rescanned for changes, in milliseconds. Default 2000.
+    pub devices_scan_interval_ms: u64,
+    /// The embedded MQTT broker.
+    pub mqtt: MqttConfig,
+    /// The HTTP endpoint (`/metrics`, `/healthz`, `/readyz`).
+    pub http: HttpConfig,
+    /// The twin service.
+    pub twin: TwinConfig,
+}
+
+/// The embedded broker's listeners and limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// MQTT 3.1.1 listener. Default `0.0.0.0:1883`.
+    pub listen: SocketAddr,
+    /// MQTT 5 listener; rumqttd serves each protocol version on its own port. Default
+    /// `0.0.0.0:1884`; `null` disables it.
+    pub listen_v5: Option<SocketAddr>,
+    /// Largest accepted MQTT payload in bytes. Default 262144 (256 KiB).
+    pub max_payload_bytes: usize,
+    /// Most concurrent client connections. Default 10000.
+    pub max_connections: usize,
+    /// Most unacknowledged QoS 1/2 messages in flight per client. Default 100.
+    pub max_inflight_messages: usize,
+    /// How long a new TCP connection may take to send CONNECT, in milliseconds. Default 5000.
+    pub connect_timeout_ms: u16,
+}
+
+/// The HTTP endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Listen address. Default `0.0.0.0:8080`.
+    pub listen: SocketAddr,
+}
+
+/// Twin service limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TwinConfig {
+    /// Most messages folded into one store commit (group commit). Default 1024.
+    pub max_batch: usize,
+    /// Most properties in one patch. Default 256.
+    pub max_properties_per_patch: usize,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            node_id: NodeId::new("edgetwin-node").expect("constant id is valid"),
+            data_dir: PathBuf::from("./edgetwin-data"),
+            devices_dir: PathBuf::from("./devices"),
+            devices_scan_interval_ms: 2000,
+            mqtt: MqttConfig::default(),
+            http: HttpConfig::default(),
+            twin: TwinConfig::default(),
+        }
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            listen_v5: Some(SocketAddr::from(([0, 0, 0, 0], 1884))),
+            max_payload_bytes: 256 * 1024,
+            max_connections: 10_000,
+            max_inflight_messages: 100,
+            connect_timeout_ms: 5000,
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+        }
+    }
+}
+
+impl Default for TwinConfig {
+    fn default() -> Self {
+        TwinConfig {
+            max_batch: 1024,
+            max_properties_per_patch: 256,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Reads and checks a config file; errors name the file, line and field.
+    pub fn load(path: &Path) -> anyhow::Result<NodeConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        Self::parse(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
+    }
+
+    /// Parses config text (empty text is the default config).
+    pub fn parse(text: &str) -> Result<NodeConfig, String> {
+        if text.trim().is_empty() {
+            return Ok(NodeConfig::default());
+        }
+        let de = serde_norway::Deserializer::from_str(text);
+        let cfg: NodeConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let line = inner
+                .location()
+                .map(|l| format!("line {}: ", l.line()))
+                .unwrap_or_default();
+            format!("{line}{path}: {inner}")
+        })?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let mut errors = Vec::new();
+        if self.twin.max_batch == 0 {
+            errors.push("twin.max_batch: must be at least 1".to_string());
+        }
+        if self.twin.max_properties_per_patch == 0 {
+            errors.push("twin.max_properties_per_patch: must be at least 1".to_string());
+        }
+        if self.mqtt.max_payload_bytes < 1024 {
+            errors.push("mqtt.max_payload_bytes: must be at least 1024".to_string());
+        }
+        if self.devices_scan_interval_ms < 100 {
+            errors.push("devices_scan_interval_ms: must be at least 100".to_string());
+        }
+        if Some(self.mqtt.listen) == self.mqtt.listen_v5 {
+            errors.push("mqtt.listen_v5: must differ from mqtt.listen".to_string());
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    /// The redb file of the twin store.
+    pub fn twin_store_path(&self) -> PathBuf {
+        self.data_dir.join("twins.redb")
+    }
+
+    /// Where profiles sent by `edgetwin device apply` are kept, so they survive a restart.
+    pub fn applied_profiles_dir(&self) -> PathBuf {
+        self.data_dir.join("applied-profiles")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_empty_text_is_the_embedded_default() {
+        let cfg = NodeConfig::parse("").expect("empty config is valid");
+        assert_eq!(cfg.mqtt.listen.port(), 1883);
+        assert_eq!(cfg.http.listen.port(), 8080);
+        assert_eq!(cfg.data_dir, PathBuf::from("./edgetwin-data"));
+    }
+
+    #[test]
+    fn config_rejects_unknown_field_with_line_and_path() {
+        let err = NodeConfig::parse("mqtt:\n  listen: 127.0.0.1:1\n  lisen_v5: x\n")
+            .expect_err("unknown field");
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("lisen_v5"), "{err}");
+    }
+
+    #[test]
+    fn config_rejects_invalid_node_id() {
+        let err = NodeConfig::parse("node_id: a/b\n").expect_err("bad id");
+        assert!(err.contains("node_id"), "{err}");
+    }
+
+    #[test]
+    fn config_reports_every_range_error_at_once() {
+        let err = NodeConfig::parse("twin: {max_batch: 0, max_properties_per_patch: 0}\n")
+            .expect_err("bad");
+        assert!(
+            err.contains("max_batch") && err.contains("max_properties_per_patch"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,448 @@
+//! The device registry: profile YAML from the devices folder (rescanned for changes) and from
+//! `edgetwin device apply` (kept under the data dir so applied devices survive a restart).
+//!
+//! A file with any error is rejected whole and whatever that file defined before stays loaded,
+//! so a typo in one file never unregisters devices. Every accepted change is handed to the twin
+//! service as a complete [`ProfileSet`].
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use edgetwin_contract::{ApplyRequest, ApplyResult, ListRequest, ListResult, ListedDevice, Topic};
+use edgetwin_profile::{Document, ProfileError, ProfileSet};
+use rumqttd::local::LinkTx;
+use rumqttd::Forward;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::metrics::Metrics;
+use crate::twin_service::RegistryUpdate;
+
+/// One profile file as last accepted.
+#[derive(Clone)]
+struct Accepted {
+    text: String,
+    docs: Vec<Document>,
+}
+
+/// Profile files currently loaded, by a key that names where they came from.
+pub struct Registry {
+    devices_dir: PathBuf,
+    applied_dir: PathBuf,
+    accepted: BTreeMap<String, Accepted>,
+    /// Files that failed last time, with the text that failed, so the error is logged once.
+    rejected: BTreeMap<String, (String, Vec<String>)>,
+    current: ProfileSet,
+    metrics: Arc<Metrics>,
+}
+
+impl Registry {
+    /// An empty registry over the two folders.
+    pub fn new(devices_dir: PathBuf, applied_dir: PathBuf, metrics: Arc<Metrics>) -> Registry {
+        Registry {
+            devices_dir,
+            applied_dir,
+            accepted: BTreeMap::new(),
+            rejected: BTreeMap::new(),
+            current: ProfileSet::default(),
+            metrics,
+        }
+    }
+
+    /// Rescans both folders; returns the new set if anything changed.
+    pub fn scan(&mut self) -> Option<ProfileSet> {
+        let mut on_disk: BTreeMap<String, String> = BTreeMap::new();
+        for dir in [&self.devices_dir, &self.applied_dir] {
+            for path in yaml_files(dir) {
+                match std::fs::read_to_string(&path) {
+                    Ok(text) => {
+                        on_disk.insert(path.display().to_string(), text);
+                    }
+                    Err(e) => warn!(file = %path.display(), error = %e, "cannot read profile file"),
+                }
+            }
+        }
+        let unchanged = on_disk.len() == self.accepted.len()
+            && on_disk
+                .iter()
+                .all(|(k, t)| self.accepted.get(k).is_some_and(|a| &a.text == t));
+        if unchanged {
+            return None;
+        }
+        let (next, errors) = self.merge(on_disk.into_iter().collect());
+        for (file, text, errs) in errors {
+            let seen = self.rejected.get(&file).is_some_and(|(t, _)| *t == text);
+            if !seen {
+                self.metrics.profile_errors.inc();
+                for e in &errs {
+                    error!(file = %file, "profile rejected: {e}");
+                }
+                self.rejected.insert(file, (text, errs));
+            }
+        }
+        self.install(next)
+    }
+
+    /// Validates files to add or replace (by key) against everything else loaded; on success
+    /// returns the would-be accepted map.
+    fn merge(
+        &self,
+        files: Vec<(String, String)>,
+    ) -> (
+        BTreeMap<String, Accepted>,
+        Vec<(String, String, Vec<String>)>,
+    ) {
+        let mut next: BTreeMap<String, Accepted> = BTreeMap::new();
+        let mut errors = Vec::new();
+        let keys: HashSet<&String> = files.iter().map(|(k, _)| k).collect();
+        // Files removed from disk are dropped; files still present are re-parsed if changed.
+        for (key, text) in &files {
+            if let Some(a) = self.accepted.get(key).filter(|a| &a.text == text) {
+                next.insert(key.clone(), a.clone());
+                continue;
+            }
+            match edgetwin_profile::parse_str(key, text) {
+                Ok(docs) => {
+                    next.insert(
+                        key.clone(),
+                        Accepted {
+                            text: text.clone(),
+                            docs,
+                        },
+                    );
+                }
+                Err(errs) => {
+                    errors.push((
+                        key.clone(),
+                        text.clone(),
+                        errs.iter().map(ToString::to_string).collect(),
+                    ));
+                    if let Some(old) = self.accepted.get(key) {
+                        next.insert(key.clone(), old.clone());
+                    }
+                }
+            }
+        }
+        let _ = keys;
+        // Cross-file validation; a file at fault falls back to what it was before, until the
+        // whole set is consistent (bounded: each round removes at least one file's change).
+        for _ in 0..=next.len() {
+            let docs: Vec<(String, Vec<Document>)> = next
+                .iter()
+                .map(|(k, a)| (k.clone(), a.docs.clone()))
+                .collect();
+            match edgetwin_profile::validate(&docs, &BTreeMap::new()) {
+                Ok(_) => break,
+                Err(errs) => {
+                    let mut by_file: BTreeMap<String, Vec<String>> = BTreeMap::new();
+                    for e in &errs {
+                        by_file.entry(file_of(e)).or_default().push(e.to_string());
+                    }
+                    for (file, msgs) in by_file {
+                        let text = next.get(&file).map(|a| a.text.clone()).unwrap_or_default();
+                        match self.accepted.get(&file) {
+                            Some(old) if old.text != text => {
+                                next.insert(file.clone(), old.clone());
+                            }
+                            _ => {
+                                next.remove(&file);
+                            }
+                        }
+                        errors.push((file, text, msgs));
+                    }
+                }
+            }
+        }
+        (next, errors)
+    }
+
+    fn install(&mut self, next: BTreeMap<String, Accepted>) -> Option<ProfileSet> {
+        let docs: Vec<(String, Vec<Document>)> = next
+            .iter()
+            .map(|(k, a)| (k.clone(), a.docs.clone()))
+            .collect();
+        let set = match edgetwin_profile::validate(&docs, &BTreeMap::new()) {
+            Ok(set) => set,
+            Err(errs) => {
+                for e in errs {
+                    error!("profile set inconsistent, keeping the previous one: {e}");
+                }
+                return None;
+            }
+        };
+        self.rejected
+            .retain(|k, (t, _)| next.get(k).is_none_or(|a| a.text != *t));
+        self.accepted = next;
+        self.metrics.profile_files.set(self.accepted.len() as i64);
+        if set == self.current {
+            return None;
+        }
+        info!(
+            models = set.models.len(),
+            devices = set.devices.len(),
+            files = self.accepted.len(),
+            "device registry updated"
+        );
+        self.current = set.clone();
+        Some(set)
+    }
+
+    /// Applies profile files sent by `edgetwin device apply`: all valid or nothing written.
+    pub fn apply(&mut self, req: &ApplyRequest) -> Result<ProfileSet, Vec<String>> {
+        let mut errors = Vec::new();
+        let mut staged = Vec::new();
+        for f in &req.files {
+            let Some(name) = safe_file_name(&f.name) else {
+                errors.push(format!("{}: file name must end in .yaml or .yml", f.name));
+                continue;
+            };
+            let key = self.applied_dir.join(&name).display().to_string();
+            match edgetwin_profile::parse_str(&f.name, &f.content) {
+                Ok(_) => staged.push((key, name, f.content.clone())),
+                Err(errs) => errors.extend(errs.iter().map(ToString::to_string)),
+            }
+        }
+        if !errors.is_empty() {
+            self.metrics.profile_errors.inc();
+            return Err(errors);
+        }
+        let mut files: Vec<(String, String)> = self
+            .accepted
+            .iter()
+            .map(|(k, a)| (k.clone(), a.text.clone()))
+            .collect();
+        for (key, _, text) in &staged {
+            files.retain(|(k, _)| k != key);
+            files.push((key.clone(), text.clone()));
+        }
+        let (next, errs) = self.merge(files);
+        let staged_keys: HashSet<&String> = staged.iter().map(|(k, _, _)| k).collect();
+        let relevant: Vec<String> = errs
+            .into_iter()
+            .filter(|(k, _, _)| staged_keys.contains(k))
+            .flat_map(|(_, _, m)| m)
+            .collect();
+        if !relevant.is_empty() {
+            self.metrics.profile_errors.inc();
+            return Err(relevant);
+        }
+        for (key, name, text) in &staged {
+            if let Err(e) = write_atomically(&self.applied_dir, name, text) {
+                return Err(vec![format!("{key}: cannot store applied profile: {e:#}")]);
+            }
+        }
+        self.install(next);
+        Ok(self.current.clone())
+    }
+
+    /// The registered devices, for `edgetwin device list`.
+    pub fn list(&self, id: String) -> ListResult {
+        let mut devices = Vec::new();
+        for (file, a) in &self.accepted {
+            for doc in &a.docs {
+                if let Document::Device(d) = doc {
+                    if let Some(dev) = self.current.devices.get(d.id()) {
+                        let model = dev.model_ref().to_string();
+                        let protocol = match self.current.models.get(&model) {
+                            Some(m) => m.protocol().clone(),
+                            None => continue,
+                        };
+                        devices.push(ListedDevice {
+                            name: d.id().clone(),
+                            model,
+                            protocol,
+                            file: file.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        devices.sort_by(|a, b| a.name.cmp(&b.name));
+        let errors = self
+            .rejected
+            .values()
+            .flat_map(|(_, e)| e.clone())
+            .collect();
+        ListResult {
+            id,
+            devices,
+            errors,
+        }
+    }
+}
+
+fn file_of(e: &ProfileError) -> String {
+    e.file.to_string()
+}
+
+fn yaml_files(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    out.sort();
+    out
+}
+
+fn safe_file_name(name: &str) -> Option<String> {
+    let base = Path::new(name).file_name()?.to_str()?;
+    let clean: String = base
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    (clean.ends_with(".yaml") || clean.ends_with(".yml")).then_some(clean)
+}
+
+fn write_atomically(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let dest = dir.join(name);
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+    f.write_all(text.as_bytes())
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &dest).with_context(|| format!("rename to {}", dest.display()))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Runs the registry: periodic rescans, apply and list requests from the broker.
+pub async fn run(
+    mut registry: Registry,
+    mut link_tx: LinkTx,
+    mut requests: mpsc::Receiver<Forward>,
+    updates: mpsc::Sender<RegistryUpdate>,
+    scan_interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(scan_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {
+                if let Some(set) = registry.scan() {
+                    if updates.send(RegistryUpdate { set, done: None }).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            Some(f) = requests.recv() => {
+                let topic = String::from_utf8_lossy(&f.publish.topic).into_owned();
+                match Topic::parse(&topic) {
+                    Some(Topic::DevicesApply) => {
+                        let result = handle_apply(&mut registry, &f.publish.payload, &updates).await;
+                        publish(&mut link_tx, Topic::DevicesApplyResult, &result);
+                    }
+                    Some(Topic::DevicesList) => {
+                        let id = serde_json::from_slice::<ListRequest>(&f.publish.payload)
+                            .map(|r| r.id)
+                            .unwrap_or_default();
+                        let result = registry.list(id);
+                        publish(&mut link_tx, Topic::DevicesListResult, &result);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+async fn handle_apply(
+    registry: &mut Registry,
+    payload: &[u8],
+    updates: &mpsc::Sender<RegistryUpdate>,
+) -> ApplyResult {
+    let req: ApplyRequest = match serde_json::from_slice(payload) {
+        Ok(r) => r,
+        Err(e) => {
+            return ApplyResult {
+                id: String::new(),
+                ok: false,
+                errors: vec![format!("node/devices/apply: malformed request: {e}")],
+                devices: vec![],
+            }
+        }
+    };
+    let names: Vec<String> = req.files.iter().map(|f| f.name.clone()).collect();
+    match registry.apply(&req) {
+        Err(errors) => ApplyResult {
+            id: req.id,
+            ok: false,
+            errors,
+            devices: vec![],
+        },
+        Ok(set) => {
+            let (tx, rx) = oneshot::channel();
+            let devices: Vec<String> = set.devices.keys().map(ToString::to_string).collect();
+            if updates
+                .send(RegistryUpdate {
+                    set,
+                    done: Some(tx),
+                })
+                .await
+                .is_err()
+            {
+                return ApplyResult {
+                    id: req.id,
+                    ok: false,
+                    errors: vec!["node is shutting down".into()],
+                    devices: vec![],
+                };
+            }
+            match rx.await {
+                Ok(Ok(())) => {
+                    info!(files = ?names, "profiles applied");
+                    ApplyResult {
+                        id: req.id,
+                        ok: true,
+                        errors: vec![],
+                        devices,
+                    }
+                }
+                Ok(Err(e)) => ApplyResult {
+                    id: req.id,
+                    ok: false,
+                    errors: vec![format!(
+                        "stored profile but twins could not be created: {e:#}"
+                    )],
+                    devices: vec![],
+                },
+                Err(_) => ApplyResult {
+                    id: req.id,
+                    ok: false,
+                    errors: vec!["node is shutting down".into()],
+                    devices: vec![],
+                },
+            }
+        }
+    }
+}
+
+fn publish<T: serde::Serialize>(link_tx: &mut LinkTx, topic: Topic, value: &T) {
+    let payload = match serde_json::to_vec(value) {
+        Ok(p) => p,
+        Err(e) => return error!(error = %e, "cannot encode registry reply"),
+    };
+    if let Err(e) = link_tx.publish(topic.to_topic_string(), payload) {
+        warn!(error = %e, "cannot publish registry reply");
+    }
+}

@@ -1,0 +1,139 @@
+//! `edgetwin serve`: starts every part of the node in order and stops them in reverse order.
+//!
+//! Start: store (load twins) → broker listeners → twin service (subscribed before any client can
+//! publish to it) → registry (publishes devices, twins, assignments) → HTTP → ready.
+//! Stop (SIGTERM/SIGINT): not ready → stop registry and intake → the twin service drains what it
+//! already received and commits it → exit (rumqttd's threads end with the process).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use edgetwin_devicetwin::store::TwinStore;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::config::NodeConfig;
+use crate::embedded_broker::EmbeddedBroker;
+use crate::http::{self, HttpState};
+use crate::metrics::Metrics;
+use crate::registry::{self, Registry};
+use crate::twin_service::{self, RegistryUpdate, TwinService, TwinServiceConfig};
+
+/// Runs the node until SIGTERM/SIGINT.
+pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let ready = Arc::new(AtomicBool::new(false));
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
+    let store_path = cfg.twin_store_path();
+    let (store, twins, quarantined) = TwinStore::open(&store_path)
+        .with_context(|| format!("cannot open twin store {}", store_path.display()))?;
+    for q in &quarantined {
+        warn!(record = ?q, "twin store record quarantined");
+    }
+    metrics.store_quarantined.set(quarantined.len() as i64);
+    info!(twins = twins.len(), path = %store_path.display(), "twin store opened");
+    let store = Arc::new(store);
+
+    let broker = EmbeddedBroker::start(&cfg.mqtt).await?;
+    info!(v4 = %cfg.mqtt.listen, v5 = ?cfg.mqtt.listen_v5, "embedded MQTT broker listening");
+
+    let (twin_tx, twin_rx) = broker.link("edgetwin-twin")?;
+    let twin_in = twin_service::spawn_link_reader(twin_rx, 65_536, shutdown.clone(), &tracker);
+    let mut service = TwinService::new(
+        twin_tx,
+        store,
+        twins,
+        metrics.clone(),
+        TwinServiceConfig {
+            max_batch: cfg.twin.max_batch,
+            max_properties_per_patch: cfg.twin.max_properties_per_patch,
+        },
+    )?;
+
+    let mut reg = Registry::new(
+        cfg.devices_dir.clone(),
+        cfg.applied_profiles_dir(),
+        metrics.clone(),
+    );
+    if let Some(set) = reg.scan() {
+        service.apply_registry_now(set).await?;
+    }
+
+    let (reg_tx, reg_rx) = mpsc::channel::<RegistryUpdate>(16);
+    let service_shutdown = CancellationToken::new();
+    let service_task = tokio::spawn(service.run(twin_in, reg_rx, service_shutdown.clone()));
+
+    let (mut reg_link_tx, reg_link_rx) = broker.link("edgetwin-registry")?;
+    for f in ["node/devices/apply", "node/devices/list"] {
+        reg_link_tx
+            .subscribe(f)
+            .with_context(|| format!("registry cannot subscribe {f}"))?;
+    }
+    let reg_in = twin_service::spawn_link_reader(reg_link_rx, 64, shutdown.clone(), &tracker);
+    tracker.spawn(registry::run(
+        reg,
+        reg_link_tx,
+        reg_in,
+        reg_tx,
+        Duration::from_millis(cfg.devices_scan_interval_ms),
+        shutdown.clone(),
+    ));
+
+    let http_server = http::bind(
+        cfg.http.listen,
+        HttpState {
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+        },
+        shutdown.clone(),
+    )
+    .await?;
+    tracker.spawn(async move {
+        if let Err(e) = http_server.await {
+            error!(error = %e, "HTTP server failed");
+        }
+    });
+    info!(http = %cfg.http.listen, node = %cfg.node_id, "node ready");
+    ready.store(true, Ordering::Release);
+
+    wait_for_signal().await?;
+    info!("shutting down");
+    ready.store(false, Ordering::Release);
+    shutdown.cancel();
+    tracker.close();
+    // The twin service stops after intake has stopped, so it commits everything it received.
+    if tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!("background tasks did not stop within 10 s");
+    }
+    service_shutdown.cancel();
+    match tokio::time::timeout(Duration::from_secs(20), service_task).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => error!(error = %e, "twin service failed while stopping"),
+        Ok(Err(e)) => error!(error = %e, "twin service panicked"),
+        Err(_) => error!("twin service did not finish its final commit within 20 s"),
+    }
+    info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+    }
+    Ok(())
+}

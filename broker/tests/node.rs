@@ -1,0 +1,265 @@
+//! The node as an operator and a field engineer see it: HTTP endpoints, start-up errors, shutdown,
+//! the device registry and the CLI.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+#[test]
+fn node_serves_health_ready_and_openmetrics() {
+    let node = Node::start(&["n-1"]);
+    assert_eq!(node.http_get("/healthz").unwrap().0, 200);
+    assert_eq!(node.http_get("/readyz").unwrap().0, 200);
+    let m = node.metrics();
+    for name in [
+        "edgetwin_twin_updates_accepted_total",
+        "edgetwin_twin_updates_rejected_total",
+        "edgetwin_store_commit_duration_seconds",
+        "edgetwin_twin_delta_latency_seconds",
+        "edgetwin_devices{status=\"unknown\"} 1",
+    ] {
+        assert!(m.contains(name), "{name} missing from:\n{m}");
+    }
+    node.pub_("dt/n-1/desired", r#"{"setpoint": 10}"#);
+    node.twin_until("n-1", |t| t["desired"]["setpoint"] == 10);
+    let m = node.metrics();
+    assert!(
+        m.contains("edgetwin_twin_updates_accepted_total{side=\"desired\",source=\"local\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("edgetwin_store_commit_duration_seconds_count"),
+        "{m}"
+    );
+}
+
+#[test]
+fn node_fails_start_with_clear_error_when_port_is_taken() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("node.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir: {}\nmqtt: {{listen: 127.0.0.1:{port}, listen_v5: null}}\nhttp: {{listen: 127.0.0.1:{}}}\n",
+            dir.path().join("data").display(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let out = run(Command::new(env!("CARGO_BIN_EXE_edgetwin"))
+        .args(["serve", "--config"])
+        .arg(&cfg));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("127.0.0.1:{port}")) && err.contains("cannot listen"),
+        "{err}"
+    );
+}
+
+#[test]
+fn node_rejects_config_with_unknown_field_naming_line_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("node.yaml");
+    std::fs::write(&cfg, "mqtt:\n  listen: 127.0.0.1:1\n  max_payload: 5\n").unwrap();
+    let out = run(Command::new(env!("CARGO_BIN_EXE_edgetwin"))
+        .args(["serve", "--config"])
+        .arg(&cfg));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("node.yaml") && err.contains("line 3") && err.contains("max_payload"),
+        "{err}"
+    );
+}
+
+#[test]
+fn node_exits_cleanly_on_sigterm() {
+    let mut node = Node::start(&["n-2"]);
+    let status = node.stop();
+    assert!(status.success(), "exit {status}:\n{}", node.log());
+    assert!(node.log().contains("store flushed"), "{}", node.log());
+}
+
+#[test]
+fn registry_picks_up_added_device_file_and_publishes_assignment() {
+    let node = Node::start(&["r-1"]);
+    std::fs::write(node.devices_dir().join("more.yaml"), device_yaml("r-2")).unwrap();
+    let msgs = node.probe(&["mappers/modbus/devices/r-2"], &[], 1);
+    let resolved = payload(&msgs[0]);
+    assert_eq!(resolved["device"]["metadata"]["name"], "r-2");
+    assert_eq!(resolved["model"]["metadata"]["name"], "thermostat");
+    // A later subscriber gets it as a retained message.
+    let again = node.probe(&["mappers/modbus/devices/r-2"], &[], 1);
+    assert_eq!(again[0]["retain"], true);
+    node.twin("r-2");
+}
+
+#[test]
+fn registry_keeps_loaded_devices_when_a_file_turns_bad() {
+    let node = Node::start(&["r-3"]);
+    let file = node.devices_dir().join("thermostats.yaml");
+    let good = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(
+        &file,
+        good.replace("accessMode: ReadWrite", "accessMode: Sometimes"),
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    assert!(node.log().contains("profile rejected"), "{}", node.log());
+    // The device is still served.
+    node.pub_("dt/r-3/desired", r#"{"setpoint": 11}"#);
+    node.twin_until("r-3", |t| t["desired"]["setpoint"] == 11);
+    assert!(node.metrics().contains("edgetwin_profile_errors_total 1"));
+}
+
+#[test]
+fn registry_removing_a_device_clears_its_retained_messages() {
+    let node = Node::start(&["r-4"]);
+    std::fs::write(node.devices_dir().join("extra.yaml"), device_yaml("r-5")).unwrap();
+    node.twin("r-5");
+    std::fs::remove_file(node.devices_dir().join("extra.yaml")).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let msgs = probe(
+            node.port,
+            false,
+            &["dt/r-5/twin"],
+            &[],
+            0,
+            &["--timeout", "0.5"],
+        );
+        if msgs.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "retained twin of removed device remains"
+        );
+    }
+    let msgs = node.probe(
+        &["dt/r-5/error"],
+        &[("dt/r-5/desired", r#"{"setpoint": 9}"#)],
+        1,
+    );
+    assert_eq!(payload(&msgs[0])["code"], "unknown_device");
+}
+
+#[test]
+fn cli_device_apply_registers_devices_and_list_shows_them() {
+    let node = Node::start(&["c-1"]);
+    let f = node.dir.path().join("new-devices.yaml");
+    std::fs::write(
+        &f,
+        format!("{}---\n{}", device_yaml("c-2"), device_yaml("c-3")),
+    )
+    .unwrap();
+    let out = node.cli(&["device", "apply", f.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = node.cli(&["device", "list"]);
+    let list = String::from_utf8_lossy(&out.stdout);
+    for d in ["c-1", "c-2", "c-3"] {
+        assert!(list.contains(d), "{d} missing: {list}");
+    }
+    node.twin("c-3");
+}
+
+#[test]
+fn cli_device_apply_survives_restart() {
+    let mut node = Node::start(&["c-4"]);
+    let f = node.dir.path().join("applied.yaml");
+    std::fs::write(&f, device_yaml("c-5")).unwrap();
+    assert!(node
+        .cli(&["device", "apply", f.to_str().unwrap()])
+        .status
+        .success());
+    assert!(node.stop().success());
+    node.restart();
+    node.twin("c-5");
+}
+
+#[test]
+fn cli_device_apply_rejects_bad_file_with_line_and_path_and_changes_nothing() {
+    let node = Node::start(&["c-6"]);
+    let f = node.dir.path().join("broken.yaml");
+    let bad =
+        device_yaml("c-7").replace("deviceModelRef: thermostat", "deviceModelRef: nosuchmodel");
+    std::fs::write(&f, bad).unwrap();
+    let out = node.cli(&["device", "apply", f.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("broken.yaml") && err.contains("deviceModelRef"),
+        "{err}"
+    );
+    let list = String::from_utf8_lossy(&node.cli(&["device", "list"]).stdout).to_string();
+    assert!(!list.contains("c-7") && list.contains("c-6"), "{list}");
+}
+
+#[test]
+fn cli_device_validate_reports_every_error_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("bad.yaml");
+    let text = MODEL_YAML.replace(
+        "type: float, accessMode: ReadOnly",
+        "type: floaty, accessMode: ReadOnly",
+    );
+    std::fs::write(&f, text).unwrap();
+    let out = run(Command::new(env!("CARGO_BIN_EXE_edgetwin"))
+        .args(["device", "validate"])
+        .arg(&f));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.yaml:10: spec.properties[3].type"),
+        "{err}"
+    );
+}
+
+#[test]
+fn cli_twin_set_get_and_rejection() {
+    let node = Node::start(&["c-8"]);
+    let out = node.cli(&["twin", "set", "c-8", "setpoint=21.5", "mode=eco"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = node.cli(&["twin", "get", "c-8"]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["desired"]["setpoint"], 21.5);
+    assert_eq!(doc["desired"]["mode"], "eco");
+    let out = node.cli(&["twin", "set", "c-8", "setpoint=99"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("out_of_range") && err.contains("setpoint"),
+        "{err}"
+    );
+}
+
+#[test]
+fn cli_reports_unreachable_node_clearly() {
+    let port = free_port();
+    let out = run(Command::new(env!("CARGO_BIN_EXE_edgetwin")).args([
+        "twin",
+        "get",
+        "x",
+        "--broker",
+        &format!("127.0.0.1:{port}"),
+        "--timeout-ms",
+        "1000",
+    ]));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+}
