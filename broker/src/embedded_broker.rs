@@ -16,11 +16,13 @@ use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, Server
 
 use crate::config::MqttConfig;
 
+/// Creates an in-process link; the error is rendered to text because rumqttd's is very large.
+type NewLink = Box<dyn Fn(&str) -> Result<(LinkTx, LinkRx), String> + Send + Sync>;
+
 /// A running embedded broker: a handle to create in-process links.
 pub struct EmbeddedBroker {
     // rumqttd does not export the router's event type, so the sender is kept inside a closure.
-    new_link:
-        Box<dyn Fn(&str) -> Result<(LinkTx, LinkRx), rumqttd::local::LinkError> + Send + Sync>,
+    new_link: NewLink,
 }
 
 impl EmbeddedBroker {
@@ -87,7 +89,8 @@ impl EmbeddedBroker {
                 let (tx, rx, _ack) = LinkBuilder::new(client_id, router_tx.clone())
                     .clean_session(true)
                     .dynamic_filters(true)
-                    .build()?;
+                    .build()
+                    .map_err(|e| e.to_string())?;
                 Ok((tx, rx))
             }),
         })
@@ -95,7 +98,8 @@ impl EmbeddedBroker {
 
     /// An in-process client link (no TCP) with the given client id.
     pub fn link(&self, client_id: &str) -> anyhow::Result<(LinkTx, LinkRx)> {
-        (self.new_link)(client_id).with_context(|| format!("in-process broker link {client_id}"))
+        (self.new_link)(client_id)
+            .map_err(|e| anyhow::anyhow!("in-process broker link {client_id}: {e}"))
     }
 }
 

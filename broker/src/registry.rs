@@ -22,6 +22,9 @@ use tracing::{error, info, warn};
 use crate::metrics::Metrics;
 use crate::twin_service::RegistryUpdate;
 
+/// A rejected file: key, the text that failed, and its errors.
+type Rejected = (String, String, Vec<String>);
+
 /// One profile file as last accepted.
 #[derive(Clone)]
 struct Accepted {
@@ -89,13 +92,7 @@ impl Registry {
 
     /// Validates files to add or replace (by key) against everything else loaded; on success
     /// returns the would-be accepted map.
-    fn merge(
-        &self,
-        files: Vec<(String, String)>,
-    ) -> (
-        BTreeMap<String, Accepted>,
-        Vec<(String, String, Vec<String>)>,
-    ) {
+    fn merge(&self, files: Vec<(String, String)>) -> (BTreeMap<String, Accepted>, Vec<Rejected>) {
         let mut next: BTreeMap<String, Accepted> = BTreeMap::new();
         let mut errors = Vec::new();
         let keys: HashSet<&String> = files.iter().map(|(k, _)| k).collect();

@@ -621,7 +621,7 @@ impl TwinService {
         );
         publish.retain = o.retain;
         // LinkTx::send only queues into the router's channel; it never waits on a client.
-        if let Err(e) = futures_lite_send(&mut self.link_tx, Packet::Publish(publish, o.props)) {
+        if let Err(e) = send_now(&mut self.link_tx, Packet::Publish(publish, o.props)) {
             warn!(topic = %o.topic, error = %e, "cannot publish to the embedded broker");
         }
     }
@@ -691,7 +691,10 @@ impl TwinService {
                     to_store.push(t.clone());
                 }
                 None => {
-                    let t = Twin::new(id.clone(), spec.name.clone());
+                    let mut t = Twin::new(id.clone(), spec.name.clone());
+                    if let Some(model) = set.models.get(&spec.name) {
+                        apply_model_defaults(&mut t, spec, model);
+                    }
                     self.twins.insert(id.clone(), t.clone());
                     to_store.push(t);
                 }
@@ -767,22 +770,14 @@ impl TwinService {
     }
 }
 
-fn futures_lite_send(
-    link_tx: &mut LinkTx,
-    packet: Packet,
-) -> Result<usize, rumqttd::local::LinkError> {
-    // `LinkTx::send` is `async` only in name: it pushes into a buffer and sends a wake-up on the
-    // router's channel, so blocking on it here is immediate.
-    futures_executor_block_on(link_tx.send(packet))
-}
-
-fn futures_executor_block_on<F: std::future::Future>(f: F) -> F::Output {
-    let waker = std::task::Waker::noop();
-    let mut cx = std::task::Context::from_waker(waker);
-    let mut f = std::pin::pin!(f);
+/// Queues a packet for the router. `LinkTx::send` is `async` only in name: it pushes into a buffer
+/// and sends a wake-up on the router's channel without awaiting anything, so one poll completes it.
+fn send_now(link_tx: &mut LinkTx, packet: Packet) -> Result<usize, String> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let mut fut = std::pin::pin!(link_tx.send(packet));
     loop {
-        if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
-            return v;
+        if let std::task::Poll::Ready(r) = std::future::Future::poll(fut.as_mut(), &mut cx) {
+            return r.map_err(|e| e.to_string());
         }
         std::thread::yield_now();
     }
@@ -805,6 +800,33 @@ fn json_out<T: serde::Serialize>(
 
 fn valid_publish_topic(t: &str) -> bool {
     !t.is_empty() && !t.contains(['+', '#']) && t.len() <= 1024
+}
+
+/// Seeds a new twin's desired properties with the model's `default` values, written at `ts` 0 so
+/// that any real write, from anywhere, wins over them.
+fn apply_model_defaults(twin: &mut Twin, spec: &ModelSpec, model: &edgetwin_profile::DeviceModel) {
+    let mut props = serde_json::Map::new();
+    for p in model.properties() {
+        if let Some(v) = &p.default {
+            props.insert(p.name.to_string(), v.clone());
+        }
+    }
+    if props.is_empty() {
+        return;
+    }
+    props.insert(edgetwin_contract::TS_KEY.into(), 0.into());
+    let Ok(bytes) = serde_json::to_vec(&props) else {
+        return;
+    };
+    let patch = match Patch::parse(&bytes, usize::MAX) {
+        Ok(p) => p,
+        Err(r) => {
+            return warn!(device = %twin.device, error = %r.message, "model defaults not applied")
+        }
+    };
+    if let Err(r) = twin.apply_desired(spec, &patch, Source::Local, now_ms()) {
+        warn!(device = %twin.device, error = %r.message, "model defaults not applied");
+    }
 }
 
 /// The twin core's view of a device model.

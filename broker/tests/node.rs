@@ -209,10 +209,12 @@ fn cli_device_apply_rejects_bad_file_with_line_and_path_and_changes_nothing() {
 fn cli_device_validate_reports_every_error_with_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("bad.yaml");
-    let text = MODEL_YAML.replace(
+    let model = MODEL_YAML.replace(
         "type: float, accessMode: ReadOnly",
         "type: floaty, accessMode: ReadOnly",
     );
+    let device = device_yaml("v-1").replace("collectCycle: 1s", "collectCycle: 5");
+    let text = format!("{model}---\n{device}");
     std::fs::write(&f, text).unwrap();
     let out = run(Command::new(env!("CARGO_BIN_EXE_edgetwin"))
         .args(["device", "validate"])
@@ -220,7 +222,11 @@ fn cli_device_validate_reports_every_error_with_file_and_line() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("bad.yaml:10: spec.properties[3].type"),
+        err.contains("bad.yaml:11: spec.properties[4].type"),
+        "{err}"
+    );
+    assert!(
+        err.contains("bad.yaml:22: spec.properties[0].collectCycle"),
         "{err}"
     );
 }

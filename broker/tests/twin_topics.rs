@@ -17,9 +17,15 @@ fn twin_desired_patch_produces_delta_and_retained_twin() {
     );
     let delta = payload(on(&msgs, "dt/t-1/delta"));
     assert_eq!(delta["device"], "t-1");
-    assert_eq!(delta["delta"], json!({"setpoint": 21.5, "mode": "eco"}));
+    assert_eq!(
+        delta["delta"],
+        json!({"setpoint": 21.5, "mode": "eco", "fan": 2})
+    );
     let twin = node.twin("t-1");
-    assert_eq!(twin["desired"], json!({"setpoint": 21.5, "mode": "eco"}));
+    assert_eq!(
+        twin["desired"],
+        json!({"setpoint": 21.5, "mode": "eco", "fan": 2})
+    );
     assert_eq!(twin["metadata"]["desired"]["setpoint"]["source"], "local");
     assert_eq!(twin["version"], delta["version"]);
 }
@@ -40,8 +46,8 @@ fn twin_reported_patch_updates_twin_and_shrinks_delta() {
     let delta = payload(on(&msgs, "dt/t-2/delta"));
     assert_eq!(
         delta["delta"],
-        json!({"mode": "eco"}),
-        "only the unmatched property is left"
+        json!({"mode": "eco", "fan": 2}),
+        "only unmatched properties are left"
     );
     let twin = node.twin_until("t-2", |t| t["reported"]["temperature"] == 19.25);
     assert_eq!(
@@ -263,7 +269,17 @@ fn twin_delta_is_resent_when_a_mapper_comes_online() {
         )],
         1,
     );
-    assert_eq!(payload(&msgs[0])["delta"], json!({"mode": "off"}));
+    assert_eq!(payload(&msgs[0])["delta"], json!({"mode": "off", "fan": 2}));
+}
+
+#[test]
+fn twin_model_default_seeds_desired_and_loses_to_any_write() {
+    let node = Node::start(&["t-13"]);
+    let t = node.twin("t-13");
+    assert_eq!(t["desired"], json!({"fan": 2}));
+    assert_eq!(t["metadata"]["desired"]["fan"]["ts"], 0);
+    node.pub_("dt/t-13/desired", r#"{"fan": 3, "ts": 1}"#);
+    node.twin_until("t-13", |t| t["desired"]["fan"] == 3);
 }
 
 #[test]

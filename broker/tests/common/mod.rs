@@ -53,6 +53,7 @@ spec:
   properties:
     - {name: setpoint, type: float, accessMode: ReadWrite, minimum: 5, maximum: 35, unit: "°C"}
     - {name: mode, type: string, accessMode: ReadWrite}
+    - {name: fan, type: int, accessMode: ReadWrite, default: 2}
     - {name: relay, type: boolean, accessMode: ReadWrite}
     - {name: temperature, type: float, accessMode: ReadOnly, unit: "°C"}
 "#;
