@@ -1,0 +1,67 @@
+//! The one trait a protocol implements. The runtime owns MQTT, scheduling, reporting, status and
+//! reconnects; a driver only talks to hardware.
+//!
+//! Errors are split the way tokio-modbus splits them: [`DriverError::Link`] means the link is
+//! broken (the runtime marks the device offline and reconnects with backoff), while
+//! [`DriverError::Device`] means the device answered and refused (reported per property on
+//! `dt/{device}/error`; the device stays online and the other properties go on).
+
+use std::future::Future;
+
+use edgetwin_profile::{DeviceProperty, ResolvedDevice};
+use serde_json::Value;
+
+/// What went wrong talking to a device.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DriverError {
+    /// Connection refused, timed out, closed, I/O error: the device is unreachable.
+    #[error("link: {0}")]
+    Link(String),
+    /// The device answered with a refusal (Modbus exception, OPC UA bad status, ...).
+    #[error("device refused: {0}")]
+    Device(String),
+    /// The device's configuration cannot work (wrong visitor, value that cannot be encoded).
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+/// The result of reading one property: its value, or why that property could not be read.
+pub type PropertyRead = (String, Result<Value, DriverError>);
+
+/// A protocol driver. One `Driver` value serves every device of its protocol; each device gets
+/// its own [`Driver::Conn`].
+pub trait Driver: Send + Sync + 'static {
+    /// One open connection to one device.
+    type Conn: Send + 'static;
+
+    /// The protocol name, as in profiles and topics (`modbus`, `opcua`, `ble`, `serial`).
+    fn protocol(&self) -> &'static str;
+
+    /// Opens a connection to the device. `Err(Link)` is retried with backoff; `Err(Config)` is
+    /// reported and retried only when the device's profile changes.
+    fn connect(
+        &self,
+        device: &ResolvedDevice,
+    ) -> impl Future<Output = Result<Self::Conn, DriverError>> + Send;
+
+    /// Reads a set of properties due in the same poll cycle (a driver may coalesce them into
+    /// fewer requests). `Err` means the whole link failed; per-property refusals go inside.
+    fn read(
+        &self,
+        conn: &mut Self::Conn,
+        device: &ResolvedDevice,
+        props: &[&DeviceProperty],
+    ) -> impl Future<Output = Result<Vec<PropertyRead>, DriverError>> + Send;
+
+    /// Writes one desired value (already checked against the model by the node).
+    fn write(
+        &self,
+        conn: &mut Self::Conn,
+        device: &ResolvedDevice,
+        prop: &DeviceProperty,
+        value: &Value,
+    ) -> impl Future<Output = Result<(), DriverError>> + Send;
+
+    /// Closes the connection (on removal, profile change or shutdown).
+    fn disconnect(&self, conn: Self::Conn) -> impl Future<Output = ()> + Send;
+}
