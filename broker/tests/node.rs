@@ -2,11 +2,9 @@
 //! the device registry and the CLI.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::process::Command;
 
-use common::*;
+use edgetwin_testkit::*;
 
 #[test]
 fn node_serves_health_ready_and_openmetrics() {

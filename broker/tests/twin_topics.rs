@@ -2,9 +2,7 @@
 //! binary.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::*;
+use edgetwin_testkit::*;
 use serde_json::json;
 
 #[test]
