@@ -19,7 +19,12 @@ pub struct IdError {
 
 const MAX_ID_LEN: usize = 128;
 
-fn check(kind: &'static str, s: &str, first_extra: &[char], rest_extra: &[char]) -> Result<(), IdError> {
+fn check(
+    kind: &'static str,
+    s: &str,
+    first_extra: &[char],
+    rest_extra: &[char],
+) -> Result<(), IdError> {
     let err = |reason| IdError {
         kind,
         value: s.chars().take(140).collect(),

@@ -39,7 +39,9 @@ impl PropertyType {
     pub fn admits(self, v: &Value) -> bool {
         match self {
             PropertyType::Boolean => v.is_boolean(),
-            PropertyType::Int => v.is_i64() || v.is_u64() && v.as_u64().is_some_and(|u| i64::try_from(u).is_ok()),
+            PropertyType::Int => {
+                v.is_i64() || v.is_u64() && v.as_u64().is_some_and(|u| i64::try_from(u).is_ok())
+            }
             PropertyType::Float => v.is_number(),
             PropertyType::String => v.is_string(),
             PropertyType::Object => v.is_object(),
@@ -248,7 +250,9 @@ pub struct GetResult {
 }
 
 /// Why a patch or request was rejected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// The payload is not JSON, or not a JSON object where one is needed.
@@ -356,6 +360,48 @@ pub struct MapperStatusMsg {
     pub version: String,
 }
 
+/// `mappers/{protocol}/metrics`: cumulative counters of a mapper since it started, published
+/// every few seconds (not retained); the node re-exports them on its `/metrics` so operators have
+/// one scrape target per node.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct MapperMetricsMsg {
+    /// When the snapshot was taken (ms).
+    pub ts: TimestampMs,
+    /// Counters per device the mapper serves.
+    pub devices: BTreeMap<String, DeviceCounters>,
+}
+
+/// Cumulative counters of one device in a mapper.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DeviceCounters {
+    /// Property reads attempted.
+    pub reads: u64,
+    /// Property reads that failed (link or device).
+    pub read_errors: u64,
+    /// Writes attempted.
+    pub writes: u64,
+    /// Writes that failed.
+    pub write_errors: u64,
+    /// Poll cycles that started late because the previous one overran.
+    pub poll_overruns: u64,
+    /// Requests sent to the device (after coalescing).
+    #[serde(default)]
+    pub requests: u64,
+    /// Read latency histogram (one observation per read request).
+    pub read_latency: LatencyHistogram,
+}
+
+/// A cumulative histogram in seconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct LatencyHistogram {
+    /// Sum of all observations (s).
+    pub sum: f64,
+    /// Number of observations.
+    pub count: u64,
+    /// `(upper bound in s, cumulative count)`, increasing bounds, without `+Inf`.
+    pub buckets: Vec<(f64, u64)>,
+}
+
 /// `node/devices/apply`: profile files sent by `edgetwin device apply`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ApplyRequest {
@@ -388,7 +434,6 @@ pub struct ApplyResult {
     #[serde(default)]
     pub devices: Vec<String>,
 }
-
 
 /// `node/devices/list` request.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -27,6 +27,8 @@ pub enum Topic {
     MapperDevice(ProtocolName, DeviceId),
     /// `mappers/{protocol}/status`: a mapper's own state (retained, also its will).
     MapperStatus(ProtocolName),
+    /// `mappers/{protocol}/metrics`: a mapper's counters, re-exported on the node's `/metrics`.
+    MapperMetrics(ProtocolName),
     /// `node/containers/cmd`: container command.
     ContainersCmd,
     /// `node/containers/result`: container command result.
@@ -55,6 +57,8 @@ pub mod filter {
     pub const STATUS: &str = "dt/+/status";
     /// All mapper status messages.
     pub const MAPPER_STATUS: &str = "mappers/+/status";
+    /// All mapper metrics snapshots.
+    pub const MAPPER_METRICS: &str = "mappers/+/metrics";
     /// Every device-twin topic.
     pub const ALL_TWIN: &str = "dt/#";
 }
@@ -74,6 +78,7 @@ impl Topic {
             Topic::Telemetry(d) => format!("dt/{d}/telemetry"),
             Topic::MapperDevice(p, d) => format!("mappers/{p}/devices/{d}"),
             Topic::MapperStatus(p) => format!("mappers/{p}/status"),
+            Topic::MapperMetrics(p) => format!("mappers/{p}/metrics"),
             Topic::ContainersCmd => "node/containers/cmd".into(),
             Topic::ContainersResult => "node/containers/result".into(),
             Topic::ContainersStatus => "node/containers/status".into(),
@@ -101,6 +106,7 @@ impl Topic {
             ["dt", d, "telemetry"] => Topic::Telemetry(dev(d)?),
             ["mappers", p, "devices", d] => Topic::MapperDevice(proto(p)?, dev(d)?),
             ["mappers", p, "status"] => Topic::MapperStatus(proto(p)?),
+            ["mappers", p, "metrics"] => Topic::MapperMetrics(proto(p)?),
             ["node", "containers", "cmd"] => Topic::ContainersCmd,
             ["node", "containers", "result"] => Topic::ContainersResult,
             ["node", "containers", "status"] => Topic::ContainersStatus,
@@ -145,7 +151,8 @@ mod tests {
             Topic::Status(d("m-1")),
             Topic::Telemetry(d("m-1")),
             Topic::MapperDevice(p.clone(), d("m-1")),
-            Topic::MapperStatus(p),
+            Topic::MapperStatus(p.clone()),
+            Topic::MapperMetrics(p),
             Topic::ContainersCmd,
             Topic::ContainersResult,
             Topic::ContainersStatus,
