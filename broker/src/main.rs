@@ -5,6 +5,7 @@ mod clock;
 mod config;
 mod embedded_broker;
 mod http;
+mod mapper_metrics;
 mod metrics;
 mod registry;
 mod serve;

@@ -1,12 +1,16 @@
 //! The node's Prometheus/OpenMetrics metrics. Every name is listed in `docs/metrics.md`; labels are
 //! bounded (closed enums or the protocol name), never device ids, so cardinality stays fixed.
 
+use std::sync::Arc;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+
+use crate::mapper_metrics::MapperMetrics;
 
 /// Which side of a twin an update touched.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -75,6 +79,8 @@ pub struct Metrics {
     pub profile_files: Gauge,
     /// Twin store records quarantined at start because they could not be decoded.
     pub store_quarantined: Gauge,
+    /// Latest counters of every mapper, re-exported.
+    pub mappers: Arc<MapperMetrics>,
 }
 
 impl Metrics {
@@ -93,6 +99,7 @@ impl Metrics {
             profile_errors: Counter::default(),
             profile_files: Gauge::default(),
             store_quarantined: Gauge::default(),
+            mappers: Arc::new(MapperMetrics::default()),
             registry: Registry::default(),
         };
         registry.register(
@@ -146,6 +153,7 @@ impl Metrics {
             "Twin store records that could not be decoded at start and were quarantined",
             m.store_quarantined.clone(),
         );
+        registry.register_collector(Box::new(m.mappers.clone()));
         for code in edgetwin_contract::ErrorCode::ALL {
             let _ = m.twin_updates_rejected.get_or_create(&ReasonLabels {
                 reason: code.as_str().to_string(),

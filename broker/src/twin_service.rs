@@ -15,7 +15,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use edgetwin_contract::{
     topic::filter, DeltaMsg, DeviceId, DeviceStatusMsg, ErrorCode, ErrorMsg, GetRequest, GetResult,
-    MapperState, MapperStatusMsg, ProtocolName, Source, Topic,
+    MapperMetricsMsg, MapperState, MapperStatusMsg, ProtocolName, Source, Topic,
 };
 use edgetwin_devicetwin::core::{ModelSpec, Patch, PropertySpec, Rejection, Twin};
 use edgetwin_devicetwin::store::TwinStore;
@@ -147,6 +147,7 @@ impl TwinService {
             filter::GET,
             filter::STATUS,
             filter::MAPPER_STATUS,
+            filter::MAPPER_METRICS,
         ] {
             link_tx
                 .subscribe(f)
@@ -236,6 +237,15 @@ impl TwinService {
             Topic::Get(d) => self.handle_get(b, topic, d, payload, props),
             Topic::Status(d) => self.handle_status(b, topic, d, payload),
             Topic::MapperStatus(p) => self.handle_mapper_status(b, p, payload),
+            Topic::MapperMetrics(p) => match serde_json::from_slice::<MapperMetricsMsg>(payload) {
+                Ok(mut msg) => {
+                    msg.devices.retain(|d, _| {
+                        DeviceId::new(d.as_str()).is_ok_and(|d| self.devices.contains_key(&d))
+                    });
+                    self.metrics.mappers.update(p.as_str(), msg);
+                }
+                Err(e) => debug!(topic, error = %e, "ignoring malformed mapper metrics"),
+            },
             _ => {}
         }
     }
@@ -759,6 +769,8 @@ impl TwinService {
             self.assigned.insert(d.clone(), (protocol, payload));
         }
         self.devices = new_devices;
+        let registered = |d: &str| DeviceId::new(d).is_ok_and(|d| self.devices.contains_key(&d));
+        self.metrics.mappers.retain_devices(&registered);
         for d in newly {
             if let Some(twin) = self.twins.get(&d) {
                 let doc = twin.to_doc();

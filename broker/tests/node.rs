@@ -267,3 +267,28 @@ fn cli_reports_unreachable_node_clearly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
 }
+
+#[test]
+fn node_reexports_mapper_metrics_of_registered_devices_only() {
+    let node = Node::start(&["m-1"]);
+    let snapshot = r#"{"ts":1,"devices":{
+        "m-1":{"reads":5,"read_errors":1,"writes":2,"write_errors":0,"poll_overruns":0,"requests":3,
+               "read_latency":{"sum":0.02,"count":3,"buckets":[[0.01,2],[0.1,3]]}},
+        "not-registered":{"reads":9,"read_errors":0,"writes":0,"write_errors":0,"poll_overruns":0,
+               "read_latency":{"sum":0,"count":0,"buckets":[]}}}}"#;
+    node.pub_("mappers/modbus/metrics", snapshot);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let m = node.metrics();
+        if m.contains("edgetwin_mapper_reads_total{protocol=\"modbus\",device=\"m-1\"} 5") {
+            assert!(!m.contains("not-registered"), "{m}");
+            assert!(m.contains("edgetwin_mapper_read_latency_seconds_count{protocol=\"modbus\",device=\"m-1\"} 3"), "{m}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mapper metrics not exported:\n{m}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
