@@ -292,3 +292,69 @@ fn node_reexports_mapper_metrics_of_registered_devices_only() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// Metric names in `text` (`edgetwin_...`), with histogram suffixes folded onto the family name.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for (i, _) in text.match_indices("edgetwin_") {
+        let name: String = text[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(&name)
+            .to_string();
+        if base.len() > "edgetwin_".len() {
+            out.insert(base);
+        }
+    }
+    out
+}
+
+#[test]
+fn metrics_doc_dashboard_and_endpoint_agree() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let doc = std::fs::read_to_string(root.join("docs/metrics.md")).unwrap();
+    let dashboard = std::fs::read_to_string(root.join("examples/grafana/edgetwin.json")).unwrap();
+    serde_json::from_str::<serde_json::Value>(&dashboard).expect("dashboard is JSON");
+    let documented = metric_names(&doc);
+    for name in metric_names(&dashboard) {
+        assert!(
+            documented.contains(&name),
+            "dashboard uses undocumented {name}"
+        );
+    }
+    let node = Node::start(&["m-2"]);
+    node.pub_(
+        "mappers/modbus/metrics",
+        r#"{"ts":1,"devices":{"m-2":{"reads":1,"read_errors":0,"writes":0,"write_errors":0,"poll_overruns":0,"read_latency":{"sum":0,"count":0,"buckets":[]}}}}"#,
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let exported: std::collections::BTreeSet<String> = node
+        .metrics()
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect();
+    for name in &exported {
+        let doc_name = if documented.contains(name) {
+            name.clone()
+        } else {
+            format!("{name}_total")
+        };
+        assert!(
+            documented.contains(&doc_name),
+            "exported {name} is not in docs/metrics.md"
+        );
+    }
+    for name in &documented {
+        let family = name.strip_suffix("_total").unwrap_or(name);
+        assert!(
+            exported.contains(family) || exported.contains(name),
+            "documented {name} is not exported"
+        );
+    }
+}
