@@ -1,1 +1,3 @@
+//! `edgetwin-mapper-modbus`: the Modbus TCP/RTU mapper process (SDK runtime + `ModbusDriver`).
+
 fn main() {}
