@@ -123,6 +123,28 @@ impl Node {
             yaml.push_str(&device_yaml(d));
         }
         std::fs::write(devdir.join("thermostats.yaml"), yaml).unwrap();
+        Node::start_in(dir)
+    }
+
+    /// A node whose devices folder holds one file, `profile.yaml`, with `yaml` (models and
+    /// devices of any protocol). Rewrite it with [`Node::write_profile`] to add or remove devices.
+    pub fn start_with_profile(yaml: &str) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let devdir = dir.path().join("devices");
+        std::fs::create_dir_all(&devdir).unwrap();
+        std::fs::write(devdir.join("profile.yaml"), yaml).unwrap();
+        Node::start_in(dir)
+    }
+
+    /// Replaces `profile.yaml` in the devices folder (the node rescans it every 200 ms). Written
+    /// to a temp name and renamed, so the node never reads half a file.
+    pub fn write_profile(&self, yaml: &str) {
+        let tmp = self.dir.path().join("profile.yaml.tmp");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, self.devices_dir().join("profile.yaml")).unwrap();
+    }
+
+    fn start_in(dir: tempfile::TempDir) -> Node {
         let mut node = Node {
             dir,
             port: free_port(),
@@ -276,6 +298,50 @@ impl Node {
             assert!(
                 Instant::now() < deadline,
                 "twin of {device} never matched; last: {t}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The retained message on `topic` (JSON, or `Value::Null` for a non-JSON payload), if any.
+    pub fn retained(&self, topic: &str) -> Option<Value> {
+        require("mosquitto_sub");
+        let out = run(Command::new("mosquitto_sub").args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-t",
+            topic,
+            "--retained-only",
+            "-C",
+            "1",
+            "-W",
+            "1",
+        ]));
+        if !out.status.success() || out.stdout.is_empty() {
+            return None;
+        }
+        Some(serde_json::from_slice(&out.stdout).unwrap_or(Value::Null))
+    }
+
+    /// Waits (up to `limit`) until the retained message on `topic` satisfies `pred`
+    /// (`None` = nothing retained).
+    pub fn retained_until(
+        &self,
+        topic: &str,
+        limit: Duration,
+        pred: impl Fn(Option<&Value>) -> bool,
+    ) -> Option<Value> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let v = self.retained(topic);
+            if pred(v.as_ref()) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "retained message on {topic} never matched within {limit:?}; last: {v:?}"
             );
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -64,4 +64,12 @@ pub trait Driver: Send + Sync + 'static {
 
     /// Closes the connection (on removal, profile change or shutdown).
     fn disconnect(&self, conn: Self::Conn) -> impl Future<Output = ()> + Send;
+
+    /// Optional: how many protocol requests this connection has sent so far (cumulative), so the
+    /// `requests` metric shows the effect of coalescing. The default `None` means "not counted":
+    /// the runtime then counts one request per `read`/`write` call.
+    fn requests_made(&self, conn: &Self::Conn) -> Option<u64> {
+        let _ = conn;
+        None
+    }
 }

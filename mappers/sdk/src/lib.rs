@@ -1,1 +1,124 @@
-//! placeholder, being written
+//! The edgetwin mapper SDK: a new protocol is one [`Driver`] implementation plus a five-line
+//! `main.rs`:
+//!
+//! ```no_run
+//! # struct MyDriver;
+//! # impl edgetwin_mapper_sdk::Driver for MyDriver {
+//! #     type Conn = ();
+//! #     fn protocol(&self) -> &'static str { "serial" }
+//! #     async fn connect(&self, _: &edgetwin_profile::ResolvedDevice) -> Result<(), edgetwin_mapper_sdk::DriverError> { Ok(()) }
+//! #     async fn read(&self, _: &mut (), _: &edgetwin_profile::ResolvedDevice, _: &[&edgetwin_profile::DeviceProperty]) -> Result<Vec<edgetwin_mapper_sdk::PropertyRead>, edgetwin_mapper_sdk::DriverError> { Ok(vec![]) }
+//! #     async fn write(&self, _: &mut (), _: &edgetwin_profile::ResolvedDevice, _: &edgetwin_profile::DeviceProperty, _: &serde_json::Value) -> Result<(), edgetwin_mapper_sdk::DriverError> { Ok(()) }
+//! #     async fn disconnect(&self, _: ()) {}
+//! # }
+//! fn main() -> std::process::ExitCode {
+//!     edgetwin_mapper_sdk::main_with(MyDriver)
+//! }
+//! ```
+//!
+//! - [`driver`]: the trait a protocol implements, and its error kinds.
+//! - [`runtime`]: MQTT, assignments, per-device tasks, status, metrics, shutdown.
+//! - [`schedule`] and [`report`]: the pure poll schedule and report-on-change rules.
+//! - [`compliance`]: the shared test every mapper runs against a real node.
+//!
+//! See `mappers/sdk/README.md` for the topic contract (for mappers in other languages).
+
+pub mod backoff;
+pub mod compliance;
+pub mod driver;
+pub mod metrics;
+pub mod report;
+pub mod runtime;
+pub mod schedule;
+
+use std::process::ExitCode;
+
+use clap::{CommandFactory, FromArgMatches, Parser};
+pub use driver::{Driver, DriverError, PropertyRead};
+pub use runtime::{run, RuntimeError, RuntimeOptions};
+use tokio_util::sync::CancellationToken;
+
+/// Command line of every mapper built on the SDK.
+#[derive(Debug, Parser)]
+struct Cli {
+    /// The node's MQTT broker (MQTT 3.1.1 listener), host:port.
+    #[arg(long, env = "EDGETWIN_BROKER", default_value = "127.0.0.1:1883")]
+    broker: String,
+    /// How often the mapper publishes its counters on mappers/{protocol}/metrics, in ms.
+    #[arg(long, env = "EDGETWIN_METRICS_INTERVAL_MS", default_value_t = 5000)]
+    metrics_interval_ms: u64,
+}
+
+/// The whole `main` of a mapper: parses `--broker host:port` (env `EDGETWIN_BROKER`, default
+/// `127.0.0.1:1883`), logs to stderr filtered by `EDGETWIN_LOG` (default `info`), runs `driver`
+/// until SIGTERM or SIGINT, then shuts down cleanly. Exit code 0 after a clean shutdown.
+pub fn main_with<D: Driver>(driver: D) -> ExitCode {
+    let name = format!("edgetwin-mapper-{}", driver.protocol());
+    // clap keeps command names as `&'static str`; this runs once per process.
+    let static_name: &'static str = Box::leak(name.clone().into_boxed_str());
+    let cmd = Cli::command()
+        .name(static_name)
+        .about(format!("edgetwin {} mapper", driver.protocol()));
+    let cli = match Cli::from_arg_matches(&cmd.get_matches()) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EDGETWIN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        let mut opts = RuntimeOptions::new(cli.broker);
+        opts.metrics_interval = std::time::Duration::from_millis(cli.metrics_interval_ms);
+        let token = opts.shutdown.clone();
+        let signals = tokio::spawn(wait_for_signal(token.clone()));
+        let r = run(driver, opts).await;
+        signals.abort();
+        r
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, mapper = %name, "mapper failed");
+            eprintln!("{name}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Cancels `token` on SIGTERM or SIGINT.
+async fn wait_for_signal(token: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the mapper");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    token.cancel();
+}
