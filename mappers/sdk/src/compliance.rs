@@ -7,7 +7,7 @@
 //! // start the device simulator first, then:
 //! run_compliance(ComplianceSpec {
 //!     protocol: "modbus".into(),
-//!     mapper_bin: env!("CARGO_BIN_EXE_edgetwin-mapper-modbus").into(),
+//!     mapper_bin: "target/debug/edgetwin-mapper-modbus".into(), // env!("CARGO_BIN_EXE_...") in tests/
 //!     profile_yaml: yaml,
 //!     device: "meter-1".into(),
 //!     read: ("voltage".into(), Expect::Value(serde_json::json!(230.0))),
