@@ -64,6 +64,8 @@ pub struct ComplianceSpec {
     pub protocol: String,
     /// The mapper binary (in a mapper's tests: `env!("CARGO_BIN_EXE_<name>")`).
     pub mapper_bin: PathBuf,
+    /// Arguments before `--broker` (e.g. the script when `mapper_bin` is an interpreter).
+    pub mapper_pre_args: Vec<String>,
     /// Extra arguments after `--broker 127.0.0.1:{port}`.
     pub mapper_args: Vec<String>,
     /// Extra environment variables for the mapper.
@@ -86,6 +88,7 @@ impl Default for ComplianceSpec {
         ComplianceSpec {
             protocol: String::new(),
             mapper_bin: PathBuf::new(),
+            mapper_pre_args: Vec::new(),
             mapper_args: Vec::new(),
             mapper_env: Vec::new(),
             profile_yaml: String::new(),
@@ -219,6 +222,7 @@ fn spawn_mapper(spec: &ComplianceSpec, node: &Node) -> Mapper {
     let file = std::fs::File::create(&log)
         .unwrap_or_else(|e| panic!("compliance: cannot create {}: {e}", log.display()));
     let child = Command::new(&spec.mapper_bin)
+        .args(&spec.mapper_pre_args)
         .arg("--broker")
         .arg(format!("127.0.0.1:{}", node.port))
         .args(&spec.mapper_args)
