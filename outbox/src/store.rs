@@ -1,0 +1,1089 @@
+//! The outbox's redb file: append (group commit), peek, ack, crash-safe reopen.
+//!
+//! [`Outbox`] owns one redb file of its own (the daemon uses `{data_dir}/outbox.redb`), never the
+//! twin store's: redb allows one writer per file, and the outbox's write pattern (append at the
+//! tail, delete at the head) should not contend with twin commits.
+//!
+//! # On-disk format (format version 1)
+//!
+//! Three tables:
+//!
+//! - `records`: `u64 -> &[u8]`. Key = the record's sequence number (redb's `u64` key, ordered
+//!   numerically, so a range scan is append order). Value = one record, little-endian:
+//!
+//!   | offset | size | field |
+//!   |---|---|---|
+//!   | 0  | 1 | record format, `1` |
+//!   | 1  | 8 | `ts_ms`, `i64` |
+//!   | 9  | 1 | `qos`, `0`, `1` or `2` |
+//!   | 10 | 1 | flags: bit 0 = `retain`, other bits `0` |
+//!   | 11 | 2 | `K` = ordering key length, `u16` |
+//!   | 13 | 2 | `T` = topic length, `u16` |
+//!   | 15 | K | ordering key, UTF-8 |
+//!   | 15+K | T | topic, UTF-8 |
+//!   | 15+K+T | rest | payload |
+//!
+//!   The value's length is the record's *stored size*, the unit of `max_bytes`, of
+//!   [`Stats::bytes`] and of dropped bytes ([`NewRecord::stored_len`]: 15 + key + topic +
+//!   payload). The file itself is larger (redb pages and B-tree nodes, roughly 1.2-2x for small
+//!   records).
+//! - `meta`: `&str -> u64`. `"format"` = 1 (a reader refuses any other value and leaves the file
+//!   alone); `"next_seq"` = the sequence number the next append will use. It is written in the
+//!   same transaction as the records it follows, so a sequence number is never reused even when
+//!   every record has been acked and the `records` table is empty.
+//! - `quarantine`: `u64 -> &[u8]`. Records of `records` that did not decode when the file was
+//!   opened, moved here (same key, exact bytes) in one transaction. Never read back by edgetwin;
+//!   kept for an operator.
+//!
+//! # Durability and space
+//!
+//! Every write transaction (append, ack, expiry at peek) commits with redb's default
+//! `Durability::Immediate` (fsync before returning). An append of a batch is one transaction
+//! (group commit; one fsync per batch, not per record).
+//!
+//! Acks are durable too. A cheaper `Durability::None` ack would be safe for correctness (a lost
+//! ack only means a duplicate after a crash, which at-least-once allows), but it is not used:
+//! redb cannot reuse the pages an ack frees until a durable commit follows, so during a long
+//! drain with no appends the file would not shrink; and a crash after a long non-durable drain
+//! would replay the whole drained backlog upstream (the "replay saturates the uplink" complaint).
+//! The fsync cost is amortized by the caller: [`Outbox::ack`] takes a slice, so the bridge acks
+//! every PUBACK that arrived since its last ack in one transaction.
+//!
+//! Space: redb reuses the pages freed by acks and, on commit, gives trailing free space back to
+//! the file system (the file shrinks as the queue drains; see the crate README for measurements).
+//! [`Outbox::compact`] rewrites the file to its minimum; it is never called automatically (it
+//! rewrites live data, which wears flash), the daemon may call it at startup or when
+//! [`Stats::file_bytes`] is far above [`Stats::bytes`].
+//!
+//! # Damage and failures (never silently delete anything)
+//!
+//! - A file that redb reports as corrupt or as not a redb database (the open runs redb's full
+//!   integrity check) is renamed to `{file name}.corrupt-{unix ms}` beside it, logged, reported in
+//!   [`OpenReport::quarantined_file`], and the outbox starts empty in a new file.
+//! - A record that fails to decode at open is moved to the `quarantine` table and reported in
+//!   [`OpenReport::quarantined_records`]; the others load normally.
+//! - Any other open error (permissions, file locked by another process, I/O, unknown format) is
+//!   returned and nothing is touched.
+//! - A failed write (e.g. disk full) returns the operation's error naming the file; nothing of
+//!   that operation is stored and everything stored before stays. redb refuses every operation on
+//!   a database after an I/O error, so the outbox closes it and reopens the file at the start of
+//!   the next operation: once space is freed the outbox works again without a restart.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::policy::{DropReason, Drops, Entry, Limits, Step, Summary};
+
+const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("records");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine");
+const META_FORMAT: &str = "format";
+const META_NEXT_SEQ: &str = "next_seq";
+const FORMAT: u64 = 1;
+const RECORD_FORMAT: u8 = 1;
+const HEADER_LEN: usize = 15;
+
+/// One stored record, as [`Outbox::peek`] returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Sequence number: strictly increasing in append order, never reused.
+    pub seq: u64,
+    /// Timestamp (unix ms, the appender's clock); age limits are measured from it.
+    pub ts_ms: i64,
+    /// MQTT topic to publish upstream.
+    pub topic: String,
+    /// MQTT payload.
+    pub payload: Vec<u8>,
+    /// MQTT QoS (0, 1 or 2).
+    pub qos: u8,
+    /// MQTT retain flag.
+    pub retain: bool,
+    /// Ordering key (e.g. the device id); records with the same key are delivered in append order.
+    pub key: String,
+}
+
+/// A record to append; the outbox assigns its sequence number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewRecord {
+    /// Timestamp (unix ms, the appender's clock); age limits are measured from it.
+    pub ts_ms: i64,
+    /// MQTT topic to publish upstream (at most 65,535 bytes).
+    pub topic: String,
+    /// MQTT payload.
+    pub payload: Vec<u8>,
+    /// MQTT QoS (0, 1 or 2).
+    pub qos: u8,
+    /// MQTT retain flag.
+    pub retain: bool,
+    /// Ordering key, e.g. the device id (at most 65,535 bytes).
+    pub key: String,
+}
+
+impl NewRecord {
+    /// The stored size in bytes (the unit of `max_bytes`): 15 + key + topic + payload.
+    pub fn stored_len(&self) -> u64 {
+        (HEADER_LEN + self.key.len() + self.topic.len() + self.payload.len()) as u64
+    }
+}
+
+/// A corrupt file that was moved aside at open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuarantinedFile {
+    /// The new name of the corrupt file (`{name}.corrupt-{unix ms}`, same directory).
+    pub renamed_to: PathBuf,
+    /// Why redb rejected it.
+    pub reason: String,
+}
+
+/// What [`Outbox::open`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenReport {
+    /// Records waiting to be sent.
+    pub records: u64,
+    /// Their stored size in bytes.
+    pub bytes: u64,
+    /// The sequence number the next append will use.
+    pub next_seq: u64,
+    /// The corrupt file that was moved aside (the outbox started empty), if any.
+    pub quarantined_file: Option<QuarantinedFile>,
+    /// Sequence numbers of records that did not decode and were moved to the `quarantine` table.
+    pub quarantined_records: Vec<u64>,
+}
+
+/// What one [`Outbox::append`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AppendReport {
+    /// Per record of the batch, in order: its sequence number, or `None` if the policy rejected
+    /// it. A record displaced by a later record of the same batch keeps its (never reused) number
+    /// and is counted in `dropped`.
+    pub seqs: Vec<Option<u64>>,
+    /// Records dropped by this append (old records evicted and new ones rejected), by reason.
+    pub dropped: Drops,
+}
+
+/// What one [`Outbox::ack`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AckReport {
+    /// Records removed.
+    pub removed: u64,
+    /// Their stored size in bytes.
+    pub bytes: u64,
+    /// Sequence numbers that were not stored (already acked, dropped, or never assigned).
+    pub unknown: u64,
+}
+
+/// What [`Outbox::compact`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CompactReport {
+    /// File size before, in bytes.
+    pub file_bytes_before: u64,
+    /// File size after, in bytes.
+    pub file_bytes_after: u64,
+}
+
+/// A snapshot of the outbox for metrics. Gauges come from the stored data; counters count since
+/// open (a restart resets them, as Prometheus counters expect).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Records waiting (gauge).
+    pub records: u64,
+    /// Their stored size in bytes (gauge).
+    pub bytes: u64,
+    /// Timestamp of the oldest (lowest sequence number) record, if any (gauge source for the
+    /// oldest-message-age metric).
+    pub oldest_ts_ms: Option<i64>,
+    /// The sequence number the next append will use.
+    pub next_seq: u64,
+    /// Size of the file in bytes after the last write (gauge; 0 if it could not be read).
+    pub file_bytes: u64,
+    /// Records stored by appends since open.
+    pub appended_total: u64,
+    /// Records removed by acks since open.
+    pub acked_total: u64,
+    /// Records dropped since open, by reason.
+    pub dropped: Drops,
+}
+
+/// A redb failure inside one outbox operation (wrapped by each operation's error).
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The file could not be (re)opened.
+    #[error("cannot open the database: {0}")]
+    Open(#[from] redb::DatabaseError),
+    /// A transaction could not be started.
+    #[error("cannot begin a transaction: {0}")]
+    Transaction(#[from] redb::TransactionError),
+    /// A table could not be opened.
+    #[error("cannot open a table: {0}")]
+    Table(#[from] redb::TableError),
+    /// Reading or writing failed.
+    #[error("storage error: {0}")]
+    Storage(#[from] redb::StorageError),
+    /// The commit failed.
+    #[error("commit failed: {0}")]
+    Commit(#[from] redb::CommitError),
+    /// Compaction failed.
+    #[error("compaction failed: {0}")]
+    Compaction(#[from] redb::CompactionError),
+}
+
+impl DbError {
+    /// Whether the file system reported that it is full (`ENOSPC`, `EDQUOT`).
+    pub fn is_storage_full(&self) -> bool {
+        let storage = match self {
+            DbError::Open(redb::DatabaseError::Storage(s))
+            | DbError::Transaction(redb::TransactionError::Storage(s))
+            | DbError::Table(redb::TableError::Storage(s))
+            | DbError::Storage(s)
+            | DbError::Commit(redb::CommitError::Storage(s))
+            | DbError::Compaction(redb::CompactionError::Storage(s)) => s,
+            _ => return false,
+        };
+        matches!(storage, redb::StorageError::Io(io)
+            if matches!(io.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded))
+    }
+}
+
+/// [`Outbox::open`] failed; every message starts with `outbox {path}:`.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// redb could not open or initialise the file (nothing was touched).
+    #[error("outbox {}: {source}", path.display())]
+    Db {
+        /// The outbox file.
+        path: PathBuf,
+        /// redb's reason.
+        source: DbError,
+    },
+    /// The file is an outbox of another format version (nothing was touched).
+    #[error("outbox {}: unsupported format {found} (this build reads {FORMAT})", path.display())]
+    Format {
+        /// The outbox file.
+        path: PathBuf,
+        /// The format version found in the file.
+        found: u64,
+    },
+    /// The file is corrupt and could not be moved aside.
+    #[error("outbox {}: file is corrupt ({reason}) and cannot be renamed to {}: {source}", path.display(), renamed_to.display())]
+    Rename {
+        /// The outbox file.
+        path: PathBuf,
+        /// Where it should have gone.
+        renamed_to: PathBuf,
+        /// Why it is considered corrupt.
+        reason: String,
+        /// The rename error.
+        source: std::io::Error,
+    },
+}
+
+/// [`Outbox::append`] failed; nothing of the batch is stored. Messages start with `outbox {path}:`.
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    /// A record of the batch cannot be stored (bad QoS, key or topic too long).
+    #[error("outbox {}: record {index} of the batch is invalid ({reason}); nothing of the batch is stored", path.display())]
+    Invalid {
+        /// The outbox file.
+        path: PathBuf,
+        /// Index of the record in the batch.
+        index: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The write failed (e.g. disk full); records stored before are kept.
+    #[error("outbox {}: append failed, nothing of the batch is stored: {source}", path.display())]
+    Db {
+        /// The outbox file.
+        path: PathBuf,
+        /// redb's reason.
+        source: DbError,
+    },
+}
+
+impl AppendError {
+    /// Whether the append failed because the file system is full.
+    pub fn is_storage_full(&self) -> bool {
+        matches!(self, AppendError::Db { source, .. } if source.is_storage_full())
+    }
+}
+
+/// [`Outbox::peek`] failed. Messages start with `outbox {path}:`.
+#[derive(Debug, thiserror::Error)]
+pub enum PeekError {
+    /// Reading, or removing expired records, failed.
+    #[error("outbox {}: peek failed: {source}", path.display())]
+    Db {
+        /// The outbox file.
+        path: PathBuf,
+        /// redb's reason.
+        source: DbError,
+    },
+    /// A stored record does not decode (it passed the check at open, so the file was damaged
+    /// since).
+    #[error("outbox {}: record {seq} does not decode: {reason}", path.display())]
+    Decode {
+        /// The outbox file.
+        path: PathBuf,
+        /// The record's sequence number.
+        seq: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// [`Outbox::ack`] failed; nothing of it is stored (the records stay and will be peeked again).
+/// Messages start with `outbox {path}:`.
+#[derive(Debug, thiserror::Error)]
+pub enum AckError {
+    /// The write failed.
+    #[error("outbox {}: ack failed, no record removed: {source}", path.display())]
+    Db {
+        /// The outbox file.
+        path: PathBuf,
+        /// redb's reason.
+        source: DbError,
+    },
+}
+
+/// [`Outbox::compact`] failed. Messages start with `outbox {path}:`.
+#[derive(Debug, thiserror::Error)]
+pub enum CompactError {
+    /// redb could not compact the file (its content is unchanged).
+    #[error("outbox {}: compaction failed: {source}", path.display())]
+    Db {
+        /// The outbox file.
+        path: PathBuf,
+        /// redb's reason.
+        source: DbError,
+    },
+}
+
+/// How the database is (re)opened: the real file, or a test backend over it.
+pub(crate) type Opener =
+    Arc<dyn Fn(&redb::Builder) -> Result<Database, redb::DatabaseError> + Send + Sync>;
+
+/// The durable outbox over its own redb file. `Send + Sync`; share it with `Arc`. Operations are
+/// serialized internally; [`stats`](Self::stats) never waits for a write.
+pub struct Outbox {
+    path: PathBuf,
+    limits: Limits,
+    opener: Opener,
+    inner: Mutex<Inner>,
+    stats: Mutex<Stats>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("path", &self.path)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    /// `None` after a failed write: reopened at the start of the next operation.
+    db: Option<Database>,
+    summary: Summary,
+    next_seq: u64,
+    appended_total: u64,
+    acked_total: u64,
+    dropped: Drops,
+    file_bytes: u64,
+}
+
+/// What a successful load found.
+struct Loaded {
+    db: Database,
+    summary: Summary,
+    next_seq: u64,
+    quarantined_records: Vec<u64>,
+}
+
+enum LoadFailure {
+    Corrupt(String),
+    Other(OpenError),
+}
+
+impl Outbox {
+    /// Opens (or creates) the outbox file at `path`; see the module doc for what happens to a
+    /// damaged file.
+    pub fn open(path: &Path, limits: Limits) -> Result<(Outbox, OpenReport), OpenError> {
+        let file = path.to_path_buf();
+        Self::open_with(path, limits, Arc::new(move |b| b.create(&file)))
+    }
+
+    /// [`open`](Self::open) with a custom way to open the database (tests inject failing backends).
+    pub(crate) fn open_with(
+        path: &Path,
+        limits: Limits,
+        opener: Opener,
+    ) -> Result<(Outbox, OpenReport), OpenError> {
+        let (loaded, quarantined_file) = match load(path, &opener) {
+            Ok(loaded) => (loaded, None),
+            Err(LoadFailure::Other(e)) => return Err(e),
+            Err(LoadFailure::Corrupt(reason)) => {
+                let renamed_to = corrupt_name(path, unix_ms());
+                std::fs::rename(path, &renamed_to).map_err(|source| OpenError::Rename {
+                    path: path.to_path_buf(),
+                    renamed_to: renamed_to.clone(),
+                    reason: reason.clone(),
+                    source,
+                })?;
+                tracing::error!(
+                    path = %path.display(),
+                    renamed_to = %renamed_to.display(),
+                    %reason,
+                    "outbox file is corrupt; moved aside, starting with an empty outbox"
+                );
+                let loaded = match load(path, &opener) {
+                    Ok(loaded) => loaded,
+                    Err(LoadFailure::Other(e)) => return Err(e),
+                    Err(LoadFailure::Corrupt(reason)) => {
+                        return Err(OpenError::Db {
+                            path: path.to_path_buf(),
+                            source: DbError::Storage(redb::StorageError::Corrupted(reason)),
+                        })
+                    }
+                };
+                (loaded, Some(QuarantinedFile { renamed_to, reason }))
+            }
+        };
+        let report = OpenReport {
+            records: loaded.summary.records,
+            bytes: loaded.summary.bytes,
+            next_seq: loaded.next_seq,
+            quarantined_file,
+            quarantined_records: loaded.quarantined_records,
+        };
+        let inner = Inner {
+            db: Some(loaded.db),
+            summary: loaded.summary,
+            next_seq: loaded.next_seq,
+            appended_total: 0,
+            acked_total: 0,
+            dropped: Drops::default(),
+            file_bytes: file_len(path),
+        };
+        let outbox = Outbox {
+            path: path.to_path_buf(),
+            limits,
+            opener,
+            stats: Mutex::new(snapshot(&inner)),
+            inner: Mutex::new(inner),
+        };
+        Ok((outbox, report))
+    }
+
+    /// Appends `batch` in **one** durable write transaction (group commit), applying the
+    /// [`Limits`] record by record at `now_ms`. On error nothing of the batch is stored.
+    pub fn append(&self, batch: Vec<NewRecord>, now_ms: i64) -> Result<AppendReport, AppendError> {
+        let mut encoded = Vec::with_capacity(batch.len());
+        for (index, record) in batch.iter().enumerate() {
+            encoded.push(encode(record).map_err(|reason| AppendError::Invalid {
+                path: self.path.clone(),
+                index,
+                reason,
+            })?);
+        }
+        if batch.is_empty() {
+            return Ok(AppendReport::default());
+        }
+        let mut inner = self.lock();
+        let result = self.append_locked(&mut inner, &batch, &encoded, now_ms);
+        self.finish(&mut inner, result)
+            .map_err(|source| AppendError::Db {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    fn append_locked(
+        &self,
+        inner: &mut Inner,
+        batch: &[NewRecord],
+        encoded: &[Vec<u8>],
+        now_ms: i64,
+    ) -> Result<AppendReport, DbError> {
+        self.ensure_db(inner)?;
+        let Some(db) = inner.db.as_ref() else {
+            return Err(DbError::Storage(redb::StorageError::DatabaseClosed));
+        };
+        let mut summary = inner.summary;
+        let mut next_seq = inner.next_seq;
+        let mut report = AppendReport {
+            seqs: Vec::with_capacity(batch.len()),
+            dropped: Drops::default(),
+        };
+        let txn = db.begin_write()?;
+        {
+            let mut table = txn.open_table(RECORDS)?;
+            for (record, bytes) in batch.iter().zip(encoded) {
+                let incoming = Entry {
+                    bytes: bytes.len() as u64,
+                    ts_ms: record.ts_ms,
+                };
+                loop {
+                    match self.limits.next_step(&summary, incoming, now_ms) {
+                        Step::Evict(reason) => {
+                            let len = match table.pop_first()? {
+                                Some((_, v)) => v.value().len() as u64,
+                                None => {
+                                    // The summary said otherwise; trust the table.
+                                    summary = Summary::default();
+                                    continue;
+                                }
+                            };
+                            report.dropped.add(reason, len);
+                            summary.records = summary.records.saturating_sub(1);
+                            summary.bytes = summary.bytes.saturating_sub(len);
+                            summary.oldest = oldest(&table)?;
+                        }
+                        Step::Accept => {
+                            table.insert(next_seq, bytes.as_slice())?;
+                            report.seqs.push(Some(next_seq));
+                            next_seq = next_seq.saturating_add(1);
+                            summary.records += 1;
+                            summary.bytes += incoming.bytes;
+                            summary.oldest = summary.oldest.or(Some(incoming));
+                            break;
+                        }
+                        Step::Reject(reason) => {
+                            report.dropped.add(reason, incoming.bytes);
+                            report.seqs.push(None);
+                            break;
+                        }
+                    }
+                }
+            }
+            let mut meta = txn.open_table(META)?;
+            meta.insert(META_NEXT_SEQ, next_seq)?;
+        }
+        txn.commit()?;
+        let stored = report.seqs.iter().filter(|s| s.is_some()).count() as u64;
+        inner.summary = summary;
+        inner.next_seq = next_seq;
+        inner.appended_total = inner.appended_total.saturating_add(stored);
+        inner.dropped.merge(&report.dropped);
+        log_drops(&self.path, "append", &report.dropped);
+        Ok(report)
+    }
+
+    /// Up to `max` records with a sequence number above `after_seq` (all if `None`), oldest
+    /// first. Records met on the way that are older than `max_age_ms` at `now_ms` are removed
+    /// (one durable transaction) and counted as dropped (`age_limit`) instead of returned.
+    pub fn peek(
+        &self,
+        after_seq: Option<u64>,
+        max: usize,
+        now_ms: i64,
+    ) -> Result<Vec<Record>, PeekError> {
+        let start = match after_seq {
+            None => 0,
+            Some(u64::MAX) => return Ok(Vec::new()),
+            Some(s) => s + 1,
+        };
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let mut inner = self.lock();
+        let result = self.peek_locked(&mut inner, start, max, now_ms);
+        let result = match result {
+            Ok(Ok(records)) => Ok(records),
+            Ok(Err((seq, reason))) => {
+                return Err(PeekError::Decode {
+                    path: self.path.clone(),
+                    seq,
+                    reason,
+                })
+            }
+            Err(e) => Err(e),
+        };
+        self.finish(&mut inner, result)
+            .map_err(|source| PeekError::Db {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn peek_locked(
+        &self,
+        inner: &mut Inner,
+        start: u64,
+        max: usize,
+        now_ms: i64,
+    ) -> Result<Result<Vec<Record>, (u64, String)>, DbError> {
+        self.ensure_db(inner)?;
+        let Some(db) = inner.db.as_ref() else {
+            return Err(DbError::Storage(redb::StorageError::DatabaseClosed));
+        };
+        let mut records = Vec::new();
+        let mut expired = Vec::new();
+        {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(RECORDS)?;
+            for item in table.range(start..)? {
+                let (k, v) = item?;
+                let seq = k.value();
+                let bytes = v.value();
+                let ts_ms = match header_ts(bytes) {
+                    Ok(ts) => ts,
+                    Err(reason) => return Ok(Err((seq, reason))),
+                };
+                if self.limits.is_expired(ts_ms, now_ms) {
+                    expired.push(seq);
+                    continue;
+                }
+                match decode(seq, bytes) {
+                    Ok(r) => records.push(r),
+                    Err(reason) => return Ok(Err((seq, reason))),
+                }
+                if records.len() >= max {
+                    break;
+                }
+            }
+        }
+        if !expired.is_empty() {
+            let mut summary = inner.summary;
+            let mut dropped = Drops::default();
+            let txn = db.begin_write()?;
+            {
+                let mut table = txn.open_table(RECORDS)?;
+                for seq in expired {
+                    if let Some(v) = table.remove(seq)? {
+                        let len = v.value().len() as u64;
+                        dropped.add(DropReason::AgeLimit, len);
+                        summary.records = summary.records.saturating_sub(1);
+                        summary.bytes = summary.bytes.saturating_sub(len);
+                    }
+                }
+                summary.oldest = oldest(&table)?;
+            }
+            txn.commit()?;
+            inner.summary = summary;
+            inner.dropped.merge(&dropped);
+            log_drops(&self.path, "peek", &dropped);
+        }
+        Ok(Ok(records))
+    }
+
+    /// Removes the records with these sequence numbers in one durable transaction. Order does not
+    /// matter; unknown numbers (already acked, dropped, never assigned) are ignored.
+    pub fn ack(&self, seqs: &[u64]) -> Result<AckReport, AckError> {
+        if seqs.is_empty() {
+            return Ok(AckReport::default());
+        }
+        let mut inner = self.lock();
+        let result = self.ack_locked(&mut inner, seqs);
+        self.finish(&mut inner, result)
+            .map_err(|source| AckError::Db {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    fn ack_locked(&self, inner: &mut Inner, seqs: &[u64]) -> Result<AckReport, DbError> {
+        self.ensure_db(inner)?;
+        let Some(db) = inner.db.as_ref() else {
+            return Err(DbError::Storage(redb::StorageError::DatabaseClosed));
+        };
+        let mut report = AckReport::default();
+        let mut summary = inner.summary;
+        let txn = db.begin_write()?;
+        {
+            let mut table = txn.open_table(RECORDS)?;
+            for &seq in seqs {
+                match table.remove(seq)? {
+                    Some(v) => {
+                        let len = v.value().len() as u64;
+                        report.removed += 1;
+                        report.bytes += len;
+                    }
+                    None => report.unknown += 1,
+                }
+            }
+            if report.removed > 0 {
+                summary.records = summary.records.saturating_sub(report.removed);
+                summary.bytes = summary.bytes.saturating_sub(report.bytes);
+                summary.oldest = oldest(&table)?;
+            }
+        }
+        if report.removed == 0 {
+            txn.abort()?;
+            return Ok(report);
+        }
+        txn.commit()?;
+        inner.summary = summary;
+        inner.acked_total = inner.acked_total.saturating_add(report.removed);
+        Ok(report)
+    }
+
+    /// Rewrites the file to its minimum size (see the module doc for when to call it).
+    pub fn compact(&self) -> Result<CompactReport, CompactError> {
+        let mut inner = self.lock();
+        let file_bytes_before = file_len(&self.path);
+        let result = (|| {
+            self.ensure_db(&mut inner)?;
+            if let Some(db) = inner.db.as_mut() {
+                // Each call compacts one step; stop when redb says there is nothing left.
+                for _ in 0..64 {
+                    if !db.compact()? {
+                        break;
+                    }
+                }
+            }
+            Ok(())
+        })();
+        self.finish(&mut inner, result)
+            .map_err(|source| CompactError::Db {
+                path: self.path.clone(),
+                source,
+            })?;
+        Ok(CompactReport {
+            file_bytes_before,
+            file_bytes_after: file_len(&self.path),
+        })
+    }
+
+    /// A snapshot of gauges and counters (never waits for a write in progress).
+    pub fn stats(&self) -> Stats {
+        self.stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The outbox file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The limits this outbox applies.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Publishes the stats after an operation; after a failure closes the database so that the
+    /// next operation reopens it (redb refuses everything after an I/O error).
+    fn finish<T>(&self, inner: &mut Inner, result: Result<T, DbError>) -> Result<T, DbError> {
+        if let Err(e) = &result {
+            tracing::error!(path = %self.path.display(), error = %e, "outbox operation failed; the file will be reopened");
+            inner.db = None;
+        }
+        inner.file_bytes = file_len(&self.path);
+        *self.stats.lock().unwrap_or_else(PoisonError::into_inner) = snapshot(inner);
+        result
+    }
+
+    /// Reopens the database after a failure; the gauges are reloaded from the file.
+    fn ensure_db(&self, inner: &mut Inner) -> Result<(), DbError> {
+        if inner.db.is_some() {
+            return Ok(());
+        }
+        let loaded = match load(&self.path, &self.opener) {
+            Ok(loaded) => loaded,
+            Err(LoadFailure::Corrupt(reason)) => {
+                return Err(DbError::Storage(redb::StorageError::Corrupted(reason)))
+            }
+            Err(LoadFailure::Other(OpenError::Db { source, .. })) => return Err(source),
+            Err(LoadFailure::Other(e)) => {
+                return Err(DbError::Storage(redb::StorageError::Corrupted(
+                    e.to_string(),
+                )))
+            }
+        };
+        tracing::info!(path = %self.path.display(), records = loaded.summary.records, "outbox file reopened");
+        inner.db = Some(loaded.db);
+        inner.summary = loaded.summary;
+        inner.next_seq = inner.next_seq.max(loaded.next_seq);
+        Ok(())
+    }
+}
+
+/// Opens the database (full integrity check), validates every record header, moves undecodable
+/// records to `quarantine`, and makes sure the tables and the format marker exist.
+fn load(path: &Path, opener: &Opener) -> Result<Loaded, LoadFailure> {
+    let other = |source: DbError| {
+        LoadFailure::Other(OpenError::Db {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let storage = |source: redb::StorageError| match source {
+        redb::StorageError::Corrupted(reason) => LoadFailure::Corrupt(reason),
+        source => other(DbError::Storage(source)),
+    };
+    let mut builder = Database::builder();
+    builder.set_check_integrity_on_open(true);
+    let db = match opener(&builder) {
+        Ok(db) => db,
+        Err(e) if is_corruption(&e) => return Err(LoadFailure::Corrupt(e.to_string())),
+        Err(e) => return Err(other(DbError::Open(e))),
+    };
+    let txn = db.begin_write().map_err(|e| other(e.into()))?;
+    let mut summary = Summary::default();
+    let mut quarantined_records = Vec::new();
+    let mut changed = false;
+    let next_seq;
+    {
+        let mut meta = txn.open_table(META).map_err(|e| other(e.into()))?;
+        let mut records = txn.open_table(RECORDS).map_err(|e| other(e.into()))?;
+        let mut quarantine = txn.open_table(QUARANTINE).map_err(|e| other(e.into()))?;
+        let format = meta.get(META_FORMAT).map_err(storage)?.map(|v| v.value());
+        match format {
+            Some(FORMAT) => {}
+            Some(found) => {
+                return Err(LoadFailure::Other(OpenError::Format {
+                    path: path.to_path_buf(),
+                    found,
+                }))
+            }
+            None => {
+                meta.insert(META_FORMAT, FORMAT).map_err(storage)?;
+                changed = true;
+            }
+        }
+        let stored_next = meta
+            .get(META_NEXT_SEQ)
+            .map_err(storage)?
+            .map_or(0, |v| v.value());
+        let mut bad: Vec<(u64, Vec<u8>, String)> = Vec::new();
+        let mut last_seq = None;
+        for item in records.iter().map_err(storage)? {
+            let (k, v) = item.map_err(storage)?;
+            let (seq, bytes) = (k.value(), v.value());
+            last_seq = Some(seq);
+            match validate(bytes) {
+                Ok(ts_ms) => {
+                    let len = bytes.len() as u64;
+                    summary.records += 1;
+                    summary.bytes += len;
+                    summary.oldest = summary.oldest.or(Some(Entry { bytes: len, ts_ms }));
+                }
+                Err(reason) => bad.push((seq, bytes.to_vec(), reason)),
+            }
+        }
+        next_seq = stored_next.max(last_seq.map_or(0, |s| s.saturating_add(1)));
+        for (seq, bytes, error) in bad {
+            quarantine.insert(seq, bytes.as_slice()).map_err(storage)?;
+            records.remove(seq).map_err(storage)?;
+            tracing::error!(
+                path = %path.display(),
+                seq,
+                %error,
+                "outbox record does not decode; moved to the quarantine table"
+            );
+            quarantined_records.push(seq);
+        }
+        if !quarantined_records.is_empty() {
+            // The oldest may have been quarantined.
+            summary.oldest = oldest(&records).map_err(other)?;
+        }
+        if next_seq != stored_next {
+            meta.insert(META_NEXT_SEQ, next_seq).map_err(storage)?;
+        }
+        changed |= next_seq != stored_next || !quarantined_records.is_empty();
+    }
+    // A clean reopen writes nothing (so it works on a full disk).
+    if changed {
+        txn.commit().map_err(|e| other(e.into()))?;
+    } else {
+        txn.abort().map_err(|e| other(DbError::Storage(e)))?;
+    }
+    Ok(Loaded {
+        db,
+        summary,
+        next_seq,
+        quarantined_records,
+    })
+}
+
+/// The oldest record of the table as the policy sees it.
+fn oldest(table: &impl ReadableTable<u64, &'static [u8]>) -> Result<Option<Entry>, DbError> {
+    let Some((k, v)) = table.first()? else {
+        return Ok(None);
+    };
+    let bytes = v.value();
+    let ts_ms = header_ts(bytes).map_err(|reason| {
+        DbError::Storage(redb::StorageError::Corrupted(format!(
+            "record {}: {reason}",
+            k.value()
+        )))
+    })?;
+    Ok(Some(Entry {
+        bytes: bytes.len() as u64,
+        ts_ms,
+    }))
+}
+
+fn snapshot(inner: &Inner) -> Stats {
+    Stats {
+        records: inner.summary.records,
+        bytes: inner.summary.bytes,
+        oldest_ts_ms: inner.summary.oldest.map(|e| e.ts_ms),
+        next_seq: inner.next_seq,
+        file_bytes: inner.file_bytes,
+        appended_total: inner.appended_total,
+        acked_total: inner.acked_total,
+        dropped: inner.dropped,
+    }
+}
+
+fn log_drops(path: &Path, during: &str, dropped: &Drops) {
+    for (reason, count) in dropped.iter() {
+        if count.records > 0 {
+            tracing::warn!(
+                path = %path.display(),
+                during,
+                reason = reason.as_str(),
+                records = count.records,
+                bytes = count.bytes,
+                "outbox dropped records"
+            );
+        }
+    }
+}
+
+// ---- the record encoding (see the module doc) ----
+
+fn encode(r: &NewRecord) -> Result<Vec<u8>, String> {
+    if r.qos > 2 {
+        return Err(format!("qos {} is not 0, 1 or 2", r.qos));
+    }
+    let key_len = u16::try_from(r.key.len())
+        .map_err(|_| format!("ordering key is {} bytes (max 65535)", r.key.len()))?;
+    let topic_len = u16::try_from(r.topic.len())
+        .map_err(|_| format!("topic is {} bytes (max 65535)", r.topic.len()))?;
+    let mut out = Vec::with_capacity(HEADER_LEN + r.key.len() + r.topic.len() + r.payload.len());
+    out.push(RECORD_FORMAT);
+    out.extend_from_slice(&r.ts_ms.to_le_bytes());
+    out.push(r.qos);
+    out.push(u8::from(r.retain));
+    out.extend_from_slice(&key_len.to_le_bytes());
+    out.extend_from_slice(&topic_len.to_le_bytes());
+    out.extend_from_slice(r.key.as_bytes());
+    out.extend_from_slice(r.topic.as_bytes());
+    out.extend_from_slice(&r.payload);
+    Ok(out)
+}
+
+struct Header {
+    ts_ms: i64,
+    qos: u8,
+    retain: bool,
+    key_len: usize,
+    topic_len: usize,
+}
+
+fn header(bytes: &[u8]) -> Result<Header, String> {
+    let Some(h) = bytes.get(..HEADER_LEN) else {
+        return Err(format!(
+            "{} bytes, shorter than the {HEADER_LEN}-byte header",
+            bytes.len()
+        ));
+    };
+    if h[0] != RECORD_FORMAT {
+        return Err(format!(
+            "unsupported record format {} (this build reads {RECORD_FORMAT})",
+            h[0]
+        ));
+    }
+    let mut ts = [0u8; 8];
+    ts.copy_from_slice(&h[1..9]);
+    let qos = h[9];
+    if qos > 2 {
+        return Err(format!("qos {qos} is not 0, 1 or 2"));
+    }
+    let flags = h[10];
+    if flags & !1 != 0 {
+        return Err(format!("unknown flags {flags:#04x}"));
+    }
+    let key_len = usize::from(u16::from_le_bytes([h[11], h[12]]));
+    let topic_len = usize::from(u16::from_le_bytes([h[13], h[14]]));
+    if HEADER_LEN + key_len + topic_len > bytes.len() {
+        return Err(format!(
+            "key ({key_len}) and topic ({topic_len}) lengths overrun the {}-byte record",
+            bytes.len()
+        ));
+    }
+    Ok(Header {
+        ts_ms: i64::from_le_bytes(ts),
+        qos,
+        retain: flags & 1 == 1,
+        key_len,
+        topic_len,
+    })
+}
+
+fn header_ts(bytes: &[u8]) -> Result<i64, String> {
+    header(bytes).map(|h| h.ts_ms)
+}
+
+/// Checks a whole record without copying it; returns its timestamp.
+fn validate(bytes: &[u8]) -> Result<i64, String> {
+    let h = header(bytes)?;
+    let key = &bytes[HEADER_LEN..HEADER_LEN + h.key_len];
+    let topic = &bytes[HEADER_LEN + h.key_len..HEADER_LEN + h.key_len + h.topic_len];
+    std::str::from_utf8(key).map_err(|e| format!("ordering key is not UTF-8: {e}"))?;
+    std::str::from_utf8(topic).map_err(|e| format!("topic is not UTF-8: {e}"))?;
+    Ok(h.ts_ms)
+}
+
+fn decode(seq: u64, bytes: &[u8]) -> Result<Record, String> {
+    let h = header(bytes)?;
+    let key_end = HEADER_LEN + h.key_len;
+    let topic_end = key_end + h.topic_len;
+    let key = std::str::from_utf8(&bytes[HEADER_LEN..key_end])
+        .map_err(|e| format!("ordering key is not UTF-8: {e}"))?;
+    let topic = std::str::from_utf8(&bytes[key_end..topic_end])
+        .map_err(|e| format!("topic is not UTF-8: {e}"))?;
+    Ok(Record {
+        seq,
+        ts_ms: h.ts_ms,
+        topic: topic.to_owned(),
+        payload: bytes[topic_end..].to_vec(),
+        qos: h.qos,
+        retain: h.retain,
+        key: key.to_owned(),
+    })
+}
+
+fn is_corruption(e: &redb::DatabaseError) -> bool {
+    match e {
+        redb::DatabaseError::Storage(redb::StorageError::Corrupted(_)) => true,
+        redb::DatabaseError::Storage(redb::StorageError::Io(io)) => {
+            io.kind() == std::io::ErrorKind::InvalidData
+        }
+        _ => false,
+    }
+}
+
+fn corrupt_name(path: &Path, now_ms: i64) -> PathBuf {
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(format!(".corrupt-{now_ms}"));
+    path.with_file_name(name)
+}
+
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
+}
+
+fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests;
