@@ -221,3 +221,35 @@ fn runtime_ignores_deltas_not_newer_than_the_last_applied_one() {
         vec![json!(10.0), json!(13.0)]
     );
 }
+
+#[test]
+fn runtime_reconnects_to_a_restarted_node_and_announces_itself_again() {
+    let mut node = Node::start_with_profile(&profile(&["sim-1"]));
+    let driver = MemoryDriver::default();
+    let sim = driver.sim.clone();
+    let _mapper = InProcess::start(&node, driver);
+    eventually("online", || {
+        status(&node, "sim-1").as_deref() == Some("online")
+    });
+
+    node.stop();
+    node.restart();
+    // The restarted broker lost every retained message; the mapper publishes them again.
+    node.retained_until(
+        "mappers/serial/status",
+        std::time::Duration::from_secs(30),
+        |v| v.is_some_and(|v| v["state"] == "online"),
+    );
+    eventually("device status republished", || {
+        status(&node, "sim-1").as_deref() == Some("online")
+    });
+    sim.with("mem-sim-1", |d| {
+        d.values.insert("humidity".into(), json!(77))
+    });
+    node.twin_until("sim-1", |t| t["reported"]["humidity"] == 77);
+    assert_eq!(
+        sim.with("mem-sim-1", |d| d.connects),
+        1,
+        "the redelivered, unchanged assignment does not reconnect the device"
+    );
+}

@@ -22,7 +22,7 @@
 mod device;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use edgetwin_contract::{
@@ -128,6 +128,9 @@ pub fn parse_broker(s: &str) -> Result<(String, u16), RuntimeError> {
 #[derive(Clone)]
 pub(crate) struct Out {
     client: AsyncClient,
+    /// The last status published per device, republished after every broker reconnect (the
+    /// broker keeps retained messages only in memory, so a restarted node has lost them).
+    statuses: Arc<Mutex<HashMap<DeviceId, (DeviceState, Option<String>)>>>,
 }
 
 impl Out {
@@ -145,12 +148,48 @@ impl Out {
     }
 
     pub(crate) fn status(&self, device: &DeviceId, state: DeviceState, message: Option<String>) {
+        self.statuses
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(device.clone(), (state, message.clone()));
+        self.send_status(device, state, message);
+    }
+
+    fn send_status(&self, device: &DeviceId, state: DeviceState, message: Option<String>) {
         let msg = DeviceStatusMsg {
             state,
             ts: now_ms(),
             message,
         };
         self.json(&Topic::Status(device.clone()).to_topic_string(), &msg, true);
+    }
+
+    /// Clears a removed device's retained status.
+    fn clear_status(&self, device: &DeviceId) {
+        self.statuses
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(device);
+        self.raw(
+            &Topic::Status(device.clone()).to_topic_string(),
+            Vec::new(),
+            true,
+            QoS::AtLeastOnce,
+        );
+    }
+
+    /// Publishes every device's last status again.
+    fn republish_statuses(&self) {
+        let all: Vec<_> = self
+            .statuses
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(d, (s, m))| (d.clone(), *s, m.clone()))
+            .collect();
+        for (d, s, m) in all {
+            self.send_status(&d, s, m);
+        }
     }
 }
 
@@ -208,6 +247,7 @@ pub async fn run<D: Driver>(driver: D, opts: RuntimeOptions) -> Result<(), Runti
 
     let out = Out {
         client: client.clone(),
+        statuses: Arc::default(),
     };
     let metrics = Metrics::default();
     let mut disp = Dispatcher {
@@ -251,6 +291,7 @@ pub async fn run<D: Driver>(driver: D, opts: RuntimeOptions) -> Result<(), Runti
                         }
                     }
                     out.raw(&status_topic, mapper_status(MapperState::Online), true, QoS::AtLeastOnce);
+                    out.republish_statuses();
                 }
                 Some(Packet::Publish(p)) => disp.handle(&p.topic, &p.payload),
                 Some(_) => {}
@@ -381,17 +422,13 @@ impl<D: Driver> Dispatcher<D> {
             if let Some(h) = self.devices.remove(&id) {
                 info!(device = %id, "device removed");
                 h.token.cancel();
-                self.metrics.remove(id.as_str());
                 let out = self.out.clone();
-                // Clear the retained status once the task has closed its connection.
+                let metrics = self.metrics.clone();
+                // Once the task has closed its connection: forget its counters, clear its status.
                 self.tracker.spawn(async move {
                     let _ = h.join.await;
-                    out.raw(
-                        &Topic::Status(id).to_topic_string(),
-                        Vec::new(),
-                        true,
-                        QoS::AtLeastOnce,
-                    );
+                    metrics.remove(id.as_str());
+                    out.clear_status(&id);
                 });
             }
             return;
