@@ -130,8 +130,11 @@ pub(crate) struct Out {
     client: AsyncClient,
     /// The last status published per device, republished after every broker reconnect (the
     /// broker keeps retained messages only in memory, so a restarted node has lost them).
-    statuses: Arc<Mutex<HashMap<DeviceId, (DeviceState, Option<String>)>>>,
+    statuses: Arc<Mutex<HashMap<DeviceId, LastStatus>>>,
 }
+
+/// A device's last published state and message.
+type LastStatus = (DeviceState, Option<String>);
 
 impl Out {
     pub(crate) fn json<T: Serialize>(&self, topic: &str, msg: &T, retain: bool) {
