@@ -3,3 +3,7 @@
 //! `Driver` over tokio-modbus). The binary in `main.rs` only runs the SDK runtime with it.
 
 pub mod codec;
+pub mod config;
+pub mod driver;
+
+pub use driver::{ModbusConn, ModbusDriver};
