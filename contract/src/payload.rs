@@ -275,6 +275,12 @@ pub enum ErrorCode {
     TooLarge,
     /// The node could not store the change; nothing was changed.
     StoreFailed,
+    /// (mapper) The device answered a read with a refusal (Modbus exception, OPC UA bad status).
+    DeviceRefused,
+    /// (mapper) A desired value could not be written to the device.
+    WriteFailed,
+    /// (mapper) The device's profile cannot work with the hardware (wrong visitor, unencodable value).
+    DeviceConfig,
 }
 
 impl ErrorCode {
@@ -291,11 +297,14 @@ impl ErrorCode {
             ErrorCode::InvalidPatch => "invalid_patch",
             ErrorCode::TooLarge => "too_large",
             ErrorCode::StoreFailed => "store_failed",
+            ErrorCode::DeviceRefused => "device_refused",
+            ErrorCode::WriteFailed => "write_failed",
+            ErrorCode::DeviceConfig => "device_config",
         }
     }
 
     /// Every code, for pre-registering metric label values.
-    pub const ALL: [ErrorCode; 10] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::MalformedJson,
         ErrorCode::UnknownDevice,
         ErrorCode::UnknownProperty,
@@ -306,6 +315,9 @@ impl ErrorCode {
         ErrorCode::InvalidPatch,
         ErrorCode::TooLarge,
         ErrorCode::StoreFailed,
+        ErrorCode::DeviceRefused,
+        ErrorCode::WriteFailed,
+        ErrorCode::DeviceConfig,
     ];
 }
 

@@ -174,7 +174,7 @@ class Mapper:
                     continue
                 if not prop["writable"]:
                     self.publish(f"dt/{name}/error", {
-                        "code": "invalid_patch",
+                        "code": "write_failed",
                         "message": f"writing property {prop_name!r}: device refused: read-only register",
                         "topic": f"dt/{name}/delta",
                     })

@@ -22,10 +22,14 @@ use crate::report::{patch, ReportPolicy, Reporter};
 use crate::schedule::{Due, Schedule};
 use crate::{Driver, DriverError};
 
-/// The error code the mapper uses on `dt/{device}/error`. The contract has no mapper-side code
-/// yet (see the SDK README: `device_refused`/`write_failed` are proposed), so every mapper-side
-/// error uses `invalid_patch` and says what happened in `message`.
-pub(crate) const MAPPER_ERROR_CODE: ErrorCode = ErrorCode::InvalidPatch;
+/// The error code a failed read or write is published with.
+fn error_code(e: &DriverError, writing: bool) -> ErrorCode {
+    match e {
+        DriverError::Config(_) => ErrorCode::DeviceConfig,
+        _ if writing => ErrorCode::WriteFailed,
+        _ => ErrorCode::DeviceRefused,
+    }
+}
 
 /// Why a connected phase ended.
 enum Ended {
@@ -321,7 +325,11 @@ impl<D: Driver> DeviceTask<D> {
                     first_refusal.get_or_insert_with(|| msg.clone());
                     if self.prop_errors[i].as_deref() != Some(msg.as_str()) {
                         warn!(device = %self.id, property = %prop.name, error = %e, "property read refused");
-                        self.error(Topic::Reported(self.id.clone()), msg.clone());
+                        self.error(
+                            Topic::Reported(self.id.clone()),
+                            error_code(&e, false),
+                            msg.clone(),
+                        );
                         self.prop_errors[i] = Some(msg);
                     }
                 }
@@ -413,6 +421,7 @@ impl<D: Driver> DeviceTask<D> {
                     warn!(device = %self.id, property = %prop.name, error = %e, "write refused");
                     self.error(
                         Topic::Delta(self.id.clone()),
+                        error_code(&e, true),
                         format!("writing property {:?} = {value}: {e}", prop.name.as_str()),
                     );
                     continue;
@@ -460,6 +469,7 @@ impl<D: Driver> DeviceTask<D> {
                     self.metrics.with(&name, |c| c.read_errors += 1);
                     self.error(
                         Topic::Reported(self.id.clone()),
+                        error_code(&e, false),
                         format!(
                             "reading back property {:?} after a write: {e}",
                             prop.name.as_str()
@@ -471,10 +481,10 @@ impl<D: Driver> DeviceTask<D> {
         Ok(())
     }
 
-    fn error(&self, about: Topic, message: String) {
+    fn error(&self, about: Topic, code: ErrorCode, message: String) {
         let msg = ErrorMsg {
             id: None,
-            code: MAPPER_ERROR_CODE,
+            code,
             message,
             topic: about.to_topic_string(),
         };
