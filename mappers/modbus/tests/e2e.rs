@@ -1,0 +1,385 @@
+//! The real mapper binary between the real node and the pymodbus simulator, observed only through
+//! the topic contract: reported values, desired writes, offline/online, exceptions, device apply,
+//! and the SDK's compliance suite.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use edgetwin_mapper_sdk::compliance::{run_compliance, ComplianceSpec, Expect};
+use edgetwin_testkit::{free_port, Node};
+use serde_json::{json, Value};
+
+const MAPPER: &str = env!("CARGO_BIN_EXE_edgetwin-mapper-modbus");
+
+/// The mapper process, killed on drop.
+struct Mapper {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Mapper {
+    fn start(node: &Node) -> Mapper {
+        let log = node.dir.path().join("mapper.log");
+        let child = Command::new(MAPPER)
+            .args(["--broker", &format!("127.0.0.1:{}", node.port)])
+            .env(
+                "EDGETWIN_LOG",
+                "info,edgetwin_mapper_modbus=debug,edgetwin_mapper_sdk=debug",
+            )
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Mapper { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn assert_running(&mut self) {
+        assert!(
+            self.child.try_wait().unwrap().is_none(),
+            "mapper exited:\n{}",
+            self.log()
+        );
+    }
+}
+
+impl Drop for Mapper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn meter_props<'a>() -> Vec<Prop<'a>> {
+    vec![
+        prop(
+            "voltage",
+            "float",
+            "{register: HoldingRegister, offset: 2, dataType: float32, isRegisterSwap: true}",
+        ),
+        prop(
+            "count",
+            "int",
+            "{register: HoldingRegister, offset: 12, dataType: uint32, isRegisterSwap: true}",
+        ),
+        prop(
+            "delta",
+            "int",
+            "{register: HoldingRegister, offset: 8, dataType: int16}",
+        ),
+        prop(
+            "serial",
+            "string",
+            "{register: HoldingRegister, offset: 26, limit: 4, dataType: string}",
+        ),
+        prop(
+            "outside",
+            "float",
+            "{register: HoldingRegister, offset: 32, dataType: int16, scale: 0.1, valueOffset: 10}",
+        ),
+        prop(
+            "running",
+            "boolean",
+            "{register: CoilRegister, offset: 0, dataType: bool}",
+        ),
+        rw(
+            "setpoint",
+            "float",
+            "{register: HoldingRegister, offset: 30, dataType: uint16, scale: 0.1}",
+        ),
+    ]
+}
+
+/// A mosquitto_sub on one topic, known to be subscribed before `new` returns.
+struct Sub {
+    child: Child,
+    rx: std::sync::mpsc::Receiver<String>,
+}
+
+impl Sub {
+    fn new(node: &Node, topic: &str) -> Sub {
+        edgetwin_testkit::require("mosquitto_sub");
+        let sync = "test/modbus/sync";
+        let mut child = Command::new("mosquitto_sub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &node.port.to_string(),
+                "-v",
+                "-t",
+                topic,
+                "-t",
+                sync,
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in out.lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        // Publish on the sync topic until it comes back: then the subscription is in place.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            node.pub_(sync, "{}");
+            if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+                if l.starts_with(sync) {
+                    break;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "mosquitto_sub never subscribed"
+            );
+        }
+        Sub { child, rx }
+    }
+
+    /// The next JSON payload on the topic.
+    fn next(&self, limit: Duration) -> Value {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = self
+                .rx
+                .recv_timeout(left)
+                .expect("no message on the topic in time");
+            if let Some((_, p)) = line
+                .split_once(' ')
+                .filter(|(t, _)| !t.starts_with("test/"))
+            {
+                return serde_json::from_str(p).unwrap();
+            }
+        }
+    }
+}
+
+impl Drop for Sub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn reported(t: &Value, name: &str) -> Value {
+    t["reported"][name].clone()
+}
+
+fn status(node: &Node, device: &str, state: &str, limit: Duration) {
+    node.retained_until(&format!("dt/{device}/status"), limit, |v| {
+        v.is_some_and(|v| v["state"] == state)
+    });
+}
+
+#[test]
+fn modbus_mapper_reports_register_values_with_types_scaling_and_orders() {
+    let port = free_port();
+    let _sim = Sim::tcp(port);
+    let node = Node::start_with_profile(&profile_yaml(
+        "meter",
+        "meter-1",
+        &tcp(port, 1),
+        "300ms",
+        &meter_props(),
+    ));
+    let mut mapper = Mapper::start(&node);
+    let t = node.twin_until("meter-1", |t| {
+        t["reported"]["setpoint"].is_number() && t["reported"]["running"].is_boolean()
+    });
+    assert_eq!(reported(&t, "voltage"), json!(230.5));
+    assert_eq!(reported(&t, "count"), json!(3_000_000_000u64));
+    assert_eq!(reported(&t, "delta"), json!(-1234));
+    assert_eq!(reported(&t, "serial"), json!("EDGE-1"));
+    assert!(
+        (reported(&t, "outside").as_f64().unwrap() + 30.0).abs() < 1e-9,
+        "{t}"
+    );
+    assert_eq!(reported(&t, "running"), json!(true));
+    assert!(
+        (reported(&t, "setpoint").as_f64().unwrap() - 21.5).abs() < 1e-9,
+        "{t}"
+    );
+    status(&node, "meter-1", "online", Duration::from_secs(5));
+    mapper.assert_running();
+}
+
+#[test]
+fn modbus_mapper_desired_setpoint_reaches_the_register_is_reported_and_delta_clears() {
+    let port = free_port();
+    let sim = Sim::tcp(port);
+    let node = Node::start_with_profile(&profile_yaml(
+        "meter",
+        "meter-1",
+        &tcp(port, 1),
+        "300ms",
+        &meter_props(),
+    ));
+    let _mapper = Mapper::start(&node);
+    node.twin_until("meter-1", |t| t["reported"]["setpoint"].is_number());
+    node.pub_("dt/meter-1/desired", r#"{"setpoint": 25.5}"#);
+    assert_eq!(sim.wait_write(1, 30), vec![255]);
+    let t = node.twin_until("meter-1", |t| {
+        t["reported"]["setpoint"]
+            .as_f64()
+            .is_some_and(|v| (v - 25.5).abs() < 1e-9)
+    });
+    assert_eq!(t["desired"]["setpoint"], json!(25.5));
+    // No delta left: every desired property is reported with the same value.
+    for (k, v) in t["desired"].as_object().unwrap() {
+        assert_eq!(&t["reported"][k], v, "delta left for {k}: {t}");
+    }
+}
+
+#[test]
+fn modbus_mapper_stopped_simulator_goes_offline_and_recovers_without_restart() {
+    let port = free_port();
+    let mut sim = Sim::tcp(port);
+    let cycle = Duration::from_millis(500);
+    let props = vec![prop(
+        "delta",
+        "int",
+        "{register: HoldingRegister, offset: 8, dataType: int16}",
+    )];
+    let node = Node::start_with_profile(&profile_yaml(
+        "meter",
+        "meter-1",
+        &tcp(port, 1),
+        "500ms",
+        &props,
+    ));
+    let mut mapper = Mapper::start(&node);
+    status(&node, "meter-1", "online", Duration::from_secs(10));
+
+    sim.stop();
+    // Two poll periods, plus the time mosquitto_sub needs to look.
+    status(
+        &node,
+        "meter-1",
+        "offline",
+        2 * cycle + Duration::from_secs(1),
+    );
+
+    let _sim = Sim::tcp(port);
+    status(&node, "meter-1", "online", Duration::from_secs(15));
+    mapper.assert_running();
+    node.twin_until("meter-1", |t| t["reported"]["delta"] == json!(-1234));
+}
+
+#[test]
+fn modbus_mapper_exception_is_reported_on_the_error_topic_and_the_mapper_keeps_running() {
+    let port = free_port();
+    let _sim = Sim::tcp(port);
+    let props = vec![
+        prop(
+            "delta",
+            "int",
+            "{register: HoldingRegister, offset: 8, dataType: int16}",
+        ),
+        prop(
+            "missing",
+            "int",
+            "{register: HoldingRegister, offset: 70, dataType: uint16}",
+        ),
+    ];
+    let node = Node::start_with_profile(&profile_yaml(
+        "meter",
+        "meter-1",
+        &tcp(port, 1),
+        "300ms",
+        &props,
+    ));
+    // Errors are not retained: subscribe before the mapper starts.
+    let sub = Sub::new(&node, "dt/meter-1/error");
+    let mut mapper = Mapper::start(&node);
+    let e = sub.next(Duration::from_secs(15));
+    let text = e["message"].as_str().unwrap_or_default();
+    assert!(text.contains("missing") || text.contains("70"), "{e}");
+    assert!(text.contains("0x02"), "the exception is named: {e}");
+    let t = node.twin_until("meter-1", |t| t["reported"]["delta"] == json!(-1234));
+    assert!(t["reported"].get("missing").is_none(), "{t}");
+    status(&node, "meter-1", "online", Duration::from_secs(5));
+    mapper.assert_running();
+}
+
+#[test]
+fn modbus_mapper_picks_up_devices_added_and_removed_with_device_apply() {
+    let port = free_port();
+    let _sim = Sim::tcp(port);
+    let props = vec![prop(
+        "unit",
+        "int",
+        "{register: HoldingRegister, offset: 33, dataType: uint16}",
+    )];
+    let node = Node::start_with_profile(&profile_yaml(
+        "meter",
+        "meter-1",
+        &tcp(port, 1),
+        "300ms",
+        &props,
+    ));
+    let mut mapper = Mapper::start(&node);
+    node.twin_until("meter-1", |t| t["reported"]["unit"] == json!(111));
+
+    let file = node.dir.path().join("extra.yaml");
+    std::fs::write(
+        &file,
+        device_yaml("meter", "meter-2", &tcp(port, 2), "300ms", &props),
+    )
+    .unwrap();
+    let out = node.cli(&["device", "apply", file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    node.twin_until("meter-2", |t| t["reported"]["unit"] == json!(222));
+
+    // The same file now names another device instead: meter-2 is removed, meter-3 added.
+    std::fs::write(
+        &file,
+        device_yaml("meter", "meter-3", &tcp(port, 2), "300ms", &props),
+    )
+    .unwrap();
+    let out = node.cli(&["device", "apply", file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    node.twin_until("meter-3", |t| t["reported"]["unit"] == json!(222));
+    node.retained_until("dt/meter-2/status", Duration::from_secs(10), |v| {
+        v.is_none()
+    });
+    mapper.assert_running();
+}
+
+#[test]
+fn modbus_mapper_passes_the_sdk_compliance_suite() {
+    let port = free_port();
+    let _sim = Sim::tcp(port);
+    run_compliance(ComplianceSpec {
+        protocol: "modbus".into(),
+        mapper_bin: MAPPER.into(),
+        profile_yaml: profile_yaml("meter", "meter-1", &tcp(port, 1), "300ms", &meter_props()),
+        device: "meter-1".into(),
+        read: ("voltage".into(), Expect::Value(json!(230.5))),
+        write: Some(("setpoint".into(), json!(22.5))),
+        ..ComplianceSpec::default()
+    });
+}
