@@ -3,6 +3,9 @@
 
     modbus_sim.py tcp PORT           Modbus TCP server on 127.0.0.1:PORT
     modbus_sim.py rtu /dev/pts/N     Modbus RTU server on a serial port (one end of a socat pty pair)
+    modbus_sim.py tcp PORT --ticking every read of holding registers 100-199 first adds 1 to
+                                     the registers it reads, so every reading is a new value
+                                     (for the benchmark)
 
 Serves unit ids 1 and 2 with the register map below (on RTU other unit ids get no answer). Every register value is packed here with
 Python's struct module, independently of the mapper's Rust codec. Addresses that are not listed
@@ -95,8 +98,14 @@ def device(unit, action):
     )
 
 
+TICKING = "--ticking" in sys.argv
+
+
 def make_action(unit):
     async def action(function_code, start_address, address, count, current_registers, set_values):
+        if TICKING and set_values is None and function_code == 3 and address >= 100:
+            for i in range(address - start_address, address - start_address + count):
+                current_registers[i] = (current_registers[i] + 1) & 0xFFFF
         if set_values is not None:
             print(
                 json.dumps(
@@ -133,20 +142,21 @@ def silence_unknown_units():
 
 
 async def main():
-    if len(sys.argv) != 3 or sys.argv[1] not in ("tcp", "rtu"):
+    args = [a for a in sys.argv[1:] if a != "--ticking"]
+    if len(args) != 2 or args[0] not in ("tcp", "rtu"):
         sys.exit(__doc__)
-    if sys.argv[1] == "rtu":
+    if args[0] == "rtu":
         try:
             import serial  # noqa: F401  (pymodbus needs pyserial for RTU)
         except ImportError:
             sys.exit("No module named 'serial': pyserial is not installed; run ./test.sh")
     devices = [device(u, make_action(u)) for u in UNITS]
     print("READY", flush=True)
-    if sys.argv[1] == "tcp":
-        await StartAsyncTcpServer(devices, address=("127.0.0.1", int(sys.argv[2])))
+    if args[0] == "tcp":
+        await StartAsyncTcpServer(devices, address=("127.0.0.1", int(args[1])))
     else:
         silence_unknown_units()
-        await StartAsyncSerialServer(devices, port=sys.argv[2], baudrate=115200)
+        await StartAsyncSerialServer(devices, port=args[1], baudrate=115200)
 
 
 if __name__ == "__main__":
