@@ -26,6 +26,8 @@ pub struct NodeConfig {
     pub http: HttpConfig,
     /// The twin service.
     pub twin: TwinConfig,
+    /// The upstream bridge to a cloud MQTT broker; absent = no upstream.
+    pub bridge: Option<crate::bridge::BridgeConfig>,
 }
 
 /// The embedded broker's listeners and limits.
@@ -75,6 +77,7 @@ impl Default for NodeConfig {
             mqtt: MqttConfig::default(),
             http: HttpConfig::default(),
             twin: TwinConfig::default(),
+            bridge: None,
         }
     }
 }
@@ -153,6 +156,9 @@ impl NodeConfig {
         if Some(self.mqtt.listen) == self.mqtt.listen_v5 {
             errors.push("mqtt.listen_v5: must differ from mqtt.listen".to_string());
         }
+        if let Some(b) = &self.bridge {
+            errors.extend(b.check());
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -195,6 +201,32 @@ mod tests {
     fn config_rejects_invalid_node_id() {
         let err = NodeConfig::parse("node_id: a/b\n").expect_err("bad id");
         assert!(err.contains("node_id"), "{err}");
+    }
+
+    #[test]
+    fn config_bridge_section_gets_defaults_from_node_id() {
+        let cfg = NodeConfig::parse("node_id: n-9\nbridge:\n  url: mqtt://127.0.0.1:1999\n")
+            .expect("valid");
+        let b = cfg.bridge.expect("bridge section");
+        assert_eq!(b.client_id("n-9"), "edgetwin-n-9");
+        assert_eq!(b.topic_prefix("n-9"), "edgetwin/n-9/");
+        assert!(b.up.iter().any(|r| r.filter == "dt/+/twin" && r.retain));
+        assert_eq!(b.down, vec!["dt/+/desired", "node/containers/cmd"]);
+        assert_eq!(b.outbox.max_age_s, 86_400);
+    }
+
+    #[test]
+    fn config_bridge_errors_name_their_fields() {
+        let err = NodeConfig::parse(
+            "bridge:\n  url: http://x\n  up: [{filter: 'dt/#/x'}]\n  reconnect: {initial_ms: 0, max_ms: 1}\n",
+        )
+        .expect_err("bad");
+        for field in ["bridge.url", "bridge.up[0].filter", "bridge.reconnect"] {
+            assert!(err.contains(field), "{field} missing: {err}");
+        }
+        let err = NodeConfig::parse("bridge:\n  url: mqtt://x\n  outbox: {max_byte: 1}\n")
+            .expect_err("unknown field");
+        assert!(err.contains("max_byte"), "{err}");
     }
 
     #[test]

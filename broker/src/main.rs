@@ -1,5 +1,6 @@
 //! `edgetwin`: the node daemon (`serve`) and the field engineer's tools (`twin`, `device`).
 
+mod bridge;
 mod cli;
 mod clock;
 mod config;

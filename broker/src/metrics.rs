@@ -81,6 +81,8 @@ pub struct Metrics {
     pub store_quarantined: Gauge,
     /// Latest counters of every mapper, re-exported.
     pub mappers: Arc<MapperMetrics>,
+    /// The upstream bridge and its outbox.
+    pub bridge: crate::bridge::BridgeMetrics,
 }
 
 impl Metrics {
@@ -100,6 +102,7 @@ impl Metrics {
             profile_files: Gauge::default(),
             store_quarantined: Gauge::default(),
             mappers: Arc::new(MapperMetrics::default()),
+            bridge: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -154,6 +157,7 @@ impl Metrics {
             m.store_quarantined.clone(),
         );
         registry.register_collector(Box::new(m.mappers.clone()));
+        m.bridge.register(&mut registry);
         for code in edgetwin_contract::ErrorCode::ALL {
             let _ = m.twin_updates_rejected.get_or_create(&ReasonLabels {
                 reason: code.as_str().to_string(),

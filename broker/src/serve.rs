@@ -3,7 +3,8 @@
 //! Start: store (load twins) → broker listeners → twin service (subscribed before any client can
 //! publish to it) → registry (publishes devices, twins, assignments) → HTTP → ready.
 //! Stop (SIGTERM/SIGINT): not ready → stop registry and intake → the twin service drains what it
-//! already received and commits it → exit (rumqttd's threads end with the process).
+//! already received and commits it → bounded flush of the bridge (its outbox is durable, so
+//! nothing is lost when the flush is cut short) → exit (rumqttd's threads end with the process).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -16,12 +17,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::bridge::{self, Inbound};
 use crate::config::NodeConfig;
 use crate::embedded_broker::EmbeddedBroker;
 use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
 use crate::registry::{self, Registry};
-use crate::twin_service::{self, RegistryUpdate, TwinService, TwinServiceConfig};
+use crate::twin_service::{self, CloudPatch, RegistryUpdate, TwinService, TwinServiceConfig};
 
 /// Runs the node until SIGTERM/SIGINT.
 pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
@@ -68,8 +70,33 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
     }
 
     let (reg_tx, reg_rx) = mpsc::channel::<RegistryUpdate>(16);
+    let (cloud_tx, cloud_rx) = mpsc::channel::<CloudPatch>(1024);
     let service_shutdown = CancellationToken::new();
-    let service_task = tokio::spawn(service.run(twin_in, reg_rx, service_shutdown.clone()));
+    let service_task =
+        tokio::spawn(service.run(twin_in, reg_rx, cloud_rx, service_shutdown.clone()));
+
+    let bridge = match &cfg.bridge {
+        None => None,
+        Some(bcfg) => {
+            let (bridge, inbound) = bridge::start(
+                bcfg,
+                cfg.node_id.as_str(),
+                &cfg.data_dir,
+                broker.link("edgetwin-bridge-up")?,
+                metrics.clone(),
+                shutdown.clone(),
+            )?;
+            let down_link = broker.link("edgetwin-bridge-down")?;
+            tracker.spawn(route_cloud_messages(
+                inbound,
+                cloud_tx,
+                down_link,
+                shutdown.clone(),
+            ));
+            info!(url = %bcfg.url, "bridge to the cloud broker started");
+            Some(bridge)
+        }
+    };
 
     let (mut reg_link_tx, reg_link_rx) = broker.link("edgetwin-registry")?;
     for f in ["node/devices/apply", "node/devices/list"] {
@@ -123,8 +150,48 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
         Ok(Err(e)) => error!(error = %e, "twin service panicked"),
         Err(_) => error!("twin service did not finish its final commit within 20 s"),
     }
+    if let Some(bridge) = bridge {
+        bridge.shutdown().await;
+    }
     info!("stopped");
     Ok(())
+}
+
+/// Delivers messages from the cloud: desired patches to the twin service (source `cloud`, acked
+/// after their commit), anything else republished on the local broker.
+async fn route_cloud_messages(
+    mut inbound: mpsc::UnboundedReceiver<Inbound>,
+    twin: mpsc::Sender<CloudPatch>,
+    (mut link_tx, _link_rx): (rumqttd::local::LinkTx, rumqttd::local::LinkRx),
+    shutdown: CancellationToken,
+) {
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            m = inbound.recv() => m,
+        };
+        let Some(msg) = msg else { break };
+        match edgetwin_contract::Topic::parse(&msg.topic) {
+            Some(edgetwin_contract::Topic::Desired(device)) => {
+                let patch = CloudPatch {
+                    device,
+                    payload: msg.payload,
+                    done: Some(msg.done),
+                };
+                if twin.send(patch).await.is_err() {
+                    break;
+                }
+            }
+            _ => match link_tx.publish(msg.topic.clone(), msg.payload) {
+                Ok(_) => {
+                    let _ = msg.done.send(());
+                }
+                Err(e) => {
+                    warn!(topic = %msg.topic, error = %e, "cannot publish a cloud message locally")
+                }
+            },
+        }
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

@@ -39,6 +39,24 @@ pub struct RegistryUpdate {
     pub done: Option<oneshot::Sender<anyhow::Result<()>>>,
 }
 
+/// A desired patch from the cloud (via the bridge), applied with source `cloud`.
+pub struct CloudPatch {
+    /// The device the patch is for.
+    pub device: DeviceId,
+    /// The JSON merge patch.
+    pub payload: Bytes,
+    /// Fired after the patch was committed (or rejected); the cloud broker is acked then.
+    pub done: Option<oneshot::Sender<()>>,
+}
+
+/// Who sent a patch: desired from a local client or the cloud, reported from a mapper.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PatchFrom {
+    Local,
+    Cloud,
+    Mapper,
+}
+
 /// How far ahead of the node's clock a writer's `ts` may be.
 const MAX_CLOCK_SKEW_MS: i64 = 5 * 60 * 1000;
 
@@ -169,9 +187,12 @@ impl TwinService {
         mut self,
         mut incoming: mpsc::Receiver<Forward>,
         mut registry: mpsc::Receiver<RegistryUpdate>,
+        mut cloud: mpsc::Receiver<CloudPatch>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
         let mut buf = Vec::with_capacity(self.cfg.max_batch);
+        let mut cloud_buf = Vec::new();
+        let mut cloud_open = true;
         loop {
             tokio::select! {
                 biased;
@@ -191,6 +212,14 @@ impl TwinService {
                     }
                     let batch = std::mem::take(&mut buf);
                     self.process(batch).await;
+                }
+                n = cloud.recv_many(&mut cloud_buf, self.cfg.max_batch), if cloud_open => {
+                    if n == 0 {
+                        cloud_open = false;
+                        continue;
+                    }
+                    let batch = std::mem::take(&mut cloud_buf);
+                    self.process_cloud(batch).await;
                 }
             }
         }
@@ -219,6 +248,29 @@ impl TwinService {
         self.finish(b).await;
     }
 
+    /// Applies desired patches from the cloud as one batch, then fires their `done`.
+    async fn process_cloud(&mut self, batch: Vec<CloudPatch>) {
+        let mut b = Batch::default();
+        let arrived = Instant::now();
+        let mut done = Vec::with_capacity(batch.len());
+        for p in batch {
+            let topic = Topic::Desired(p.device.clone()).to_topic_string();
+            self.handle_patch(
+                &mut b,
+                arrived,
+                &topic,
+                p.device,
+                &p.payload,
+                PatchFrom::Cloud,
+            );
+            done.extend(p.done);
+        }
+        self.finish(b).await;
+        for d in done {
+            let _ = d.send(());
+        }
+    }
+
     fn handle(
         &mut self,
         b: &mut Batch,
@@ -232,8 +284,10 @@ impl TwinService {
             return;
         };
         match parsed {
-            Topic::Desired(d) => self.handle_patch(b, arrived, topic, d, payload, Side::Desired),
-            Topic::Reported(d) => self.handle_patch(b, arrived, topic, d, payload, Side::Reported),
+            Topic::Desired(d) => self.handle_patch(b, arrived, topic, d, payload, PatchFrom::Local),
+            Topic::Reported(d) => {
+                self.handle_patch(b, arrived, topic, d, payload, PatchFrom::Mapper)
+            }
             Topic::Get(d) => self.handle_get(b, topic, d, payload, props),
             Topic::Status(d) => self.handle_status(b, topic, d, payload),
             Topic::MapperStatus(p) => self.handle_mapper_status(b, p, payload),
@@ -306,8 +360,12 @@ impl TwinService {
         topic: &str,
         device: DeviceId,
         payload: &Bytes,
-        side: Side,
+        from: PatchFrom,
     ) {
+        let side = match from {
+            PatchFrom::Local | PatchFrom::Cloud => Side::Desired,
+            PatchFrom::Mapper => Side::Reported,
+        };
         let patch = match Patch::parse(payload, self.cfg.max_properties_per_patch) {
             Ok(p) => p,
             Err(r) => return self.reject(b, &device, topic, None, r),
@@ -333,6 +391,7 @@ impl TwinService {
         };
         let spec = spec.clone();
         let source = match side {
+            Side::Desired if from == PatchFrom::Cloud => Source::Cloud,
             Side::Desired => Source::Local,
             Side::Reported => Source::Mapper(resolved.protocol()),
         };

@@ -1,0 +1,827 @@
+//! The upstream bridge: store-and-forward to a cloud MQTT broker (shared/DESIGN.md §5).
+//!
+//! The bridge knows nothing about twins. It moves topic-addressed messages:
+//!
+//! ```text
+//!  local broker ──tap link──▶ tap ──append (group commit)──▶ outbox (redb)
+//!                                                              │ peek (oldest first)
+//!  cloud broker ◀──QoS 1 publish── sender ◀────────────────────┘
+//!        │  PUBACK ──▶ session ──seq──▶ acker ──ack──▶ outbox
+//!        └─ {prefix}{down filters} ──▶ session ──▶ [`Inbound`] (PUBACK after `done`)
+//! ```
+//!
+//! # Up path
+//! An in-process rumqttd link subscribes to the `up` filters. The *tap* drains whatever waits on
+//! it into one batch and appends it to the outbox in one durable transaction; only then can the
+//! sender see it. Every record is published as `{prefix}{local topic}` with QoS 1 (retained if
+//! its route says so) and stays in the outbox until the cloud broker's PUBACK for it arrives.
+//! Retained routes are unsubscribed and subscribed again on the tap link at every (re)connect, so
+//! rumqttd hands over its retained messages (the current twin documents, statuses) once more and
+//! they go up through the outbox too: the cloud converges even if it lost its retained state or
+//! the outbox dropped something.
+//!
+//! # Ack tracking (rumqttc 0.25 does not return packet ids)
+//! See [`inflight`]: the sender queues the record's `seq` and calls `try_publish` under one lock;
+//! the session binds each `Outgoing::Publish(pkid)` event to the oldest queued `seq` (rumqttc
+//! emits them in request order) and each `PubAck(pkid)` releases that `seq` to the acker, which
+//! acks everything that arrived since its last commit in one outbox transaction.
+//!
+//! **On a lost connection the bridge clears rumqttc's own retransmission state** (its `pending`
+//! queue, the unread request channel and `MqttState`) together with every pkid↔seq binding, under
+//! the same lock. The sender then re-peeks from the oldest unacked record. The outbox is the only
+//! retransmission queue: there is one source of truth, packet ids are fresh per connection (no
+//! stale PUBACK can release the wrong record), and a record that rumqttc had not written yet is
+//! not sent twice. The price is that records sent but not acked before the loss are sent again
+//! (at-least-once; the cloud may see duplicates, never gaps).
+//!
+//! # Order
+//! Records are sent in sequence (append) order, so order is kept per topic and per device; a
+//! resend after a reconnect restarts from the oldest unacked record, so the cloud may see `a b a b
+//! c` but never `b` before the first `a`. MQTT 3.1.1 brokers acknowledge in order, and the
+//! in-flight window (`max_inflight_messages`) never exceeds rumqttc's, so no packet-id collision
+//! reorders anything.
+//!
+//! # Replay pacing
+//! Records appended before the current connection came up are the *backlog*; they are sent at
+//! most `replay_max_msgs_per_s` (token bucket with 100 ms of burst), so a long outage does not
+//! saturate the uplink or trip the cloud's rate limits. Records appended while connected are not
+//! paced; they queue behind the backlog (a global FIFO is what keeps per-device order).
+//!
+//! # Down path
+//! The cloud session is persistent (`clean_session = false`, fixed client id), so what the cloud
+//! publishes while the node is offline is delivered after reconnect. Each message is handed over
+//! as an [`Inbound`] with its local topic (prefix removed); the cloud broker gets its PUBACK only
+//! after the receiver fires `done` (manual acks), i.e. after a desired patch is committed.
+//!
+//! # Shutdown
+//! The caller stops intake first (the tap's link reader), then drains the twin service; then
+//! [`Bridge::shutdown`] appends what the tap still holds and keeps sending for up to
+//! `flush_timeout_ms` or until the outbox is empty, then disconnects. Nothing is lost either way.
+
+pub mod backoff;
+pub mod config;
+pub mod inflight;
+pub mod metrics;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use edgetwin_outbox::{Limits, NewRecord, Outbox, OverflowPolicy};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, MqttState, Outgoing, QoS};
+use rumqttd::local::LinkTx;
+use rumqttd::Forward;
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn};
+
+use crate::clock::now_ms;
+use crate::metrics::Metrics;
+pub use config::BridgeConfig;
+use config::{OutboxPolicy, UpRoute};
+use inflight::Inflight;
+pub use metrics::BridgeMetrics;
+
+/// Most records appended per outbox transaction.
+const MAX_APPEND_BATCH: usize = 1024;
+/// Most records peeked at once.
+const MAX_PEEK: usize = 256;
+/// Largest MQTT packet to or from the cloud broker.
+const MAX_PACKET_BYTES: usize = 4 * 1024 * 1024;
+
+/// A message from the cloud broker, under its local topic.
+#[derive(Debug)]
+pub struct Inbound {
+    /// The cloud topic without the prefix.
+    pub topic: String,
+    /// The payload as received.
+    pub payload: Bytes,
+    /// Fire once the message took effect; the cloud broker gets its PUBACK then. Dropping it
+    /// leaves the message unacknowledged, so the cloud delivers it again after a reconnect.
+    pub done: oneshot::Sender<()>,
+}
+
+/// The connection as the sender and the tap see it.
+#[derive(Debug, Clone, Copy, Default)]
+struct ConnState {
+    epoch: u64,
+    connected: bool,
+    /// When this connection came up (unix ms): older records are backlog.
+    since_ms: i64,
+}
+
+/// State shared by the bridge's tasks.
+struct Shared {
+    outbox: Arc<Outbox>,
+    metrics: Arc<Metrics>,
+    inflight: Mutex<Inflight>,
+    /// Records were appended.
+    appended: Notify,
+    /// In-flight space was freed (or the connection changed).
+    space: Notify,
+    window: usize,
+}
+
+impl Shared {
+    fn inflight(&self) -> MutexGuard<'_, Inflight> {
+        self.inflight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn sync_metrics(&self) {
+        let stats = self.outbox.stats();
+        self.metrics.bridge.sync_outbox(&stats, now_ms());
+        self.metrics
+            .bridge
+            .inflight
+            .set(self.inflight().in_flight() as i64);
+    }
+}
+
+/// A running bridge; stop it with [`Bridge::shutdown`].
+pub struct Bridge {
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+    tap: tokio::task::JoinHandle<()>,
+    flush_timeout: Duration,
+}
+
+/// Opens the outbox and starts the bridge's tasks. `tap_link` is an in-process link of the local
+/// broker; its reader stops on `intake` (the node's intake shutdown). Messages from the cloud come
+/// out of the returned receiver.
+pub fn start(
+    cfg: &BridgeConfig,
+    node_id: &str,
+    data_dir: &Path,
+    tap_link: (LinkTx, rumqttd::local::LinkRx),
+    metrics: Arc<Metrics>,
+    intake: CancellationToken,
+) -> anyhow::Result<(Bridge, mpsc::UnboundedReceiver<Inbound>)> {
+    let endpoint = config::parse_url(&cfg.url).map_err(|e| anyhow::anyhow!("bridge.url: {e}"))?;
+    let prefix = cfg.topic_prefix(node_id);
+    let path = data_dir.join("outbox.redb");
+    let limits = Limits {
+        max_bytes: cfg.outbox.max_bytes,
+        max_age_ms: cfg.outbox.max_age_s.saturating_mul(1000),
+        max_records: None,
+        policy: match cfg.outbox.policy {
+            OutboxPolicy::DropOldest => OverflowPolicy::DropOldest,
+            OutboxPolicy::RejectNew => OverflowPolicy::RejectNew,
+        },
+    };
+    let (outbox, report) = Outbox::open(&path, limits)
+        .with_context(|| format!("cannot open the outbox {}", path.display()))?;
+    if let Some(q) = &report.quarantined_file {
+        warn!(path = %q.renamed_to.display(), reason = %q.reason, "damaged outbox file moved aside; started empty");
+    }
+    if !report.quarantined_records.is_empty() {
+        warn!(
+            records = report.quarantined_records.len(),
+            "undecodable outbox records quarantined"
+        );
+    }
+    info!(records = report.records, bytes = report.bytes, path = %path.display(), "outbox opened");
+
+    let mut opts = MqttOptions::new(cfg.client_id(node_id), endpoint.host.clone(), endpoint.port);
+    opts.set_keep_alive(Duration::from_secs(u64::from(cfg.keep_alive_s)))
+        .set_clean_session(false)
+        .set_manual_acks(true)
+        .set_inflight(cfg.max_inflight_messages)
+        .set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
+    let password = match (&cfg.password, &cfg.password_file) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(f)) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("bridge.password_file: cannot read {}", f.display()))?
+                .trim_end_matches(['\r', '\n'])
+                .to_string(),
+        ),
+        (None, None) => None,
+    };
+    if let Some(user) = &cfg.username {
+        opts.set_credentials(user.clone(), password.unwrap_or_default());
+    }
+    if endpoint.tls {
+        opts.set_transport(rumqttc::Transport::tls_with_config(tls_config(cfg)?));
+    }
+    let window = usize::from(cfg.max_inflight_messages);
+    // Room for the whole window plus subscriptions and down-path acks, so `try_publish` within
+    // the window never finds the channel full.
+    let (client, mut eventloop) = AsyncClient::new(opts, window * 2 + 64);
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    net.set_connection_timeout(10);
+    eventloop.set_network_options(net);
+
+    let shared = Arc::new(Shared {
+        outbox: Arc::new(outbox),
+        metrics,
+        inflight: Mutex::new(Inflight::default()),
+        appended: Notify::new(),
+        space: Notify::new(),
+        window,
+    });
+    let stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let (conn_tx, conn_rx) = watch::channel(ConnState::default());
+    let (acks_tx, acks_rx) = mpsc::unbounded_channel();
+    let (inbound_tx, inbound_rx) = mpsc::unbounded_channel();
+
+    let (mut tap_tx, tap_rx) = tap_link;
+    for r in &cfg.up {
+        tap_tx
+            .subscribe(r.filter.clone())
+            .with_context(|| format!("bridge tap cannot subscribe {}", r.filter))?;
+    }
+    let tap_in = crate::twin_service::spawn_link_reader(tap_rx, 65_536, intake, &tracker);
+    let tap = tokio::spawn(run_tap(
+        shared.clone(),
+        tap_tx,
+        tap_in,
+        cfg.up.clone(),
+        prefix.clone(),
+        conn_rx.clone(),
+    ));
+    tracker.spawn(run_sender(
+        shared.clone(),
+        client.clone(),
+        conn_rx,
+        cfg.replay_max_msgs_per_s,
+        stop.clone(),
+    ));
+    tracker.spawn(run_acker(shared.clone(), acks_rx));
+    let session = Session {
+        shared: shared.clone(),
+        client,
+        conn: conn_tx,
+        acks: acks_tx,
+        inbound: inbound_tx,
+        prefix,
+        down: cfg.down.clone(),
+        window: cfg.max_inflight_messages,
+        backoff: backoff::Backoff::new(cfg.reconnect.initial_ms, cfg.reconnect.max_ms),
+        tracker: tracker.clone(),
+        host: format!("{}:{}", endpoint.host, endpoint.port),
+    };
+    tracker.spawn(session.run(eventloop, stop.clone()));
+    let ticker_shared = shared.clone();
+    let ticker_stop = stop.clone();
+    tracker.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = ticker_stop.cancelled() => break,
+                _ = tick.tick() => ticker_shared.sync_metrics().await,
+            }
+        }
+    });
+    Ok((
+        Bridge {
+            shared,
+            stop,
+            tracker,
+            tap,
+            flush_timeout: Duration::from_millis(cfg.flush_timeout_ms),
+        },
+        inbound_rx,
+    ))
+}
+
+impl Bridge {
+    /// Bounded flush, then stop: call after intake stopped and the twin service drained. Appends
+    /// what the tap still holds, keeps sending until the outbox is empty, the connection is down,
+    /// or the flush timeout passed, then disconnects from the cloud broker.
+    pub async fn shutdown(self) {
+        let deadline = Instant::now() + self.flush_timeout;
+        if tokio::time::timeout_at(deadline, self.tap).await.is_err() {
+            warn!("bridge tap did not finish its last append in time");
+        }
+        loop {
+            let records = self.shared.outbox.stats().records;
+            let connected = self.shared.inflight().is_connected();
+            if records == 0 || !connected {
+                info!(records, connected, "bridge flushed");
+                break;
+            }
+            if Instant::now() >= deadline {
+                warn!(
+                    records,
+                    "bridge flush timed out; the rest stays in the outbox"
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.stop.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(Duration::from_secs(3), self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("bridge tasks did not stop within 3 s");
+        }
+        self.shared.sync_metrics().await;
+    }
+}
+
+/// Whether an MQTT topic filter matches a topic.
+pub fn filter_matches(filter: &str, topic: &str) -> bool {
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return !topic.starts_with('$'),
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+fn tls_config(cfg: &BridgeConfig) -> anyhow::Result<rumqttc::TlsConfiguration> {
+    // rumqttc is built without a crypto provider; ring is the process default.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let Some(tls) = &cfg.tls else {
+        anyhow::bail!("bridge.tls: mqtts:// needs tls.ca_file");
+    };
+    let read = |p: &Path, what: &str| {
+        std::fs::read(p).with_context(|| format!("bridge.tls.{what}: cannot read {}", p.display()))
+    };
+    let ca = read(&tls.ca_file, "ca_file")?;
+    let client_auth = match (&tls.cert_file, &tls.key_file) {
+        (Some(c), Some(k)) => Some((read(c, "cert_file")?, read(k, "key_file")?)),
+        _ => None,
+    };
+    Ok(rumqttc::TlsConfiguration::Simple {
+        ca,
+        alpn: None,
+        client_auth,
+    })
+}
+
+/// Appends what the tap link receives to the outbox, one transaction per batch, and re-reads the
+/// retained routes at every (re)connect.
+async fn run_tap(
+    shared: Arc<Shared>,
+    mut link_tx: LinkTx,
+    mut incoming: mpsc::Receiver<Forward>,
+    routes: Vec<UpRoute>,
+    prefix: String,
+    mut conn: watch::Receiver<ConnState>,
+) {
+    let mut buf = Vec::with_capacity(MAX_APPEND_BATCH);
+    let mut resynced_epoch = 0;
+    let mut conn_open = true;
+    loop {
+        tokio::select! {
+            biased;
+            changed = conn.changed(), if conn_open => {
+                if changed.is_err() {
+                    conn_open = false;
+                    continue;
+                }
+                let s = *conn.borrow_and_update();
+                if s.connected && s.epoch != resynced_epoch {
+                    resynced_epoch = s.epoch;
+                    for r in routes.iter().filter(|r| r.retain) {
+                        // A new subscription is handed the broker's retained messages.
+                        let again = link_tx
+                            .unsubscribe(r.filter.clone())
+                            .map_err(|e| e.to_string())
+                            .and_then(|_| {
+                                link_tx.subscribe(r.filter.clone()).map_err(|e| e.to_string())
+                            });
+                        if let Err(e) = again {
+                            warn!(filter = %r.filter, error = %e, "cannot re-read retained messages for the cloud");
+                        }
+                    }
+                    debug!(epoch = s.epoch, "retained routes re-read for the cloud");
+                }
+            }
+            n = incoming.recv_many(&mut buf, MAX_APPEND_BATCH) => {
+                if n == 0 {
+                    break;
+                }
+                let now = now_ms();
+                let records: Vec<NewRecord> = buf
+                    .drain(..)
+                    .filter_map(|f| to_record(&f, &routes, &prefix, now))
+                    .collect();
+                append(&shared, records, now).await;
+            }
+        }
+    }
+    debug!("bridge tap stopped");
+}
+
+fn to_record(f: &Forward, routes: &[UpRoute], prefix: &str, now: i64) -> Option<NewRecord> {
+    let Ok(topic) = std::str::from_utf8(&f.publish.topic) else {
+        debug!("ignoring a message with a non-UTF-8 topic");
+        return None;
+    };
+    let route = routes.iter().find(|r| filter_matches(&r.filter, topic))?;
+    Some(NewRecord {
+        ts_ms: now,
+        topic: format!("{prefix}{topic}"),
+        payload: f.publish.payload.to_vec(),
+        qos: 1,
+        retain: route.retain,
+        key: topic.to_string(),
+    })
+}
+
+async fn append(shared: &Arc<Shared>, records: Vec<NewRecord>, now: i64) {
+    if records.is_empty() {
+        return;
+    }
+    let n = records.len();
+    let outbox = shared.outbox.clone();
+    match tokio::task::spawn_blocking(move || outbox.append(records, now)).await {
+        Ok(Ok(report)) => {
+            let rejected = report.seqs.iter().filter(|s| s.is_none()).count();
+            if rejected > 0 {
+                warn!(
+                    rejected,
+                    of = n,
+                    "outbox refused records (limits; see outbox_dropped_records_total)"
+                );
+            }
+            debug!(records = n, "appended to outbox");
+        }
+        Ok(Err(e)) => {
+            error!(error = %e, records = n, "outbox append failed; these messages are lost");
+            shared.metrics.bridge.append_failed(n as u64);
+        }
+        Err(e) => {
+            error!(error = %e, records = n, "outbox append task failed; these messages are lost");
+            shared.metrics.bridge.append_failed(n as u64);
+        }
+    }
+    shared.appended.notify_one();
+    shared.sync_metrics().await;
+}
+
+/// Token bucket for backlog replay: `rate` per second with up to 100 ms of burst.
+struct Pacer {
+    interval: Duration,
+    next: Instant,
+}
+
+impl Pacer {
+    fn new(rate: u32) -> Option<Pacer> {
+        (rate > 0).then(|| Pacer {
+            interval: Duration::from_secs_f64(1.0 / f64::from(rate)),
+            next: Instant::now(),
+        })
+    }
+
+    /// Takes the next slot at `now`; returns when it may be used (`None` = at once).
+    fn reserve(&mut self, now: Instant) -> Option<Instant> {
+        let at = (self.next > now).then_some(self.next);
+        let floor = now.checked_sub(Duration::from_millis(100)).unwrap_or(now);
+        self.next = self.next.max(floor) + self.interval;
+        at
+    }
+
+    async fn wait(&mut self) {
+        if let Some(at) = self.reserve(Instant::now()) {
+            tokio::time::sleep_until(at).await;
+        }
+    }
+}
+
+/// Publishes outbox records, oldest first, within the in-flight window of the current connection.
+async fn run_sender(
+    shared: Arc<Shared>,
+    client: AsyncClient,
+    mut conn: watch::Receiver<ConnState>,
+    replay_rate: u32,
+    stop: CancellationToken,
+) {
+    'connection: loop {
+        let state = tokio::select! {
+            _ = stop.cancelled() => return,
+            s = conn.wait_for(|s| s.connected) => match s {
+                Ok(s) => *s,
+                Err(_) => return,
+            },
+        };
+        let epoch = state.epoch;
+        let mut cursor: Option<u64> = None;
+        let mut pacer = Pacer::new(replay_rate);
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            let space = {
+                let g = shared.inflight();
+                if !g.is_current(epoch) {
+                    continue 'connection;
+                }
+                shared.window.saturating_sub(g.in_flight())
+            };
+            if space == 0 {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = shared.space.notified() => {}
+                    _ = conn.changed() => {}
+                }
+                continue;
+            }
+            let outbox = shared.outbox.clone();
+            let now = now_ms();
+            let records = match tokio::task::spawn_blocking(move || {
+                outbox.peek(cursor, space.min(MAX_PEEK), now)
+            })
+            .await
+            {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    error!(error = %e, "outbox peek failed; retrying in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+                Err(e) => {
+                    error!(error = %e, "outbox peek task failed; retrying in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if records.is_empty() {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = shared.appended.notified() => {}
+                    _ = conn.changed() => {}
+                    // Expired records are dropped by peek; look again now and then.
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+                continue;
+            }
+            for r in records {
+                let backlog = r.ts_ms < state.since_ms;
+                if backlog {
+                    if let Some(p) = pacer.as_mut() {
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = p.wait() => {}
+                        }
+                    }
+                }
+                let seq = r.seq;
+                let qos = if r.qos == 0 {
+                    QoS::AtMostOnce
+                } else {
+                    QoS::AtLeastOnce
+                };
+                let queued = {
+                    let mut g = shared.inflight();
+                    if !g.is_current(epoch) {
+                        None
+                    } else {
+                        g.queue(seq);
+                        let sent = client.try_publish(r.topic.clone(), qos, r.retain, r.payload);
+                        if sent.is_err() {
+                            g.unqueue_last();
+                        }
+                        Some(sent)
+                    }
+                };
+                match queued {
+                    None => continue 'connection,
+                    Some(Ok(())) => {}
+                    Some(Err(e)) => {
+                        warn!(topic = %r.topic, error = %e, "cloud connection queue full; retrying");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        break;
+                    }
+                }
+                cursor = Some(seq);
+                shared.metrics.bridge.sent.inc();
+                if backlog {
+                    shared.metrics.bridge.replayed.inc();
+                }
+            }
+        }
+    }
+}
+
+/// Acks released records in the outbox, everything that arrived since the last commit at once.
+async fn run_acker(shared: Arc<Shared>, mut acks: mpsc::UnboundedReceiver<u64>) {
+    let mut buf = Vec::new();
+    while acks.recv_many(&mut buf, 8192).await > 0 {
+        let seqs = std::mem::take(&mut buf);
+        let n = seqs.len();
+        let outbox = shared.outbox.clone();
+        match tokio::task::spawn_blocking(move || outbox.ack(&seqs)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                warn!(error = %e, records = n, "outbox ack failed; these records will be sent again")
+            }
+            Err(e) => {
+                warn!(error = %e, records = n, "outbox ack task failed; these records will be sent again")
+            }
+        }
+        shared.sync_metrics().await;
+    }
+}
+
+/// The cloud connection: drives rumqttc's event loop, tracks acks, reconnects with backoff.
+struct Session {
+    shared: Arc<Shared>,
+    client: AsyncClient,
+    conn: watch::Sender<ConnState>,
+    acks: mpsc::UnboundedSender<u64>,
+    inbound: mpsc::UnboundedSender<Inbound>,
+    prefix: String,
+    down: Vec<String>,
+    window: u16,
+    backoff: backoff::Backoff,
+    tracker: TaskTracker,
+    host: String,
+}
+
+impl Session {
+    async fn run(mut self, mut eventloop: EventLoop, stop: CancellationToken) {
+        let mut connected_before = false;
+        loop {
+            let event = tokio::select! {
+                _ = stop.cancelled() => break,
+                e = eventloop.poll() => e,
+            };
+            match event {
+                Ok(Event::Incoming(rumqttc::Packet::ConnAck(ack))) => {
+                    let epoch = self.shared.inflight().on_connected();
+                    let filters = self.down.iter().map(|f| {
+                        rumqttc::SubscribeFilter::new(
+                            format!("{}{f}", self.prefix),
+                            QoS::AtLeastOnce,
+                        )
+                    });
+                    if !self.down.is_empty() {
+                        if let Err(e) = self.client.try_subscribe_many(filters) {
+                            error!(error = %e, "cannot subscribe the cloud topics");
+                        }
+                    }
+                    self.conn.send_replace(ConnState {
+                        epoch,
+                        connected: true,
+                        since_ms: now_ms(),
+                    });
+                    self.shared.space.notify_one();
+                    let m = &self.shared.metrics.bridge;
+                    m.connected.set(1);
+                    if connected_before {
+                        m.reconnects.inc();
+                    }
+                    connected_before = true;
+                    self.backoff.reset();
+                    info!(broker = %self.host, session_present = ack.session_present, "connected to the cloud broker");
+                }
+                Ok(Event::Incoming(rumqttc::Packet::PubAck(ack))) => {
+                    let seq = self.shared.inflight().on_puback(ack.pkid);
+                    if let Some(seq) = seq {
+                        self.shared.metrics.bridge.acked.inc();
+                        let _ = self.acks.send(seq);
+                        self.shared.space.notify_one();
+                    }
+                }
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                    if let Err(e) = self.shared.inflight().on_outgoing(pkid) {
+                        error!(error = %e, "ack tracking out of step");
+                    }
+                }
+                Ok(Event::Incoming(rumqttc::Packet::Publish(p))) => self.down(p),
+                Ok(_) => {}
+                Err(e) => {
+                    let lost = {
+                        let mut g = self.shared.inflight();
+                        // The outbox is the only retransmission queue: drop what rumqttc would
+                        // resend (and any request queued since the failure) with the bindings.
+                        eventloop.clean();
+                        eventloop.pending.clear();
+                        eventloop.state = MqttState::new(self.window, true);
+                        g.on_lost()
+                    };
+                    let was_connected = self.conn.borrow().connected;
+                    self.conn.send_modify(|s| s.connected = false);
+                    self.shared.space.notify_one();
+                    let m = &self.shared.metrics.bridge;
+                    m.connected.set(0);
+                    m.connection_errors.inc();
+                    m.inflight.set(0);
+                    let wait = self.backoff.next_wait();
+                    if was_connected {
+                        warn!(broker = %self.host, error = %e, in_flight = lost, retry_in_ms = wait.as_millis() as u64, "cloud broker connection lost");
+                    } else {
+                        warn!(broker = %self.host, error = %e, retry_in_ms = wait.as_millis() as u64, "cannot connect to the cloud broker");
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+        if self.conn.borrow().connected {
+            let _ = self.client.try_disconnect();
+            let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                loop {
+                    match eventloop.poll().await {
+                        Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                        _ => {}
+                    }
+                }
+            })
+            .await;
+            info!(broker = %self.host, "disconnected from the cloud broker");
+        }
+        self.shared.metrics.bridge.connected.set(0);
+    }
+
+    /// A message from the cloud: hand it over; PUBACK once it took effect.
+    fn down(&self, p: rumqttc::Publish) {
+        self.shared.metrics.bridge.received.inc();
+        let epoch = self.shared.inflight().epoch();
+        let local = p
+            .topic
+            .strip_prefix(self.prefix.as_str())
+            .filter(|t| !t.is_empty())
+            .map(str::to_string);
+        let Some(topic) = local else {
+            warn!(topic = %p.topic, "ignoring a cloud message outside the prefix");
+            let _ = self.client.try_ack(&p);
+            return;
+        };
+        debug!(topic = %topic, "message from the cloud");
+        let (done, done_rx) = oneshot::channel();
+        let inbound = Inbound {
+            topic,
+            payload: p.payload.clone(),
+            done,
+        };
+        if self.inbound.send(inbound).is_err() {
+            // Shutting down: left unacknowledged, the cloud delivers it again.
+            return;
+        }
+        let shared = self.shared.clone();
+        let client = self.client.clone();
+        self.tracker.spawn(async move {
+            if done_rx.await.is_ok() {
+                // Only within the connection it arrived on: a PUBACK in a later connection could
+                // name another message.
+                let g = shared.inflight();
+                if g.is_current(epoch) {
+                    let _ = client.try_ack(&p);
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bridge_filter_matches_like_mqtt() {
+        assert!(filter_matches("dt/+/twin", "dt/a/twin"));
+        assert!(!filter_matches("dt/+/twin", "dt/a/twin/x"));
+        assert!(!filter_matches("dt/+/twin", "dt/a/delta"));
+        assert!(filter_matches("dt/#", "dt/a/twin"));
+        assert!(filter_matches("dt/#", "dt"));
+        assert!(filter_matches(
+            "node/containers/result",
+            "node/containers/result"
+        ));
+        assert!(!filter_matches("#", "$SYS/x"));
+    }
+
+    #[test]
+    fn bridge_replay_pacer_spaces_backlog_at_the_configured_rate() {
+        let mut p = Pacer::new(100).expect("paced");
+        let t0 = Instant::now();
+        p.next = t0;
+        // Sending as fast as allowed: slot n is at t0 + n * 10 ms.
+        let mut now = t0;
+        for n in 0..200u32 {
+            if let Some(at) = p.reserve(now) {
+                assert_eq!(at, t0 + Duration::from_millis(10) * n);
+                now = at;
+            }
+        }
+        assert_eq!(now - t0, Duration::from_millis(1990));
+        // After a long idle spell at most 100 ms of burst is allowed.
+        let later = now + Duration::from_secs(60);
+        let free = (0..50).take_while(|_| p.reserve(later).is_none()).count();
+        assert_eq!(
+            free, 11,
+            "100 ms of burst at 10 ms per message, plus the current slot"
+        );
+        assert!(Pacer::new(0).is_none(), "0 = unpaced");
+    }
+}

@@ -1,0 +1,374 @@
+//! The upstream bridge against a real cloud broker (Mosquitto on a free port, started and stopped
+//! by the tests): store-and-forward through outages and `kill -9`, the outbox's drop policies and
+//! their metrics, desired patches from the cloud, and convergence after a partition.
+#![allow(clippy::unwrap_used)]
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use edgetwin_testkit::*;
+
+const PREFIX: &str = "edgetwin/test-node/";
+
+fn bridge_yaml(port: u16, extra: &str) -> String {
+    format!(
+        "bridge:\n  url: mqtt://127.0.0.1:{port}\n  keep_alive_s: 5\n  reconnect: {{initial_ms: 100, max_ms: 400}}\n{extra}"
+    )
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// Waits until the metric series has a value satisfying `pred`.
+fn metric_until(node: &Node, series: &str, limit: Duration, pred: impl Fn(f64) -> bool) -> f64 {
+    let deadline = Instant::now() + limit;
+    loop {
+        let v = node.metric(series);
+        if let Some(v) = v.filter(|v| pred(*v)) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} never matched within {limit:?}; last {v:?}\n{}",
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_connected(node: &Node, up: bool) {
+    let want = if up { 1.0 } else { 0.0 };
+    metric_until(
+        node,
+        "edgetwin_bridge_connected",
+        Duration::from_secs(20),
+        |v| v == want,
+    );
+}
+
+/// Publishes each line as one message on the node's broker (`mosquitto_pub -l`, QoS 1, one
+/// connection), in order.
+fn publish_lines(port: u16, topic: &str, lines: &[String]) {
+    require("mosquitto_pub");
+    let mut child = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-q",
+            "1",
+            "-t",
+            topic,
+            "-l",
+        ])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let mut stdin = child.stdin.take().unwrap();
+        for l in lines {
+            writeln!(stdin, "{l}").unwrap();
+        }
+    }
+    assert!(child.wait().unwrap().success(), "mosquitto_pub -l failed");
+}
+
+fn telemetry(range: std::ops::Range<u32>, pad: usize) -> Vec<String> {
+    range
+        .map(|i| {
+            format!(
+                r#"{{"ts":{i},"values":{{"temperature":{i}}},"pad":"{}"}}"#,
+                "x".repeat(pad)
+            )
+        })
+        .collect()
+}
+
+/// The `ts` of every telemetry message received, in arrival order.
+fn seqs(got: &[(String, String)]) -> Vec<u32> {
+    got.iter()
+        .filter(|(t, _)| t.ends_with("/telemetry"))
+        .filter_map(|(_, p)| serde_json::from_str::<serde_json::Value>(p).ok())
+        .filter_map(|v| v["ts"].as_u64())
+        .map(|v| v as u32)
+        .collect()
+}
+
+/// Order of first arrival, duplicates (at-least-once resends) removed.
+fn first_arrivals(s: &[u32]) -> Vec<u32> {
+    let mut seen = std::collections::HashSet::new();
+    s.iter().copied().filter(|v| seen.insert(*v)).collect()
+}
+
+#[test]
+fn bridge_telemetry_produced_while_cloud_is_down_arrives_in_order_after_it_returns() {
+    let mut cloud = Mosquitto::start();
+    let sub = Subscriber::start(
+        cloud.port,
+        "cloud-app-1",
+        &format!("{PREFIX}dt/+/telemetry"),
+    );
+    let node = Node::start_with_config(&["t-1"], &bridge_yaml(cloud.port, ""));
+    wait_connected(&node, true);
+    publish_lines(node.port, "dt/t-1/telemetry", &telemetry(0..10, 0));
+    sub.wait_until(Duration::from_secs(10), |g| seqs(g).len() >= 10);
+
+    cloud.stop();
+    wait_connected(&node, false);
+    publish_lines(node.port, "dt/t-1/telemetry", &telemetry(10..510, 0));
+    metric_until(
+        &node,
+        "edgetwin_outbox_records",
+        Duration::from_secs(10),
+        |v| v >= 500.0,
+    );
+    cloud.restart();
+    wait_connected(&node, true);
+    let got = sub.wait_until(Duration::from_secs(30), |g| {
+        first_arrivals(&seqs(g)).len() >= 510
+    });
+    assert_eq!(
+        first_arrivals(&seqs(&got)),
+        (0..510).collect::<Vec<_>>(),
+        "every message arrives, in the order it was produced"
+    );
+    metric_until(
+        &node,
+        "edgetwin_outbox_records",
+        Duration::from_secs(10),
+        |v| v == 0.0,
+    );
+    assert!(node.metric("edgetwin_bridge_reconnects_total").unwrap() >= 1.0);
+    assert!(
+        node.metric("edgetwin_bridge_replayed_messages_total")
+            .unwrap()
+            >= 500.0
+    );
+}
+
+#[test]
+fn bridge_telemetry_survives_kill_9_of_the_node_while_the_cloud_is_down() {
+    let mut cloud = Mosquitto::start();
+    let sub = Subscriber::start(
+        cloud.port,
+        "cloud-app-2",
+        &format!("{PREFIX}dt/+/telemetry"),
+    );
+    let mut node = Node::start_with_config(&["k-1"], &bridge_yaml(cloud.port, ""));
+    wait_connected(&node, true);
+    cloud.stop();
+    wait_connected(&node, false);
+    publish_lines(node.port, "dt/k-1/telemetry", &telemetry(0..300, 0));
+    // Appended means committed: the outbox gauge moves only after the durable transaction.
+    metric_until(
+        &node,
+        "edgetwin_outbox_records",
+        Duration::from_secs(10),
+        |v| v >= 300.0,
+    );
+    node.kill9();
+    node.restart();
+    cloud.restart();
+    let got = sub.wait_until(Duration::from_secs(30), |g| {
+        first_arrivals(&seqs(g)).len() >= 300
+    });
+    assert_eq!(first_arrivals(&seqs(&got)), (0..300).collect::<Vec<_>>());
+}
+
+fn outbox_limit_run(policy: &str) -> (Vec<u32>, f64, String) {
+    let mut cloud = Mosquitto::start();
+    let sub = Subscriber::start(
+        cloud.port,
+        "cloud-app-3",
+        &format!("{PREFIX}dt/+/telemetry"),
+    );
+    cloud.stop();
+    let extra = format!(
+        "  up: [{{filter: dt/+/telemetry}}]\n  outbox: {{max_bytes: 65536, policy: {policy}}}\n"
+    );
+    let node = Node::start_with_config(&["o-1"], &bridge_yaml(cloud.port, &extra));
+    let sent = 300u32;
+    publish_lines(node.port, "dt/o-1/telemetry", &telemetry(0..sent, 500));
+    let reason = if policy == "drop_oldest" {
+        "bytes_limit"
+    } else {
+        "rejected_new"
+    };
+    let series = format!("edgetwin_outbox_dropped_records_total{{reason=\"{reason}\"}}");
+    // Everything was either stored or dropped.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (stored, dropped) = loop {
+        let stored = node.metric("edgetwin_outbox_records").unwrap_or(0.0);
+        let dropped = node.metric(&series).unwrap_or(0.0);
+        if stored + dropped >= f64::from(sent) || Instant::now() > deadline {
+            break (stored, dropped);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(stored + dropped, f64::from(sent), "{}", node.metrics());
+    assert!(dropped > 0.0, "the limit was reached");
+    cloud.restart();
+    let got = sub.wait_until(Duration::from_secs(30), |g| {
+        first_arrivals(&seqs(g)).len() as f64 >= stored
+    });
+    // Nothing is dropped for any other reason.
+    let m = node.metrics();
+    for other in [
+        "bytes_limit",
+        "age_limit",
+        "records_limit",
+        "rejected_new",
+        "append_failed",
+    ] {
+        if other != reason {
+            assert!(
+                m.contains(&format!(
+                    "edgetwin_outbox_dropped_records_total{{reason=\"{other}\"}} 0"
+                )),
+                "{m}"
+            );
+        }
+    }
+    (first_arrivals(&seqs(&got)), dropped, node.log())
+}
+
+#[test]
+fn bridge_outbox_at_its_byte_limit_drops_oldest_and_counts_exactly_the_drops() {
+    let (got, dropped, log) = outbox_limit_run("drop_oldest");
+    let dropped = dropped as u32;
+    assert_eq!(
+        got,
+        (dropped..300).collect::<Vec<_>>(),
+        "the newest survive, in order; the metric counts exactly the lost ones\n{log}"
+    );
+}
+
+#[test]
+fn bridge_outbox_at_its_byte_limit_rejects_new_and_counts_exactly_the_drops() {
+    let (got, dropped, log) = outbox_limit_run("reject_new");
+    let kept = 300 - dropped as u32;
+    assert_eq!(
+        got,
+        (0..kept).collect::<Vec<_>>(),
+        "the oldest survive, in order; the metric counts exactly the refused ones\n{log}"
+    );
+}
+
+#[test]
+fn bridge_desired_patch_published_at_the_cloud_while_node_is_offline_is_applied_after_reconnect() {
+    let cloud = Mosquitto::start();
+    let mut node = Node::start_with_config(&["d-1"], &bridge_yaml(cloud.port, ""));
+    wait_connected(&node, true);
+    // The node's persistent session exists at the cloud; now the node goes away.
+    assert!(node.stop().success());
+    cloud.pub_(&format!("{PREFIX}dt/d-1/desired"), r#"{"setpoint": 19.5}"#);
+    node.restart();
+    let twin = node.twin_until("d-1", |t| t["desired"]["setpoint"] == 19.5);
+    assert_eq!(twin["metadata"]["desired"]["setpoint"]["source"], "cloud");
+    // The cloud sees the result as the retained twin document under the prefix.
+    cloud.retained_until(
+        &format!("{PREFIX}dt/d-1/twin"),
+        Duration::from_secs(10),
+        |t| t.is_some_and(|t| t["desired"]["setpoint"] == 19.5),
+    );
+    assert!(
+        node.metric("edgetwin_twin_updates_accepted_total{side=\"desired\",source=\"cloud\"}")
+            .unwrap()
+            >= 1.0
+    );
+}
+
+#[test]
+fn bridge_local_and_cloud_edits_during_a_partition_converge_to_one_value_on_both_sides() {
+    let cloud = Mosquitto::start();
+    let link = TcpProxy::start(cloud.port);
+    let node = Node::start_with_config(&["c-1"], &bridge_yaml(link.port, ""));
+    wait_connected(&node, true);
+    cloud.retained_until(
+        &format!("{PREFIX}dt/c-1/twin"),
+        Duration::from_secs(10),
+        |t| t.is_some(),
+    );
+
+    link.cut();
+    wait_connected(&node, false);
+    let base = now_ms();
+    // setpoint: the cloud writes last; mode: the engineer on site writes last.
+    node.pub_(
+        "dt/c-1/desired",
+        &format!(r#"{{"setpoint": 22, "ts": {}}}"#, base + 1000),
+    );
+    node.pub_(
+        "dt/c-1/desired",
+        &format!(r#"{{"mode": "local", "ts": {}}}"#, base + 3000),
+    );
+    node.twin_until("c-1", |t| t["desired"]["mode"] == "local");
+    cloud.pub_(
+        &format!("{PREFIX}dt/c-1/desired"),
+        &format!(
+            r#"{{"setpoint": 18, "mode": "cloud", "ts": {}}}"#,
+            base + 2000
+        ),
+    );
+    link.heal();
+    wait_connected(&node, true);
+
+    let converged =
+        |t: &serde_json::Value| t["desired"]["setpoint"] == 18 && t["desired"]["mode"] == "local";
+    let twin = node.twin_until("c-1", converged);
+    assert_eq!(twin["metadata"]["desired"]["setpoint"]["source"], "cloud");
+    assert_eq!(twin["metadata"]["desired"]["mode"]["source"], "local");
+    let at_cloud = cloud
+        .retained_until(
+            &format!("{PREFIX}dt/c-1/twin"),
+            Duration::from_secs(10),
+            |t| t.is_some_and(converged),
+        )
+        .unwrap();
+    assert_eq!(at_cloud["desired"], twin["desired"]);
+}
+
+#[test]
+fn bridge_container_command_from_the_cloud_is_republished_locally() {
+    let cloud = Mosquitto::start();
+    let node = Node::start_with_config(&[], &bridge_yaml(cloud.port, ""));
+    wait_connected(&node, true);
+    let local = Subscriber::start(node.port, "local-agent", "node/containers/cmd");
+    cloud.pub_(
+        &format!("{PREFIX}node/containers/cmd"),
+        r#"{"id":"c1","action":"list"}"#,
+    );
+    let got = local.wait_until(Duration::from_secs(10), |g| !g.is_empty());
+    assert_eq!(got[0].0, "node/containers/cmd");
+    assert_eq!(got[0].1, r#"{"id":"c1","action":"list"}"#);
+}
+
+#[test]
+fn bridge_sigterm_flushes_what_is_queued_and_exits_cleanly() {
+    let cloud = Mosquitto::start();
+    let sub = Subscriber::start(
+        cloud.port,
+        "cloud-app-4",
+        &format!("{PREFIX}dt/+/telemetry"),
+    );
+    let mut node = Node::start_with_config(&["s-1"], &bridge_yaml(cloud.port, ""));
+    wait_connected(&node, true);
+    publish_lines(node.port, "dt/s-1/telemetry", &telemetry(0..200, 0));
+    metric_until(
+        &node,
+        "edgetwin_outbox_appended_records_total",
+        Duration::from_secs(10),
+        |v| v >= 200.0,
+    );
+    assert!(node.stop().success(), "{}", node.log());
+    let got = sub.wait_until(Duration::from_secs(10), |g| {
+        first_arrivals(&seqs(g)).len() >= 200
+    });
+    assert_eq!(first_arrivals(&seqs(&got)), (0..200).collect::<Vec<_>>());
+}
