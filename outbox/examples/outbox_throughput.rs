@@ -43,7 +43,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         record(0, now).stored_len()
     );
     println!(
-        "| batch | append records/s | commits/s | ack (1000/txn) records/s | file after append | after drain | after compact |"
+        "| batch | append records/s | commits/s | ack (1000/txn) records/s | file after append | after drain (auto-compacts at >= 8 MiB) | after compact() |"
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|");
     for batch in [1u64, 10, 100, 1000] {
@@ -69,9 +69,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         let ack_s = started.elapsed().as_secs_f64();
         let drained = outbox.stats().file_bytes;
+        let started = Instant::now();
         let compacted = outbox.compact()?.file_bytes_after;
+        let compact_ms = started.elapsed().as_secs_f64() * 1000.0;
         println!(
-            "| {batch} | {:.0} | {:.0} | {:.0} | {} | {} | {} |",
+            "| {batch} | {:.0} | {:.0} | {:.0} | {} | {} | {} ({compact_ms:.0} ms) |",
             n as f64 / append_s,
             (n as f64 / batch as f64) / append_s,
             n as f64 / ack_s,
@@ -82,6 +84,61 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         drop(outbox);
         let _ = std::fs::remove_file(&path);
     }
+    steady_state(&dir, total, now)?;
+    Ok(())
+}
+
+/// Space reuse: a standing backlog of 10,000 records while `total` more flow through in batches
+/// of 100 (append 100, ack the oldest 100). The file must stop growing once the backlog is
+/// reached; then compaction with 10% of the peak still live.
+fn steady_state(
+    dir: &std::path::Path,
+    total: u64,
+    now: i64,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let path = dir.join("outbox-throughput-steady.redb");
+    let _ = std::fs::remove_file(&path);
+    let (outbox, _) = Outbox::open(&path, Limits::default())?;
+    let mut queue = std::collections::VecDeque::new();
+    let mut i = 0;
+    let mut sizes = Vec::new();
+    let started = Instant::now();
+    while i < total + 10_000 {
+        let b: Vec<NewRecord> = (i..i + 100).map(|j| record(j, now)).collect();
+        i += 100;
+        queue.extend(outbox.append(b, now)?.seqs.into_iter().flatten());
+        if queue.len() > 10_000 {
+            let acks: Vec<u64> = queue.drain(..100).collect();
+            outbox.ack(&acks)?;
+        }
+        if i % (total / 5).max(100) == 0 {
+            sizes.push(human(outbox.stats().file_bytes));
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!();
+    println!(
+        "steady state (backlog 10,000, append 100 + ack 100 per step): {:.0} records/s through; file size every {} records: {}",
+        (total + 10_000) as f64 / secs,
+        (total / 5).max(100),
+        sizes.join(", ")
+    );
+    // Drain to 1,000 live records (10% of the peak) and compact.
+    let acks: Vec<u64> = queue.drain(..queue.len() - 1_000).collect();
+    for chunk in acks.chunks(1000) {
+        outbox.ack(chunk)?;
+    }
+    let before = outbox.stats().file_bytes;
+    let started = Instant::now();
+    let after = outbox.compact()?.file_bytes_after;
+    println!(
+        "compact with 1,000 records live: {} -> {} in {:.0} ms",
+        human(before),
+        human(after),
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    drop(outbox);
+    let _ = std::fs::remove_file(&path);
     Ok(())
 }
 

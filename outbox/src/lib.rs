@@ -33,4 +33,5 @@ pub use crate::policy::{DropCount, DropReason, Drops, Limits, OverflowPolicy};
 pub use crate::store::{
     AckError, AckReport, AppendError, AppendReport, CompactError, CompactReport, DbError,
     NewRecord, OpenError, OpenReport, Outbox, PeekError, QuarantinedFile, Record, Stats,
+    AUTO_COMPACT_MIN_FILE_BYTES, AUTO_COMPACT_RATIO,
 };

@@ -100,6 +100,7 @@ fn outbox_append_peek_ack_round_trip() {
         (0, 0, None)
     );
     assert_eq!((stats.acked_total, stats.next_seq), (3, 3));
+    assert_eq!(stats.compactions_total, 0);
 }
 
 #[test]
@@ -475,21 +476,26 @@ fn outbox_refuses_a_file_of_another_format_and_leaves_it_alone() {
 }
 
 #[test]
-fn outbox_gives_space_back_after_acks() {
+fn outbox_compact_shrinks_a_drained_file_on_request() {
     let dir = tempfile::tempdir().expect("tempdir");
     let outbox = open(&dir.path().join("outbox.redb"), generous());
     let mut seq = Vec::new();
-    for _ in 0..20 {
+    for _ in 0..10 {
         let r = outbox
-            .append((0..500).map(|_| sized(500, NOW)).collect(), NOW)
+            .append((0..1000).map(|_| sized(300, NOW)).collect(), NOW)
             .expect("append");
         seq.extend(seqs(&r));
     }
     let full = outbox.stats().file_bytes;
-    assert!(full >= 5_000_000, "10k records of 500 bytes: {full}");
+    assert!(
+        (3_000_000..AUTO_COMPACT_MIN_FILE_BYTES).contains(&full),
+        "10k records of 300 bytes: {full}"
+    );
     for chunk in seq.chunks(1000) {
         outbox.ack(chunk).expect("ack");
     }
+    // Below the automatic threshold nothing was compacted; redb keeps the file at its size.
+    assert_eq!(outbox.stats().compactions_total, 0);
     let drained = outbox.stats().file_bytes;
     let compacted = outbox.compact().expect("compact");
     assert_eq!(compacted.file_bytes_before, drained);
@@ -498,9 +504,45 @@ fn outbox_gives_space_back_after_acks() {
         "full {full}, drained {drained}, compacted {}",
         compacted.file_bytes_after
     );
+    assert_eq!(outbox.stats().compactions_total, 1);
+    assert_eq!(outbox.stats().file_bytes, compacted.file_bytes_after);
     // Still works after compaction.
     outbox.append(vec![sized(100, NOW)], NOW).expect("append");
     assert_eq!(outbox.stats().records, 1);
+}
+
+#[test]
+fn outbox_compacts_the_file_once_when_a_large_backlog_has_drained() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outbox = open(&dir.path().join("outbox.redb"), generous());
+    let mut seq = Vec::new();
+    for _ in 0..12 {
+        let r = outbox
+            .append((0..1000).map(|_| sized(1000, NOW)).collect(), NOW)
+            .expect("append");
+        seq.extend(seqs(&r));
+    }
+    let full = outbox.stats().file_bytes;
+    assert!(full >= AUTO_COMPACT_MIN_FILE_BYTES, "{full}");
+    // Drain all but the newest 500 records, in acks of 500.
+    let (drain, keep) = seq.split_at(seq.len() - 500);
+    for chunk in drain.chunks(500) {
+        outbox.ack(chunk).expect("ack");
+    }
+    let stats = outbox.stats();
+    assert_eq!(stats.compactions_total, 1, "{stats:?}");
+    assert!(
+        stats.file_bytes < full / 4,
+        "full {full}, now {}",
+        stats.file_bytes
+    );
+    let left: Vec<u64> = outbox
+        .peek(None, 1000, NOW)
+        .expect("peek")
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+    assert_eq!(left, keep);
 }
 
 // ---- full disk: a backend that refuses writes beyond a byte budget ----
@@ -896,6 +938,7 @@ impl Model {
             appended_total: self.appended_total,
             acked_total: self.acked_total,
             dropped: self.dropped,
+            compactions_total: 0,
         }
     }
 }
