@@ -17,10 +17,10 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 PY=${EDGETWIN_TEST_PYTHON:-python3}
-if ! "$PY" -c 'import paho.mqtt, pymodbus, asyncua' 2>/dev/null; then
+if ! "$PY" -c 'import paho.mqtt, pymodbus, serial, asyncua' 2>/dev/null; then
   echo "test.sh: installing paho-mqtt, pymodbus, asyncua (pip)"
-  "$PY" -m pip install -q --disable-pip-version-check 'paho-mqtt>=2,<3' 'pymodbus==3.16.1' 'asyncua==2.1.0' \
-    || "$PY" -m pip install -q --disable-pip-version-check --break-system-packages 'paho-mqtt>=2,<3' 'pymodbus==3.16.1' 'asyncua==2.1.0'
+  "$PY" -m pip install -q --disable-pip-version-check 'paho-mqtt>=2,<3' 'pymodbus==3.16.1' 'pyserial>=3.5' 'asyncua==2.1.0' \
+    || "$PY" -m pip install -q --disable-pip-version-check --break-system-packages 'paho-mqtt>=2,<3' 'pymodbus==3.16.1' 'pyserial>=3.5' 'asyncua==2.1.0'
 fi
 
 for p in mosquitto_pub mosquitto_sub mosquitto_rr socat; do

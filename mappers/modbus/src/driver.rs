@@ -421,6 +421,10 @@ impl Driver for ModbusDriver {
         "modbus"
     }
 
+    fn requests_made(&self, conn: &ModbusConn) -> Option<u64> {
+        Some(conn.requests())
+    }
+
     async fn connect(&self, device: &ResolvedDevice) -> Result<ModbusConn, DriverError> {
         let s = config::settings(device).map_err(config_err)?;
         let (line, rtu) = match &s.endpoint {
