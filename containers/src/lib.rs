@@ -1,0 +1,1 @@
+//! edgetwin container agent: runtime connector, commands, declarative reconcile (being written).

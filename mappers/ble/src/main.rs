@@ -1,0 +1,3 @@
+//! edgetwin BLE mapper (being written).
+
+fn main() {}

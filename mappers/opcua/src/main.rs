@@ -1,0 +1,3 @@
+//! edgetwin OPC UA mapper (being written).
+
+fn main() {}

@@ -1,0 +1,3 @@
+//! edgetwin serial line mapper (being written).
+
+fn main() {}
