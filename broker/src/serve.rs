@@ -84,7 +84,6 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
                 &cfg.data_dir,
                 broker.link("edgetwin-bridge-up")?,
                 metrics.clone(),
-                shutdown.clone(),
             )?;
             let down_link = broker.link("edgetwin-bridge-down")?;
             tracker.spawn(route_cloud_messages(

@@ -372,3 +372,46 @@ fn bridge_sigterm_flushes_what_is_queued_and_exits_cleanly() {
     });
     assert_eq!(first_arrivals(&seqs(&got)), (0..200).collect::<Vec<_>>());
 }
+
+#[test]
+fn bridge_reconnect_republishes_every_twin_document_the_cloud_lost() {
+    let cloud = Mosquitto::start();
+    let link = TcpProxy::start(cloud.port);
+    let node = Node::start_with_config(&["r-1", "r-2"], &bridge_yaml(link.port, ""));
+    wait_connected(&node, true);
+    for d in ["r-1", "r-2"] {
+        cloud.retained_until(
+            &format!("{PREFIX}dt/{d}/twin"),
+            Duration::from_secs(10),
+            |t| t.is_some(),
+        );
+    }
+    // The cloud loses its retained state (e.g. a broker without persistence restarted).
+    for d in ["r-1", "r-2"] {
+        mosquitto_pub(cloud.port, &format!("{PREFIX}dt/{d}/twin"), "", &["-r"]);
+        cloud.retained_until(
+            &format!("{PREFIX}dt/{d}/twin"),
+            Duration::from_secs(10),
+            |t| t.is_none(),
+        );
+    }
+    link.cut();
+    wait_connected(&node, false);
+    link.heal();
+    wait_connected(&node, true);
+    for d in ["r-1", "r-2"] {
+        let t = cloud
+            .retained_until(
+                &format!("{PREFIX}dt/{d}/twin"),
+                Duration::from_secs(10),
+                |t| t.is_some(),
+            )
+            .unwrap();
+        assert_eq!(t["device"], d);
+        assert_eq!(
+            t,
+            node.twin(d),
+            "the cloud holds the node's current document"
+        );
+    }
+}

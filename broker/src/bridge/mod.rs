@@ -54,9 +54,16 @@
 //! after the receiver fires `done` (manual acks), i.e. after a desired patch is committed.
 //!
 //! # Shutdown
-//! The caller stops intake first (the tap's link reader), then drains the twin service; then
-//! [`Bridge::shutdown`] appends what the tap still holds and keeps sending for up to
-//! `flush_timeout_ms` or until the outbox is empty, then disconnects. Nothing is lost either way.
+//! The caller stops the node's intake and drains the twin service (its last twin documents reach
+//! the tap), then calls [`Bridge::shutdown`]: the tap keeps appending until its link has been
+//! quiet for 100 ms (at most 1 s; rumqttd PUBACKs a local publisher before routing the message to
+//! the tap, so this is what makes an acknowledged local publish reach the outbox), then the sender
+//! keeps sending for up to `flush_timeout_ms` or until the outbox is empty, then disconnects.
+//! Whatever is not sent by then stays in the durable outbox for the next start.
+//!
+//! Durability window: a message rumqttd acknowledged to a local publisher is in memory until the
+//! tap's next append commits (one batch, milliseconds); `kill -9` or power loss inside that window
+//! loses it. Everything appended survives.
 
 pub mod backoff;
 pub mod config;
@@ -145,21 +152,20 @@ impl Shared {
 pub struct Bridge {
     shared: Arc<Shared>,
     stop: CancellationToken,
+    tap_stop: CancellationToken,
     tracker: TaskTracker,
     tap: tokio::task::JoinHandle<()>,
     flush_timeout: Duration,
 }
 
 /// Opens the outbox and starts the bridge's tasks. `tap_link` is an in-process link of the local
-/// broker; its reader stops on `intake` (the node's intake shutdown). Messages from the cloud come
-/// out of the returned receiver.
+/// broker. Messages from the cloud come out of the returned receiver.
 pub fn start(
     cfg: &BridgeConfig,
     node_id: &str,
     data_dir: &Path,
     tap_link: (LinkTx, rumqttd::local::LinkRx),
     metrics: Arc<Metrics>,
-    intake: CancellationToken,
 ) -> anyhow::Result<(Bridge, mpsc::UnboundedReceiver<Inbound>)> {
     let endpoint = config::parse_url(&cfg.url).map_err(|e| anyhow::anyhow!("bridge.url: {e}"))?;
     let prefix = cfg.topic_prefix(node_id);
@@ -237,7 +243,10 @@ pub fn start(
             .subscribe(r.filter.clone())
             .with_context(|| format!("bridge tap cannot subscribe {}", r.filter))?;
     }
-    let tap_in = crate::twin_service::spawn_link_reader(tap_rx, 65_536, intake, &tracker);
+    // The tap keeps reading after the node's intake stopped: what rumqttd already acknowledged to
+    // a publisher must still reach the outbox (see `Bridge::shutdown`).
+    let tap_stop = CancellationToken::new();
+    let tap_in = crate::twin_service::spawn_link_reader(tap_rx, 65_536, tap_stop.clone(), &tracker);
     let tap = tokio::spawn(run_tap(
         shared.clone(),
         tap_tx,
@@ -283,6 +292,7 @@ pub fn start(
         Bridge {
             shared,
             stop,
+            tap_stop,
             tracker,
             tap,
             flush_timeout: Duration::from_millis(cfg.flush_timeout_ms),
@@ -297,6 +307,18 @@ impl Bridge {
     /// or the flush timeout passed, then disconnects from the cloud broker.
     pub async fn shutdown(self) {
         let deadline = Instant::now() + self.flush_timeout;
+        // rumqttd acknowledged messages to their publishers before routing them to the tap: keep
+        // appending until the tap link has been quiet for 100 ms (at most 1 s), then stop it.
+        let quiet_until = Instant::now() + Duration::from_secs(1);
+        loop {
+            let before = self.shared.metrics.bridge.outbox_appended.get();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let after = self.shared.metrics.bridge.outbox_appended.get();
+            if before == after || Instant::now() >= quiet_until {
+                break;
+            }
+        }
+        self.tap_stop.cancel();
         if tokio::time::timeout_at(deadline, self.tap).await.is_err() {
             warn!("bridge tap did not finish its last append in time");
         }
