@@ -589,20 +589,8 @@ impl TwinService {
                 true,
                 None,
             ));
-            let delta = twin.delta();
-            if !delta.is_empty() {
-                let msg = DeltaMsg {
-                    device: d.clone(),
-                    version: twin.version,
-                    delta,
-                    ts: now,
-                };
-                outs.push(json_out(
-                    &Topic::Delta(d.clone()).to_topic_string(),
-                    &msg,
-                    false,
-                    None,
-                ));
+            if let Some(out) = delta_out(twin, now) {
+                outs.push(out);
                 delta_sent.insert(d.clone());
             }
         }
@@ -610,23 +598,9 @@ impl TwinService {
             if delta_sent.contains(&d) {
                 continue;
             }
-            if let Some(twin) = self.twins.get(&d) {
-                let delta = twin.delta();
-                if !delta.is_empty() {
-                    let msg = DeltaMsg {
-                        device: d.clone(),
-                        version: twin.version,
-                        delta,
-                        ts: now,
-                    };
-                    outs.push(json_out(
-                        &Topic::Delta(d.clone()).to_topic_string(),
-                        &msg,
-                        false,
-                        None,
-                    ));
-                    delta_sent.insert(d);
-                }
+            if let Some(out) = self.twins.get(&d).and_then(|t| delta_out(t, now)) {
+                outs.push(out);
+                delta_sent.insert(d);
             }
         }
         self.flush(outs);
@@ -852,6 +826,26 @@ fn send_now(link_tx: &mut LinkTx, packet: Packet) -> Result<usize, String> {
         }
         std::thread::yield_now();
     }
+}
+
+/// The delta message of a twin, if desired and reported differ.
+fn delta_out(twin: &Twin, now: i64) -> Option<Out> {
+    let delta = twin.delta();
+    if delta.is_empty() {
+        return None;
+    }
+    let msg = DeltaMsg {
+        device: twin.device.clone(),
+        version: twin.version,
+        delta,
+        ts: now,
+    };
+    Some(json_out(
+        &Topic::Delta(twin.device.clone()).to_topic_string(),
+        &msg,
+        false,
+        None,
+    ))
 }
 
 fn json_out<T: serde::Serialize>(
