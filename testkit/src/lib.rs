@@ -305,24 +305,7 @@ impl Node {
 
     /// The retained message on `topic` (JSON, or `Value::Null` for a non-JSON payload), if any.
     pub fn retained(&self, topic: &str) -> Option<Value> {
-        require("mosquitto_sub");
-        let out = run(Command::new("mosquitto_sub").args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &self.port.to_string(),
-            "-t",
-            topic,
-            "--retained-only",
-            "-C",
-            "1",
-            "-W",
-            "1",
-        ]));
-        if !out.status.success() || out.stdout.is_empty() {
-            return None;
-        }
-        Some(serde_json::from_slice(&out.stdout).unwrap_or(Value::Null))
+        retained(self.port, topic)
     }
 
     /// Waits (up to `limit`) until the retained message on `topic` satisfies `pred`
@@ -333,18 +316,7 @@ impl Node {
         limit: Duration,
         pred: impl Fn(Option<&Value>) -> bool,
     ) -> Option<Value> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let v = self.retained(topic);
-            if pred(v.as_ref()) {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "retained message on {topic} never matched within {limit:?}; last: {v:?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        retained_until(self.port, topic, limit, pred)
     }
 
     /// Runs the paho probe: subscribe `subs`, then publish `pubs`, collect `count` messages.
@@ -461,6 +433,51 @@ pub fn probe(
         out.status.code()
     );
     msgs
+}
+
+/// The retained message on `topic` at the broker on `port` (JSON, or `Value::Null` for a non-JSON
+/// payload), if any.
+pub fn retained(port: u16, topic: &str) -> Option<Value> {
+    require("mosquitto_sub");
+    let out = run(Command::new("mosquitto_sub").args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-t",
+        topic,
+        "--retained-only",
+        "-C",
+        "1",
+        "-W",
+        "1",
+    ]));
+    if !out.status.success() || out.stdout.is_empty() {
+        return None;
+    }
+    Some(serde_json::from_slice(&out.stdout).unwrap_or(Value::Null))
+}
+
+/// Waits (up to `limit`) until the retained message on `topic` at the broker on `port`
+/// satisfies `pred` (`None` = nothing retained).
+pub fn retained_until(
+    port: u16,
+    topic: &str,
+    limit: Duration,
+    pred: impl Fn(Option<&Value>) -> bool,
+) -> Option<Value> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let v = retained(port, topic);
+        if pred(v.as_ref()) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "retained message on {topic} (port {port}) never matched within {limit:?}; last: {v:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// The JSON payload of a probe message.
@@ -605,24 +622,7 @@ impl Mosquitto {
 
     /// The retained message on `topic` (JSON, or `Value::Null` for a non-JSON payload), if any.
     pub fn retained(&self, topic: &str) -> Option<Value> {
-        require("mosquitto_sub");
-        let out = run(Command::new("mosquitto_sub").args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &self.port.to_string(),
-            "-t",
-            topic,
-            "--retained-only",
-            "-C",
-            "1",
-            "-W",
-            "1",
-        ]));
-        if !out.status.success() || out.stdout.is_empty() {
-            return None;
-        }
-        Some(serde_json::from_slice(&out.stdout).unwrap_or(Value::Null))
+        retained(self.port, topic)
     }
 
     /// Waits (up to `limit`) until the retained message on `topic` satisfies `pred`.
@@ -632,18 +632,7 @@ impl Mosquitto {
         limit: Duration,
         pred: impl Fn(Option<&Value>) -> bool,
     ) -> Option<Value> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let v = self.retained(topic);
-            if pred(v.as_ref()) {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "retained message on {topic} at the cloud never matched within {limit:?}; last: {v:?}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        retained_until(self.port, topic, limit, pred)
     }
 }
 
