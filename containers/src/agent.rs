@@ -1,0 +1,314 @@
+//! [`Agent`]: what the node daemon owns. It answers container commands
+//! ([`Agent::handle_command`]), makes the runtime match the node twin's `desired.containers`
+//! ([`Agent::reconcile`]), produces the retained status ([`Agent::status`]) and counts what it
+//! does ([`Agent::metrics`], a plain snapshot the node maps to prometheus-client).
+//!
+//! The agent holds no container state of its own: the runtime is the truth, read again for every
+//! reconcile and status, so a node restart needs nothing but the same desired set (the runtime's
+//! containers carry the labels that tie them to the agent). The only file is the command id store
+//! (see [`crate::commands`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+
+use crate::commands::{now_ms, CommandHandler, IdStore, StoreError};
+use crate::reconcile::{plan, report_with_errors, Action, DesiredContainer};
+use crate::runtime::{ContainerInfo, ContainerRuntime, ContainerState, RuntimeError};
+use crate::wire::{CommandResult, StatusMsg};
+
+/// File name of the command id store inside the agent's data dir.
+pub const STORE_FILE: &str = "commands.redb";
+
+/// Why an agent could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The data dir could not be created.
+    #[error("container agent data dir {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The command id store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What happened to one container during a reconcile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReconcileOutcome {
+    /// Container name.
+    pub name: String,
+    /// The action tried ([`Action::kind`]).
+    pub action: &'static str,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+}
+
+/// The result of one [`Agent::reconcile`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReconcileReport {
+    /// Every action tried, in order, with its error.
+    pub outcomes: Vec<ReconcileOutcome>,
+    /// The runtime could not be read at all (nothing was done).
+    pub error: Option<String>,
+    /// The containers after the reconcile (empty when the runtime could not be read).
+    pub actual: Vec<ContainerInfo>,
+    /// `reported.containers` for the node twin, with an `error` on each container whose action
+    /// failed (see [`crate::reconcile::report_with_errors`]).
+    pub reported: Value,
+}
+
+impl ReconcileReport {
+    /// Number of failed actions (plus one when the runtime could not be read).
+    pub fn error_count(&self) -> usize {
+        self.outcomes.iter().filter(|o| o.error.is_some()).count()
+            + usize::from(self.error.is_some())
+    }
+}
+
+/// Counters and gauges of the agent at one moment (the node exports them as
+/// `edgetwin_containers_*`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MetricsSnapshot {
+    /// Containers per state at the last observation (status, list or reconcile); every state is
+    /// present, zero when none.
+    pub containers_by_state: BTreeMap<ContainerState, u64>,
+    /// Command results by (action, outcome); action `unknown` when the command was unreadable,
+    /// outcome `ok`, `invalid`, `image_not_present`, `name_taken`, `no_such_container`,
+    /// `unreachable`, `runtime_error`. Duplicates are not counted here.
+    pub command_results: BTreeMap<(&'static str, &'static str), u64>,
+    /// Redelivered commands answered from the id store.
+    pub command_duplicates: u64,
+    /// Reconciles run.
+    pub reconcile_runs: u64,
+    /// Failed reconcile actions (and reconciles that could not read the runtime).
+    pub reconcile_errors: u64,
+    /// Restarts done by the runtime under restart policies, as observed (increases of a
+    /// container's restart count between two observations).
+    pub restarts: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    snapshot: MetricsSnapshot,
+    /// Last seen restart count per container id.
+    restart_counts: HashMap<String, u64>,
+}
+
+/// The container agent.
+pub struct Agent {
+    runtime: Arc<dyn ContainerRuntime>,
+    commands: CommandHandler,
+    counters: Mutex<Counters>,
+    reconciling: tokio::sync::Mutex<()>,
+}
+
+impl Agent {
+    /// An agent on `runtime` keeping its command id store in `data_dir/commands.redb`
+    /// (created if missing). Opens a file: call it at startup or from a blocking thread.
+    pub fn new(
+        runtime: Arc<dyn ContainerRuntime>,
+        data_dir: impl AsRef<Path>,
+    ) -> Result<Self, AgentError> {
+        let dir = data_dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|source| AgentError::DataDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let store = IdStore::open(dir.join(STORE_FILE))?;
+        Ok(Self::with_store(runtime, store))
+    }
+
+    /// An agent with an already opened store (e.g. with other bounds).
+    pub fn with_store(runtime: Arc<dyn ContainerRuntime>, store: IdStore) -> Self {
+        let mut counters = Counters::default();
+        for s in ContainerState::ALL {
+            counters.snapshot.containers_by_state.insert(s, 0);
+        }
+        Self {
+            commands: CommandHandler::new(Arc::clone(&runtime), store),
+            runtime,
+            counters: Mutex::new(counters),
+            reconciling: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The runtime.
+    pub fn runtime(&self) -> &Arc<dyn ContainerRuntime> {
+        &self.runtime
+    }
+
+    /// Handles a raw `node/containers/cmd` payload; returns the JSON for
+    /// `node/containers/result`.
+    pub async fn handle_command(&self, payload: &[u8]) -> Vec<u8> {
+        self.handle_command_result(payload).await.to_bytes()
+    }
+
+    /// Like [`Agent::handle_command`], typed.
+    pub async fn handle_command_result(&self, payload: &[u8]) -> CommandResult {
+        let h = self.commands.handle_detailed(payload).await;
+        if let Ok(mut c) = self.counters.lock() {
+            if h.duplicate {
+                c.snapshot.command_duplicates += 1;
+            } else {
+                let action = h.action.map(|a| a.as_str()).unwrap_or("unknown");
+                *c.snapshot
+                    .command_results
+                    .entry((action, h.outcome.as_str()))
+                    .or_default() += 1;
+            }
+        }
+        if let Some(list) = &h.result.containers {
+            self.observe_states(list.iter().map(|s| s.state));
+        }
+        tracing::info!(id = %h.result.id, action = h.action.map(|a| a.as_str()).unwrap_or("unknown"),
+            ok = h.result.ok, duplicate = h.duplicate, error = h.result.error.as_deref().unwrap_or(""),
+            "container command");
+        h.result
+    }
+
+    /// Makes the runtime match `desired` (see [`crate::reconcile`] for the rules). Every action
+    /// is tried; a failure is reported for its container and the others go on. Reconciles are
+    /// serialised.
+    pub async fn reconcile(&self, desired: &BTreeMap<String, DesiredContainer>) -> ReconcileReport {
+        let _one_at_a_time = self.reconciling.lock().await;
+        self.bump(|s| s.reconcile_runs += 1);
+        let actual = match self.runtime.list().await {
+            Ok(a) => a,
+            Err(e) => {
+                self.bump(|s| s.reconcile_errors += 1);
+                tracing::warn!(error = %e, "reconcile: cannot read the container runtime");
+                let errors: BTreeMap<String, String> =
+                    desired.keys().map(|n| (n.clone(), e.to_string())).collect();
+                return ReconcileReport {
+                    outcomes: Vec::new(),
+                    error: Some(e.to_string()),
+                    actual: Vec::new(),
+                    reported: report_with_errors(&[], desired, &errors),
+                };
+            }
+        };
+        self.observe(&actual);
+        let actions = plan(desired, &actual);
+        let mut outcomes = Vec::with_capacity(actions.len());
+        let mut errors = BTreeMap::new();
+        for action in &actions {
+            let result = self.apply(action).await;
+            let error = result.err();
+            if let Some(e) = &error {
+                tracing::warn!(container = action.name(), action = action.kind(), error = %e, "reconcile action failed");
+                errors.insert(action.name().to_string(), e.clone());
+            } else {
+                tracing::info!(
+                    container = action.name(),
+                    action = action.kind(),
+                    "reconcile action"
+                );
+            }
+            outcomes.push(ReconcileOutcome {
+                name: action.name().to_string(),
+                action: action.kind(),
+                error,
+            });
+        }
+        let failed = outcomes.iter().filter(|o| o.error.is_some()).count() as u64;
+        self.bump(|s| s.reconcile_errors += failed);
+        let (actual, error) = match self.runtime.list().await {
+            Ok(a) => {
+                self.observe(&a);
+                (a, None)
+            }
+            Err(e) => (actual, Some(e.to_string())),
+        };
+        ReconcileReport {
+            reported: report_with_errors(&actual, desired, &errors),
+            outcomes,
+            error,
+            actual,
+        }
+    }
+
+    async fn apply(&self, action: &Action) -> Result<(), String> {
+        let rt = &self.runtime;
+        let r = match action {
+            Action::Create { spec, start: true } => rt.run(spec).await.map(|_| ()),
+            Action::Create { spec, start: false } => rt.create(spec).await.map(|_| ()),
+            Action::Recreate { spec, start } => match rt.remove(&spec.name, true).await {
+                Ok(()) | Err(RuntimeError::NoSuchContainer { .. }) => {
+                    if *start {
+                        rt.run(spec).await.map(|_| ())
+                    } else {
+                        rt.create(spec).await.map(|_| ())
+                    }
+                }
+                Err(e) => Err(e),
+            },
+            Action::Start { name } => rt.start(name).await,
+            Action::Stop { name } => rt.stop(name, None, None).await,
+            Action::Remove { name } => match rt.remove(name, true).await {
+                Err(RuntimeError::NoSuchContainer { .. }) => Ok(()),
+                other => other,
+            },
+            Action::Conflict { reason, .. } => return Err(reason.clone()),
+        };
+        r.map_err(|e| e.to_string())
+    }
+
+    /// The retained `node/containers/status`: every container of the runtime.
+    pub async fn status(&self) -> Result<StatusMsg, RuntimeError> {
+        let all = self.runtime.list().await?;
+        self.observe(&all);
+        Ok(StatusMsg {
+            ts: now_ms(),
+            containers: all.iter().map(ContainerInfo::to_status).collect(),
+        })
+    }
+
+    /// The counters now.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.counters
+            .lock()
+            .map(|c| c.snapshot.clone())
+            .unwrap_or_default()
+    }
+
+    fn bump(&self, f: impl FnOnce(&mut MetricsSnapshot)) {
+        if let Ok(mut c) = self.counters.lock() {
+            f(&mut c.snapshot);
+        }
+    }
+
+    fn observe_states(&self, states: impl Iterator<Item = ContainerState>) {
+        if let Ok(mut c) = self.counters.lock() {
+            for v in c.snapshot.containers_by_state.values_mut() {
+                *v = 0;
+            }
+            for s in states {
+                *c.snapshot.containers_by_state.entry(s).or_default() += 1;
+            }
+        }
+    }
+
+    fn observe(&self, all: &[ContainerInfo]) {
+        self.observe_states(all.iter().map(|i| i.state));
+        if let Ok(mut c) = self.counters.lock() {
+            let mut seen = HashMap::with_capacity(all.len());
+            let mut restarts = 0;
+            for i in all {
+                let now = i.restart_count.unwrap_or(0);
+                if let Some(before) = c.restart_counts.get(&i.id) {
+                    restarts += now.saturating_sub(*before);
+                }
+                seen.insert(i.id.clone(), now);
+            }
+            c.restart_counts = seen;
+            c.snapshot.restarts += restarts;
+        }
+    }
+}

@@ -1,0 +1,550 @@
+//! The runtime connector: [`ContainerRuntime`] is everything the agent needs from a container
+//! runtime; [`DockerRuntime`] implements it on the Docker Engine API with bollard (Podman's
+//! `podman system service` socket serves the same API).
+//!
+//! Errors keep apart what a caller must treat differently ([`RuntimeError`]): the image is not on
+//! the node (the agent never pulls: edge nodes are often air-gapped, images are imported or
+//! pre-pulled), the name is taken, the container does not exist, the runtime cannot be reached
+//! (nothing happened; safe to retry), and anything else the runtime refused.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bollard::models::{
+    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, HostConfig,
+    PortBinding, RestartPolicy as DockerRestartPolicy, RestartPolicyNameEnum,
+};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, InspectContainerOptions, ListContainersOptionsBuilder,
+    LogsOptionsBuilder, RemoveContainerOptionsBuilder, RestartContainerOptionsBuilder,
+    StartContainerOptions, StopContainerOptionsBuilder,
+};
+use bollard::Docker;
+use futures_util::StreamExt;
+
+use crate::spec::{ContainerSpec, RestartPolicy, LABEL_MANAGED, LABEL_SPEC_HASH};
+pub use crate::wire::ContainerState;
+use crate::wire::{ContainerStatus, TimestampMs};
+
+/// What a runtime says about one container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerInfo {
+    /// Runtime id.
+    pub id: String,
+    /// Name (without Docker's leading `/`).
+    pub name: String,
+    /// Image reference as given at creation.
+    pub image: String,
+    /// State.
+    pub state: ContainerState,
+    /// Exit code of the last run (only when exited or dead).
+    pub exit_code: Option<i64>,
+    /// Restarts done by the runtime under the restart policy.
+    pub restart_count: Option<u64>,
+    /// Last start, ms since the epoch.
+    pub started_at: Option<TimestampMs>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// The runtime's last error for this container (e.g. a failed start), if any.
+    pub error: Option<String>,
+}
+
+impl ContainerInfo {
+    /// Whether the reconciler owns this container (label `edgetwin.managed=true`).
+    pub fn managed(&self) -> bool {
+        self.labels.get(LABEL_MANAGED).is_some_and(|v| v == "true")
+    }
+
+    /// The spec fingerprint it was created from (label `edgetwin.spec-hash`).
+    pub fn spec_hash(&self) -> Option<&str> {
+        self.labels.get(LABEL_SPEC_HASH).map(String::as_str)
+    }
+
+    /// The wire form.
+    pub fn to_status(&self) -> ContainerStatus {
+        ContainerStatus {
+            name: self.name.clone(),
+            image: self.image.clone(),
+            state: self.state,
+            started_at: self.started_at,
+            exit_code: self.exit_code,
+            restart_count: self.restart_count,
+        }
+    }
+}
+
+/// Why a runtime operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuntimeError {
+    /// The image is not on the node (the agent never pulls).
+    #[error("image {image} is not present on the node (import or pull it first)")]
+    ImageNotPresent {
+        /// The image reference.
+        image: String,
+    },
+    /// A container with that name exists already.
+    #[error("container name {name} is already taken")]
+    NameTaken {
+        /// The name.
+        name: String,
+    },
+    /// No container with that name.
+    #[error("no such container: {name}")]
+    NoSuchContainer {
+        /// The name.
+        name: String,
+    },
+    /// The runtime's API socket is missing, refuses connections or does not answer.
+    #[error("container runtime unreachable at {}: {reason}", socket.display())]
+    Unreachable {
+        /// The API socket path.
+        socket: PathBuf,
+        /// What happened.
+        reason: String,
+    },
+    /// The runtime refused the request for another reason.
+    #[error("container runtime error: {0}")]
+    Other(String),
+}
+
+impl RuntimeError {
+    /// A short, bounded label for metrics: `image_not_present`, `name_taken`,
+    /// `no_such_container`, `unreachable`, `runtime_error`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::ImageNotPresent { .. } => "image_not_present",
+            Self::NameTaken { .. } => "name_taken",
+            Self::NoSuchContainer { .. } => "no_such_container",
+            Self::Unreachable { .. } => "unreachable",
+            Self::Other(_) => "runtime_error",
+        }
+    }
+}
+
+/// A container runtime as the agent needs it. Names identify containers.
+#[async_trait]
+pub trait ContainerRuntime: Send + Sync {
+    /// Creates the container without starting it.
+    async fn create(&self, spec: &ContainerSpec) -> Result<ContainerInfo, RuntimeError>;
+    /// Creates and starts a container (a container whose start fails is removed again).
+    async fn run(&self, spec: &ContainerSpec) -> Result<ContainerInfo, RuntimeError>;
+    /// Starts a container (a running one is left as is).
+    async fn start(&self, name: &str) -> Result<(), RuntimeError>;
+    /// Stops a container with `signal` (runtime default: the image's stop signal, else SIGTERM),
+    /// killing it after `timeout` (runtime default 10 s). A stopped one is left as is.
+    async fn stop(
+        &self,
+        name: &str,
+        signal: Option<&str>,
+        timeout: Option<Duration>,
+    ) -> Result<(), RuntimeError>;
+    /// Restarts a container (stop with `timeout`, then start).
+    async fn restart(&self, name: &str, timeout: Option<Duration>) -> Result<(), RuntimeError>;
+    /// Removes a container; `force` removes a running one too.
+    async fn remove(&self, name: &str, force: bool) -> Result<(), RuntimeError>;
+    /// Every container of the runtime, running or not, sorted by name.
+    async fn list(&self) -> Result<Vec<ContainerInfo>, RuntimeError>;
+    /// One container.
+    async fn inspect(&self, name: &str) -> Result<ContainerInfo, RuntimeError>;
+    /// The last `tail` lines (stdout and stderr interleaved), oldest first.
+    async fn logs(&self, name: &str, tail: u32) -> Result<Vec<String>, RuntimeError>;
+}
+
+/// Default time a Docker API request may take before the runtime counts as unreachable.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// [`ContainerRuntime`] on the Docker Engine API over a unix socket (Docker's
+/// `/var/run/docker.sock`, or Podman's API socket). Connects lazily and again after a failure,
+/// so the node may start before the runtime.
+pub struct DockerRuntime {
+    socket: PathBuf,
+    timeout: Duration,
+    client: Mutex<Option<Docker>>,
+}
+
+/// What a failed request was about, to turn 404/409 into the right [`RuntimeError`].
+enum Ctx<'a> {
+    Create { name: &'a str, image: &'a str },
+    Container(&'a str),
+    Other,
+}
+
+impl DockerRuntime {
+    /// A runtime on the API socket at `socket` (a `unix://` prefix is accepted).
+    pub fn new(socket: impl AsRef<Path>) -> Self {
+        let s = socket.as_ref().to_string_lossy();
+        let path = s.strip_prefix("unix://").unwrap_or(&s).to_string();
+        Self {
+            socket: PathBuf::from(path),
+            timeout: DEFAULT_REQUEST_TIMEOUT,
+            client: Mutex::new(None),
+        }
+    }
+
+    /// Sets how long one API request may take (default [`DEFAULT_REQUEST_TIMEOUT`]; a stop adds
+    /// its own timeout to it).
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The API socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Checks that the runtime answers.
+    pub async fn ping(&self) -> Result<(), RuntimeError> {
+        let c = self.client().await?;
+        c.ping()
+            .await
+            .map(|_| ())
+            .map_err(|e| self.fail(e, Ctx::Other))
+    }
+
+    fn unreachable(&self, reason: impl Into<String>) -> RuntimeError {
+        RuntimeError::Unreachable {
+            socket: self.socket.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    async fn client(&self) -> Result<Docker, RuntimeError> {
+        if let Some(c) = self.cached() {
+            return Ok(c);
+        }
+        let path = self.socket.to_string_lossy().to_string();
+        let docker = Docker::connect_with_unix(
+            &path,
+            self.timeout.as_secs().max(1),
+            bollard::API_DEFAULT_VERSION,
+        )
+        .map_err(|e| self.fail(e, Ctx::Other))?;
+        // The daemon may speak an older API (Debian 12's Docker 20.10: 1.41).
+        let docker = docker
+            .negotiate_version()
+            .await
+            .map_err(|e| self.fail(e, Ctx::Other))?;
+        if let Ok(mut guard) = self.client.lock() {
+            *guard = Some(docker.clone());
+        }
+        Ok(docker)
+    }
+
+    fn cached(&self) -> Option<Docker> {
+        self.client.lock().ok().and_then(|g| g.clone())
+    }
+
+    fn forget_client(&self) {
+        if let Ok(mut guard) = self.client.lock() {
+            *guard = None;
+        }
+    }
+
+    fn fail(&self, e: bollard::errors::Error, ctx: Ctx<'_>) -> RuntimeError {
+        use bollard::errors::Error as E;
+        let err = match e {
+            E::SocketNotFoundError(_) => self.unreachable("socket not found"),
+            E::HyperLegacyError { err } => self.unreachable(err.to_string()),
+            E::HyperResponseError { err } => self.unreachable(err.to_string()),
+            E::IOError { err } => self.unreachable(err.to_string()),
+            E::RequestTimeoutError => {
+                self.unreachable(format!("no answer within {} s", self.timeout.as_secs()))
+            }
+            E::DockerResponseServerError {
+                status_code,
+                message,
+            } => match (status_code, ctx) {
+                (404, Ctx::Create { image, name }) => {
+                    if message.to_ascii_lowercase().contains("image") {
+                        RuntimeError::ImageNotPresent {
+                            image: image.to_string(),
+                        }
+                    } else {
+                        RuntimeError::NoSuchContainer {
+                            name: name.to_string(),
+                        }
+                    }
+                }
+                (409, Ctx::Create { name, .. }) => RuntimeError::NameTaken {
+                    name: name.to_string(),
+                },
+                (404, Ctx::Container(name)) => RuntimeError::NoSuchContainer {
+                    name: name.to_string(),
+                },
+                (code, _) => RuntimeError::Other(format!("{message} (HTTP {code})")),
+            },
+            other => RuntimeError::Other(other.to_string()),
+        };
+        if matches!(err, RuntimeError::Unreachable { .. }) {
+            self.forget_client();
+        }
+        err
+    }
+
+    fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
+        let mut port_bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
+        for p in &spec.ports {
+            port_bindings
+                .entry(p.container_key())
+                .or_insert_with(|| Some(Vec::new()))
+                .get_or_insert_with(Vec::new)
+                .push(PortBinding {
+                    host_ip: p.host_ip.clone(),
+                    host_port: Some(p.host_port.to_string()),
+                });
+        }
+        let exposed: Vec<String> = port_bindings.keys().cloned().collect();
+        let restart = match spec.restart {
+            RestartPolicy::No => RestartPolicyNameEnum::NO,
+            RestartPolicy::Always => RestartPolicyNameEnum::ALWAYS,
+            RestartPolicy::OnFailure => RestartPolicyNameEnum::ON_FAILURE,
+            RestartPolicy::UnlessStopped => RestartPolicyNameEnum::UNLESS_STOPPED,
+        };
+        let host_config = HostConfig {
+            binds: (!spec.mounts.is_empty())
+                .then(|| spec.mounts.iter().map(ToString::to_string).collect()),
+            port_bindings: (!port_bindings.is_empty()).then_some(port_bindings),
+            restart_policy: Some(DockerRestartPolicy {
+                name: Some(restart),
+                maximum_retry_count: None,
+            }),
+            memory: spec.limits.memory_bytes.and_then(|m| i64::try_from(m).ok()),
+            nano_cpus: spec.limits.cpus.map(|c| (c * 1e9).round() as i64),
+            ..Default::default()
+        };
+        ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            env: (!spec.env.is_empty())
+                .then(|| spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            cmd: (!spec.args.is_empty()).then(|| spec.args.clone()),
+            exposed_ports: (!exposed.is_empty()).then_some(exposed),
+            labels: Some(spec.labels.clone().into_iter().collect()),
+            host_config: Some(host_config),
+            ..Default::default()
+        }
+    }
+
+    async fn create_only(&self, spec: &ContainerSpec) -> Result<(), RuntimeError> {
+        let c = self.client().await?;
+        let opts = CreateContainerOptionsBuilder::default()
+            .name(&spec.name)
+            .build();
+        c.create_container(Some(opts), Self::create_body(spec))
+            .await
+            .map_err(|e| {
+                self.fail(
+                    e,
+                    Ctx::Create {
+                        name: &spec.name,
+                        image: &spec.image,
+                    },
+                )
+            })?;
+        Ok(())
+    }
+}
+
+/// Parses Docker's RFC 3339 timestamps; the zero time (`0001-01-01T00:00:00Z`, never started)
+/// and anything unparsable give `None`.
+pub fn parse_docker_time(s: &str) -> Option<TimestampMs> {
+    let t = humantime::parse_rfc3339_weak(s.trim_end_matches('Z')).ok()?;
+    let ms = t.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis();
+    i64::try_from(ms).ok().filter(|ms| *ms > 0)
+}
+
+fn info_from_inspect(r: ContainerInspectResponse) -> ContainerInfo {
+    let state = r.state.unwrap_or_default();
+    let mapped = match state.status {
+        Some(ContainerStateStatusEnum::CREATED) => ContainerState::Created,
+        Some(ContainerStateStatusEnum::RUNNING)
+        | Some(ContainerStateStatusEnum::RESTARTING)
+        | Some(ContainerStateStatusEnum::STOPPING) => ContainerState::Running,
+        Some(ContainerStateStatusEnum::PAUSED) => ContainerState::Paused,
+        Some(ContainerStateStatusEnum::EXITED) => ContainerState::Exited,
+        Some(ContainerStateStatusEnum::DEAD) | Some(ContainerStateStatusEnum::REMOVING) => {
+            ContainerState::Dead
+        }
+        Some(ContainerStateStatusEnum::EMPTY) | None => ContainerState::Unknown,
+    };
+    let config = r.config.unwrap_or_default();
+    ContainerInfo {
+        id: r.id.unwrap_or_default(),
+        name: r
+            .name
+            .unwrap_or_default()
+            .trim_start_matches('/')
+            .to_string(),
+        image: config.image.or(r.image).unwrap_or_default(),
+        state: mapped,
+        exit_code: matches!(mapped, ContainerState::Exited | ContainerState::Dead)
+            .then_some(state.exit_code)
+            .flatten(),
+        restart_count: r.restart_count.and_then(|n| u64::try_from(n).ok()),
+        started_at: state.started_at.as_deref().and_then(parse_docker_time),
+        labels: config.labels.unwrap_or_default().into_iter().collect(),
+        error: state.error.filter(|e| !e.is_empty()),
+    }
+}
+
+#[async_trait]
+impl ContainerRuntime for DockerRuntime {
+    async fn create(&self, spec: &ContainerSpec) -> Result<ContainerInfo, RuntimeError> {
+        self.create_only(spec).await?;
+        self.inspect(&spec.name).await
+    }
+
+    async fn run(&self, spec: &ContainerSpec) -> Result<ContainerInfo, RuntimeError> {
+        self.create_only(spec).await?;
+        if let Err(e) = self.start(&spec.name).await {
+            // Leave nothing half-made behind: a retry must not find the name taken.
+            if let Err(rm) = self.remove(&spec.name, true).await {
+                tracing::warn!(container = %spec.name, error = %rm, "removing a container that failed to start failed");
+            }
+            return Err(e);
+        }
+        self.inspect(&spec.name).await
+    }
+
+    async fn start(&self, name: &str) -> Result<(), RuntimeError> {
+        let c = self.client().await?;
+        c.start_container(name, None::<StartContainerOptions>)
+            .await
+            .map_err(|e| self.fail(e, Ctx::Container(name)))
+    }
+
+    async fn stop(
+        &self,
+        name: &str,
+        signal: Option<&str>,
+        timeout: Option<Duration>,
+    ) -> Result<(), RuntimeError> {
+        let c = self.client().await?;
+        let mut opts = StopContainerOptionsBuilder::default();
+        if let Some(s) = signal {
+            opts = opts.signal(s);
+        }
+        let mut c = c;
+        if let Some(t) = timeout {
+            opts = opts.t(i32::try_from(t.as_secs()).unwrap_or(i32::MAX));
+            c = c.with_timeout(self.timeout + t);
+        }
+        c.stop_container(name, Some(opts.build()))
+            .await
+            .map_err(|e| self.fail(e, Ctx::Container(name)))
+    }
+
+    async fn restart(&self, name: &str, timeout: Option<Duration>) -> Result<(), RuntimeError> {
+        let mut c = self.client().await?;
+        let mut opts = RestartContainerOptionsBuilder::default();
+        if let Some(t) = timeout {
+            opts = opts.t(i32::try_from(t.as_secs()).unwrap_or(i32::MAX));
+            c = c.with_timeout(self.timeout + t);
+        }
+        c.restart_container(name, Some(opts.build()))
+            .await
+            .map_err(|e| self.fail(e, Ctx::Container(name)))
+    }
+
+    async fn remove(&self, name: &str, force: bool) -> Result<(), RuntimeError> {
+        let c = self.client().await?;
+        let opts = RemoveContainerOptionsBuilder::default()
+            .force(force)
+            .build();
+        c.remove_container(name, Some(opts))
+            .await
+            .map_err(|e| self.fail(e, Ctx::Container(name)))
+    }
+
+    async fn list(&self) -> Result<Vec<ContainerInfo>, RuntimeError> {
+        let c = self.client().await?;
+        let opts = ListContainersOptionsBuilder::default().all(true).build();
+        let summaries = c
+            .list_containers(Some(opts))
+            .await
+            .map_err(|e| self.fail(e, Ctx::Other))?;
+        let mut out = Vec::with_capacity(summaries.len());
+        for s in summaries {
+            let Some(id) = s.id else { continue };
+            match self.inspect(&id).await {
+                Ok(info) => out.push(info),
+                // Removed between list and inspect.
+                Err(RuntimeError::NoSuchContainer { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    async fn inspect(&self, name: &str) -> Result<ContainerInfo, RuntimeError> {
+        let c = self.client().await?;
+        c.inspect_container(name, None::<InspectContainerOptions>)
+            .await
+            .map(info_from_inspect)
+            .map_err(|e| self.fail(e, Ctx::Container(name)))
+    }
+
+    async fn logs(&self, name: &str, tail: u32) -> Result<Vec<String>, RuntimeError> {
+        let c = self.client().await?;
+        let opts = LogsOptionsBuilder::default()
+            .stdout(true)
+            .stderr(true)
+            .tail(&tail.to_string())
+            .build();
+        let mut stream = c.logs(name, Some(opts));
+        let mut bytes = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| self.fail(e, Ctx::Container(name)))?;
+            bytes.extend_from_slice(&chunk.into_bytes());
+        }
+        Ok(String::from_utf8_lossy(&bytes)
+            .lines()
+            .map(str::to_string)
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_time_parses_nanoseconds_and_rejects_the_zero_time() {
+        assert_eq!(
+            parse_docker_time("2026-11-23T11:32:40.123456789Z"),
+            Some(1_795_433_560_123)
+        );
+        assert_eq!(parse_docker_time("0001-01-01T00:00:00Z"), None);
+        assert_eq!(parse_docker_time("garbage"), None);
+    }
+
+    #[test]
+    fn unix_prefix_is_stripped_from_the_socket() {
+        assert_eq!(
+            DockerRuntime::new("unix:///run/podman/podman.sock").socket(),
+            Path::new("/run/podman/podman.sock")
+        );
+    }
+
+    #[test]
+    fn create_body_carries_ports_mounts_limits_and_labels() {
+        let mut s = ContainerSpec::new("a", "img");
+        s.ports
+            .push(crate::spec::PortMapping::parse("8080:80").unwrap());
+        s.mounts
+            .push(crate::spec::Mount::parse("/d:/d:ro").unwrap());
+        s.limits.cpus = Some(0.5);
+        s.labels.insert("k".into(), "v".into());
+        let b = DockerRuntime::create_body(&s);
+        let hc = b.host_config.unwrap();
+        assert_eq!(hc.nano_cpus, Some(500_000_000));
+        assert_eq!(hc.binds.unwrap(), vec!["/d:/d:ro".to_string()]);
+        assert!(hc.port_bindings.unwrap().contains_key("80/tcp"));
+        assert_eq!(b.exposed_ports.unwrap(), vec!["80/tcp".to_string()]);
+        assert_eq!(b.labels.unwrap().get("k").map(String::as_str), Some("v"));
+    }
+}
