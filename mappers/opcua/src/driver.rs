@@ -313,6 +313,10 @@ fn is_rejection(status: StatusCode) -> bool {
         StatusCode::BadCertificateUntrusted,
         StatusCode::BadCertificateUriInvalid,
         StatusCode::BadCertificateUseNotAllowed,
+        StatusCode::BadCertificateHostNameInvalid,
+        StatusCode::BadCertificateTimeInvalid,
+        StatusCode::BadCertificateRevoked,
+        StatusCode::BadNoValidCertificates,
         StatusCode::BadSecurityModeRejected,
     ]
     .iter()
