@@ -1,0 +1,213 @@
+//! The gate's configuration (the `gate:` section of the node config).
+//!
+//! ```yaml
+//! listeners:
+//!   - listen: 0.0.0.0:1883                     # plain TCP, MQTT 3.1.1 and 5
+//!   - listen: 0.0.0.0:8883
+//!     tls:
+//!       cert_file: /etc/edgetwin/tls/server.crt   # PEM chain, leaf first
+//!       key_file: /etc/edgetwin/tls/server.key    # PEM private key (PKCS#8, PKCS#1 or SEC1)
+//!       client_ca_file: /etc/edgetwin/tls/ca.crt  # optional: verify client certificates
+//!       require_client_cert: false                # true: no handshake without a client cert
+//! credentials_file: /etc/edgetwin/users.yaml      # optional; see `credentials`
+//! allow_anonymous: false      # default: false with a credentials file, true without
+//! anonymous_role: admin       # role of anonymous clients (admin|engineer|app); default admin
+//! limits:
+//!   max_packet_bytes: 1048576         # whole MQTT packet (remaining length)
+//!   max_topic_len: 512                # bytes, topic names and filters
+//!   max_subscriptions_per_client: 100 # active filters per connection
+//!   connect_timeout_ms: 10000         # TLS handshake + CONNECT, and the upstream dial
+//! ```
+//!
+//! Without a credentials file and with the defaults, the gate is as open as the bare broker
+//! (anonymous admins) and only adds the limits, TCP_NODELAY and the single v4+v5 port; a
+//! credentials file closes it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::credentials::RoleName;
+
+/// The whole gate configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GateConfig {
+    /// Public listeners; each serves MQTT 3.1.1 and 5.
+    pub listeners: Vec<ListenerConfig>,
+    /// YAML file of users, hashes and roles.
+    #[serde(default)]
+    pub credentials_file: Option<PathBuf>,
+    /// Accept clients without credentials; default: `false` with a credentials file, else `true`.
+    #[serde(default)]
+    pub allow_anonymous: Option<bool>,
+    /// Role of anonymous clients (not `mapper`).
+    #[serde(default = "default_anonymous_role")]
+    pub anonymous_role: RoleName,
+    /// Hardening limits.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+fn default_anonymous_role() -> RoleName {
+    RoleName::Admin
+}
+
+/// One public listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Address to bind.
+    pub listen: SocketAddr,
+    /// TLS; absent: plain TCP.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// TLS settings of a listener (rustls, ring provider).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain of the server, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key of the server.
+    pub key_file: PathBuf,
+    /// PEM CA bundle that client certificates must chain to; enables client-certificate login.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+    /// Refuse handshakes without a valid client certificate (needs `client_ca_file`).
+    #[serde(default)]
+    pub require_client_cert: bool,
+}
+
+/// Hardening limits; a client that exceeds one is disconnected with a log line naming the limit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest MQTT packet accepted from a client (remaining length, bytes).
+    #[serde(default = "default_max_packet_bytes")]
+    pub max_packet_bytes: usize,
+    /// Longest topic name or filter (bytes).
+    #[serde(default = "default_max_topic_len")]
+    pub max_topic_len: usize,
+    /// Most active subscriptions of one connection.
+    #[serde(default = "default_max_subscriptions")]
+    pub max_subscriptions_per_client: usize,
+    /// Time allowed for the TLS handshake plus CONNECT, and for dialling the upstream broker.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+}
+
+fn default_max_packet_bytes() -> usize {
+    1024 * 1024
+}
+fn default_max_topic_len() -> usize {
+    512
+}
+fn default_max_subscriptions() -> usize {
+    100
+}
+fn default_connect_timeout_ms() -> u64 {
+    10_000
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_packet_bytes: default_max_packet_bytes(),
+            max_topic_len: default_max_topic_len(),
+            max_subscriptions_per_client: default_max_subscriptions(),
+            connect_timeout_ms: default_connect_timeout_ms(),
+        }
+    }
+}
+
+impl GateConfig {
+    /// A plain-TCP gate on `listen` with every default.
+    pub fn plain(listen: SocketAddr) -> GateConfig {
+        GateConfig {
+            listeners: vec![ListenerConfig { listen, tls: None }],
+            credentials_file: None,
+            allow_anonymous: None,
+            anonymous_role: default_anonymous_role(),
+            limits: LimitsConfig::default(),
+        }
+    }
+
+    /// Whether clients without credentials are let in (the documented default applied).
+    pub fn anonymous_allowed(&self) -> bool {
+        self.allow_anonymous
+            .unwrap_or(self.credentials_file.is_none())
+    }
+
+    /// Every problem of the configuration, each with its field path; empty when valid.
+    pub fn problems(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        if self.listeners.is_empty() {
+            errors.push("listeners: at least one listener is needed".to_string());
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            if let Some(tls) = &l.tls {
+                if tls.require_client_cert && tls.client_ca_file.is_none() {
+                    errors.push(format!(
+                        "listeners[{i}].tls.require_client_cert: needs client_ca_file"
+                    ));
+                }
+            }
+        }
+        if self.anonymous_role == RoleName::Mapper {
+            errors.push("anonymous_role: cannot be mapper (a mapper needs an identity)".into());
+        }
+        let l = &self.limits;
+        if l.max_packet_bytes < 1024 {
+            errors.push("limits.max_packet_bytes: must be at least 1024".into());
+        }
+        if l.max_topic_len < 64 {
+            errors.push("limits.max_topic_len: must be at least 64".into());
+        }
+        if l.max_subscriptions_per_client == 0 {
+            errors.push("limits.max_subscriptions_per_client: must be at least 1".into());
+        }
+        if l.connect_timeout_ms == 0 {
+            errors.push("limits.connect_timeout_ms: must be at least 1".into());
+        }
+        errors
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_defaults_apply_and_unknown_fields_are_refused() {
+        let c: GateConfig =
+            serde_norway::from_str("listeners: [{listen: 127.0.0.1:1883}]").unwrap();
+        assert_eq!(c.limits, LimitsConfig::default());
+        assert!(c.anonymous_allowed());
+        assert!(c.problems().is_empty());
+        let c: GateConfig = serde_norway::from_str(
+            "listeners: [{listen: 127.0.0.1:1883}]\ncredentials_file: /x.yaml",
+        )
+        .unwrap();
+        assert!(!c.anonymous_allowed());
+        assert!(serde_norway::from_str::<GateConfig>(
+            "listeners: [{listen: 127.0.0.1:1883}]\nlimits: {max_packet: 1}"
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn config_problems_are_all_reported_with_paths() {
+        let c: GateConfig = serde_norway::from_str(
+            "listeners: [{listen: 127.0.0.1:1, tls: {cert_file: a, key_file: b, require_client_cert: true}}]\n\
+             anonymous_role: mapper\nlimits: {max_packet_bytes: 1, max_subscriptions_per_client: 0}",
+        )
+        .unwrap();
+        let p = c.problems();
+        assert_eq!(p.len(), 4, "{p:?}");
+        assert!(p[0].starts_with("listeners[0].tls.require_client_cert"));
+    }
+}

@@ -1,0 +1,113 @@
+//! The gate's metrics. Registered by the node under its `edgetwin` prefix through
+//! [`GateMetrics::register`], which adds `gate_`; every label is a closed set.
+//!
+//! | name | labels | meaning |
+//! |---|---|---|
+//! | `edgetwin_gate_connections_total` | `role`, `version` (v4, v5) | clients accepted (CONNECT authenticated) |
+//! | `edgetwin_gate_connections_active` | | clients relayed right now |
+//! | `edgetwin_gate_auth_failures_total` | `reason` | refused CONNECTs: `bad_password`, `unknown_user`, `no_credentials`, `unknown_certificate`, `will_denied`, `tls_handshake`, `unsupported_version`, `upstream_unavailable` |
+//! | `edgetwin_gate_denied_total` | `role`, `kind` (publish, subscribe, deliver) | packets refused by the ACL (`deliver`: a broker message withheld from a client, e.g. another protocol's delta to a mapper) |
+//! | `edgetwin_gate_disconnects_total` | `reason` | clients cut by the gate: `packet_too_large`, `topic_too_long`, `too_many_subscriptions`, `malformed`, `protocol_error` |
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Labels of accepted connections.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    /// admin, engineer, mapper, app.
+    pub role: String,
+    /// v4 or v5.
+    pub version: String,
+}
+
+/// Labels with one reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// The reason (closed set, see the module doc).
+    pub reason: String,
+}
+
+/// Labels of ACL denials.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DenialLabels {
+    /// admin, engineer, mapper, app.
+    pub role: String,
+    /// publish, subscribe or deliver.
+    pub kind: String,
+}
+
+/// Every gate metric; cheap to clone (shared counters).
+#[derive(Clone, Debug, Default)]
+pub struct GateMetrics {
+    /// Accepted connections.
+    pub connections: Family<ConnectionLabels, Counter>,
+    /// Connections being relayed.
+    pub active: Gauge,
+    /// Refused CONNECTs.
+    pub auth_failures: Family<ReasonLabels, Counter>,
+    /// ACL denials.
+    pub denied: Family<DenialLabels, Counter>,
+    /// Clients cut by a limit or bad input.
+    pub disconnects: Family<ReasonLabels, Counter>,
+}
+
+impl GateMetrics {
+    /// Registers every metric in `registry` under the `gate` prefix.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("gate");
+        r.register(
+            "connections",
+            "Clients accepted by the gate",
+            self.connections.clone(),
+        );
+        r.register(
+            "connections_active",
+            "Clients relayed by the gate right now",
+            self.active.clone(),
+        );
+        r.register(
+            "auth_failures",
+            "CONNECTs refused by the gate",
+            self.auth_failures.clone(),
+        );
+        r.register(
+            "denied",
+            "Packets refused by the gate's topic permissions",
+            self.denied.clone(),
+        );
+        r.register(
+            "disconnects",
+            "Clients disconnected by the gate for a limit or bad input",
+            self.disconnects.clone(),
+        );
+    }
+
+    pub(crate) fn auth_failure(&self, reason: &str) {
+        self.auth_failures
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn disconnect(&self, reason: &str) {
+        self.disconnects
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn deny(&self, role: &str, kind: &str) {
+        self.denied
+            .get_or_create(&DenialLabels {
+                role: role.into(),
+                kind: kind.into(),
+            })
+            .inc();
+    }
+}

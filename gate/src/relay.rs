@@ -1,0 +1,684 @@
+//! One client connection: TLS handshake, CONNECT, authentication, the upstream dial, then the
+//! two-way relay with inspection.
+//!
+//! Both directions run in the connection's one task (`select!`), so ending either ends both and
+//! nothing outlives the connection. Each read is framed into whole packets; allowed packets are
+//! forwarded as their raw bytes, batched into one write per read. The gate answers for what it
+//! withholds, so neither side waits forever: a denied QoS 1/2 PUBLISH is acknowledged to the client
+//! (v5 with reason 0x87), a withheld delivery is acknowledged to the broker, a partly denied
+//! SUBSCRIBE is forwarded without the denied filters and the broker's SUBACK is widened back to
+//! the client's original filter list with failures in the denied places.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::v5::mqttbytes::v5::DisconnectReasonCode;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::acl::{self, DeviceDirectory, Role};
+use crate::config::GateConfig;
+use crate::credentials::{role_of, Credentials};
+use crate::metrics::{ConnectionLabels, GateMetrics};
+use crate::packet::{self, Connect, Kind, PacketError, Refusal, Version};
+use crate::tls::cert_identity;
+
+/// Everything the connections share.
+pub(crate) struct Shared {
+    pub cfg: GateConfig,
+    pub credentials: Option<Credentials>,
+    pub upstream_v4: SocketAddr,
+    pub upstream_v5: Option<SocketAddr>,
+    pub dir: Arc<dyn DeviceDirectory>,
+    pub metrics: GateMetrics,
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+type ClientStream = Box<dyn Io>;
+
+/// Largest packet accepted from the upstream broker (it enforces its own limit).
+const UPSTREAM_MAX_PACKET: usize = 256 * 1024 * 1024;
+
+/// Why the gate cut a client.
+struct Cut {
+    reason: &'static str,
+    detail: String,
+    v5: DisconnectReasonCode,
+}
+
+impl Cut {
+    fn packet(e: PacketError) -> Cut {
+        match e {
+            PacketError::TooLarge(n) => Cut {
+                reason: "packet_too_large",
+                detail: format!("packet of {n} bytes exceeds limits.max_packet_bytes"),
+                v5: DisconnectReasonCode::PacketTooLarge,
+            },
+            e => Cut {
+                reason: "malformed",
+                detail: e.to_string(),
+                v5: DisconnectReasonCode::MalformedPacket,
+            },
+        }
+    }
+
+    fn topic_too_long(len: usize, max: usize) -> Cut {
+        Cut {
+            reason: "topic_too_long",
+            detail: format!("topic of {len} bytes exceeds limits.max_topic_len {max}"),
+            v5: DisconnectReasonCode::TopicNameInvalid,
+        }
+    }
+
+    fn protocol(detail: &str) -> Cut {
+        Cut {
+            reason: "protocol_error",
+            detail: detail.to_string(),
+            v5: DisconnectReasonCode::ProtocolError,
+        }
+    }
+}
+
+/// How a relay ended.
+enum End {
+    /// One side closed (or an I/O error): nothing to tell.
+    Closed,
+    /// The gate cut the client.
+    Cut(Cut),
+    /// The node is shutting down.
+    Shutdown,
+}
+
+/// Serves one accepted TCP connection until it ends or `shutdown` fires.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    shutdown: CancellationToken,
+) {
+    let limits = &shared.cfg.limits;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(limits.connect_timeout_ms);
+    if let Err(e) = tcp.set_nodelay(true) {
+        debug!(%peer, error = %e, "cannot set TCP_NODELAY");
+    }
+    let (mut client, cert_name): (ClientStream, Option<String>) = match tls {
+        None => (Box::new(tcp), None),
+        Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+            Ok(Ok(s)) => {
+                let name = s
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(cert_identity);
+                (Box::new(s), name)
+            }
+            Ok(Err(e)) => {
+                shared.metrics.auth_failure("tls_handshake");
+                info!(%peer, error = %e, "TLS handshake refused");
+                return;
+            }
+            Err(_) => {
+                debug!(%peer, "TLS handshake timed out");
+                return;
+            }
+        },
+    };
+
+    let mut buf = BytesMut::with_capacity(4096);
+    let connect = tokio::select! {
+        r = tokio::time::timeout_at(deadline, read_connect(&mut client, &mut buf, limits.max_packet_bytes)) => r,
+        _ = shutdown.cancelled() => return,
+    };
+    let connect = match connect {
+        Ok(Ok(c)) => c,
+        Ok(Err(ConnectReadError::Packet(PacketError::UnsupportedLevel(level)))) => {
+            shared.metrics.auth_failure("unsupported_version");
+            info!(%peer, level, "CONNECT refused: unsupported protocol level");
+            let _ = client
+                .write_all(&packet::connack_refused(
+                    Version::V4,
+                    Refusal::UnsupportedVersion,
+                ))
+                .await;
+            return;
+        }
+        Ok(Err(ConnectReadError::Packet(e))) => {
+            shared.metrics.disconnect(Cut::packet(e.clone()).reason);
+            info!(%peer, error = %e, "bad CONNECT; connection closed");
+            return;
+        }
+        Ok(Err(ConnectReadError::Io)) => return,
+        Err(_) => {
+            debug!(%peer, "no CONNECT within limits.connect_timeout_ms");
+            return;
+        }
+    };
+    let version = connect.version();
+    let client_id = connect.client_id().to_string();
+
+    let (role, identity) = match authenticate(&shared, &connect, cert_name).await {
+        Ok(r) => r,
+        Err((why, reason)) => {
+            shared.metrics.auth_failure(reason);
+            warn!(%peer, client = %client_id, user = connect.login().map(|l| l.0).unwrap_or(""), reason, "CONNECT refused");
+            let _ = client
+                .write_all(&packet::connack_refused(version, why))
+                .await;
+            let _ = client.shutdown().await;
+            return;
+        }
+    };
+    if let Some(will) = connect.will_topic() {
+        if will.len() > limits.max_topic_len || !acl::may_publish(&role, &will, shared.dir.as_ref())
+        {
+            shared.metrics.auth_failure("will_denied");
+            shared.metrics.deny(role.label(), "publish");
+            warn!(%peer, client = %client_id, user = %identity, topic = %will, "CONNECT refused: will topic not allowed");
+            let _ = client
+                .write_all(&packet::connack_refused(version, Refusal::NotAuthorized))
+                .await;
+            return;
+        }
+    }
+
+    let upstream_addr = match version {
+        Version::V4 => Some(shared.upstream_v4),
+        Version::V5 => shared.upstream_v5,
+    };
+    let Some(upstream_addr) = upstream_addr else {
+        shared.metrics.auth_failure("unsupported_version");
+        info!(%peer, client = %client_id, "MQTT 5 refused: no upstream v5 listener");
+        let _ = client
+            .write_all(&packet::connack_refused(
+                version,
+                Refusal::UnsupportedVersion,
+            ))
+            .await;
+        return;
+    };
+    let upstream = match dial(upstream_addr, deadline, &connect).await {
+        Ok(u) => u,
+        Err(e) => {
+            shared.metrics.auth_failure("upstream_unavailable");
+            warn!(%peer, client = %client_id, upstream = %upstream_addr, error = %e, "upstream broker unavailable");
+            let _ = client
+                .write_all(&packet::connack_refused(version, Refusal::Unavailable))
+                .await;
+            return;
+        }
+    };
+
+    shared
+        .metrics
+        .connections
+        .get_or_create(&ConnectionLabels {
+            role: role.label().into(),
+            version: version.label().into(),
+        })
+        .inc();
+    shared.metrics.active.inc();
+    info!(%peer, client = %client_id, user = %identity, role = role.label(), version = version.label(), "client connected through the gate");
+
+    let conn = Conn {
+        shared: &shared,
+        role,
+        version,
+        client_id: &client_id,
+        pending_subacks: Mutex::new(HashMap::new()),
+    };
+    let end = conn.relay(client, buf, upstream, &shutdown).await;
+    shared.metrics.active.dec();
+    match end {
+        End::Closed => debug!(client = %client_id, "connection closed"),
+        End::Shutdown => debug!(client = %client_id, "connection closed for shutdown"),
+        End::Cut(c) => {
+            shared.metrics.disconnect(c.reason);
+            warn!(client = %client_id, user = %identity, reason = c.reason, detail = %c.detail, "client disconnected by the gate");
+        }
+    }
+}
+
+enum ConnectReadError {
+    Packet(PacketError),
+    Io,
+}
+
+async fn read_connect(
+    client: &mut ClientStream,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<Connect, ConnectReadError> {
+    loop {
+        if let Some(c) = Connect::read(buf, max).map_err(ConnectReadError::Packet)? {
+            return Ok(c);
+        }
+        match client.read_buf(buf).await {
+            Ok(0) | Err(_) => return Err(ConnectReadError::Io),
+            Ok(_) => {}
+        }
+    }
+}
+
+type AuthOutcome = Result<(Role, String), (Refusal, &'static str)>;
+
+async fn authenticate(
+    shared: &Shared,
+    connect: &Connect,
+    cert_name: Option<String>,
+) -> AuthOutcome {
+    let anonymous = || -> AuthOutcome {
+        if shared.cfg.anonymous_allowed() {
+            role_of(shared.cfg.anonymous_role, None)
+                .map(|r| (r, "anonymous".to_string()))
+                .map_err(|_| (Refusal::NotAuthorized, "no_credentials"))
+        } else {
+            Err((Refusal::NotAuthorized, "no_credentials"))
+        }
+    };
+    let Some(creds) = &shared.credentials else {
+        return anonymous();
+    };
+    // A verified certificate's identity wins over a username in CONNECT.
+    if let Some(name) = cert_name {
+        return match creds.user(&name) {
+            Some(u) => Ok((u.role.clone(), name)),
+            None => Err((Refusal::NotAuthorized, "unknown_certificate")),
+        };
+    }
+    let Some((user, password)) = connect.login() else {
+        return anonymous();
+    };
+    let Some(entry) = creds.user(user).cloned() else {
+        return Err((Refusal::BadCredentials, "unknown_user"));
+    };
+    let password = password.as_bytes().to_vec();
+    let check = entry.clone();
+    // Hash verification is slow on purpose: keep it off the async workers.
+    let ok = tokio::task::spawn_blocking(move || check.verify_password(&password))
+        .await
+        .unwrap_or(false);
+    if ok {
+        Ok((entry.role, user.to_string()))
+    } else {
+        Err((Refusal::BadCredentials, "bad_password"))
+    }
+}
+
+async fn dial(
+    addr: SocketAddr,
+    deadline: tokio::time::Instant,
+    connect: &Connect,
+) -> std::io::Result<TcpStream> {
+    let mut s = tokio::time::timeout_at(deadline, TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    s.set_nodelay(true)?;
+    let first = connect
+        .encode_for_upstream()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    s.write_all(&first).await?;
+    Ok(s)
+}
+
+struct Conn<'a> {
+    shared: &'a Shared,
+    role: Role,
+    version: Version,
+    client_id: &'a str,
+    /// SUBSCRIBEs forwarded without some filters: packet id → which of the client's filters were
+    /// allowed.
+    pending_subacks: Mutex<HashMap<u16, Vec<bool>>>,
+}
+
+type Writer<W> = tokio::sync::Mutex<W>;
+
+impl Conn<'_> {
+    async fn relay(
+        &self,
+        client: ClientStream,
+        client_buf: BytesMut,
+        upstream: TcpStream,
+        shutdown: &CancellationToken,
+    ) -> End {
+        let (cr, cw) = tokio::io::split(client);
+        let (ur, uw) = upstream.into_split();
+        let cw = Writer::new(cw);
+        let uw = Writer::new(uw);
+        let end = tokio::select! {
+            e = self.client_to_broker(cr, client_buf, &uw, &cw) => e,
+            e = self.broker_to_client(ur, &cw, &uw) => e,
+            _ = shutdown.cancelled() => End::Shutdown,
+        };
+        let reason = match &end {
+            End::Cut(c) => Some(c.v5),
+            End::Shutdown => Some(DisconnectReasonCode::ServerShuttingDown),
+            End::Closed => None,
+        };
+        let mut cw = cw.lock().await;
+        if let Some(r) = reason {
+            let bye = packet::disconnect(self.version, r);
+            if !bye.is_empty() {
+                let _ = tokio::time::timeout(Duration::from_secs(1), cw.write_all(&bye)).await;
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), cw.shutdown()).await;
+        end
+    }
+
+    async fn client_to_broker<R, U, C>(
+        &self,
+        mut reader: R,
+        mut buf: BytesMut,
+        upstream: &Writer<U>,
+        client: &Writer<C>,
+    ) -> End
+    where
+        R: AsyncRead + Unpin,
+        U: AsyncWrite + Unpin,
+        C: AsyncWrite + Unpin,
+    {
+        let limits = &self.shared.cfg.limits;
+        let dir = self.shared.dir.as_ref();
+        let mut subs: HashSet<String> = HashSet::new();
+        let mut aliases: HashMap<u16, String> = HashMap::new();
+        let mut denied_qos2: HashSet<u16> = HashSet::new();
+        let mut logged_pub = false;
+        let mut logged_sub = false;
+        loop {
+            let mut out = BytesMut::new();
+            let mut back = BytesMut::new();
+            loop {
+                let frame =
+                    match packet::next_frame(&mut buf, self.version, limits.max_packet_bytes) {
+                        Ok(Some(f)) => f,
+                        Ok(None) => break,
+                        Err(e) => return End::Cut(Cut::packet(e)),
+                    };
+                match frame.kind {
+                    Kind::Publish => {
+                        let p = match frame.publish() {
+                            Ok(p) => p,
+                            Err(e) => return End::Cut(Cut::packet(e)),
+                        };
+                        let topic = if p.topic.is_empty() {
+                            match p.topic_alias.and_then(|a| aliases.get(&a)) {
+                                Some(t) => t.clone(),
+                                None => {
+                                    return End::Cut(Cut::protocol(
+                                        "PUBLISH with an unknown topic alias",
+                                    ))
+                                }
+                            }
+                        } else {
+                            p.topic.clone()
+                        };
+                        if topic.len() > limits.max_topic_len {
+                            return End::Cut(Cut::topic_too_long(
+                                topic.len(),
+                                limits.max_topic_len,
+                            ));
+                        }
+                        let allowed = acl::may_publish(&self.role, &topic, dir)
+                            && p.response_topic
+                                .as_deref()
+                                .is_none_or(|rt| acl::may_receive(&self.role, rt, dir));
+                        if allowed {
+                            if let (Some(a), false) = (p.topic_alias, p.topic.is_empty()) {
+                                aliases.insert(a, p.topic.clone());
+                            }
+                            out.extend_from_slice(&frame.raw);
+                        } else {
+                            self.shared.metrics.deny(self.role.label(), "publish");
+                            if !logged_pub {
+                                logged_pub = true;
+                                warn!(client = %self.client_id, role = self.role.label(), topic = %topic, "PUBLISH denied (further denials for this client are only counted)");
+                            } else {
+                                debug!(client = %self.client_id, topic = %topic, "PUBLISH denied");
+                            }
+                            match p.qos {
+                                1 => back.extend_from_slice(&packet::puback(
+                                    self.version,
+                                    p.pkid,
+                                    true,
+                                )),
+                                2 => {
+                                    back.extend_from_slice(&packet::pubrec(
+                                        self.version,
+                                        p.pkid,
+                                        true,
+                                    ));
+                                    denied_qos2.insert(p.pkid);
+                                }
+                                _ => {}
+                            }
+                        }
+                    }
+                    Kind::PubRel => {
+                        let pkid = match frame.pubrel_pkid() {
+                            Ok(p) => p,
+                            Err(e) => return End::Cut(Cut::packet(e)),
+                        };
+                        if denied_qos2.remove(&pkid) {
+                            back.extend_from_slice(&packet::pubcomp(self.version, pkid));
+                        } else {
+                            out.extend_from_slice(&frame.raw);
+                        }
+                    }
+                    Kind::Subscribe => {
+                        let (pkid, filters) = match frame.subscribe() {
+                            Ok(s) => s,
+                            Err(e) => return End::Cut(Cut::packet(e)),
+                        };
+                        if let Some(f) = filters.iter().find(|f| f.len() > limits.max_topic_len) {
+                            return End::Cut(Cut::topic_too_long(f.len(), limits.max_topic_len));
+                        }
+                        let allowed: Vec<bool> = filters
+                            .iter()
+                            .map(|f| acl::may_subscribe(&self.role, f, dir))
+                            .collect();
+                        let new = filters
+                            .iter()
+                            .zip(&allowed)
+                            .filter(|(f, a)| **a && !subs.contains(*f))
+                            .count();
+                        if subs.len() + new > limits.max_subscriptions_per_client {
+                            return End::Cut(Cut {
+                                reason: "too_many_subscriptions",
+                                detail: format!(
+                                    "more than limits.max_subscriptions_per_client {}",
+                                    limits.max_subscriptions_per_client
+                                ),
+                                v5: DisconnectReasonCode::QuotaExceeded,
+                            });
+                        }
+                        for (f, a) in filters.iter().zip(&allowed) {
+                            if *a {
+                                subs.insert(f.clone());
+                            } else {
+                                self.shared.metrics.deny(self.role.label(), "subscribe");
+                                if !logged_sub {
+                                    logged_sub = true;
+                                    warn!(client = %self.client_id, role = self.role.label(), filter = %f, "SUBSCRIBE denied (further denials for this client are only counted)");
+                                } else {
+                                    debug!(client = %self.client_id, filter = %f, "SUBSCRIBE denied");
+                                }
+                            }
+                        }
+                        if allowed.iter().all(|a| *a) {
+                            out.extend_from_slice(&frame.raw);
+                        } else if !allowed.iter().any(|a| *a) {
+                            back.extend_from_slice(&packet::suback_all_denied(
+                                self.version,
+                                pkid,
+                                filters.len(),
+                            ));
+                        } else {
+                            let narrowed = match frame.subscribe_keeping(&allowed) {
+                                Ok(b) => b,
+                                Err(e) => return End::Cut(Cut::packet(e)),
+                            };
+                            if let Ok(mut p) = self.pending_subacks.lock() {
+                                p.insert(pkid, allowed);
+                            }
+                            out.extend_from_slice(&narrowed);
+                        }
+                    }
+                    Kind::Unsubscribe => {
+                        match frame.unsubscribe() {
+                            Ok((_, filters)) => {
+                                for f in filters {
+                                    subs.remove(&f);
+                                }
+                            }
+                            Err(e) => return End::Cut(Cut::packet(e)),
+                        }
+                        out.extend_from_slice(&frame.raw);
+                    }
+                    Kind::Connect => return End::Cut(Cut::protocol("second CONNECT")),
+                    Kind::Auth => {
+                        return End::Cut(Cut::protocol("AUTH (re-authentication) is not supported"))
+                    }
+                    Kind::ConnAck | Kind::SubAck | Kind::UnsubAck | Kind::PingResp => {
+                        return End::Cut(Cut::protocol("server-only packet from a client"))
+                    }
+                    Kind::PubAck
+                    | Kind::PubRec
+                    | Kind::PubComp
+                    | Kind::PingReq
+                    | Kind::Disconnect => out.extend_from_slice(&frame.raw),
+                }
+            }
+            if write(upstream, out).await.is_err() || write(client, back).await.is_err() {
+                return End::Closed;
+            }
+            match reader.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return End::Closed,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    async fn broker_to_client<R, C, U>(
+        &self,
+        mut reader: R,
+        client: &Writer<C>,
+        upstream: &Writer<U>,
+    ) -> End
+    where
+        R: AsyncRead + Unpin,
+        C: AsyncWrite + Unpin,
+        U: AsyncWrite + Unpin,
+    {
+        let dir = self.shared.dir.as_ref();
+        let mut buf = BytesMut::with_capacity(8192);
+        let mut aliases: HashMap<u16, String> = HashMap::new();
+        let mut withheld_qos2: HashSet<u16> = HashSet::new();
+        let inspect = self.role != Role::Admin;
+        loop {
+            match reader.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return End::Closed,
+                Ok(_) => {}
+            }
+            let mut out = BytesMut::new();
+            let mut back = BytesMut::new();
+            loop {
+                let frame = match packet::next_frame(&mut buf, self.version, UPSTREAM_MAX_PACKET) {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => {
+                        warn!(client = %self.client_id, error = %e, "bad packet from the upstream broker");
+                        return End::Closed;
+                    }
+                };
+                match frame.kind {
+                    Kind::Publish if inspect => {
+                        let Ok(p) = frame.publish() else {
+                            return End::Closed;
+                        };
+                        let topic = if p.topic.is_empty() {
+                            p.topic_alias.and_then(|a| aliases.get(&a)).cloned()
+                        } else {
+                            if let Some(a) = p.topic_alias {
+                                aliases.insert(a, p.topic.clone());
+                            }
+                            Some(p.topic.clone())
+                        };
+                        let Some(topic) = topic else {
+                            return End::Closed;
+                        };
+                        if acl::may_receive(&self.role, &topic, dir) {
+                            out.extend_from_slice(&frame.raw);
+                        } else {
+                            self.shared.metrics.deny(self.role.label(), "deliver");
+                            debug!(client = %self.client_id, topic = %topic, "delivery withheld");
+                            match p.qos {
+                                1 => back.extend_from_slice(&packet::puback(
+                                    self.version,
+                                    p.pkid,
+                                    false,
+                                )),
+                                2 => {
+                                    back.extend_from_slice(&packet::pubrec(
+                                        self.version,
+                                        p.pkid,
+                                        false,
+                                    ));
+                                    withheld_qos2.insert(p.pkid);
+                                }
+                                _ => {}
+                            }
+                        }
+                    }
+                    Kind::PubRel if inspect => {
+                        let Ok(pkid) = frame.pubrel_pkid() else {
+                            return End::Closed;
+                        };
+                        if withheld_qos2.remove(&pkid) {
+                            back.extend_from_slice(&packet::pubcomp(self.version, pkid));
+                        } else {
+                            out.extend_from_slice(&frame.raw);
+                        }
+                    }
+                    Kind::SubAck => {
+                        let Ok(pkid) = frame.suback_pkid() else {
+                            return End::Closed;
+                        };
+                        let pending = self
+                            .pending_subacks
+                            .lock()
+                            .ok()
+                            .and_then(|mut p| p.remove(&pkid));
+                        match pending {
+                            None => out.extend_from_slice(&frame.raw),
+                            Some(allowed) => match frame.suback_merged(&allowed) {
+                                Ok(b) => out.extend_from_slice(&b),
+                                Err(_) => return End::Closed,
+                            },
+                        }
+                    }
+                    _ => out.extend_from_slice(&frame.raw),
+                }
+            }
+            if write(client, out).await.is_err() || write(upstream, back).await.is_err() {
+                return End::Closed;
+            }
+        }
+    }
+}
+
+async fn write<W: AsyncWrite + Unpin>(w: &Writer<W>, bytes: BytesMut) -> std::io::Result<()> {
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    let bytes: Bytes = bytes.freeze();
+    w.lock().await.write_all(&bytes).await
+}
