@@ -495,7 +495,7 @@ impl CommandHandler {
             Err(e) => {
                 return Handled {
                     result: CommandResult::err(e.id.clone().unwrap_or_default(), e.to_string()),
-                    action: None,
+                    action: e.action,
                     outcome: Outcome::Invalid,
                     duplicate: false,
                 }

@@ -286,6 +286,8 @@ impl StatusMsg {
 pub struct CommandParseError {
     /// The command's id when it could be read (the result is sent under it).
     pub id: Option<String>,
+    /// The command's action when it could be read (for metrics).
+    pub action: Option<CommandAction>,
     /// Every problem, `"field: message"`.
     pub errors: Vec<String>,
 }
@@ -313,11 +315,13 @@ const COMMAND_KEYS: &[&str] = &[
 pub fn parse_command(payload: &[u8]) -> Result<ContainerCommand, CommandParseError> {
     let value: Value = serde_json::from_slice(payload).map_err(|e| CommandParseError {
         id: None,
+        action: None,
         errors: vec![format!("malformed JSON: {e}")],
     })?;
     let Value::Object(obj) = value else {
         return Err(CommandParseError {
             id: None,
+            action: None,
             errors: vec!["the command is not a JSON object".into()],
         });
     };
@@ -405,7 +409,7 @@ pub fn parse_command(payload: &[u8]) -> Result<ContainerCommand, CommandParseErr
             force,
             tail,
         }),
-        (_, id, _) => Err(CommandParseError { id, errors }),
+        (_, id, action) => Err(CommandParseError { id, action, errors }),
     }
 }
 
