@@ -110,16 +110,20 @@ impl Sim {
             .collect()
     }
 
-    /// Waits until a client write to `node` has arrived; returns it (`type`, `value`).
-    pub fn wait_write(&self, node: &str) -> Value {
+    /// Waits until a client write of `value` to `node` has arrived; returns it.
+    pub fn wait_write_of(&self, node: &str, value: &Value) -> Value {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Some(w) = self.writes().into_iter().rev().find(|w| w["write"] == node) {
+            if let Some(w) = self
+                .writes()
+                .into_iter()
+                .find(|w| w["write"] == node && &w["value"] == value)
+            {
                 return w;
             }
             assert!(
                 Instant::now() < deadline,
-                "no write to {node}; writes: {:?}",
+                "no write of {value} to {node}; writes: {:?}",
                 self.writes()
             );
             std::thread::sleep(Duration::from_millis(20));
