@@ -319,7 +319,7 @@ pub enum Connect {
     /// MQTT 3.1.1.
     V4(v4::Connect),
     /// MQTT 5.
-    V5(v5::Connect, Option<v5::LastWill>, Option<v5::Login>),
+    V5(Box<(v5::Connect, Option<v5::LastWill>, Option<v5::Login>)>),
 }
 
 impl Connect {
@@ -340,7 +340,7 @@ impl Connect {
         }
         let raw = buf.split_to(h5.frame_length()).freeze();
         match v5::Connect::read(h5, raw.clone()) {
-            Ok((c, will, login)) => Ok(Some(Connect::V5(c, will, login))),
+            Ok(parts) => Ok(Some(Connect::V5(Box::new(parts)))),
             Err(m5::Error::InvalidProtocolLevel(4)) => {
                 let h4 = m4::check(raw.iter(), max_packet_bytes).map_err(m4_err)?;
                 let c = v4::Connect::read(h4, raw).map_err(m4_err)?;
@@ -363,7 +363,7 @@ impl Connect {
     pub fn client_id(&self) -> &str {
         match self {
             Connect::V4(c) => &c.client_id,
-            Connect::V5(c, ..) => &c.client_id,
+            Connect::V5(b) => &b.0.client_id,
         }
     }
 
@@ -374,9 +374,10 @@ impl Connect {
                 .login
                 .as_ref()
                 .map(|l| (l.username.as_str(), l.password.as_str())),
-            Connect::V5(_, _, l) => l
-                .as_ref()
-                .map(|l| (l.username.as_str(), l.password.as_str())),
+            Connect::V5(b) => {
+                b.2.as_ref()
+                    .map(|l| (l.username.as_str(), l.password.as_str()))
+            }
         }
     }
 
@@ -384,9 +385,10 @@ impl Connect {
     pub fn will_topic(&self) -> Option<String> {
         match self {
             Connect::V4(c) => c.last_will.as_ref().map(|w| w.topic.clone()),
-            Connect::V5(_, w, _) => w
-                .as_ref()
-                .map(|w| String::from_utf8_lossy(&w.topic).into_owned()),
+            Connect::V5(b) => {
+                b.1.as_ref()
+                    .map(|w| String::from_utf8_lossy(&w.topic).into_owned())
+            }
         }
     }
 
@@ -399,7 +401,8 @@ impl Connect {
                 c.login = None;
                 c.write(&mut out).map_err(m4_err)?;
             }
-            Connect::V5(c, will, _) => {
+            Connect::V5(b) => {
+                let (c, will, _) = b.as_ref();
                 let mut c = c.clone();
                 if let Some(p) = c.properties.as_mut() {
                     p.authentication_method = None;
