@@ -118,7 +118,8 @@ impl IdStore {
         let path = path.as_ref().to_path_buf();
         let db = match Database::create(&path) {
             Ok(db) => db,
-            Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(reason))) => {
+            Err(redb::DatabaseError::Storage(bad)) if is_bad_file(&bad) => {
+                let reason = bad.to_string();
                 let aside = PathBuf::from(format!("{}.corrupt-{}", path.display(), now_ms()));
                 tracing::warn!(path = %path.display(), aside = %aside.display(), %reason,
                     "command id store is corrupt; starting a fresh one");
@@ -252,6 +253,16 @@ impl IdStore {
     /// Whether no id is stored.
     pub fn is_empty(&self) -> Result<bool, StoreError> {
         Ok(self.len()? == 0)
+    }
+}
+
+/// Whether an open error means the file's content is unusable (as opposed to e.g. a permission
+/// problem or a file held by another process, which must not lose the file).
+fn is_bad_file(e: &redb::StorageError) -> bool {
+    match e {
+        redb::StorageError::Corrupted(_) => true,
+        redb::StorageError::Io(io) => io.kind() == std::io::ErrorKind::InvalidData,
+        _ => false,
     }
 }
 
@@ -740,12 +751,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("commands.redb");
         std::fs::write(&path, vec![0xAB; 8192]).unwrap();
-        let s = IdStore::open(&path);
-        // redb reports garbage as corrupt (moved aside) or as another open error; either way
-        // the node must not crash on it.
-        if let Ok(s) = s {
-            assert!(s.is_empty().unwrap());
-        }
+        let s = IdStore::open(&path).unwrap();
+        assert!(s.is_empty().unwrap());
+        s.put("a", &CommandResult::ok("a"), 1).unwrap();
+        let aside: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|n| n.starts_with("commands.redb.corrupt-"))
+            .collect();
+        assert_eq!(aside.len(), 1, "the bad file is kept aside");
     }
 
     #[test]
