@@ -312,3 +312,186 @@ impl Agent {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reconcile::parse_desired;
+    use crate::spec::ContainerSpec;
+    use async_trait::async_trait;
+    use serde_json::json;
+    use std::time::Duration;
+
+    /// An in-memory runtime: enough to test the agent's bookkeeping without Docker.
+    #[derive(Default)]
+    struct Fake {
+        containers: Mutex<BTreeMap<String, ContainerInfo>>,
+        images: Vec<String>,
+    }
+
+    impl Fake {
+        fn with_image(image: &str) -> Self {
+            Self {
+                images: vec![image.to_string()],
+                ..Self::default()
+            }
+        }
+
+        fn set(&self, name: &str, f: impl FnOnce(&mut ContainerInfo)) {
+            f(self.containers.lock().unwrap().get_mut(name).unwrap());
+        }
+    }
+
+    #[async_trait]
+    impl ContainerRuntime for Fake {
+        async fn create(&self, spec: &ContainerSpec) -> Result<ContainerInfo, RuntimeError> {
+            if !self.images.contains(&spec.image) {
+                return Err(RuntimeError::ImageNotPresent {
+                    image: spec.image.clone(),
+                });
+            }
+            let mut all = self.containers.lock().unwrap();
+            if all.contains_key(&spec.name) {
+                return Err(RuntimeError::NameTaken {
+                    name: spec.name.clone(),
+                });
+            }
+            let info = ContainerInfo {
+                id: format!("{}-{}", spec.name, all.len()),
+                name: spec.name.clone(),
+                image: spec.image.clone(),
+                state: ContainerState::Created,
+                exit_code: None,
+                restart_count: Some(0),
+                started_at: None,
+                labels: spec.labels.clone(),
+                error: None,
+            };
+            all.insert(spec.name.clone(), info.clone());
+            Ok(info)
+        }
+        async fn run(&self, spec: &ContainerSpec) -> Result<ContainerInfo, RuntimeError> {
+            self.create(spec).await?;
+            self.start(&spec.name).await?;
+            self.inspect(&spec.name).await
+        }
+        async fn start(&self, name: &str) -> Result<(), RuntimeError> {
+            self.inspect(name).await?;
+            self.set(name, |c| c.state = ContainerState::Running);
+            Ok(())
+        }
+        async fn stop(
+            &self,
+            name: &str,
+            _signal: Option<&str>,
+            _timeout: Option<Duration>,
+        ) -> Result<(), RuntimeError> {
+            self.inspect(name).await?;
+            self.set(name, |c| {
+                c.state = ContainerState::Exited;
+                c.exit_code = Some(0);
+            });
+            Ok(())
+        }
+        async fn restart(&self, name: &str, _t: Option<Duration>) -> Result<(), RuntimeError> {
+            self.start(name).await
+        }
+        async fn remove(&self, name: &str, _force: bool) -> Result<(), RuntimeError> {
+            self.containers
+                .lock()
+                .unwrap()
+                .remove(name)
+                .map(|_| ())
+                .ok_or(RuntimeError::NoSuchContainer { name: name.into() })
+        }
+        async fn list(&self) -> Result<Vec<ContainerInfo>, RuntimeError> {
+            Ok(self.containers.lock().unwrap().values().cloned().collect())
+        }
+        async fn inspect(&self, name: &str) -> Result<ContainerInfo, RuntimeError> {
+            self.containers
+                .lock()
+                .unwrap()
+                .get(name)
+                .cloned()
+                .ok_or(RuntimeError::NoSuchContainer { name: name.into() })
+        }
+        async fn logs(&self, name: &str, _tail: u32) -> Result<Vec<String>, RuntimeError> {
+            self.inspect(name).await.map(|_| Vec::new())
+        }
+    }
+
+    fn agent(fake: Arc<Fake>) -> (tempfile::TempDir, Agent) {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = Agent::new(fake, dir.path()).unwrap();
+        (dir, agent)
+    }
+
+    #[test]
+    fn agent_futures_are_send_so_the_node_can_spawn_them() {
+        fn assert_send<T: Send>(_: &T) {}
+        let (_dir, agent) = agent(Arc::new(Fake::default()));
+        let desired = BTreeMap::new();
+        assert_send(&agent.handle_command(b"{}"));
+        assert_send(&agent.reconcile(&desired));
+        assert_send(&agent.status());
+        fn assert_sync<T: Send + Sync>() {}
+        assert_sync::<Agent>();
+    }
+
+    #[tokio::test]
+    async fn reconcile_reports_each_failure_on_its_container_and_carries_on() {
+        let fake = Arc::new(Fake::with_image("img"));
+        let (_dir, agent) = agent(fake.clone());
+        let d = parse_desired(&json!({
+            "a": {"image": "missing", "state": "running"},
+            "b": {"image": "img", "state": "running"},
+            "c": {"image": "img", "state": "stopped"}
+        }))
+        .unwrap();
+        let rep = agent.reconcile(&d).await;
+        assert_eq!(rep.error_count(), 1);
+        assert_eq!(rep.outcomes.len(), 3);
+        assert_eq!(rep.reported["a"]["state"], "unknown");
+        assert!(rep.reported["a"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("image missing is not present"));
+        assert_eq!(rep.reported["b"]["state"], "running");
+        assert_eq!(rep.reported["c"]["state"], "created");
+        let m = agent.metrics();
+        assert_eq!((m.reconcile_runs, m.reconcile_errors), (1, 1));
+        assert_eq!(m.containers_by_state[&ContainerState::Running], 1);
+        assert_eq!(m.containers_by_state[&ContainerState::Created], 1);
+    }
+
+    #[tokio::test]
+    async fn restarts_count_restart_count_increases_between_observations() {
+        let fake = Arc::new(Fake::with_image("img"));
+        let (_dir, agent) = agent(fake.clone());
+        let d = parse_desired(&json!({"a": {"image": "img", "state": "running"}})).unwrap();
+        agent.reconcile(&d).await;
+        fake.set("a", |c| c.restart_count = Some(3));
+        agent.status().await.unwrap();
+        fake.set("a", |c| c.restart_count = Some(4));
+        agent.status().await.unwrap();
+        assert_eq!(agent.metrics().restarts, 4);
+    }
+
+    #[tokio::test]
+    async fn command_results_are_counted_by_action_and_outcome() {
+        let fake = Arc::new(Fake::with_image("img"));
+        let (_dir, agent) = agent(fake);
+        let run = br#"{"id":"1","action":"run","name":"a","image":"img"}"#;
+        agent.handle_command(run).await;
+        agent.handle_command(run).await;
+        agent
+            .handle_command(br#"{"id":"2","action":"stop","name":"nope"}"#)
+            .await;
+        agent.handle_command(b"garbage").await;
+        let m = agent.metrics();
+        assert_eq!(m.command_results[&("run", "ok")], 1);
+        assert_eq!(m.command_results[&("stop", "no_such_container")], 1);
+        assert_eq!(m.command_results[&("unknown", "invalid")], 1);
+        assert_eq!(m.command_duplicates, 1);
+    }
+}
