@@ -6,13 +6,13 @@
 //!   `node/containers/status` (serde types; the only place their field names are spelled).
 //! - [`spec`]: the validated internal container spec (ports, mounts, env, limits) and the
 //!   labels the agent puts on containers it creates.
-//! - [`runtime`]: the [`ContainerRuntime`](runtime::ContainerRuntime) trait with typed errors and
-//!   [`DockerRuntime`](runtime::DockerRuntime) on bollard.
-//! - [`commands`]: [`CommandHandler`](commands::CommandHandler): raw command payload → result,
+//! - [`runtime`]: the [`ContainerRuntime`] trait with typed errors and
+//!   [`DockerRuntime`] on bollard.
+//! - [`commands`]: [`CommandHandler`]: raw command payload → result,
 //!   idempotent by command id through a small durable redb store.
 //! - [`reconcile`]: the pure planner (`desired` + `actual` → actions), `parse_desired` and
 //!   `report` for the node twin.
-//! - [`agent`]: [`Agent`](agent::Agent), what the node daemon owns: commands, reconcile, status and
+//! - [`agent`]: [`Agent`], what the node daemon owns: commands, reconcile, status and
 //!   a metrics snapshot.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
