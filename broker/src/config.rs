@@ -28,6 +28,29 @@ pub struct NodeConfig {
     pub twin: TwinConfig,
     /// The upstream bridge to a cloud MQTT broker; absent = no upstream.
     pub bridge: Option<crate::bridge::BridgeConfig>,
+    /// The container agent; absent = no container management.
+    pub containers: Option<ContainersConfig>,
+}
+
+/// The container agent: the node's container runtime and how often it is reconciled.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContainersConfig {
+    /// Docker Engine API socket (Podman: `podman system service` socket). Default
+    /// `unix:///var/run/docker.sock`.
+    pub runtime_socket: String,
+    /// How often the runtime is checked against the declared containers, in milliseconds.
+    /// Default 10000.
+    pub reconcile_interval_ms: u64,
+}
+
+impl Default for ContainersConfig {
+    fn default() -> Self {
+        ContainersConfig {
+            runtime_socket: "unix:///var/run/docker.sock".into(),
+            reconcile_interval_ms: 10_000,
+        }
+    }
 }
 
 /// The embedded broker's listeners and limits.
@@ -78,6 +101,7 @@ impl Default for NodeConfig {
             http: HttpConfig::default(),
             twin: TwinConfig::default(),
             bridge: None,
+            containers: None,
         }
     }
 }
@@ -150,6 +174,13 @@ impl NodeConfig {
         if self.mqtt.max_payload_bytes < 1024 {
             errors.push("mqtt.max_payload_bytes: must be at least 1024".to_string());
         }
+        if self
+            .containers
+            .as_ref()
+            .is_some_and(|c| c.reconcile_interval_ms < 100)
+        {
+            errors.push("containers.reconcile_interval_ms: must be at least 100".to_string());
+        }
         if self.devices_scan_interval_ms < 100 {
             errors.push("devices_scan_interval_ms: must be at least 100".to_string());
         }
@@ -169,6 +200,11 @@ impl NodeConfig {
     /// The redb file of the twin store.
     pub fn twin_store_path(&self) -> PathBuf {
         self.data_dir.join("twins.redb")
+    }
+
+    /// Where the container agent keeps its command id store.
+    pub fn containers_dir(&self) -> PathBuf {
+        self.data_dir.join("containers")
     }
 
     /// Where profiles sent by `edgetwin device apply` are kept, so they survive a restart.

@@ -4,6 +4,7 @@ mod bridge;
 mod cli;
 mod clock;
 mod config;
+mod container_agent;
 mod embedded_broker;
 mod http;
 mod mapper_metrics;

@@ -81,6 +81,8 @@ pub struct Metrics {
     pub store_quarantined: Gauge,
     /// Latest counters of every mapper, re-exported.
     pub mappers: Arc<MapperMetrics>,
+    /// Latest counters of the container agent.
+    pub containers: Arc<crate::container_agent::ContainerMetrics>,
     /// The upstream bridge and its outbox.
     pub bridge: crate::bridge::BridgeMetrics,
 }
@@ -102,6 +104,7 @@ impl Metrics {
             profile_files: Gauge::default(),
             store_quarantined: Gauge::default(),
             mappers: Arc::new(MapperMetrics::default()),
+            containers: Arc::default(),
             bridge: Default::default(),
             registry: Registry::default(),
         };
@@ -157,6 +160,7 @@ impl Metrics {
             m.store_quarantined.clone(),
         );
         registry.register_collector(Box::new(m.mappers.clone()));
+        registry.register_collector(Box::new(m.containers.clone()));
         m.bridge.register(&mut registry);
         for code in edgetwin_contract::ErrorCode::ALL {
             let _ = m.twin_updates_rejected.get_or_create(&ReasonLabels {

@@ -23,7 +23,9 @@ use crate::embedded_broker::EmbeddedBroker;
 use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
 use crate::registry::{self, Registry};
-use crate::twin_service::{self, CloudPatch, RegistryUpdate, TwinService, TwinServiceConfig};
+use crate::twin_service::{
+    self, InjectedPatch, Origin, RegistryUpdate, TwinService, TwinServiceConfig,
+};
 
 /// Runs the node until SIGTERM/SIGINT.
 pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
@@ -47,6 +49,19 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
     let broker = EmbeddedBroker::start(&cfg.mqtt).await?;
     info!(v4 = %cfg.mqtt.listen, v5 = ?cfg.mqtt.listen_v5, "embedded MQTT broker listening");
 
+    // The node's own twin carries the declared containers when the container agent is on.
+    let (node_desired_tx, node_desired_rx) = tokio::sync::watch::channel(None);
+    let node_twin = cfg
+        .containers
+        .as_ref()
+        .map(|_| -> anyhow::Result<_> {
+            let id = edgetwin_contract::DeviceId::new(cfg.node_id.as_str())
+                .map_err(|e| anyhow::anyhow!("node_id as the node twin's device id: {e}"))?;
+            Ok((id, node_desired_tx))
+        })
+        .transpose()?;
+    let node_device = node_twin.as_ref().map(|(d, _)| d.clone());
+
     let (twin_tx, twin_rx) = broker.link("edgetwin-twin")?;
     let twin_in = twin_service::spawn_link_reader(twin_rx, 65_536, shutdown.clone(), &tracker);
     let mut service = TwinService::new(
@@ -58,6 +73,7 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
             max_batch: cfg.twin.max_batch,
             max_properties_per_patch: cfg.twin.max_properties_per_patch,
         },
+        node_twin,
     )?;
 
     let mut reg = Registry::new(
@@ -70,7 +86,7 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
     }
 
     let (reg_tx, reg_rx) = mpsc::channel::<RegistryUpdate>(16);
-    let (cloud_tx, cloud_rx) = mpsc::channel::<CloudPatch>(1024);
+    let (cloud_tx, cloud_rx) = mpsc::channel::<InjectedPatch>(1024);
     let service_shutdown = CancellationToken::new();
     let service_task =
         tokio::spawn(service.run(twin_in, reg_rx, cloud_rx, service_shutdown.clone()));
@@ -88,7 +104,7 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
             let down_link = broker.link("edgetwin-bridge-down")?;
             tracker.spawn(route_cloud_messages(
                 inbound,
-                cloud_tx,
+                cloud_tx.clone(),
                 down_link,
                 shutdown.clone(),
             ));
@@ -96,6 +112,35 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
             Some(bridge)
         }
     };
+
+    if let (Some(ccfg), Some(node)) = (&cfg.containers, node_device) {
+        let runtime = Arc::new(edgetwin_containers::DockerRuntime::new(
+            &ccfg.runtime_socket,
+        ));
+        let dir = cfg.containers_dir();
+        let agent =
+            tokio::task::spawn_blocking(move || edgetwin_containers::Agent::new(runtime, dir))
+                .await
+                .context("container agent start-up panicked")?
+                .context("cannot start the container agent")?;
+        let (mut agent_tx, agent_rx) = broker.link("edgetwin-containers")?;
+        agent_tx
+            .subscribe(edgetwin_contract::Topic::ContainersCmd.to_topic_string())
+            .context("container agent cannot subscribe node/containers/cmd")?;
+        let commands = twin_service::spawn_link_reader(agent_rx, 256, shutdown.clone(), &tracker);
+        let task = crate::container_agent::AgentTask {
+            agent: Arc::new(agent),
+            node: node.clone(),
+            link_tx: agent_tx,
+            commands,
+            desired: node_desired_rx,
+            twin: cloud_tx.clone(),
+            interval: Duration::from_millis(ccfg.reconcile_interval_ms),
+            metrics: metrics.containers.clone(),
+        };
+        tracker.spawn(task.run(shutdown.clone()));
+        info!(socket = %ccfg.runtime_socket, node = %node, "container agent started");
+    }
 
     let (mut reg_link_tx, reg_link_rx) = broker.link("edgetwin-registry")?;
     for f in ["node/devices/apply", "node/devices/list"] {
@@ -160,7 +205,7 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
 /// after their commit), anything else republished on the local broker.
 async fn route_cloud_messages(
     mut inbound: mpsc::UnboundedReceiver<Inbound>,
-    twin: mpsc::Sender<CloudPatch>,
+    twin: mpsc::Sender<InjectedPatch>,
     (mut link_tx, _link_rx): (rumqttd::local::LinkTx, rumqttd::local::LinkRx),
     shutdown: CancellationToken,
 ) {
@@ -172,9 +217,10 @@ async fn route_cloud_messages(
         let Some(msg) = msg else { break };
         match edgetwin_contract::Topic::parse(&msg.topic) {
             Some(edgetwin_contract::Topic::Desired(device)) => {
-                let patch = CloudPatch {
+                let patch = InjectedPatch {
                     device,
                     payload: msg.payload,
+                    origin: Origin::Cloud,
                     done: Some(msg.done),
                 };
                 if twin.send(patch).await.is_err() {

@@ -39,23 +39,70 @@ pub struct RegistryUpdate {
     pub done: Option<oneshot::Sender<anyhow::Result<()>>>,
 }
 
-/// A desired patch from the cloud (via the bridge), applied with source `cloud`.
-pub struct CloudPatch {
+/// A patch handed to the twin service in-process rather than through the broker: desired
+/// patches from the cloud (via the bridge) and the container agent's reported state.
+pub struct InjectedPatch {
     /// The device the patch is for.
     pub device: DeviceId,
     /// The JSON merge patch.
     pub payload: Bytes,
+    /// Who sent it.
+    pub origin: Origin,
     /// Fired after the patch was committed (or rejected); the cloud broker is acked then.
     pub done: Option<oneshot::Sender<()>>,
 }
 
-/// Who sent a patch: desired from a local client or the cloud, reported from a mapper.
+/// Where an injected patch comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// A desired patch from the cloud; applied with source `cloud`.
+    Cloud,
+    /// The container agent's report for the node's own twin; applied as reported.
+    ContainerAgent,
+}
+
+/// Who sent a patch: desired from a local client or the cloud, reported from a mapper (or the
+/// container agent, which reports like a mapper of the node's own twin).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum PatchFrom {
     Local,
     Cloud,
     Mapper,
 }
+
+/// The protocol name the container agent reports under (`mapper:containers` in metadata).
+pub const CONTAINER_AGENT_SOURCE: &str = "containers";
+
+/// A registered device as the twin service sees it.
+struct Registered {
+    /// The model's checks.
+    spec: Arc<ModelSpec>,
+    /// Who reports this device (its mapper's protocol, or the container agent).
+    reporter: ProtocolName,
+    /// What its mapper receives; `None` for the node's own twin, which no mapper serves.
+    resolved: Option<ResolvedDevice>,
+}
+
+/// The built-in model of the node's own twin: `desired.containers` / `reported.containers`.
+fn node_model_spec() -> ModelSpec {
+    let mut properties = BTreeMap::new();
+    properties.insert(
+        "containers".to_string(),
+        PropertySpec {
+            ty: edgetwin_contract::PropertyType::Object,
+            access: edgetwin_contract::AccessMode::ReadWrite,
+            minimum: None,
+            maximum: None,
+        },
+    );
+    ModelSpec {
+        name: NODE_MODEL.to_string(),
+        properties,
+    }
+}
+
+/// Name of the built-in model of the node's own twin.
+pub const NODE_MODEL: &str = "edgetwin-node";
 
 /// How far ahead of the node's clock a writer's `ts` may be.
 const MAX_CLOCK_SKEW_MS: i64 = 5 * 60 * 1000;
@@ -123,8 +170,12 @@ pub struct TwinService {
     metrics: Arc<Metrics>,
     cfg: TwinServiceConfig,
     twins: HashMap<DeviceId, Twin>,
-    /// Registered devices: device -> (model spec, resolved device).
-    devices: HashMap<DeviceId, (Arc<ModelSpec>, ResolvedDevice)>,
+    /// Registered devices, the node's own twin included.
+    devices: HashMap<DeviceId, Registered>,
+    /// The node's own twin (container agent), if enabled.
+    node: Option<DeviceId>,
+    /// Where the node twin's `desired.containers` goes after each commit that changed it.
+    node_desired: Option<tokio::sync::watch::Sender<Option<serde_json::Value>>>,
     /// Assignments as last published: device -> (protocol, payload), to publish only changes.
     assigned: HashMap<DeviceId, (ProtocolName, Vec<u8>)>,
 }
@@ -158,6 +209,10 @@ impl TwinService {
         twins: Vec<Twin>,
         metrics: Arc<Metrics>,
         cfg: TwinServiceConfig,
+        node: Option<(
+            DeviceId,
+            tokio::sync::watch::Sender<Option<serde_json::Value>>,
+        )>,
     ) -> anyhow::Result<TwinService> {
         for f in [
             filter::DESIRED,
@@ -171,13 +226,22 @@ impl TwinService {
                 .subscribe(f)
                 .with_context(|| format!("twin service cannot subscribe {f}"))?;
         }
+        let twins: HashMap<DeviceId, Twin> =
+            twins.into_iter().map(|t| (t.device.clone(), t)).collect();
+        // The container agent starts from the stored desired state, so declared containers come
+        // back after a reboot even with the cloud unreachable.
+        if let Some((d, tx)) = &node {
+            tx.send_replace(twins.get(d).and_then(node_desired_containers));
+        }
         Ok(TwinService {
             link_tx,
             store,
             metrics,
             cfg,
-            twins: twins.into_iter().map(|t| (t.device.clone(), t)).collect(),
+            twins,
             devices: HashMap::new(),
+            node: node.as_ref().map(|(d, _)| d.clone()),
+            node_desired: node.map(|(_, tx)| tx),
             assigned: HashMap::new(),
         })
     }
@@ -187,7 +251,7 @@ impl TwinService {
         mut self,
         mut incoming: mpsc::Receiver<Forward>,
         mut registry: mpsc::Receiver<RegistryUpdate>,
-        mut cloud: mpsc::Receiver<CloudPatch>,
+        mut cloud: mpsc::Receiver<InjectedPatch>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
         let mut buf = Vec::with_capacity(self.cfg.max_batch);
@@ -249,19 +313,22 @@ impl TwinService {
     }
 
     /// Applies desired patches from the cloud as one batch, then fires their `done`.
-    async fn process_cloud(&mut self, batch: Vec<CloudPatch>) {
+    async fn process_cloud(&mut self, batch: Vec<InjectedPatch>) {
         let mut b = Batch::default();
         let arrived = Instant::now();
         let mut done = Vec::with_capacity(batch.len());
         for p in batch {
-            let topic = Topic::Desired(p.device.clone()).to_topic_string();
+            let (topic, from) = match p.origin {
+                Origin::Cloud => (Topic::Desired(p.device.clone()), PatchFrom::Cloud),
+                Origin::ContainerAgent => (Topic::Reported(p.device.clone()), PatchFrom::Mapper),
+            };
             self.handle_patch(
                 &mut b,
                 arrived,
-                &topic,
+                &topic.to_topic_string(),
                 p.device,
                 &p.payload,
-                PatchFrom::Cloud,
+                from,
             );
             done.extend(p.done);
         }
@@ -382,18 +449,18 @@ impl TwinService {
             };
             return self.reject(b, &device, topic, None, r);
         }
-        let Some((spec, resolved)) = self.devices.get(&device) else {
+        let Some(reg) = self.devices.get(&device) else {
             let r = Rejection {
                 code: ErrorCode::UnknownDevice,
                 message: format!("device {device:?} is not registered on this node"),
             };
             return self.reject(b, &device, topic, None, r);
         };
-        let spec = spec.clone();
+        let spec = reg.spec.clone();
         let source = match side {
             Side::Desired if from == PatchFrom::Cloud => Source::Cloud,
             Side::Desired => Source::Local,
-            Side::Reported => Source::Mapper(resolved.protocol()),
+            Side::Reported => Source::Mapper(reg.reporter.clone()),
         };
         self.touch(b, &device);
         let model = spec.name.clone();
@@ -524,8 +591,8 @@ impl TwinService {
         }
         // A (re)connected mapper gets the deltas it may have missed.
         info!(protocol = %protocol, "mapper online; resending deltas");
-        for (d, (_, resolved)) in &self.devices {
-            if resolved.protocol() == protocol {
+        for (d, reg) in &self.devices {
+            if reg.resolved.is_some() && reg.reporter == protocol {
                 b.resend_delta.push(d.clone());
             }
         }
@@ -577,6 +644,7 @@ impl TwinService {
                 }
             }
         }
+        self.notify_node_desired(&dirty);
         let now = now_ms();
         let mut delta_sent = HashSet::new();
         for d in &dirty {
@@ -612,6 +680,23 @@ impl TwinService {
             }
         }
         self.update_device_gauge();
+    }
+
+    /// Hands the node twin's committed `desired.containers` to the container agent when it changed.
+    fn notify_node_desired(&self, dirty: &[DeviceId]) {
+        let (Some(node), Some(tx)) = (&self.node, &self.node_desired) else {
+            return;
+        };
+        if dirty.contains(node) {
+            let desired = self.twins.get(node).and_then(node_desired_containers);
+            tx.send_if_modified(|cur| {
+                let changed = *cur != desired;
+                if changed {
+                    cur.clone_from(&desired);
+                }
+                changed
+            });
+        }
     }
 
     async fn commit(&self, twins: Vec<Twin>) -> anyhow::Result<()> {
@@ -706,7 +791,19 @@ impl TwinService {
     /// Applies a new registry: creates twins for new devices (durably), publishes changed mapper
     /// assignments and twin documents, and withdraws the retained messages of removed devices.
     async fn apply_registry(&mut self, set: ProfileSet) -> anyhow::Result<()> {
-        let mut new_devices: HashMap<DeviceId, (Arc<ModelSpec>, ResolvedDevice)> = HashMap::new();
+        let mut new_devices: HashMap<DeviceId, Registered> = HashMap::new();
+        if let Some(node) = &self.node {
+            let reporter =
+                ProtocolName::new(CONTAINER_AGENT_SOURCE).context("agent source name")?;
+            new_devices.insert(
+                node.clone(),
+                Registered {
+                    spec: Arc::new(node_model_spec()),
+                    reporter,
+                    resolved: None,
+                },
+            );
+        }
         let mut specs: HashMap<String, Arc<ModelSpec>> = HashMap::new();
         for (name, model) in &set.models {
             specs.insert(name.clone(), Arc::new(model_spec(name, model)));
@@ -718,15 +815,27 @@ impl TwinService {
                 warn!(device = %id, model = %model_name, "device refers to an unknown model; skipped");
                 continue;
             };
+            if self.node.as_ref() == Some(id) {
+                warn!(device = %id, "a profile device has the node's own name; the node twin wins");
+                continue;
+            }
             let resolved = ResolvedDevice {
                 device: device.clone(),
                 model: model.clone(),
             };
-            new_devices.insert(id.clone(), (spec.clone(), resolved));
+            new_devices.insert(
+                id.clone(),
+                Registered {
+                    spec: spec.clone(),
+                    reporter: resolved.protocol(),
+                    resolved: Some(resolved),
+                },
+            );
         }
         // Twins that must be created or whose model changed, committed before anything is published.
         let mut to_store = Vec::new();
-        for (id, (spec, _)) in &new_devices {
+        for (id, reg) in &new_devices {
+            let spec = &reg.spec;
             match self.twins.get_mut(id) {
                 Some(t) if t.model == spec.name => {}
                 Some(t) => {
@@ -764,7 +873,10 @@ impl TwinService {
         }
         let old_assigned = std::mem::take(&mut self.assigned);
         for (d, (p, _)) in &old_assigned {
-            let still = new_devices.get(d).map(|(_, r)| r.protocol());
+            let still = new_devices
+                .get(d)
+                .and_then(|r| r.resolved.as_ref())
+                .map(ResolvedDevice::protocol);
             if still.as_ref() != Some(p) {
                 self.publish_raw(Out {
                     topic: Topic::MapperDevice(p.clone(), d.clone()).to_topic_string(),
@@ -779,7 +891,10 @@ impl TwinService {
             .filter(|d| !self.devices.contains_key(*d))
             .cloned()
             .collect();
-        for (d, (_, resolved)) in &new_devices {
+        for (d, reg) in &new_devices {
+            let Some(resolved) = &reg.resolved else {
+                continue;
+            };
             let protocol = resolved.protocol();
             let payload = match serde_json::to_vec(resolved) {
                 Ok(p) => p,
@@ -817,7 +932,7 @@ impl TwinService {
 
 /// Queues a packet for the router. `LinkTx::send` is `async` only in name: it pushes into a buffer
 /// and sends a wake-up on the router's channel without awaiting anything, so one poll completes it.
-fn send_now(link_tx: &mut LinkTx, packet: Packet) -> Result<usize, String> {
+pub(crate) fn send_now(link_tx: &mut LinkTx, packet: Packet) -> Result<usize, String> {
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     let mut fut = std::pin::pin!(link_tx.send(packet));
     loop {
@@ -826,6 +941,11 @@ fn send_now(link_tx: &mut LinkTx, packet: Packet) -> Result<usize, String> {
         }
         std::thread::yield_now();
     }
+}
+
+/// The node twin's `desired.containers`, if set.
+fn node_desired_containers(twin: &Twin) -> Option<serde_json::Value> {
+    twin.desired.get("containers").and_then(|e| e.value.clone())
 }
 
 /// The delta message of a twin, if desired and reported differ.

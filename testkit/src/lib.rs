@@ -6,6 +6,8 @@
 //! installs them.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc, missing_docs)]
 
+pub mod docker;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
