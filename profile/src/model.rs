@@ -93,7 +93,10 @@ pub struct ModelProperty {
     /// Inclusive upper bound, checked on desired writes (int and float only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub maximum: Option<f64>,
-    /// Initial desired value of a new twin; must have the property's type and lie within bounds.
+    /// Initial desired value of a new twin, written at `ts` 0 so any real write wins; the device's
+    /// mapper writes it to the hardware when the device is first registered, so leave it out on
+    /// actuators that must not move on their own. Must have the property's type and lie within
+    /// bounds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default: Option<serde_json::Value>,
 }

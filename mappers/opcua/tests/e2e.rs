@@ -248,13 +248,10 @@ fn opcua_mapper_serves_the_example_opcua_plc_profile_end_to_end() {
     let r = &t["reported"];
     assert_eq!(r["temperature"], json!(18.5));
     assert_eq!(r["pump_running"], json!(false));
-    // The model's `default: 0` seeds desired pump_speed, so the mapper writes 0 to the PLC
-    // (as UInt16, the node's type) and reports it; the simulator starts at 1200.
-    let w = sim.wait_write_of("ns=3;s=\"Pump1\".\"Speed\"", &json!(0));
-    assert_eq!(w["type"], json!("UInt16"));
-    let t = node.twin_until("tank-station-1", |t| {
-        t["reported"]["pump_speed"] == json!(0)
-    });
+    // No defaults on actuators: adding the device writes nothing to the PLC, so the
+    // simulator's own speed (1200) is reported as it is.
+    assert_eq!(r["pump_speed"], json!(1200));
+    assert_eq!(t["desired"], json!({}), "{t}");
     let r = &t["reported"];
     assert_eq!(r["batch_count"], json!(7));
     assert_eq!(r["recipe"], json!("PILS"));
