@@ -20,7 +20,7 @@
 //!   connection (v5 clients get DISCONNECT 0x8B) and returns once all connection tasks ended.
 //! - Per connection: TLS handshake and CONNECT within `limits.connect_timeout_ms`;
 //!   authentication; the upstream dial with the CONNECT re-encoded without credentials; then
-//!   the relay ([`relay`] module doc). Packets are framed and parsed with rumqttc's maintained
+//!   the relay (see the `relay` module). Packets are framed and parsed with rumqttc's maintained
 //!   codecs ([`packet`]); allowed packets are forwarded as their raw bytes.
 //! - Metrics: [`GateMetrics`], registered by the node with [`GateMetrics::register`].
 
