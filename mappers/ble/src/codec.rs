@@ -190,17 +190,11 @@ pub fn float11073_to_f64(raw: u32) -> Result<f64, CodecError> {
     Ok(pow10(sign_extend(m, 24), sign_extend(raw >> 24, 8)))
 }
 
-/// `m * 10^e`, dividing by an exact power of ten for negative exponents (so 2150e-2 is 21.5).
+/// `m * 10^e` as the double nearest to that decimal number (so 2150e-2 is exactly 21.5, and
+/// every spelling of one value decodes to the same double). Parsing the decimal text is the
+/// correctly rounded conversion; multiplying by a power of ten is not for large exponents.
 fn pow10(m: i64, e: i64) -> f64 {
-    #[allow(clippy::cast_precision_loss)]
-    let m = m as f64;
-    // |e| <= 128; powers of ten up to 1e22 are exact.
-    let p = 10f64.powi(e.unsigned_abs().min(400) as i32);
-    if e < 0 {
-        m / p
-    } else {
-        m * p
-    }
+    format!("{m}e{e}").parse().unwrap_or(f64::NAN)
 }
 
 /// Encodes `x` as IEEE 11073 with a `mbits`-bit mantissa and `ebits`-bit exponent: the smallest
