@@ -30,6 +30,10 @@ pub struct NodeConfig {
     pub bridge: Option<crate::bridge::BridgeConfig>,
     /// The container agent; absent = no container management.
     pub containers: Option<ContainersConfig>,
+    /// The MQTT gate (TLS, authentication, per-client topic permissions) in front of the
+    /// embedded broker; absent = clients talk to the broker's listeners directly. With a gate,
+    /// `mqtt.listen`/`listen_v5` must be loopback addresses so nothing can bypass it.
+    pub gate: Option<edgetwin_gate::GateConfig>,
 }
 
 /// The container agent: the node's container runtime and how often it is reconciled.
@@ -102,6 +106,7 @@ impl Default for NodeConfig {
             twin: TwinConfig::default(),
             bridge: None,
             containers: None,
+            gate: None,
         }
     }
 }
@@ -181,6 +186,20 @@ impl NodeConfig {
         {
             errors.push("containers.reconcile_interval_ms: must be at least 100".to_string());
         }
+        if let Some(gate) = &self.gate {
+            errors.extend(gate.problems().into_iter().map(|p| format!("gate.{p}")));
+            let exposed = std::iter::once(self.mqtt.listen)
+                .chain(self.mqtt.listen_v5)
+                .filter(|a| !a.ip().is_loopback())
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>();
+            if !exposed.is_empty() {
+                errors.push(format!(
+                    "mqtt.listen: {} must be a loopback address when a gate is configured, or clients could bypass it",
+                    exposed.join(", ")
+                ));
+            }
+        }
         if self.devices_scan_interval_ms < 100 {
             errors.push("devices_scan_interval_ms: must be at least 100".to_string());
         }
@@ -216,6 +235,23 @@ impl NodeConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_example_with_every_section_is_valid() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/config/node-full.yaml"
+        );
+        let cfg = NodeConfig::load(Path::new(path)).expect("example config is valid");
+        assert!(cfg.gate.is_some() && cfg.bridge.is_some() && cfg.containers.is_some());
+    }
+
+    #[test]
+    fn config_gate_requires_loopback_broker_listeners() {
+        let err = NodeConfig::parse("gate:\n  listeners: [{listen: 0.0.0.0:8883}]\n")
+            .expect_err("exposed broker");
+        assert!(err.contains("loopback"), "{err}");
+    }
 
     #[test]
     fn config_empty_text_is_the_embedded_default() {

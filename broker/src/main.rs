@@ -48,6 +48,30 @@ enum Command {
         #[command(subcommand)]
         command: DeviceCommand,
     },
+    /// Manage the gate's users (credentials file with hashed passwords).
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Add a user, or replace the one of the same name; the password is read from standard input
+    /// (one line), never from the command line.
+    Add {
+        /// User name (a client certificate's CN maps to it too).
+        name: String,
+        /// admin, engineer, app or mapper.
+        #[arg(long)]
+        role: edgetwin_gate::RoleName,
+        /// The protocol a mapper serves (mappers only).
+        #[arg(long)]
+        protocol: Option<edgetwin_contract::ProtocolName>,
+        /// The credentials file named in the node config's `gate.credentials_file`.
+        #[arg(long)]
+        credentials: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -153,6 +177,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } => cli::twin_set(&device, &patch, &broker).await,
             TwinCommand::Watch { device, broker } => cli::twin_watch(&device, &broker).await,
         },
+        Command::User {
+            command:
+                UserCommand::Add {
+                    name,
+                    role,
+                    protocol,
+                    credentials,
+                },
+        } => {
+            let mut password = String::new();
+            std::io::stdin().read_line(&mut password).map_err(|e| {
+                anyhow::anyhow!("cannot read the password from standard input: {e}")
+            })?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            if password.is_empty() {
+                anyhow::bail!("empty password on standard input");
+            }
+            edgetwin_gate::add_user(&credentials, &name, role, protocol, password)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!("user {name} saved in {}", credentials.display());
+            Ok(())
+        }
         Command::Device { command } => match command {
             DeviceCommand::Validate { files } => cli::device_validate(&files),
             DeviceCommand::Apply { files, broker } => cli::device_apply(&files, &broker).await,

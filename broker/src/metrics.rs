@@ -56,7 +56,7 @@ pub struct StatusLabels {
 
 /// Every metric of the node, registered once at start.
 pub struct Metrics {
-    registry: Registry,
+    registry: std::sync::Mutex<Registry>,
     /// Accepted twin updates that changed at least one value.
     pub twin_updates_accepted: Family<UpdateLabels, Counter>,
     /// Updates that only repeated current values (refresh last-seen, nothing stored or sent).
@@ -106,7 +106,7 @@ impl Metrics {
             mappers: Arc::new(MapperMetrics::default()),
             containers: Arc::default(),
             bridge: Default::default(),
-            registry: Registry::default(),
+            registry: std::sync::Mutex::new(Registry::default()),
         };
         registry.register(
             "twin_updates_accepted",
@@ -184,13 +184,24 @@ impl Metrics {
                 status: status.to_string(),
             });
         }
-        Metrics { registry, ..m }
+        Metrics {
+            registry: std::sync::Mutex::new(registry),
+            ..m
+        }
+    }
+
+    /// Registers metrics of a part started after the node's metrics (the gate).
+    pub fn register_with(&self, f: impl FnOnce(&mut Registry)) {
+        if let Ok(mut r) = self.registry.lock() {
+            f(&mut r);
+        }
     }
 
     /// OpenMetrics text of every metric.
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        let registry = self.registry.lock().map_err(|_| std::fmt::Error)?;
+        prometheus_client::encoding::text::encode(&mut out, &registry)?;
         Ok(out)
     }
 }

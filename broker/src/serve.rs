@@ -62,6 +62,7 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
         .transpose()?;
     let node_device = node_twin.as_ref().map(|(d, _)| d.clone());
 
+    let directory = Arc::new(twin_service::Directory::default());
     let (twin_tx, twin_rx) = broker.link("edgetwin-twin")?;
     let twin_in = twin_service::spawn_link_reader(twin_rx, 65_536, shutdown.clone(), &tracker);
     let mut service = TwinService::new(
@@ -74,6 +75,7 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
             max_properties_per_patch: cfg.twin.max_properties_per_patch,
         },
         node_twin,
+        directory.clone(),
     )?;
 
     let mut reg = Registry::new(
@@ -157,6 +159,21 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
         Duration::from_millis(cfg.devices_scan_interval_ms),
         shutdown.clone(),
     ));
+
+    if let Some(gcfg) = &cfg.gate {
+        let gate = edgetwin_gate::Gate::bind(
+            gcfg.clone(),
+            cfg.mqtt.listen,
+            cfg.mqtt.listen_v5,
+            directory.clone(),
+        )
+        .await
+        .context("MQTT gate")?;
+        let gate_metrics = gate.metrics();
+        metrics.register_with(|r| gate_metrics.register(r));
+        info!(listeners = ?gate.local_addrs(), "MQTT gate listening (TLS, authentication, topic permissions)");
+        tracker.spawn(gate.run(shutdown.clone()));
+    }
 
     let http_server = http::bind(
         cfg.http.listen,

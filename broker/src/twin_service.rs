@@ -83,6 +83,25 @@ struct Registered {
     resolved: Option<ResolvedDevice>,
 }
 
+/// Which protocol serves each registered device, for the gate's per-client permissions; the
+/// twin service rewrites it on every registry change, the gate reads it on every mapper message.
+#[derive(Debug, Default)]
+pub struct Directory {
+    map: std::sync::RwLock<HashMap<DeviceId, ProtocolName>>,
+}
+
+impl edgetwin_gate::DeviceDirectory for Directory {
+    fn protocol_of(&self, device: &DeviceId) -> Option<ProtocolName> {
+        self.map.read().ok()?.get(device).cloned()
+    }
+}
+
+/// The node twin's device id and where its committed `desired.containers` goes.
+pub type NodeTwin = (
+    DeviceId,
+    tokio::sync::watch::Sender<Option<serde_json::Value>>,
+);
+
 /// The built-in model of the node's own twin: `desired.containers` / `reported.containers`.
 fn node_model_spec() -> ModelSpec {
     let mut properties = BTreeMap::new();
@@ -174,6 +193,8 @@ pub struct TwinService {
     devices: HashMap<DeviceId, Registered>,
     /// The node's own twin (container agent), if enabled.
     node: Option<DeviceId>,
+    /// Device → protocol, shared with the gate.
+    directory: Arc<Directory>,
     /// Where the node twin's `desired.containers` goes after each commit that changed it.
     node_desired: Option<tokio::sync::watch::Sender<Option<serde_json::Value>>>,
     /// Assignments as last published: device -> (protocol, payload), to publish only changes.
@@ -209,10 +230,8 @@ impl TwinService {
         twins: Vec<Twin>,
         metrics: Arc<Metrics>,
         cfg: TwinServiceConfig,
-        node: Option<(
-            DeviceId,
-            tokio::sync::watch::Sender<Option<serde_json::Value>>,
-        )>,
+        node: Option<NodeTwin>,
+        directory: Arc<Directory>,
     ) -> anyhow::Result<TwinService> {
         for f in [
             filter::DESIRED,
@@ -241,6 +260,7 @@ impl TwinService {
             twins,
             devices: HashMap::new(),
             node: node.as_ref().map(|(d, _)| d.clone()),
+            directory,
             node_desired: node.map(|(_, tx)| tx),
             assigned: HashMap::new(),
         })
@@ -917,6 +937,14 @@ impl TwinService {
             self.assigned.insert(d.clone(), (protocol, payload));
         }
         self.devices = new_devices;
+        if let Ok(mut map) = self.directory.map.write() {
+            *map = self
+                .devices
+                .iter()
+                .filter(|(_, r)| r.resolved.is_some())
+                .map(|(d, r)| (d.clone(), r.reporter.clone()))
+                .collect();
+        }
         let registered = |d: &str| DeviceId::new(d).is_ok_and(|d| self.devices.contains_key(&d));
         self.metrics.mappers.retain_devices(&registered);
         for d in newly {
