@@ -437,6 +437,64 @@ pub fn probe(
     msgs
 }
 
+/// A mapper binary running against a node (`--broker 127.0.0.1:{node.port}`), its stderr in
+/// `mapper.log` beside the node's files; killed on drop.
+pub struct MapperProcess {
+    child: Child,
+    log: PathBuf,
+}
+
+impl MapperProcess {
+    /// Starts `bin` against `node` with extra environment variables.
+    pub fn start(node: &Node, bin: &str, env: &[(&str, &std::ffi::OsStr)]) -> MapperProcess {
+        let log = node.dir.path().join("mapper.log");
+        let mut c = Command::new(bin);
+        c.args(["--broker", &format!("127.0.0.1:{}", node.port)]);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let child = c
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
+        MapperProcess { child, log }
+    }
+
+    /// What the mapper logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Fails the test if the mapper has exited.
+    pub fn assert_running(&mut self) {
+        assert!(
+            self.child.try_wait().unwrap().is_none(),
+            "mapper exited:\n{}",
+            self.log()
+        );
+    }
+
+    /// Asserts the mapper still runs, then stops it with SIGTERM and expects exit code 0 within 5 s.
+    pub fn assert_running_then_stop_cleanly(&mut self) {
+        self.assert_running();
+        signal(self.child.id(), "TERM");
+        let status = wait_exit(&mut self.child, Duration::from_secs(5));
+        assert!(
+            status.success(),
+            "exit {status} after SIGTERM:\n{}",
+            self.log()
+        );
+    }
+}
+
+impl Drop for MapperProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The retained message on `topic` at the broker on `port` (JSON, or `Value::Null` for a non-JSON
 /// payload), if any.
 pub fn retained(port: u16, topic: &str) -> Option<Value> {

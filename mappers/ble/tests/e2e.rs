@@ -5,67 +5,31 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 use edgetwin_mapper_ble::BleDriver;
 use edgetwin_mapper_sdk::RuntimeOptions;
-use edgetwin_testkit::{signal, Node};
+use edgetwin_testkit::{MapperProcess, Node};
 use serde_json::{json, Value};
 
 const MAPPER: &str = env!("CARGO_BIN_EXE_edgetwin-mapper-ble");
 const EXAMPLE_DEVICE: &str = "cold-room-3";
 
-/// The mapper process with the system bus at `bus`, killed on drop.
-struct Mapper {
-    child: Child,
-    log: PathBuf,
-}
+/// The mapper binary against a node.
+struct Mapper;
 
 impl Mapper {
-    fn start(node: &Node, bus: &str) -> Mapper {
-        let log = node.dir.path().join("mapper.log");
-        let child = Command::new(MAPPER)
-            .args(["--broker", &format!("127.0.0.1:{}", node.port)])
-            .env("DBUS_SYSTEM_BUS_ADDRESS", bus)
-            .env("EDGETWIN_LOG", "info,edgetwin_mapper_ble=debug")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Mapper { child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Asserts the mapper still runs, then stops it with SIGTERM and expects exit code 0.
-    fn still_running_then_stops_cleanly(&mut self) {
-        assert!(
-            self.child.try_wait().unwrap().is_none(),
-            "mapper exited:\n{}",
-            self.log()
-        );
-        signal(self.child.id(), "TERM");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                assert!(s.success(), "exit {s} after SIGTERM:\n{}", self.log());
-                return;
-            }
-            assert!(Instant::now() < deadline, "no exit after SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Mapper {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    fn start(node: &Node, bus: &str) -> MapperProcess {
+        MapperProcess::start(
+            node,
+            MAPPER,
+            &[
+                ("DBUS_SYSTEM_BUS_ADDRESS", bus.as_ref()),
+                ("EDGETWIN_LOG", "info,edgetwin_mapper_ble=debug".as_ref()),
+            ],
+        )
     }
 }
 
@@ -115,7 +79,7 @@ impl Drop for Bus {
 }
 
 /// Waits for the example device's retained status to be `offline` with a message; returns it.
-fn offline_message(node: &Node, mapper: &Mapper) -> String {
+fn offline_message(node: &Node, mapper: &MapperProcess) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let s = node.retained(&format!("dt/{EXAMPLE_DEVICE}/status"));
@@ -149,7 +113,7 @@ fn ble_mapper_without_a_system_dbus_marks_the_device_offline_with_one_line_and_k
     });
     // Retried with backoff, not fatal: still running a few retries later.
     std::thread::sleep(Duration::from_secs(2));
-    mapper.still_running_then_stops_cleanly();
+    mapper.assert_running_then_stop_cleanly();
 }
 
 #[test]
@@ -163,7 +127,7 @@ fn ble_mapper_with_dbus_but_no_bluez_says_bluez_is_not_running() {
         "{m}"
     );
     assert!(!m.contains('\n'), "one line: {m:?}");
-    mapper.still_running_then_stops_cleanly();
+    mapper.assert_running_then_stop_cleanly();
 }
 
 /// The SDK runtime with the simulated peripheral, in a runtime of its own, until dropped.

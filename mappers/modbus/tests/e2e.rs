@@ -5,56 +5,29 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
 use edgetwin_mapper_sdk::compliance::{run_compliance, ComplianceSpec, Expect};
-use edgetwin_testkit::{free_port, Node};
+use edgetwin_testkit::{free_port, MapperProcess, Node};
 use serde_json::{json, Value};
 
 const MAPPER: &str = env!("CARGO_BIN_EXE_edgetwin-mapper-modbus");
 
-/// The mapper process, killed on drop.
-struct Mapper {
-    child: Child,
-    log: PathBuf,
-}
+/// The mapper binary against a node.
+struct Mapper;
 
 impl Mapper {
-    fn start(node: &Node) -> Mapper {
-        let log = node.dir.path().join("mapper.log");
-        let child = Command::new(MAPPER)
-            .args(["--broker", &format!("127.0.0.1:{}", node.port)])
-            .env(
+    fn start(node: &Node) -> MapperProcess {
+        MapperProcess::start(
+            node,
+            MAPPER,
+            &[(
                 "EDGETWIN_LOG",
-                "info,edgetwin_mapper_modbus=debug,edgetwin_mapper_sdk=debug",
-            )
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Mapper { child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn assert_running(&mut self) {
-        assert!(
-            self.child.try_wait().unwrap().is_none(),
-            "mapper exited:\n{}",
-            self.log()
-        );
-    }
-}
-
-impl Drop for Mapper {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+                "info,edgetwin_mapper_modbus=debug,edgetwin_mapper_sdk=debug".as_ref(),
+            )],
+        )
     }
 }
 
