@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole edgetwin test suite. Installs the real peers the tests drive when they are
-# missing (Debian packages: mosquitto, mosquitto-clients, socat; PyPI: paho-mqtt, pymodbus,
+# missing (Debian packages: mosquitto, mosquitto-clients, socat, docker.io, busybox-static, dbus,
+# and pkg-config + libdbus-1-dev that btleplug builds against; PyPI: paho-mqtt, pymodbus, pyserial,
 # asyncua). Under CI=true a peer that cannot be installed is a failure, never a skip.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -11,6 +12,9 @@ command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
 command -v socat >/dev/null 2>&1 || need_apt+=(socat)
 command -v dockerd >/dev/null 2>&1 || [ -x /usr/sbin/dockerd ] || need_apt+=(docker.io)
 dpkg -s busybox-static >/dev/null 2>&1 || need_apt+=(busybox-static)  # the test image holds only a static busybox
+command -v dbus-daemon >/dev/null 2>&1 || need_apt+=(dbus)              # a private bus for the BLE no-adapter test
+command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
+dpkg -s libdbus-1-dev >/dev/null 2>&1 || need_apt+=(libdbus-1-dev)    # btleplug (BlueZ over D-Bus)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "test.sh: installing ${need_apt[*]} (apt-get)"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -25,10 +29,10 @@ if ! "$PY" -c 'import paho.mqtt, pymodbus, serial, asyncua' 2>/dev/null; then
     || "$PY" -m pip install -q --disable-pip-version-check --break-system-packages 'paho-mqtt>=2,<3' 'pymodbus==3.16.1' 'pyserial>=3.5' 'asyncua==2.1.0'
 fi
 
-for p in mosquitto_pub mosquitto_sub mosquitto_rr socat; do
+for p in mosquitto_pub mosquitto_sub mosquitto_rr socat dbus-daemon pkg-config; do
   command -v "$p" >/dev/null 2>&1 || { echo "test.sh: peer $p is still missing" >&2; exit 1; }
 done
-"$PY" -c 'import paho.mqtt' || { echo "test.sh: paho-mqtt is still missing" >&2; exit 1; }
+"$PY" -c 'import paho.mqtt, pymodbus, serial, asyncua' || { echo "test.sh: a Python peer (paho-mqtt, pymodbus, pyserial, asyncua) is still missing" >&2; exit 1; }
 export PATH="$PATH:/usr/sbin"
 export EDGETWIN_TEST_PYTHON="$PY"
 
