@@ -162,6 +162,17 @@ impl User {
     }
 }
 
+/// Does the work of checking a real argon2 hash and throws the answer away, so an unknown user
+/// name is refused no faster than a wrong password (no probing for user names by timing). Call it
+/// on a blocking thread, like [`User::verify_password`].
+pub fn verify_for_unknown_user(password: &[u8]) {
+    static DUMMY: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let hash = DUMMY.get_or_init(|| hash_password("edgetwin: no such user").ok());
+    if let Some(h) = hash.as_deref().and_then(|h| PasswordHash::new(h).ok()) {
+        let _ = Argon2::default().verify_password(password, &h);
+    }
+}
+
 /// The users by name, as loaded from a credentials file.
 #[derive(Debug, Clone, Default)]
 pub struct Credentials {

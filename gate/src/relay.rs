@@ -297,10 +297,15 @@ async fn authenticate(
     let Some((user, password)) = connect.login() else {
         return anonymous();
     };
+    let password = password.as_bytes().to_vec();
     let Some(entry) = creds.user(user).cloned() else {
+        // Same cost as a wrong password, so the answer's timing does not reveal user names.
+        let _ = tokio::task::spawn_blocking(move || {
+            crate::credentials::verify_for_unknown_user(&password)
+        })
+        .await;
         return Err((Refusal::BadCredentials, "unknown_user"));
     };
-    let password = password.as_bytes().to_vec();
     let check = entry.clone();
     // Hash verification is slow on purpose: keep it off the async workers.
     let ok = tokio::task::spawn_blocking(move || check.verify_password(&password))
