@@ -118,15 +118,16 @@ impl IdStore {
         let path = path.as_ref().to_path_buf();
         let db = match Database::create(&path) {
             Ok(db) => db,
-            Err(redb::DatabaseError::Storage(bad)) if is_bad_file(&bad) => {
-                let reason = bad.to_string();
-                let aside = PathBuf::from(format!("{}.corrupt-{}", path.display(), now_ms()));
+            Err(e) if edgetwin_redbfile::is_corruption(&e) => {
+                let reason = e.to_string();
+                let aside = edgetwin_redbfile::move_aside(&path).map_err(|source| {
+                    StoreError::Quarantine {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
                 tracing::warn!(path = %path.display(), aside = %aside.display(), %reason,
                     "command id store is corrupt; starting a fresh one");
-                std::fs::rename(&path, &aside).map_err(|source| StoreError::Quarantine {
-                    path: path.clone(),
-                    source,
-                })?;
                 Database::create(&path).map_err(|e| db_err(&path, e))?
             }
             Err(e) => return Err(db_err(&path, e)),
@@ -258,14 +259,6 @@ impl IdStore {
 
 /// Whether an open error means the file's content is unusable (as opposed to e.g. a permission
 /// problem or a file held by another process, which must not lose the file).
-fn is_bad_file(e: &redb::StorageError) -> bool {
-    match e {
-        redb::StorageError::Corrupted(_) => true,
-        redb::StorageError::Io(io) => io.kind() == std::io::ErrorKind::InvalidData,
-        _ => false,
-    }
-}
-
 fn db_err(path: &Path, e: impl Into<redb::Error>) -> StoreError {
     StoreError::Db {
         path: path.to_path_buf(),

@@ -39,7 +39,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use edgetwin_contract::{DeviceId, DeviceState, Source, TwinStatus};
 use redb::{Database, ReadableTable, TableDefinition};
@@ -175,7 +174,8 @@ impl TwinStore {
             Ok(loaded) => Ok(loaded),
             Err(OpenFailure::Other(e)) => Err(e),
             Err(OpenFailure::Corrupt(reason)) => {
-                let renamed_to = corrupt_name(path, unix_ms());
+                let renamed_to =
+                    edgetwin_redbfile::corrupt_name(path, edgetwin_redbfile::unix_ms());
                 std::fs::rename(path, &renamed_to).map_err(|source| StoreError::Rename {
                     path: path.to_path_buf(),
                     renamed_to: renamed_to.clone(),
@@ -217,7 +217,9 @@ impl TwinStore {
             .create(path)
         {
             Ok(db) => db,
-            Err(e) if is_corruption(&e) => return Err(OpenFailure::Corrupt(e.to_string())),
+            Err(e) if edgetwin_redbfile::is_corruption(&e) => {
+                return Err(OpenFailure::Corrupt(e.to_string()))
+            }
             Err(source) => {
                 return Err(OpenFailure::Other(StoreError::Open {
                     path: path.to_path_buf(),
@@ -255,7 +257,7 @@ impl TwinStore {
                     Err(error) => bad.push((k.value().to_vec(), v.value().to_vec(), error)),
                 }
             }
-            let now = unix_ms();
+            let now = edgetwin_redbfile::unix_ms();
             for (key, bytes, error) in bad {
                 let key_str = String::from_utf8_lossy(&key).into_owned();
                 let quarantine_key = format!("{key_str}@{now}");
@@ -362,31 +364,6 @@ impl TwinStore {
             source,
         }
     }
-}
-
-fn is_corruption(e: &redb::DatabaseError) -> bool {
-    match e {
-        redb::DatabaseError::Storage(redb::StorageError::Corrupted(_)) => true,
-        redb::DatabaseError::Storage(redb::StorageError::Io(io)) => {
-            io.kind() == std::io::ErrorKind::InvalidData
-        }
-        _ => false,
-    }
-}
-
-fn corrupt_name(path: &Path, now_ms: i64) -> PathBuf {
-    let mut name = path
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
-    name.push(format!(".corrupt-{now_ms}"));
-    path.with_file_name(name)
-}
-
-fn unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 // ---- the private on-disk types ----

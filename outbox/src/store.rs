@@ -79,7 +79,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -443,7 +442,8 @@ impl Outbox {
             Ok(loaded) => (loaded, None),
             Err(LoadFailure::Other(e)) => return Err(e),
             Err(LoadFailure::Corrupt(reason)) => {
-                let renamed_to = corrupt_name(path, unix_ms());
+                let renamed_to =
+                    edgetwin_redbfile::corrupt_name(path, edgetwin_redbfile::unix_ms());
                 std::fs::rename(path, &renamed_to).map_err(|source| OpenError::Rename {
                     path: path.to_path_buf(),
                     renamed_to: renamed_to.clone(),
@@ -870,7 +870,9 @@ fn load(path: &Path, opener: &Opener) -> Result<Loaded, LoadFailure> {
     builder.set_check_integrity_on_open(true);
     let db = match opener(&builder) {
         Ok(db) => db,
-        Err(e) if is_corruption(&e) => return Err(LoadFailure::Corrupt(e.to_string())),
+        Err(e) if edgetwin_redbfile::is_corruption(&e) => {
+            return Err(LoadFailure::Corrupt(e.to_string()))
+        }
         Err(e) => return Err(other(DbError::Open(e))),
     };
     let txn = db.begin_write().map_err(|e| other(e.into()))?;
@@ -1102,33 +1104,8 @@ fn decode(seq: u64, bytes: &[u8]) -> Result<Record, String> {
     })
 }
 
-fn is_corruption(e: &redb::DatabaseError) -> bool {
-    match e {
-        redb::DatabaseError::Storage(redb::StorageError::Corrupted(_)) => true,
-        redb::DatabaseError::Storage(redb::StorageError::Io(io)) => {
-            io.kind() == std::io::ErrorKind::InvalidData
-        }
-        _ => false,
-    }
-}
-
-fn corrupt_name(path: &Path, now_ms: i64) -> PathBuf {
-    let mut name = path
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
-    name.push(format!(".corrupt-{now_ms}"));
-    path.with_file_name(name)
-}
-
 fn file_len(path: &Path) -> u64 {
     std::fs::metadata(path).map_or(0, |m| m.len())
-}
-
-fn unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

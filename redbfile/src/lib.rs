@@ -1,0 +1,75 @@
+//! What every redb file of the node (twin store, outbox, container command ids) does the same
+//! way when the file is damaged: tell corruption apart from other open errors, and move the
+//! corrupt file aside as `<name>.corrupt-<unix ms>` (never delete it) so the node starts with a
+//! fresh file and the damaged one can be inspected.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Whether opening failed because the file is damaged or not a redb database (as opposed to,
+/// say, permissions or a full disk, which must not cost the data).
+pub fn is_corruption(e: &redb::DatabaseError) -> bool {
+    match e {
+        redb::DatabaseError::Storage(s) => is_corrupt_storage(s),
+        _ => false,
+    }
+}
+
+/// Whether a storage error means the file's contents are damaged.
+pub fn is_corrupt_storage(e: &redb::StorageError) -> bool {
+    match e {
+        redb::StorageError::Corrupted(_) => true,
+        redb::StorageError::Io(io) => io.kind() == std::io::ErrorKind::InvalidData,
+        _ => false,
+    }
+}
+
+/// The name a corrupt file is moved to: `<name>.corrupt-<now_ms>` beside it.
+pub fn corrupt_name(path: &Path, now_ms: i64) -> PathBuf {
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(format!(".corrupt-{now_ms}"));
+    path.with_file_name(name)
+}
+
+/// Renames a corrupt file aside (see [`corrupt_name`]) and returns where it went.
+pub fn move_aside(path: &Path) -> std::io::Result<PathBuf> {
+    let to = corrupt_name(path, unix_ms());
+    std::fs::rename(path, &to)?;
+    Ok(to)
+}
+
+/// Milliseconds since the Unix epoch (0 before 1970).
+pub fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redbfile_garbage_file_is_corruption_and_is_moved_aside() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("x.redb");
+        std::fs::write(&path, vec![0x5a; 8192]).expect("write garbage");
+        let err = redb::Database::create(&path).expect_err("garbage is not a database");
+        assert!(is_corruption(&err), "{err}");
+        let to = move_aside(&path).expect("rename");
+        assert!(!path.exists() && to.exists());
+        assert!(to
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("x.redb.corrupt-")));
+    }
+
+    #[test]
+    fn redbfile_corrupt_name_keeps_the_folder() {
+        let p = corrupt_name(Path::new("/data/twins.redb"), 42);
+        assert_eq!(p, PathBuf::from("/data/twins.redb.corrupt-42"));
+    }
+}
