@@ -437,6 +437,58 @@ pub fn probe(
     msgs
 }
 
+/// A linked pair of pseudo terminals made by socat (one end for a scripted device, the other for
+/// the mapper); killed on drop.
+pub struct PtyPair {
+    child: Child,
+    /// One end (`/dev/pts/N`).
+    pub a: String,
+    /// The other end.
+    pub b: String,
+}
+
+impl PtyPair {
+    /// Starts socat and waits (up to 10 s each) for the two pty names it prints.
+    pub fn new() -> PtyPair {
+        require("socat");
+        let mut child = Command::new("socat")
+            .args(["-d", "-d", "pty,raw,echo=0", "pty,raw,echo=0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = std::io::BufReader::new(child.stderr.take().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in err.lines() {
+                let Ok(line) = line else { break };
+                // "... N PTY is /dev/pts/7"
+                if let Some(p) = line.split("PTY is ").nth(1) {
+                    let _ = tx.send(p.trim().to_string());
+                }
+            }
+        });
+        let a = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        let b = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        PtyPair { child, a, b }
+    }
+}
+
+impl Default for PtyPair {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PtyPair {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A mapper binary running against a node (`--broker 127.0.0.1:{node.port}`), its stderr in
 /// `mapper.log` beside the node's files; killed on drop.
 pub struct MapperProcess {

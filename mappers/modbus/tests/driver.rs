@@ -11,6 +11,7 @@ use edgetwin_mapper_modbus::codec::PlanLimits;
 use edgetwin_mapper_modbus::{ModbusConn, ModbusDriver};
 use edgetwin_mapper_sdk::{Driver, DriverError};
 use edgetwin_profile::ResolvedDevice;
+use edgetwin_testkit::PtyPair;
 use serde_json::{json, Value};
 
 async fn read_all(

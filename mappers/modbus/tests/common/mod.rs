@@ -136,47 +136,6 @@ impl Drop for Sim {
     }
 }
 
-/// A linked pair of pseudo terminals made by socat; killed on drop.
-pub struct PtyPair {
-    child: Child,
-    pub a: String,
-    pub b: String,
-}
-
-impl PtyPair {
-    pub fn new() -> PtyPair {
-        edgetwin_testkit::require("socat");
-        let mut child = Command::new("socat")
-            .args(["-d", "-d", "pty,raw,echo=0", "pty,raw,echo=0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let err = BufReader::new(child.stderr.take().unwrap());
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in err.lines() {
-                let Ok(line) = line else { break };
-                // "... N PTY is /dev/pts/7"
-                if let Some(p) = line.split("PTY is ").nth(1) {
-                    let _ = tx.send(p.trim().to_string());
-                }
-            }
-        });
-        let a = rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        let b = rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        PtyPair { child, a, b }
-    }
-}
-
-impl Drop for PtyPair {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A model property line and the matching device property (name, model type, access mode,
 /// `visitors.modbus` flow mapping).
 pub struct Prop<'a> {

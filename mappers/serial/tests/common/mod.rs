@@ -11,52 +11,13 @@ use std::time::{Duration, Instant};
 use edgetwin_profile::ResolvedDevice;
 use serde_json::Value;
 
+pub use edgetwin_testkit::PtyPair;
+
 pub const SIM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sim/serial_sim.py");
 pub const EXAMPLE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../../examples/profiles/serial-sensor.yaml"
 );
-
-/// A linked pair of pseudo terminals made by socat; killed on drop.
-pub struct PtyPair {
-    child: Child,
-    pub a: String,
-    pub b: String,
-}
-
-impl PtyPair {
-    pub fn new() -> PtyPair {
-        edgetwin_testkit::require("socat");
-        let mut child = Command::new("socat")
-            .args(["-d", "-d", "pty,raw,echo=0", "pty,raw,echo=0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let err = BufReader::new(child.stderr.take().unwrap());
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in err.lines() {
-                let Ok(line) = line else { break };
-                // "... N PTY is /dev/pts/7"
-                if let Some(p) = line.split("PTY is ").nth(1) {
-                    let _ = tx.send(p.trim().to_string());
-                }
-            }
-        });
-        let a = rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        let b = rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        PtyPair { child, a, b }
-    }
-}
-
-impl Drop for PtyPair {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// The scripted device on one end of a pty pair; killed on drop.
 pub struct Sim {
