@@ -437,6 +437,97 @@ pub fn probe(
     msgs
 }
 
+/// A scripted Python peer (a device simulator): its stdout lines are collected, its stderr kept
+/// for error messages, and `start` returns once it printed `READY`. Killed on drop.
+pub struct ScriptPeer {
+    child: Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    errs: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl ScriptPeer {
+    /// Runs `script args` with the test Python and waits up to `ready_within` for `READY`;
+    /// `packages` names what to install when the script cannot import them.
+    pub fn start(
+        script: &str,
+        args: &[String],
+        packages: &str,
+        ready_within: Duration,
+    ) -> ScriptPeer {
+        use std::io::BufRead;
+        require(&python());
+        let mut child = Command::new(python())
+            .arg(script)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let errs = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (out, l) = (child.stdout.take().unwrap(), lines.clone());
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                l.lock().unwrap().push(line);
+            }
+        });
+        let (err, e) = (child.stderr.take().unwrap(), errs.clone());
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                let mut e = e.lock().unwrap();
+                e.push_str(&line);
+                e.push('\n');
+            }
+        });
+        let mut peer = ScriptPeer { child, lines, errs };
+        let deadline = Instant::now() + ready_within;
+        while !peer.lines().iter().any(|l| l == "READY") {
+            if let Ok(Some(status)) = peer.child.try_wait() {
+                let e = peer.errs.lock().unwrap().clone();
+                assert!(
+                    !e.contains("No module named"),
+                    "{packages} is not installed; run ./test.sh: {e}"
+                );
+                panic!("{script} exited ({status}): {e}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{script} not ready: {}",
+                peer.errs.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        peer
+    }
+
+    /// Every stdout line so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// The stdout lines that are JSON, in order.
+    pub fn json_lines(&self) -> Vec<Value> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Kills the peer (SIGKILL).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ScriptPeer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// A linked pair of pseudo terminals made by socat (one end for a scripted device, the other for
 /// the mapper); killed on drop.
 pub struct PtyPair {

@@ -2,13 +2,11 @@
 //! RTU, and resolved devices built from profile YAML through the real loader.
 #![allow(clippy::unwrap_used, dead_code, missing_docs)]
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use edgetwin_profile::ResolvedDevice;
+use edgetwin_testkit::ScriptPeer;
 use serde_json::Value;
 
 /// The register map of the simulator, as documented in `modbus_sim.py`.
@@ -16,8 +14,7 @@ pub const SIM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sim/modbus_sim
 
 /// A running pymodbus simulator; killed on drop.
 pub struct Sim {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
+    peer: ScriptPeer,
     pub args: Vec<String>,
 }
 
@@ -42,59 +39,13 @@ impl Sim {
     }
 
     fn spawn(args: Vec<String>) -> Sim {
-        edgetwin_testkit::require(&edgetwin_testkit::python());
-        let mut child = Command::new(edgetwin_testkit::python())
-            .arg(SIM)
-            .args(&args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let out = child.stdout.take().unwrap();
-        let l = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                l.lock().unwrap().push(line);
-            }
-        });
-        let err = child.stderr.take().unwrap();
-        let errs = Arc::new(Mutex::new(String::new()));
-        let e2 = errs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines() {
-                let Ok(line) = line else { break };
-                let mut e = e2.lock().unwrap();
-                e.push_str(&line);
-                e.push('\n');
-            }
-        });
-        let mut sim = Sim { child, lines, args };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while !sim.lines.lock().unwrap().iter().any(|l| l == "READY") {
-            if let Ok(Some(status)) = sim.child.try_wait() {
-                let e = errs.lock().unwrap().clone();
-                assert!(
-                    !e.contains("No module named"),
-                    "pymodbus is not installed; run ./test.sh: {e}"
-                );
-                panic!("simulator exited ({status}): {e}");
-            }
-            assert!(Instant::now() < deadline, "simulator not ready");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        sim
+        let peer = ScriptPeer::start(SIM, &args, "pymodbus", Duration::from_secs(15));
+        Sim { peer, args }
     }
 
     /// Writes the simulator has received so far (`{"unit","fc","address","values"}`).
     pub fn writes(&self) -> Vec<Value> {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        self.peer.json_lines()
     }
 
     /// Waits until a write to `address` of `unit` has arrived; returns its values.
@@ -125,14 +76,7 @@ impl Sim {
 
     /// Stops the simulator (SIGKILL).
     pub fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        self.stop();
+        self.peer.stop();
     }
 }
 

@@ -2,13 +2,12 @@
 //! built from profile YAML through the real loader.
 #![allow(clippy::unwrap_used, dead_code, missing_docs)]
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use edgetwin_profile::ResolvedDevice;
+use edgetwin_testkit::ScriptPeer;
 use serde_json::Value;
 
 /// The simulator script; its docstring lists the address space.
@@ -16,8 +15,7 @@ pub const SIM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sim/opcua_sim.
 
 /// A running asyncua server; killed on drop.
 pub struct Sim {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
+    peer: ScriptPeer,
     pub port: u16,
     args: Vec<String>,
 }
@@ -44,70 +42,20 @@ impl Sim {
     }
 
     fn spawn(port: u16, extra: Vec<String>) -> Sim {
-        edgetwin_testkit::require(&edgetwin_testkit::python());
         let mut args = vec!["serve".to_string(), port.to_string()];
         args.extend(extra);
-        let mut child = Command::new(edgetwin_testkit::python())
-            .arg(SIM)
-            .args(&args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let out = child.stdout.take().unwrap();
-        let l = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                l.lock().unwrap().push(line);
-            }
-        });
-        let err = child.stderr.take().unwrap();
-        let errs = Arc::new(Mutex::new(String::new()));
-        let e2 = errs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines() {
-                let Ok(line) = line else { break };
-                let mut e = e2.lock().unwrap();
-                e.push_str(&line);
-                e.push('\n');
-            }
-        });
-        let mut sim = Sim {
-            child,
-            lines,
-            port,
-            args,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !sim.lines.lock().unwrap().iter().any(|l| l == "READY") {
-            if let Ok(Some(status)) = sim.child.try_wait() {
-                let e = errs.lock().unwrap().clone();
-                assert!(
-                    !e.contains("No module named"),
-                    "asyncua is not installed (pip install asyncua==2.1.0); run ./test.sh: {e}"
-                );
-                panic!("simulator exited ({status}): {e}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "simulator not ready: {}",
-                errs.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        sim
+        let peer = ScriptPeer::start(
+            SIM,
+            &args,
+            "asyncua (pip install asyncua==2.1.0)",
+            Duration::from_secs(30),
+        );
+        Sim { peer, port, args }
     }
 
     /// Client writes the server has accepted so far (`{"write": node, "type", "value"}`).
     pub fn writes(&self) -> Vec<Value> {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .collect()
+        self.peer.json_lines()
     }
 
     /// Waits until a client write of `value` to `node` has arrived; returns it.
@@ -132,8 +80,7 @@ impl Sim {
 
     /// Stops the server (SIGKILL).
     pub fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.peer.stop();
     }
 
     /// Starts the same server again on the same port.
@@ -141,12 +88,6 @@ impl Sim {
         self.stop();
         let extra = self.args[2..].to_vec();
         *self = Sim::spawn(self.port, extra);
-    }
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 
