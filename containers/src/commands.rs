@@ -120,12 +120,11 @@ impl IdStore {
             Ok(db) => db,
             Err(e) if edgetwin_redbfile::is_corruption(&e) => {
                 let reason = e.to_string();
-                let aside = edgetwin_redbfile::move_aside(&path).map_err(|source| {
-                    StoreError::Quarantine {
+                let aside =
+                    edgetwin_redbfile::move_aside(&path).map_err(|e| StoreError::Quarantine {
                         path: path.clone(),
-                        source,
-                    }
-                })?;
+                        source: e.source,
+                    })?;
                 tracing::warn!(path = %path.display(), aside = %aside.display(), %reason,
                     "command id store is corrupt; starting a fresh one");
                 Database::create(&path).map_err(|e| db_err(&path, e))?

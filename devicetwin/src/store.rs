@@ -175,13 +175,12 @@ impl TwinStore {
             Err(OpenFailure::Other(e)) => Err(e),
             Err(OpenFailure::Corrupt(reason)) => {
                 let renamed_to =
-                    edgetwin_redbfile::corrupt_name(path, edgetwin_redbfile::unix_ms());
-                std::fs::rename(path, &renamed_to).map_err(|source| StoreError::Rename {
-                    path: path.to_path_buf(),
-                    renamed_to: renamed_to.clone(),
-                    reason: reason.clone(),
-                    source,
-                })?;
+                    edgetwin_redbfile::move_aside(path).map_err(|e| StoreError::Rename {
+                        path: path.to_path_buf(),
+                        renamed_to: e.to,
+                        reason: reason.clone(),
+                        source: e.source,
+                    })?;
                 tracing::error!(
                     path = %path.display(),
                     renamed_to = %renamed_to.display(),

@@ -34,11 +34,34 @@ pub fn corrupt_name(path: &Path, now_ms: i64) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// A corrupt file that could not be renamed aside.
+#[derive(Debug)]
+pub struct MoveAsideError {
+    /// Where it was to go.
+    pub to: PathBuf,
+    /// Why the rename failed.
+    pub source: std::io::Error,
+}
+
+impl std::fmt::Display for MoveAsideError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cannot rename to {}: {}", self.to.display(), self.source)
+    }
+}
+
+impl std::error::Error for MoveAsideError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
 /// Renames a corrupt file aside (see [`corrupt_name`]) and returns where it went.
-pub fn move_aside(path: &Path) -> std::io::Result<PathBuf> {
+pub fn move_aside(path: &Path) -> Result<PathBuf, MoveAsideError> {
     let to = corrupt_name(path, unix_ms());
-    std::fs::rename(path, &to)?;
-    Ok(to)
+    match std::fs::rename(path, &to) {
+        Ok(()) => Ok(to),
+        Err(source) => Err(MoveAsideError { to, source }),
+    }
 }
 
 /// Milliseconds since the Unix epoch (0 before 1970).
