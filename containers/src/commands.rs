@@ -116,7 +116,10 @@ impl IdStore {
     /// aside to `{path}.corrupt-{ms}` and a fresh store started.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
-        let db = match Database::create(&path) {
+        let db = match Database::builder()
+            .set_cache_size(edgetwin_redbfile::CACHE_BYTES)
+            .create(&path)
+        {
             Ok(db) => db,
             Err(e) if edgetwin_redbfile::is_corruption(&e) => {
                 let reason = e.to_string();
@@ -127,7 +130,10 @@ impl IdStore {
                     })?;
                 tracing::warn!(path = %path.display(), aside = %aside.display(), %reason,
                     "command id store is corrupt; starting a fresh one");
-                Database::create(&path).map_err(|e| db_err(&path, e))?
+                Database::builder()
+                    .set_cache_size(edgetwin_redbfile::CACHE_BYTES)
+                    .create(&path)
+                    .map_err(|e| db_err(&path, e))?
             }
             Err(e) => return Err(db_err(&path, e)),
         };

@@ -7,4 +7,4 @@ pub mod core;
 pub mod store;
 
 pub use crate::core::{Applied, Entry, ModelSpec, Patch, PropertySpec, Rejection, Twin};
-pub use crate::store::{CommitStats, Quarantined, StoreError, TwinStore};
+pub use crate::store::{CommitStats, Health, Quarantined, RestoreReport, StoreError, TwinStore};

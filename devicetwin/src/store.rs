@@ -31,24 +31,51 @@
 //!   reported in the `Vec<Quarantined>` returned by [`TwinStore::open`] and logged; the other
 //!   twins load normally.
 //! - A file that redb reports as corrupt or as not a redb database (the open runs redb's full
-//!   integrity check) is renamed to `{file name}.corrupt-{unix ms}` beside it, logged, reported as
-//!   [`QuarantineKind::File`], and the store starts empty in a new file. Any other open error
-//!   (permissions, file locked by another process, I/O) is returned as a [`StoreError`] and
-//!   nothing is touched.
+//!   integrity check) is renamed to `{file name}.corrupt-{unix ms}` beside it, logged, and
+//!   reported as [`QuarantineKind::File`]. The new file is filled from what can still be read:
+//!   every twin record of the damaged file that decodes (salvage), and, for every other device,
+//!   the last snapshot (below); per device the higher `version` wins. What the restore found is in
+//!   [`RestoreReport`]. Any other open error (permissions, file locked by another process, I/O) is
+//!   returned as a [`StoreError`] and nothing is touched.
+//!
+//! # Snapshots (`{file name}.snapshot`)
+//!
+//! [`TwinStore::snapshot`] writes every twin, as of one read transaction, to a text file beside
+//! the store: line 1 is `{"format":1,"takenAt":ms,"twins":n}`, then one twin record (the JSON
+//! above) per line; every line is prefixed by its CRC-32C in 8 hex digits and a space, so a
+//! damaged line costs only its own twin. It is written to a temporary file, fsynced and renamed,
+//! so a crash leaves the previous snapshot whole. The daemon takes one at open, periodically
+//! while twins change, and at shutdown. The loss window of a damaged file is therefore: changes
+//! committed after the last snapshot, to devices whose records cannot be salvaged.
+//!
+//! # After an I/O error (full disk)
+//!
+//! redb refuses every operation after an I/O error until the database is closed and opened
+//! again. The store does that itself: a failed write closes the database, the next write (or
+//! [`TwinStore::probe`]) reopens it. [`TwinStore::health`] says whether the last write
+//! succeeded, so readiness can tell the truth while the disk is full; freeing space recovers
+//! without a restart. The `health` table holds one key, `probe`, written only by a probe after a
+//! failure (never periodically, to spare flash).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use edgetwin_contract::{DeviceId, DeviceState, Source, TwinStatus};
-use redb::{Database, ReadableTable, TableDefinition};
+use edgetwin_redbfile::Opener;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::core::{canonicalize, Entry, Twin};
 
+mod snapshot;
+pub use snapshot::{snapshot_path, SnapshotStats};
+
 const TWINS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("twins");
 const QUARANTINE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("quarantine");
+const HEALTH: TableDefinition<&str, i64> = TableDefinition::new("health");
 const FORMAT: u32 = 1;
 
 /// A store failure; every message starts with `twin store {path}:`.
@@ -104,6 +131,16 @@ pub enum StoreError {
         /// serde_json's reason.
         source: serde_json::Error,
     },
+    /// The snapshot file could not be written.
+    #[error("twin store {}: cannot write the snapshot {}: {source}", path.display(), snapshot.display())]
+    Snapshot {
+        /// The store file.
+        path: PathBuf,
+        /// The snapshot file.
+        snapshot: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
     /// A corrupt file could not be moved aside.
     #[error("twin store {}: file is corrupt ({reason}) and cannot be renamed to {}: {source}", path.display(), renamed_to.display())]
     Rename {
@@ -126,10 +163,41 @@ pub enum QuarantineKind {
         /// Key in the `quarantine` table.
         quarantine_key: String,
     },
-    /// The whole file, renamed; the store started empty.
+    /// The whole file, renamed; the new file holds what could be restored.
     File {
         /// The new name of the corrupt file.
         renamed_to: PathBuf,
+        /// What the new file was filled from.
+        restore: RestoreReport,
+    },
+}
+
+/// What a damaged store file was restored from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RestoreReport {
+    /// Twins read back from the damaged file itself (newest state).
+    pub salvaged: usize,
+    /// Twins taken from the snapshot because the damaged file had no readable (or no newer)
+    /// record of them; changes to these after the snapshot are lost.
+    pub from_snapshot: usize,
+    /// When the snapshot used was taken (`None`: there was no readable snapshot).
+    pub snapshot_taken_at_ms: Option<i64>,
+    /// Snapshot lines that failed their checksum or did not decode (each is one twin lost).
+    pub snapshot_damaged_lines: usize,
+}
+
+/// Whether the store can write right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// The last write succeeded (or none was tried since open).
+    Ok,
+    /// The last write failed; every write fails until the cause is gone (e.g. space freed) and a
+    /// write or [`TwinStore::probe`] succeeds.
+    Failing {
+        /// The last error, with the file's path.
+        error: String,
+        /// When the store started failing (unix ms).
+        since_ms: i64,
     },
 }
 
@@ -154,11 +222,22 @@ pub struct CommitStats {
 }
 
 /// The redb twin store. `Send + Sync`; share it with `Arc`.
-#[derive(Debug)]
 pub struct TwinStore {
-    db: Database,
+    /// `None` after a failed write: reopened by the next write or probe.
+    db: Mutex<Option<Arc<Database>>>,
+    opener: Opener,
     path: PathBuf,
     write_txns: AtomicU64,
+    health: Mutex<Health>,
+}
+
+impl std::fmt::Debug for TwinStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TwinStore")
+            .field("path", &self.path)
+            .field("health", &self.health())
+            .finish_non_exhaustive()
+    }
 }
 
 enum OpenFailure {
@@ -170,7 +249,16 @@ impl TwinStore {
     /// Opens (or creates) the store at `path` and loads every twin; see the module doc for what
     /// happens to damaged records and files.
     pub fn open(path: &Path) -> Result<(TwinStore, Vec<Twin>, Vec<Quarantined>), StoreError> {
-        match Self::open_and_load(path) {
+        Self::open_with(path, edgetwin_redbfile::file_opener(path))
+    }
+
+    /// [`open`](Self::open) through a custom opener (tests use a failing backend, see
+    /// `edgetwin_redbfile::faults`).
+    pub fn open_with(
+        path: &Path,
+        opener: Opener,
+    ) -> Result<(TwinStore, Vec<Twin>, Vec<Quarantined>), StoreError> {
+        match Self::open_and_load(path, &opener) {
             Ok(loaded) => Ok(loaded),
             Err(OpenFailure::Other(e)) => Err(e),
             Err(OpenFailure::Corrupt(reason)) => {
@@ -181,13 +269,18 @@ impl TwinStore {
                         reason: reason.clone(),
                         source: e.source,
                     })?;
+                let (restored, restore) = restore_from(&renamed_to, &snapshot_path(path));
                 tracing::error!(
                     path = %path.display(),
                     renamed_to = %renamed_to.display(),
                     %reason,
-                    "twin store file is corrupt; moved aside, starting with an empty store"
+                    salvaged = restore.salvaged,
+                    from_snapshot = restore.from_snapshot,
+                    snapshot_taken_at_ms = ?restore.snapshot_taken_at_ms,
+                    snapshot_damaged_lines = restore.snapshot_damaged_lines,
+                    "twin store file is corrupt; moved aside, restored what could be read"
                 );
-                let (store, twins, mut quarantined) = match Self::open_and_load(path) {
+                let (store, _, mut quarantined) = match Self::open_and_load(path, &opener) {
                     Ok(loaded) => loaded,
                     Err(OpenFailure::Other(e)) => return Err(e),
                     Err(OpenFailure::Corrupt(reason)) => {
@@ -197,24 +290,33 @@ impl TwinStore {
                         })
                     }
                 };
+                let refs: Vec<&Twin> = restored.iter().collect();
+                store.commit(&refs)?;
+                // The restored state is the new restore point.
+                if let Err(e) = store.snapshot() {
+                    tracing::warn!(error = %e, "cannot snapshot the restored twin store");
+                }
                 quarantined.insert(
                     0,
                     Quarantined {
                         key: path.display().to_string(),
                         error: reason,
-                        kind: QuarantineKind::File { renamed_to },
+                        kind: QuarantineKind::File {
+                            renamed_to,
+                            restore,
+                        },
                     },
                 );
-                Ok((store, twins, quarantined))
+                Ok((store, restored, quarantined))
             }
         }
     }
 
-    fn open_and_load(path: &Path) -> Result<(TwinStore, Vec<Twin>, Vec<Quarantined>), OpenFailure> {
-        let db = match Database::builder()
-            .set_check_integrity_on_open(true)
-            .create(path)
-        {
+    fn open_and_load(
+        path: &Path,
+        opener: &Opener,
+    ) -> Result<(TwinStore, Vec<Twin>, Vec<Quarantined>), OpenFailure> {
+        let db = match open_db(opener) {
             Ok(db) => db,
             Err(e) if edgetwin_redbfile::is_corruption(&e) => {
                 return Err(OpenFailure::Corrupt(e.to_string()))
@@ -227,16 +329,22 @@ impl TwinStore {
             }
         };
         let store = TwinStore {
-            db,
+            db: Mutex::new(Some(Arc::new(db))),
+            opener: opener.clone(),
             path: path.to_path_buf(),
             write_txns: AtomicU64::new(0),
+            health: Mutex::new(Health::Ok),
+        };
+        let Some(db) = store.current_db() else {
+            return Err(OpenFailure::Other(
+                store.err_storage(redb::StorageError::DatabaseClosed),
+            ));
         };
         let storage = |source: redb::StorageError| match source {
             redb::StorageError::Corrupted(reason) => OpenFailure::Corrupt(reason),
             source => OpenFailure::Other(store.err_storage(source)),
         };
-        let txn = store
-            .db
+        let txn = db
             .begin_write()
             .map_err(|e| OpenFailure::Other(store.err_txn(e)))?;
         let mut twins = Vec::new();
@@ -247,6 +355,8 @@ impl TwinStore {
                 .map_err(|e| OpenFailure::Other(store.err_table(e)))?;
             let mut quarantine = txn
                 .open_table(QUARANTINE)
+                .map_err(|e| OpenFailure::Other(store.err_table(e)))?;
+            txn.open_table(HEALTH)
                 .map_err(|e| OpenFailure::Other(store.err_table(e)))?;
             let mut bad: Vec<(Vec<u8>, Vec<u8>, String)> = Vec::new();
             for item in table.iter().map_err(storage)? {
@@ -280,12 +390,117 @@ impl TwinStore {
         }
         txn.commit()
             .map_err(|e| OpenFailure::Other(store.err_commit(e)))?;
+        drop(db);
         Ok((store, twins, quarantined))
+    }
+
+    fn lock_db(&self) -> MutexGuard<'_, Option<Arc<Database>>> {
+        self.db.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn current_db(&self) -> Option<Arc<Database>> {
+        self.lock_db().clone()
+    }
+
+    /// The open database, reopened first if a failure closed it.
+    fn db(&self) -> Result<Arc<Database>, StoreError> {
+        let mut slot = self.lock_db();
+        if let Some(db) = slot.as_ref() {
+            return Ok(db.clone());
+        }
+        let db = open_db(&self.opener).map_err(|source| StoreError::Open {
+            path: self.path.clone(),
+            source,
+        })?;
+        tracing::info!(path = %self.path.display(), "twin store reopened");
+        let db = Arc::new(db);
+        *slot = Some(db.clone());
+        Ok(db)
+    }
+
+    /// Records the outcome of a write: a failure closes the database (redb refuses everything
+    /// after an I/O error) and turns [`health`](Self::health) to failing.
+    fn finish<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+        match &result {
+            Ok(_) => {
+                if let Health::Failing { .. } = &*health {
+                    tracing::info!(path = %self.path.display(), "twin store writes succeed again");
+                }
+                *health = Health::Ok;
+            }
+            Err(e) => {
+                if !matches!(e, StoreError::Encode { .. }) {
+                    *self.lock_db() = None;
+                }
+                let since_ms = match &*health {
+                    Health::Failing { since_ms, .. } => *since_ms,
+                    Health::Ok => edgetwin_redbfile::unix_ms(),
+                };
+                *health = Health::Failing {
+                    error: e.to_string(),
+                    since_ms,
+                };
+            }
+        }
+        result
+    }
+
+    /// Whether the last write succeeded.
+    pub fn health(&self) -> Health {
+        self.health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// While failing: reopens the file and tries one tiny write, so that freeing space turns the
+    /// store healthy again even when nothing else writes. Does nothing (writes nothing) while
+    /// healthy.
+    pub fn probe(&self) -> Health {
+        if self.health() == Health::Ok {
+            return Health::Ok;
+        }
+        let result = (|| {
+            let db = self.db()?;
+            let txn = db.begin_write().map_err(|e| self.err_txn(e))?;
+            {
+                let mut t = txn.open_table(HEALTH).map_err(|e| self.err_table(e))?;
+                t.insert("probe", edgetwin_redbfile::unix_ms())
+                    .map_err(|e| self.err_storage(e))?;
+            }
+            txn.commit().map_err(|e| self.err_commit(e))
+        })();
+        let _ = self.finish(result);
+        self.health()
+    }
+
+    /// Writes the snapshot file (see the module doc) from one read transaction.
+    pub fn snapshot(&self) -> Result<SnapshotStats, StoreError> {
+        let db = self.db()?;
+        let txn = db.begin_read().map_err(|e| self.err_txn(e))?;
+        let table = txn.open_table(TWINS).map_err(|e| self.err_table(e))?;
+        let mut records = Vec::new();
+        for item in table.iter().map_err(|e| self.err_storage(e))? {
+            let (_, v) = item.map_err(|e| self.err_storage(e))?;
+            records.push(v.value().to_vec());
+        }
+        let target = snapshot_path(&self.path);
+        snapshot::write(&target, &records).map_err(|source| StoreError::Snapshot {
+            path: self.path.clone(),
+            snapshot: target,
+            source,
+        })
     }
 
     /// Writes `twins` in one durable write transaction (group commit); on error nothing of the
     /// batch is stored.
     pub fn commit(&self, twins: &[&Twin]) -> Result<CommitStats, StoreError> {
+        let result = self.commit_inner(twins);
+        self.finish(result)
+    }
+
+    fn commit_inner(&self, twins: &[&Twin]) -> Result<CommitStats, StoreError> {
         let mut encoded = Vec::with_capacity(twins.len());
         for twin in twins {
             let bytes = serde_json::to_vec(&StoredTwin::from_twin(twin)).map_err(|source| {
@@ -297,7 +512,7 @@ impl TwinStore {
             })?;
             encoded.push((twin.device.as_str().as_bytes(), bytes));
         }
-        let txn = self.db.begin_write().map_err(|e| self.err_txn(e))?;
+        let txn = self.db()?.begin_write().map_err(|e| self.err_txn(e))?;
         let mut stats = CommitStats::default();
         {
             let mut table = txn.open_table(TWINS).map_err(|e| self.err_table(e))?;
@@ -316,16 +531,19 @@ impl TwinStore {
 
     /// Removes a device's twin (durably); removing an absent twin is not an error.
     pub fn remove(&self, device: &DeviceId) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(|e| self.err_txn(e))?;
-        {
-            let mut table = txn.open_table(TWINS).map_err(|e| self.err_table(e))?;
-            table
-                .remove(device.as_str().as_bytes())
-                .map_err(|e| self.err_storage(e))?;
-        }
-        txn.commit().map_err(|e| self.err_commit(e))?;
-        self.write_txns.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        let result = (|| {
+            let txn = self.db()?.begin_write().map_err(|e| self.err_txn(e))?;
+            {
+                let mut table = txn.open_table(TWINS).map_err(|e| self.err_table(e))?;
+                table
+                    .remove(device.as_str().as_bytes())
+                    .map_err(|e| self.err_storage(e))?;
+            }
+            txn.commit().map_err(|e| self.err_commit(e))?;
+            self.write_txns.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        })();
+        self.finish(result)
     }
 
     /// Write transactions committed by [`commit`](Self::commit) and [`remove`](Self::remove)
@@ -363,6 +581,79 @@ impl TwinStore {
             source,
         }
     }
+}
+
+fn open_db(opener: &Opener) -> Result<Database, redb::DatabaseError> {
+    let mut builder = Database::builder();
+    builder
+        .set_check_integrity_on_open(true)
+        .set_cache_size(edgetwin_redbfile::CACHE_BYTES);
+    opener(&builder)
+}
+
+/// The twins to fill a new file with after `damaged` was moved aside: every record of the damaged
+/// file that still reads and decodes, and the snapshot's twin for every other device (or where the
+/// snapshot is newer); per device the higher version wins.
+fn restore_from(damaged: &Path, snapshot: &Path) -> (Vec<Twin>, RestoreReport) {
+    let mut report = RestoreReport::default();
+    let mut best: BTreeMap<DeviceId, (Twin, bool)> = BTreeMap::new();
+    let snap = snapshot::read(snapshot);
+    report.snapshot_taken_at_ms = snap.taken_at_ms;
+    report.snapshot_damaged_lines = snap.damaged_lines;
+    for t in snap.twins {
+        best.insert(t.device.clone(), (t, false));
+    }
+    for t in salvage(damaged) {
+        let newer = best
+            .get(&t.device)
+            .is_none_or(|(s, _)| t.version >= s.version);
+        if newer {
+            best.insert(t.device.clone(), (t, true));
+        }
+    }
+    let mut twins = Vec::with_capacity(best.len());
+    for (_, (t, salvaged)) in best {
+        if salvaged {
+            report.salvaged += 1;
+        } else {
+            report.from_snapshot += 1;
+        }
+        twins.push(t);
+    }
+    (twins, report)
+}
+
+/// Every twin record of a damaged file that can still be read, from a scratch copy (the damaged
+/// file itself is kept as it was). redb's debug builds panic on some damage, so the read runs
+/// behind `catch_unwind`; whatever was read before a failure is kept.
+fn salvage(damaged: &Path) -> Vec<Twin> {
+    let mut scratch = damaged.as_os_str().to_owned();
+    scratch.push(".salvage");
+    let scratch = PathBuf::from(scratch);
+    if std::fs::copy(damaged, &scratch).is_err() {
+        return Vec::new();
+    }
+    let out = Mutex::new(Vec::new());
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut builder = Database::builder();
+        builder.set_cache_size(edgetwin_redbfile::CACHE_BYTES);
+        let Ok(db) = builder.create(&scratch) else {
+            return;
+        };
+        let Ok(txn) = db.begin_read() else { return };
+        let Ok(table) = txn.open_table(TWINS) else {
+            return;
+        };
+        let Ok(iter) = table.iter() else { return };
+        for item in iter {
+            let Ok((k, v)) = item else { break };
+            if let Ok(t) = decode(k.value(), v.value()) {
+                out.lock().unwrap_or_else(PoisonError::into_inner).push(t);
+            }
+        }
+    }));
+    let _ = std::fs::remove_file(&scratch);
+    out.into_inner().unwrap_or_else(PoisonError::into_inner)
 }
 
 // ---- the private on-disk types ----
@@ -446,6 +737,17 @@ impl StoredTwin {
             },
         }
     }
+}
+
+/// Decodes a record that carries its own key (a snapshot line).
+fn decode_record(bytes: &[u8]) -> Result<Twin, String> {
+    #[derive(Deserialize)]
+    struct Key {
+        device: String,
+    }
+    let key: Key =
+        serde_json::from_slice(bytes).map_err(|e| format!("record does not decode: {e}"))?;
+    decode(key.device.as_bytes(), bytes)
 }
 
 fn decode(key: &[u8], bytes: &[u8]) -> Result<Twin, String> {

@@ -78,7 +78,7 @@
 //!   the next operation: once space is freed the outbox works again without a restart.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -376,9 +376,7 @@ pub enum CompactError {
     },
 }
 
-/// How the database is (re)opened: the real file, or a test backend over it.
-pub(crate) type Opener =
-    Arc<dyn Fn(&redb::Builder) -> Result<Database, redb::DatabaseError> + Send + Sync>;
+use edgetwin_redbfile::Opener;
 
 /// The durable outbox over its own redb file. `Send + Sync`; share it with `Arc`. Operations are
 /// serialized internally; [`stats`](Self::stats) never waits for a write.
@@ -428,12 +426,12 @@ impl Outbox {
     /// Opens (or creates) the outbox file at `path`; see the module doc for what happens to a
     /// damaged file.
     pub fn open(path: &Path, limits: Limits) -> Result<(Outbox, OpenReport), OpenError> {
-        let file = path.to_path_buf();
-        Self::open_with(path, limits, Arc::new(move |b| b.create(&file)))
+        Self::open_with(path, limits, edgetwin_redbfile::file_opener(path))
     }
 
-    /// [`open`](Self::open) with a custom way to open the database (tests inject failing backends).
-    pub(crate) fn open_with(
+    /// [`open`](Self::open) with a custom way to open the database (tests inject failing backends,
+    /// see `edgetwin_redbfile::faults`).
+    pub fn open_with(
         path: &Path,
         limits: Limits,
         opener: Opener,
@@ -866,7 +864,9 @@ fn load(path: &Path, opener: &Opener) -> Result<Loaded, LoadFailure> {
         source => other(DbError::Storage(source)),
     };
     let mut builder = Database::builder();
-    builder.set_check_integrity_on_open(true);
+    builder
+        .set_check_integrity_on_open(true)
+        .set_cache_size(edgetwin_redbfile::CACHE_BYTES);
     let db = match opener(&builder) {
         Ok(db) => db,
         Err(e) if edgetwin_redbfile::is_corruption(&e) => {

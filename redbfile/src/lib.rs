@@ -4,7 +4,37 @@
 //! fresh file and the damaged one can be inspected.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+pub mod faults;
+
+/// How a store (re)opens its database: the real file, or a test backend over it. A store keeps
+/// its opener so that it can reopen the file after an I/O error (redb refuses every operation
+/// after one until the database is closed and opened again).
+pub type Opener =
+    Arc<dyn Fn(&redb::Builder) -> Result<redb::Database, redb::DatabaseError> + Send + Sync>;
+
+/// The page cache of each of the node's redb files. redb's default is 1 GiB per database, which
+/// an edge box with 0.5 GB cannot give; the node's files are small and read mostly at open
+/// (the twin store keeps every twin in memory, the outbox reads its head), so a few MiB keep
+/// the hot pages without making memory grow with the file.
+pub const CACHE_BYTES: usize = 4 * 1024 * 1024;
+
+/// The opener of the file at `path` (created when missing).
+pub fn file_opener(path: &Path) -> Opener {
+    let file = path.to_path_buf();
+    Arc::new(move |b: &redb::Builder| b.create(&file))
+}
+
+/// Whether an error means the database must be closed and opened again before it can be used
+/// (redb's "previous I/O error" state, or any I/O failure of the backend).
+pub fn needs_reopen(e: &redb::StorageError) -> bool {
+    matches!(
+        e,
+        redb::StorageError::Io(_) | redb::StorageError::PreviousIo
+    )
+}
 
 /// Whether opening failed because the file is damaged or not a redb database (as opposed to,
 /// say, permissions or a full disk, which must not cost the data).

@@ -163,7 +163,11 @@ fn store_quarantines_a_corrupt_record_and_loads_the_rest() {
     {
         let (store, _, _) = TwinStore::open(&path).expect("open");
         store.commit(&[&good]).expect("commit");
-        let txn = store.db.begin_write().expect("txn");
+        let txn = store
+            .current_db()
+            .expect("open")
+            .begin_write()
+            .expect("txn");
         {
             let mut t = txn.open_table(TWINS).expect("table");
             t.insert(b"bad-json".as_slice(), b"{not json".as_slice())
@@ -185,7 +189,11 @@ fn store_quarantines_a_corrupt_record_and_loads_the_rest() {
     }
     // The bytes are kept in the quarantine table, not deleted.
     {
-        let txn = store.db.begin_write().expect("txn");
+        let txn = store
+            .current_db()
+            .expect("open")
+            .begin_write()
+            .expect("txn");
         {
             let qt = txn.open_table(QUARANTINE).expect("table");
             let QuarantineKind::Record { quarantine_key } = &q[2].kind else {
@@ -216,7 +224,7 @@ fn store_moves_a_corrupt_file_aside_and_starts_empty() {
     let (store, loaded, q) = TwinStore::open(&path).expect("open starts empty");
     assert!(loaded.is_empty());
     assert_eq!(q.len(), 1);
-    let QuarantineKind::File { renamed_to } = &q[0].kind else {
+    let QuarantineKind::File { renamed_to, .. } = &q[0].kind else {
         panic!("expected a file quarantine, got {q:?}")
     };
     assert!(renamed_to
@@ -336,4 +344,251 @@ fn store_keeps_every_reported_commit_across_sigkill() {
             "crash-{d}: stored {count}, reported committed {expected}"
         );
     }
+}
+
+// ---- full disk: writes fail, health says so, freeing space recovers without a restart ----
+
+#[test]
+fn store_full_disk_turns_health_failing_and_freeing_space_recovers_without_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("twins.redb");
+    let budget = edgetwin_redbfile::faults::DiskBudget::unlimited();
+    let opener = edgetwin_redbfile::faults::budget_opener(&path, budget.clone());
+    let (store, _, _) = TwinStore::open_with(&path, opener).expect("open");
+    let before = sample_twin("before");
+    store.commit(&[&before]).expect("commit fits");
+    assert_eq!(store.health(), Health::Ok);
+
+    budget.fill();
+    let lost = sample_twin("while-full");
+    let err = store.commit(&[&lost]).expect_err("disk full");
+    assert!(
+        err.to_string()
+            .starts_with(&format!("twin store {}:", path.display())),
+        "{err}"
+    );
+    let Health::Failing { error, .. } = store.health() else {
+        panic!("health must say failing while the disk is full")
+    };
+    assert!(error.contains(&path.display().to_string()), "{error}");
+    // Probing while still full stays failing (and the next commit fails too).
+    assert!(matches!(store.probe(), Health::Failing { .. }));
+    assert!(store.commit(&[&lost]).is_err());
+
+    budget.free();
+    assert_eq!(store.probe(), Health::Ok, "space freed: the probe recovers");
+    let after = sample_twin("after");
+    store
+        .commit(&[&after])
+        .expect("commits work again in the same store");
+    drop(store);
+
+    let (_store, loaded, q) = TwinStore::open(&path).expect("reopen");
+    assert!(q.is_empty(), "{q:?}");
+    let loaded = by_device(loaded);
+    assert_eq!(
+        loaded.keys().cloned().collect::<Vec<_>>(),
+        vec!["after".to_string(), "before".to_string()],
+        "what was committed is kept, the failed batch is not there"
+    );
+}
+
+#[test]
+fn store_probe_writes_nothing_while_healthy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("twins.redb");
+    let budget = edgetwin_redbfile::faults::DiskBudget::unlimited();
+    let opener = edgetwin_redbfile::faults::budget_opener(&path, budget.clone());
+    let (store, _, _) = TwinStore::open_with(&path, opener).expect("open");
+    // With no budget at all, any write would fail: a healthy probe must not write.
+    budget.fill();
+    for _ in 0..10 {
+        assert_eq!(store.probe(), Health::Ok);
+    }
+}
+
+// ---- damaged files: restored from what can be salvaged and the last snapshot ----
+
+fn numbered(name: &str, count: i64) -> Twin {
+    let mut t = sample_twin(name);
+    t.apply_desired(
+        &model(),
+        &patch(json!({"count": count})),
+        Source::Local,
+        100 + count,
+    )
+    .expect("ok");
+    t
+}
+
+/// Ways a store file gets damaged on real media.
+#[derive(Debug, Clone, Copy)]
+enum Damage {
+    TruncatedToHalf,
+    HeaderFlipped,
+    PageFlipped(u64),
+    PageZeroed(u64),
+}
+
+fn damage(path: &Path, how: Damage) {
+    let mut bytes = std::fs::read(path).expect("read store");
+    let page = |n: u64| {
+        let start = (n as usize * 4096).min(bytes.len().saturating_sub(4096));
+        start..(start + 4096).min(bytes.len())
+    };
+    match how {
+        Damage::TruncatedToHalf => bytes.truncate(bytes.len() / 2),
+        Damage::HeaderFlipped => bytes[..512].iter_mut().for_each(|b| *b ^= 0xFF),
+        Damage::PageFlipped(n) => {
+            let r = page(n);
+            bytes[r].iter_mut().for_each(|b| *b ^= 0x5A)
+        }
+        Damage::PageZeroed(n) => {
+            let r = page(n);
+            bytes[r].iter_mut().for_each(|b| *b = 0)
+        }
+    }
+    std::fs::write(path, bytes).expect("write damaged store");
+}
+
+#[test]
+fn store_damage_corpus_restores_salvage_and_snapshot_and_counts_the_rest() {
+    let mut cases = vec![Damage::TruncatedToHalf, Damage::HeaderFlipped];
+    for n in 1..8 {
+        cases.push(Damage::PageFlipped(n));
+        cases.push(Damage::PageZeroed(n));
+    }
+    let mut restored = Vec::new();
+    for how in cases {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("twins.redb");
+        // 100 twins at count 1, snapshot; then 10 of them move to count 2 and one new twin
+        // arrives: those 11 changes are the ones a damaged file may lose.
+        let snapshot_state: Vec<Twin> =
+            (0..100).map(|i| numbered(&format!("d{i:03}"), 1)).collect();
+        let late: Vec<Twin> = (0..10)
+            .map(|i| numbered(&format!("d{i:03}"), 2))
+            .chain([numbered("late", 2)])
+            .collect();
+        {
+            let (store, _, _) = TwinStore::open(&path).expect("open");
+            store
+                .commit(&snapshot_state.iter().collect::<Vec<_>>())
+                .expect("commit");
+            let stats = store.snapshot().expect("snapshot");
+            assert_eq!(stats.twins, 100);
+            store
+                .commit(&late.iter().collect::<Vec<_>>())
+                .expect("commit");
+        }
+        damage(&path, how);
+
+        let (_store, loaded, q) = TwinStore::open(&path).expect("a damaged file still opens");
+        let loaded = by_device(loaded);
+        let latest: BTreeMap<String, Twin> = by_device(snapshot_state.clone())
+            .into_iter()
+            .chain(by_device(late.clone()))
+            .collect();
+        let snap = by_device(snapshot_state.clone());
+        // Whatever happened, every twin is either at its latest state or (counted) at its
+        // snapshot state, and nothing unchanged since the snapshot is lost.
+        for (d, twin) in &latest {
+            match loaded.get(d) {
+                Some(t) if t == twin => {}
+                Some(t) => assert_eq!(
+                    Some(t),
+                    snap.get(d),
+                    "{how:?} {d}: neither latest nor snapshot"
+                ),
+                None => assert!(
+                    !snap.contains_key(d),
+                    "{how:?} {d}: lost although in the snapshot"
+                ),
+            }
+        }
+        let behind = latest
+            .iter()
+            .filter(|(d, t)| loaded.get(*d) != Some(t))
+            .count();
+        match q.first().map(|q| &q.kind) {
+            Some(QuarantineKind::File {
+                renamed_to,
+                restore,
+            }) => {
+                assert!(renamed_to.exists(), "{how:?}: damaged file kept aside");
+                assert_eq!(
+                    restore.salvaged + restore.from_snapshot,
+                    loaded.len(),
+                    "{how:?}"
+                );
+                assert!(restore.snapshot_taken_at_ms.is_some(), "{how:?}");
+                assert!(
+                    behind <= restore.from_snapshot + 1,
+                    "{how:?}: {behind} behind, {restore:?}"
+                );
+                restored.push(format!("{how:?}: {restore:?}, {behind} behind"));
+            }
+            _ => assert_eq!(behind, 0, "{how:?}: undetected damage lost data: {q:?}"),
+        }
+    }
+    // The file-level damage must have been detected and restored, not only survived.
+    assert!(
+        restored.iter().any(|r| r.starts_with("TruncatedToHalf"))
+            && restored.iter().any(|r| r.starts_with("HeaderFlipped")),
+        "{restored:#?}"
+    );
+    println!("{restored:#?}");
+}
+
+#[test]
+fn store_snapshot_line_damage_costs_only_that_twin() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("twins.redb");
+    let twins: Vec<Twin> = (0..20).map(|i| numbered(&format!("s{i:02}"), 1)).collect();
+    {
+        let (store, _, _) = TwinStore::open(&path).expect("open");
+        store
+            .commit(&twins.iter().collect::<Vec<_>>())
+            .expect("commit");
+        store.snapshot().expect("snapshot");
+    }
+    // Damage one line of the snapshot (a byte inside the 6th line), then the store file itself.
+    let snap = snapshot_path(&path);
+    let mut bytes = std::fs::read(&snap).expect("snapshot");
+    let line_starts: Vec<usize> = std::iter::once(0)
+        .chain(
+            bytes
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| **b == b'\n')
+                .map(|(i, _)| i + 1),
+        )
+        .collect();
+    bytes[line_starts[5] + 20] ^= 0x01;
+    std::fs::write(&snap, bytes).expect("write");
+    std::fs::write(&path, vec![0xAB; 16 * 1024]).expect("destroy the store file");
+
+    let (_store, loaded, q) = TwinStore::open(&path).expect("open");
+    let Some(QuarantineKind::File { restore, .. }) = q.first().map(|q| &q.kind) else {
+        panic!("expected a restore: {q:?}")
+    };
+    assert_eq!(restore.salvaged, 0);
+    assert_eq!(restore.from_snapshot, 19);
+    assert_eq!(restore.snapshot_damaged_lines, 1);
+    assert_eq!(loaded.len(), 19);
+}
+
+#[test]
+fn store_written_by_release_0_1_opens() {
+    // A file written by edgetwin 0.1 (before the health table and snapshots existed), kept in the
+    // repository so that every later release proves it still opens it.
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/twins-0.1.redb");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("twins.redb");
+    std::fs::copy(&fixture, &path).expect("copy fixture");
+    let (_store, loaded, q) = TwinStore::open(&path).expect("open 0.1 store");
+    assert!(q.is_empty(), "{q:?}");
+    let loaded = by_device(loaded);
+    assert_eq!(loaded.len(), 3, "{:?}", loaded.keys());
+    assert_eq!(loaded.get("fixture-a"), Some(&sample_twin("fixture-a")));
 }

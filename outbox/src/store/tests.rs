@@ -3,12 +3,12 @@
 
 use super::*;
 use crate::policy::{DropCount, OverflowPolicy};
+use edgetwin_redbfile::faults::DiskBudget;
 use proptest::prelude::*;
 use redb::TableHandle;
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 const NOW: i64 = 1_700_000_000_000;
@@ -547,95 +547,8 @@ fn outbox_compacts_the_file_once_when_a_large_backlog_has_drained() {
 
 // ---- full disk: a backend that refuses writes beyond a byte budget ----
 
-#[derive(Debug)]
-struct DiskFull {
-    inner: redb::backends::FileBackend,
-    budget: Arc<AtomicU64>,
-}
-
-impl redb::StorageBackend for DiskFull {
-    fn len(&self) -> Result<u64, std::io::Error> {
-        self.inner.len()
-    }
-    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
-        self.inner.read(offset, out)
-    }
-    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
-        self.inner.set_len(len)
-    }
-    fn sync_data(&self) -> Result<(), std::io::Error> {
-        self.inner.sync_data()
-    }
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
-        let n = data.len() as u64;
-        self.budget
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
-                left.checked_sub(n)
-            })
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::StorageFull))?;
-        self.inner.write(offset, data)
-    }
-    fn close(&self) -> Result<(), std::io::Error> {
-        self.inner.close()
-    }
-    fn try_lock_range(
-        &self,
-        start: std::ops::Bound<u64>,
-        end: std::ops::Bound<u64>,
-    ) -> Result<bool, redb::BackendError> {
-        self.inner.try_lock_range(start, end)
-    }
-    fn try_lock_shared_range(
-        &self,
-        start: std::ops::Bound<u64>,
-        end: std::ops::Bound<u64>,
-    ) -> Result<bool, redb::BackendError> {
-        self.inner.try_lock_shared_range(start, end)
-    }
-    fn lock_range(
-        &self,
-        start: std::ops::Bound<u64>,
-        end: std::ops::Bound<u64>,
-    ) -> Result<(), redb::BackendError> {
-        self.inner.lock_range(start, end)
-    }
-    fn lock_shared_range(
-        &self,
-        start: std::ops::Bound<u64>,
-        end: std::ops::Bound<u64>,
-    ) -> Result<(), redb::BackendError> {
-        self.inner.lock_shared_range(start, end)
-    }
-    fn unlock_range(
-        &self,
-        start: std::ops::Bound<u64>,
-        end: std::ops::Bound<u64>,
-    ) -> Result<(), redb::BackendError> {
-        self.inner.unlock_range(start, end)
-    }
-    fn query_lock_range(
-        &self,
-        start: std::ops::Bound<u64>,
-        end: std::ops::Bound<u64>,
-    ) -> Result<bool, redb::BackendError> {
-        self.inner.query_lock_range(start, end)
-    }
-}
-
-fn open_with_budget(path: &Path, budget: Arc<AtomicU64>) -> (Outbox, OpenReport) {
-    let file = path.to_path_buf();
-    let opener: Opener = Arc::new(move |b: &redb::Builder| {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&file)?;
-        b.create_with_backend(DiskFull {
-            inner: redb::backends::FileBackend::new(f)?,
-            budget: budget.clone(),
-        })
-    });
+fn open_with_budget(path: &Path, budget: DiskBudget) -> (Outbox, OpenReport) {
+    let opener = edgetwin_redbfile::faults::budget_opener(path, budget);
     Outbox::open_with(path, generous(), opener).expect("open with budget")
 }
 
@@ -643,13 +556,13 @@ fn open_with_budget(path: &Path, budget: Arc<AtomicU64>) -> (Outbox, OpenReport)
 fn outbox_full_disk_append_fails_naming_the_file_and_keeps_earlier_records() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("outbox.redb");
-    let budget = Arc::new(AtomicU64::new(u64::MAX));
+    let budget = DiskBudget::unlimited();
     let (outbox, _) = open_with_budget(&path, budget.clone());
     let first: Vec<NewRecord> = (0..10).map(|i| rec("a", i, NOW)).collect();
     outbox.append(first.clone(), NOW).expect("append fits");
 
     // The disk fills up: the next (large) batch cannot be written.
-    budget.store(4096, Ordering::SeqCst);
+    budget.set(4096);
     let big: Vec<NewRecord> = (10..2010).map(|i| rec("b", i, NOW)).collect();
     let err = outbox.append(big.clone(), NOW).expect_err("disk full");
     assert!(err.is_storage_full(), "{err:?}");
@@ -674,7 +587,7 @@ fn outbox_full_disk_append_fails_naming_the_file_and_keeps_earlier_records() {
     assert_eq!(payloads(&peeked)[9], "{\"i\":9}");
 
     // Space is freed: the outbox works again without a restart, and no seq was reused.
-    budget.store(u64::MAX, Ordering::SeqCst);
+    budget.free();
     let r = outbox
         .append(vec![rec("c", 99, NOW)], NOW)
         .expect("append after space freed");
@@ -1013,4 +926,25 @@ proptest! {
             prop_assert_eq!(without_file(outbox.stats()), model.stats());
         }
     }
+}
+
+#[test]
+fn outbox_written_by_release_0_1_opens_with_its_records() {
+    // A file written by edgetwin 0.1 (5 records appended, the first acked), kept in the repository
+    // so that every later release proves it still reads the outbox a node left behind.
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/outbox-0.1.redb");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("outbox.redb");
+    std::fs::copy(&fixture, &path).expect("copy fixture");
+    let (outbox, report) = Outbox::open(&path, generous()).expect("open 0.1 outbox");
+    assert_eq!(report.records, 4);
+    assert!(report.quarantined_file.is_none() && report.quarantined_records.is_empty());
+    let payloads: Vec<Vec<u8>> = outbox
+        .peek(None, 100, NOW)
+        .expect("peek")
+        .into_iter()
+        .map(|r| r.payload)
+        .collect();
+    let expected: Vec<Vec<u8>> = (1..5).map(|i| rec("fixture", i, NOW).payload).collect();
+    assert_eq!(payloads, expected);
 }
