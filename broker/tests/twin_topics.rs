@@ -1,4 +1,4 @@
-//! The twin topic contract (shared/DESIGN.md §2-3) driven by third-party clients against the real
+//! The twin topic contract (docs/contract.md §2-3) driven by third-party clients against the real
 //! binary.
 #![allow(clippy::unwrap_used)]
 

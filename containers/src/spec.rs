@@ -7,7 +7,7 @@
 //! - mounts: `"source:/container/path[:ro|rw]"` where `source` is an absolute host path or a
 //!   named volume (`[A-Za-z0-9][A-Za-z0-9_.-]*`); the default mode is `rw`;
 //! - container names: `[A-Za-z0-9][A-Za-z0-9_.-]{0,127}` (Docker's rule, with the node id length
-//!   bound of DESIGN §2).
+//!   bound of docs/contract.md §2).
 //!
 //! Every validator returns all problems it finds, each as `"path: message"`.
 

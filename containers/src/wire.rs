@@ -1,4 +1,4 @@
-//! Wire types of the container topics (shared/DESIGN.md §2, extended for issue 5):
+//! Wire types of the container topics (docs/contract.md §2, extended for issue 5):
 //!
 //! - `node/containers/cmd`: [`ContainerCommand`]
 //!   `{"id","action":"run"|"start"|"stop"|"restart"|"remove"|"list"|"logs","name","image"?,"env"?,

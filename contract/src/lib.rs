@@ -1,5 +1,5 @@
 //! The edgetwin wire contract: validated ids, topic names and JSON payloads of the local topic API
-//! (shared/DESIGN.md §2). Every crate that speaks MQTT to a node builds and parses topics and
+//! (docs/contract.md §2). Every crate that speaks MQTT to a node builds and parses topics and
 //! payloads through this crate only, so the contract lives in one place.
 
 pub mod ids;

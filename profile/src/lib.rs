@@ -1,4 +1,4 @@
-//! Device profiles: the `DeviceModel` and `Device` YAML documents of shared/DESIGN.md §4, their
+//! Device profiles: the `DeviceModel` and `Device` YAML documents of docs/contract.md §4, their
 //! protocol sections (Modbus, OPC UA, BLE, serial), the loader that reports every error with file,
 //! line and field path, cross-document validation, [`ResolvedDevice`] (what a mapper receives on
 //! `mappers/{protocol}/devices/{device}`) and the JSON Schemas committed in `schemas/`.
