@@ -16,14 +16,14 @@ use edgetwin_contract::{DeviceId, ErrorCode, ErrorMsg, Topic};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
-use rumqttd::local::LinkTx;
 use rumqttd::Forward;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::twin_service::{InjectedPatch, Origin};
+use crate::local::{LocalClient, Message};
+use crate::twin_service::{InjectedPatch, Input, CONTAINER_AGENT_SOURCE};
 
 /// What the agent task needs besides the agent itself.
 pub struct AgentTask {
@@ -32,13 +32,13 @@ pub struct AgentTask {
     /// The node's own twin.
     pub node: DeviceId,
     /// Publishes results and status on the local broker.
-    pub link_tx: LinkTx,
+    pub link: LocalClient,
     /// Commands from `node/containers/cmd`.
     pub commands: mpsc::Receiver<Forward>,
     /// The node twin's committed `desired.containers`.
     pub desired: watch::Receiver<Option<Value>>,
-    /// Where `reported.containers` goes.
-    pub twin: mpsc::Sender<InjectedPatch>,
+    /// Where `reported.containers` goes (the twin service's input).
+    pub twin: mpsc::Sender<Input>,
     /// How often the runtime is checked against the desired state.
     pub interval: Duration,
     /// Metrics export.
@@ -58,7 +58,9 @@ impl AgentTask {
                 cmd = self.commands.recv() => {
                     let Some(cmd) = cmd else { break };
                     let result = self.agent.handle_command(&cmd.publish.payload).await;
-                    self.publish(&Topic::ContainersResult.to_topic_string(), result, false);
+                    self.link
+                        .publish(Message::new(Topic::ContainersResult.to_topic_string(), result))
+                        .await;
                     self.publish_status().await;
                 }
                 changed = self.desired.changed() => {
@@ -105,9 +107,12 @@ impl AgentTask {
                         message: format!("desired.containers: {}", errors.join("; ")),
                         topic: Topic::Desired(self.node.clone()).to_topic_string(),
                     };
-                    if let Ok(p) = serde_json::to_vec(&msg) {
-                        self.publish(&Topic::Error(self.node.clone()).to_topic_string(), p, false);
-                    }
+                    self.link
+                        .publish(Message::json(
+                            Topic::Error(self.node.clone()).to_topic_string(),
+                            &msg,
+                        ))
+                        .await;
                     *last_invalid = Some(errors);
                 }
                 return;
@@ -124,13 +129,16 @@ impl AgentTask {
         if last_reported.as_ref() != Some(&report.reported) {
             info!(device = %self.node, containers = %report.reported, "containers reported");
             let patch = json!({ "containers": report.reported.clone() });
+            let Ok(reporter) = edgetwin_contract::ProtocolName::new(CONTAINER_AGENT_SOURCE) else {
+                return;
+            };
             let injected = InjectedPatch {
                 device: self.node.clone(),
                 payload: Bytes::from(patch.to_string()),
-                origin: Origin::ContainerAgent,
+                source: edgetwin_contract::Source::Mapper(reporter),
                 done: None,
             };
-            if self.twin.send(injected).await.is_ok() {
+            if self.twin.send(Input::Patch(injected)).await.is_ok() {
                 *last_reported = Some(report.reported);
             }
         }
@@ -139,22 +147,17 @@ impl AgentTask {
     async fn publish_status(&mut self) {
         match self.agent.status().await {
             Ok(status) => match serde_json::to_vec(&status) {
-                Ok(p) => self.publish(&Topic::ContainersStatus.to_topic_string(), p, true),
+                Ok(p) => {
+                    self.link
+                        .publish(Message::retained(
+                            Topic::ContainersStatus.to_topic_string(),
+                            p,
+                        ))
+                        .await
+                }
                 Err(e) => warn!(error = %e, "cannot encode container status"),
             },
             Err(e) => warn!(error = %e, "container runtime status unavailable"),
-        }
-    }
-
-    fn publish(&mut self, topic: &str, payload: Vec<u8>, retain: bool) {
-        let publish = rumqttd::protocol::Publish::new(
-            Bytes::from(topic.to_string()),
-            Bytes::from(payload),
-            retain,
-        );
-        let packet = rumqttd::protocol::Packet::Publish(publish, None);
-        if let Err(e) = crate::twin_service::send_now(&mut self.link_tx, packet) {
-            warn!(topic, error = %e, "cannot publish on the local broker");
         }
     }
 }

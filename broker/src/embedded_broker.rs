@@ -2,8 +2,22 @@
 //! calling `Broker::start`, because `Broker::start` reports a taken port only in its log and blocks
 //! its caller forever; here a listener that cannot bind fails start-up with a clear error.
 //!
+//! The router starts first ([`EmbeddedBroker::start_router`]) and the TCP listeners only when the
+//! node calls [`EmbeddedBroker::listen`], after every internal consumer has subscribed: a client
+//! can never publish into a broker whose consumers are not there yet.
+//!
 //! rumqttd has no shutdown API: its router and listener threads end with the process. Nothing
 //! durable lives inside rumqttd (retained messages are memory-only there), so that is safe.
+//!
+//! # Memory
+//! rumqttd keeps one log per distinct subscription filter, never freed, each holding up to
+//! `max_segment_count` segments of `max_segment_size` accounted bytes (topic + payload; the real
+//! cost is about 1.7× for 300-byte messages). A log that keeps receiving traffic sits at that cap,
+//! so the cap is what bounds memory: internal consumers' filters get [`INTERNAL_SEGMENT`] (they
+//! read from the broker into their own bounded queue at once, so the log only needs to cover the
+//! router's own scheduling), everyone else's get [`CLIENT_SEGMENT`]. A consumer that falls behind
+//! by more than its log loses the oldest messages: for internal consumers that is detected and
+//! counted (see `local.rs`); for TCP clients it is rumqttd's documented behaviour.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -19,28 +33,80 @@ use crate::config::MqttConfig;
 /// Creates an in-process link; the error is rendered to text because rumqttd's is very large.
 type NewLink = Box<dyn Fn(&str) -> Result<(LinkTx, LinkRx), String> + Send + Sync>;
 
-/// A running embedded broker: a handle to create in-process links.
+/// Log size of an internal consumer's filter: 3 full segments of history (1.5 MiB accounted).
+pub const INTERNAL_SEGMENT: (usize, usize) = (512 * 1024, 4);
+/// Log size of any other filter: 2 full segments of history (256 KiB accounted).
+pub const CLIENT_SEGMENT: (usize, usize) = (128 * 1024, 3);
+
+/// Starts one listener thread; rumqttd's server types differ per protocol version.
+type ServeFn = Box<dyn FnOnce(&tokio::runtime::Runtime) -> Result<(), String> + Send>;
+type MakeServe = Box<dyn Fn(ServerSettings, bool) -> ServeFn + Send + Sync>;
+
+/// A running embedded broker: a handle to create in-process links and, once, start listening.
 pub struct EmbeddedBroker {
-    // rumqttd does not export the router's event type, so the sender is kept inside a closure.
+    // rumqttd does not export the router's event type, so the sender is kept inside closures.
     new_link: NewLink,
+    make_serve: MakeServe,
 }
 
 impl EmbeddedBroker {
-    /// Starts the router and the listeners; returns once every listener accepts connections.
-    pub async fn start(cfg: &MqttConfig) -> anyhow::Result<EmbeddedBroker> {
+    /// Starts the router only (no TCP listener yet). `internal_filters` are the filters the
+    /// node's own consumers subscribe; they get the larger log of [`INTERNAL_SEGMENT`].
+    pub fn start_router(cfg: &MqttConfig, internal_filters: &[String]) -> EmbeddedBroker {
+        let internal = rumqttd::SegmentConfig {
+            max_segment_size: INTERNAL_SEGMENT.0,
+            max_segment_count: INTERNAL_SEGMENT.1,
+        };
         let router_cfg = RouterConfig {
             max_connections: cfg.max_connections,
             // Per-connection outgoing queue in the router; large enough that a burst of retained
-            // twin documents at (re)subscribe is not cut.
+            // twin documents at (re)subscribe (the bridge's resync) is not cut.
             max_outgoing_packet_count: 10_000,
-            max_segment_size: 64 * 1024 * 1024,
-            max_segment_count: 10,
-            custom_segment: None,
+            max_segment_size: CLIENT_SEGMENT.0,
+            max_segment_count: CLIENT_SEGMENT.1,
+            custom_segment: Some(
+                internal_filters
+                    .iter()
+                    .map(|f| (f.clone(), internal.clone()))
+                    .collect(),
+            ),
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),
         };
         let router_tx = Router::new(0, router_cfg).spawn();
+        let link_tx = router_tx.clone();
+        EmbeddedBroker {
+            new_link: Box::new(move |client_id| {
+                let (tx, rx, _ack) = LinkBuilder::new(client_id, link_tx.clone())
+                    .clean_session(true)
+                    .dynamic_filters(true)
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                Ok((tx, rx))
+            }),
+            make_serve: Box::new(move |settings, v5| {
+                let tx = router_tx.clone();
+                if v5 {
+                    Box::new(move |rt| {
+                        rt.block_on(async move {
+                            Server::new(settings, tx, V5).start(LinkType::Remote).await
+                        })
+                        .map_err(|e| e.to_string())
+                    })
+                } else {
+                    Box::new(move |rt| {
+                        rt.block_on(async move {
+                            Server::new(settings, tx, V4).start(LinkType::Remote).await
+                        })
+                        .map_err(|e| e.to_string())
+                    })
+                }
+            }),
+        }
+    }
 
+    /// Starts the TCP listeners; returns once every listener accepts connections.
+    pub async fn listen(&self, cfg: &MqttConfig) -> anyhow::Result<()> {
         let mut listeners = vec![(cfg.listen, false)];
         if let Some(v5) = cfg.listen_v5 {
             listeners.push((v5, true));
@@ -64,36 +130,11 @@ impl EmbeddedBroker {
                     dynamic_filters: true,
                 },
             };
-            let tx = router_tx.clone();
-            let serve: ServeFn = if v5 {
-                Box::new(move |rt| {
-                    rt.block_on(async move {
-                        Server::new(settings, tx, V5).start(LinkType::Remote).await
-                    })
-                    .map_err(|e| e.to_string())
-                })
-            } else {
-                Box::new(move |rt| {
-                    rt.block_on(async move {
-                        Server::new(settings, tx, V4).start(LinkType::Remote).await
-                    })
-                    .map_err(|e| e.to_string())
-                })
-            };
-            spawn_listener(addr, serve)
+            spawn_listener(addr, (self.make_serve)(settings, v5))
                 .await
                 .with_context(|| format!("MQTT{} listener {addr}", if v5 { " 5" } else { "" }))?;
         }
-        Ok(EmbeddedBroker {
-            new_link: Box::new(move |client_id| {
-                let (tx, rx, _ack) = LinkBuilder::new(client_id, router_tx.clone())
-                    .clean_session(true)
-                    .dynamic_filters(true)
-                    .build()
-                    .map_err(|e| e.to_string())?;
-                Ok((tx, rx))
-            }),
-        })
+        Ok(())
     }
 
     /// An in-process client link (no TCP) with the given client id.
@@ -102,8 +143,6 @@ impl EmbeddedBroker {
             .map_err(|e| anyhow::anyhow!("in-process broker link {client_id}: {e}"))
     }
 }
-
-type ServeFn = Box<dyn FnOnce(&tokio::runtime::Runtime) -> Result<(), String> + Send>;
 
 async fn spawn_listener(addr: SocketAddr, serve: ServeFn) -> anyhow::Result<()> {
     // Bind once ourselves so a taken port or a bad address is reported here, not only in a log.
@@ -135,18 +174,7 @@ async fn wait_until_listening(
     addr: SocketAddr,
     done: &std::sync::mpsc::Receiver<String>,
 ) -> anyhow::Result<()> {
-    let probe = if addr.ip().is_unspecified() {
-        SocketAddr::new(
-            if addr.is_ipv4() {
-                std::net::Ipv4Addr::LOCALHOST.into()
-            } else {
-                std::net::Ipv6Addr::LOCALHOST.into()
-            },
-            addr.port(),
-        )
-    } else {
-        addr
-    };
+    let probe = crate::canary::loopback(addr);
     for _ in 0..200 {
         if let Ok(msg) = done.try_recv() {
             bail!("{msg}");

@@ -1,8 +1,7 @@
 //! The node's HTTP endpoint: `/metrics` (OpenMetrics), `/healthz` (process alive), `/readyz`
-//! (broker listening, store open, twins and assignments republished).
+//! (start-up finished and every readiness check passing now; see [`crate::health`]).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -13,6 +12,7 @@ use axum::routing::get;
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 
+use crate::health::Health;
 use crate::metrics::Metrics;
 
 /// What the HTTP handlers read.
@@ -20,8 +20,8 @@ use crate::metrics::Metrics;
 pub struct HttpState {
     /// The node's metrics.
     pub metrics: Arc<Metrics>,
-    /// Set once start-up is complete; cleared when shutdown begins.
-    pub ready: Arc<AtomicBool>,
+    /// Readiness: lifecycle phase and checks.
+    pub health: Arc<Health>,
 }
 
 /// Binds the listener (so a taken port fails start-up) and returns the server future.
@@ -64,9 +64,11 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
-    if state.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready\n")
+    let report = state.health.report();
+    let code = if report.ready {
+        StatusCode::OK
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting or stopping\n")
-    }
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, report.text)
 }

@@ -1,14 +1,21 @@
 //! `edgetwin`: the node daemon (`serve`) and the field engineer's tools (`twin`, `device`).
 
 mod bridge;
+mod canary;
 mod cli;
 mod clock;
 mod config;
 mod container_agent;
 mod embedded_broker;
+mod health;
 mod http;
+#[cfg(test)]
+mod inprocess;
+mod local;
 mod mapper_metrics;
 mod metrics;
+#[cfg(test)]
+mod node_tests;
 mod registry;
 mod serve;
 mod twin_service;
@@ -166,7 +173,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 print!("{}", serde_norway::to_string(&cfg)?);
                 return Ok(());
             }
-            serve::serve(cfg).await
+            serve::serve(cfg, serve::Control::from_signals()?).await
         }
         Command::Twin { command } => match command {
             TwinCommand::Get { device, broker } => cli::twin_get(&device, &broker).await,

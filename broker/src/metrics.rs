@@ -12,25 +12,6 @@ use prometheus_client::registry::Registry;
 
 use crate::mapper_metrics::MapperMetrics;
 
-/// Which side of a twin an update touched.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-pub enum Side {
-    /// Desired properties.
-    Desired,
-    /// Reported properties.
-    Reported,
-}
-
-impl Side {
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Side::Desired => "desired",
-            Side::Reported => "reported",
-        }
-    }
-}
-
 /// Labels of accepted updates.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpdateLabels {
@@ -52,6 +33,20 @@ pub struct ReasonLabels {
 pub struct StatusLabels {
     /// unknown, online, offline, error.
     pub status: String,
+}
+
+/// Labels of per-link metrics: the internal client's name (a closed set).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LinkLabels {
+    /// twin-service, bridge-tap, containers, registry, cloud-relay.
+    pub link: String,
+}
+
+/// Labels of restored twins.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RestoredLabels {
+    /// `salvage` (read back from the damaged file) or `snapshot` (from the last snapshot).
+    pub from: String,
 }
 
 /// Every metric of the node, registered once at start.
@@ -79,6 +74,14 @@ pub struct Metrics {
     pub profile_files: Gauge,
     /// Twin store records quarantined at start because they could not be decoded.
     pub store_quarantined: Gauge,
+    /// Messages an internal consumer never got because it fell behind the broker's log.
+    pub local_link_skipped: Family<LinkLabels, Counter>,
+    /// Twins a damaged store file was restored with at start, by where they came from.
+    pub store_restored: Family<RestoredLabels, Gauge>,
+    /// Snapshot lines found damaged while restoring (each one twin not restored).
+    pub store_snapshot_damaged: Gauge,
+    /// When the last twin store snapshot was written (unix seconds; 0 = none yet).
+    pub store_snapshot_timestamp: Gauge,
     /// Latest counters of every mapper, re-exported.
     pub mappers: Arc<MapperMetrics>,
     /// Latest counters of the container agent.
@@ -103,6 +106,10 @@ impl Metrics {
             profile_errors: Counter::default(),
             profile_files: Gauge::default(),
             store_quarantined: Gauge::default(),
+            local_link_skipped: Family::default(),
+            store_restored: Family::default(),
+            store_snapshot_damaged: Gauge::default(),
+            store_snapshot_timestamp: Gauge::default(),
             mappers: Arc::new(MapperMetrics::default()),
             containers: Arc::default(),
             bridge: Default::default(),
@@ -159,6 +166,36 @@ impl Metrics {
             "Twin store records that could not be decoded at start and were quarantined",
             m.store_quarantined.clone(),
         );
+        registry.register(
+            "local_link_skipped_messages",
+            "Messages an internal consumer (link) never received because it fell behind the embedded broker's log",
+            m.local_link_skipped.clone(),
+        );
+        registry.register(
+            "store_restored_twins",
+            "Twins a damaged twin store file was restored with at start, by source (salvage: read back from the damaged file; snapshot: from the last snapshot, later changes lost)",
+            m.store_restored.clone(),
+        );
+        registry.register(
+            "store_snapshot_damaged_lines",
+            "Snapshot lines found damaged while restoring the twin store at start (one twin each, not restored)",
+            m.store_snapshot_damaged.clone(),
+        );
+        registry.register(
+            "store_snapshot_timestamp_seconds",
+            "When the last twin store snapshot was written (unix seconds; a damaged store loses at most the changes made since)",
+            m.store_snapshot_timestamp.clone(),
+        );
+        for link in crate::serve::LINKS {
+            let _ = m.local_link_skipped.get_or_create(&LinkLabels {
+                link: link.to_string(),
+            });
+        }
+        for from in ["salvage", "snapshot"] {
+            let _ = m.store_restored.get_or_create(&RestoredLabels {
+                from: from.to_string(),
+            });
+        }
         registry.register_collector(Box::new(m.mappers.clone()));
         registry.register_collector(Box::new(m.containers.clone()));
         m.bridge.register(&mut registry);

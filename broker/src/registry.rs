@@ -13,14 +13,14 @@ use std::time::Duration;
 use anyhow::Context;
 use edgetwin_contract::{ApplyRequest, ApplyResult, ListRequest, ListResult, ListedDevice, Topic};
 use edgetwin_profile::{Document, ProfileError, ProfileSet};
-use rumqttd::local::LinkTx;
 use rumqttd::Forward;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::local::{LocalClient, Message};
 use crate::metrics::Metrics;
-use crate::twin_service::RegistryUpdate;
+use crate::twin_service::{Input, RegistryUpdate};
 
 /// A rejected file: key, the text that failed, and its errors.
 type Rejected = (String, String, Vec<String>);
@@ -320,43 +320,58 @@ fn write_atomically(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the registry: periodic rescans, apply and list requests from the broker.
+/// What the registry subscribes.
+pub const FILTERS: [&str; 2] = ["node/devices/apply", "node/devices/list"];
+
+/// Runs the registry: periodic rescans (and one at once whenever `rescan` is notified, which
+/// SIGHUP does), apply and list requests from the broker.
 pub async fn run(
     mut registry: Registry,
-    mut link_tx: LinkTx,
+    mut link: LocalClient,
     mut requests: mpsc::Receiver<Forward>,
-    updates: mpsc::Sender<RegistryUpdate>,
+    updates: mpsc::Sender<Input>,
     scan_interval: Duration,
+    rescan: Arc<tokio::sync::Notify>,
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(scan_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
-        tokio::select! {
+        let scan = tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tick.tick() => {
-                if let Some(set) = registry.scan() {
-                    if updates.send(RegistryUpdate { set, done: None }).await.is_err() {
-                        break;
-                    }
-                }
+            _ = tick.tick() => true,
+            _ = rescan.notified() => {
+                info!("rescanning profiles (reload requested)");
+                true
             }
             Some(f) = requests.recv() => {
                 let topic = String::from_utf8_lossy(&f.publish.topic).into_owned();
                 match Topic::parse(&topic) {
                     Some(Topic::DevicesApply) => {
                         let result = handle_apply(&mut registry, &f.publish.payload, &updates).await;
-                        publish(&mut link_tx, Topic::DevicesApplyResult, &result);
+                        link.publish(Message::json(Topic::DevicesApplyResult.to_topic_string(), &result)).await;
                     }
                     Some(Topic::DevicesList) => {
                         let id = serde_json::from_slice::<ListRequest>(&f.publish.payload)
                             .map(|r| r.id)
                             .unwrap_or_default();
                         let result = registry.list(id);
-                        publish(&mut link_tx, Topic::DevicesListResult, &result);
+                        link.publish(Message::json(Topic::DevicesListResult.to_topic_string(), &result)).await;
                     }
                     _ => {}
+                }
+                false
+            }
+        };
+        if scan {
+            if let Some(set) = registry.scan() {
+                if updates
+                    .send(Input::Registry(RegistryUpdate { set, done: None }))
+                    .await
+                    .is_err()
+                {
+                    break;
                 }
             }
         }
@@ -366,7 +381,7 @@ pub async fn run(
 async fn handle_apply(
     registry: &mut Registry,
     payload: &[u8],
-    updates: &mpsc::Sender<RegistryUpdate>,
+    updates: &mpsc::Sender<Input>,
 ) -> ApplyResult {
     let req: ApplyRequest = match serde_json::from_slice(payload) {
         Ok(r) => r,
@@ -391,10 +406,10 @@ async fn handle_apply(
             let (tx, rx) = oneshot::channel();
             let devices: Vec<String> = set.devices.keys().map(ToString::to_string).collect();
             if updates
-                .send(RegistryUpdate {
+                .send(Input::Registry(RegistryUpdate {
                     set,
                     done: Some(tx),
-                })
+                }))
                 .await
                 .is_err()
             {
@@ -431,15 +446,5 @@ async fn handle_apply(
                 },
             }
         }
-    }
-}
-
-fn publish<T: serde::Serialize>(link_tx: &mut LinkTx, topic: Topic, value: &T) {
-    let payload = match serde_json::to_vec(value) {
-        Ok(p) => p,
-        Err(e) => return error!(error = %e, "cannot encode registry reply"),
-    };
-    if let Err(e) = link_tx.publish(topic.to_topic_string(), payload) {
-        warn!(error = %e, "cannot publish registry reply");
     }
 }

@@ -1,18 +1,34 @@
 //! `edgetwin serve`: starts every part of the node in order and stops them in reverse order.
 //!
-//! Start: store (load twins) → broker listeners → twin service (subscribed before any client can
-//! publish to it) → registry (publishes devices, twins, assignments) → HTTP → ready.
-//! Stop (SIGTERM/SIGINT): not ready → stop registry and intake → the twin service drains what it
-//! already received and commits it → bounded flush of the bridge (its outbox is durable, so
-//! nothing is lost when the flush is cut short) → exit (rumqttd's threads end with the process).
+//! # Start (each step finishes before the next begins)
+//! 1. HTTP listener: `/healthz` answers, `/readyz` says "starting".
+//! 2. Stores open: the twin store (a damaged file is restored, see `devicetwin::store`), its
+//!    snapshot written as the restore point.
+//! 3. The embedded broker's router starts, **without** TCP listeners.
+//! 4. Every internal consumer connects and the router acknowledges all its subscriptions: the
+//!    twin service, the bridge tap, the container agent, the registry.
+//! 5. Retained state is republished from our own stores: twin documents and mapper assignments.
+//! 6. Only now the broker's TCP listeners accept clients, then the bridge connects to the cloud
+//!    (so commands the cloud queued while the node was down find the container agent
+//!    listening), then the gate, then the readiness canary. Ready once every check passes.
+//!
+//! # Stop (SIGTERM/SIGINT), the reverse
+//! Not ready → intake stops (gate, registry, container agent, cloud relay, canary) → the twin
+//! service drains what it already received, commits it and writes its snapshot → bounded flush
+//! of the bridge (its outbox is durable, so nothing is lost when the flush is cut short) → exit
+//! (rumqttd's threads end with the process).
+//!
+//! # Reload (SIGHUP)
+//! Rescans the profile folders at once and rereads the gate's credentials file; an invalid file
+//! keeps what was in force. Logs go to standard error (journald or the service manager owns the
+//! file), so there is nothing to reopen. Nothing stops.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use edgetwin_devicetwin::store::TwinStore;
-use tokio::sync::mpsc;
+use edgetwin_devicetwin::store::{QuarantineKind, TwinStore};
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -20,36 +36,120 @@ use tracing::{error, info, warn};
 use crate::bridge::{self, Inbound};
 use crate::config::NodeConfig;
 use crate::embedded_broker::EmbeddedBroker;
+use crate::health::Health;
 use crate::http::{self, HttpState};
-use crate::metrics::Metrics;
+use crate::local::{LocalClient, Message};
+use crate::metrics::{Metrics, RestoredLabels};
 use crate::registry::{self, Registry};
-use crate::twin_service::{
-    self, InjectedPatch, Origin, RegistryUpdate, TwinService, TwinServiceConfig,
-};
+use crate::twin_service::{self, InjectedPatch, Input, TwinService, TwinServiceConfig};
 
-/// Runs the node until SIGTERM/SIGINT.
-pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
+/// The node's internal broker clients (their client ids, and the `link` label of their metrics).
+pub const LINKS: [&str; 5] = [
+    "twin-service",
+    "bridge-tap",
+    "containers",
+    "registry",
+    "cloud-relay",
+];
+
+/// Most inputs waiting for the twin service; past that its link reader stops reading and the
+/// broker's log holds the rest (see `local.rs` for what happens when that overflows too).
+const TWIN_INPUT_QUEUE: usize = 8192;
+
+/// How a running node is told to stop or reload.
+#[derive(Clone, Default)]
+pub struct Control {
+    /// Cancelled to stop the node.
+    pub shutdown: CancellationToken,
+    /// Notified to reload what can be reloaded.
+    pub reload: Arc<Notify>,
+}
+
+impl Control {
+    /// A control driven by the process's signals: SIGTERM and SIGINT stop, SIGHUP reloads.
+    pub fn from_signals() -> anyhow::Result<Control> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
+        let mut hup = signal(SignalKind::hangup()).context("cannot install SIGHUP handler")?;
+        let control = Control::default();
+        let c = control.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = term.recv() => { info!("SIGTERM received"); break }
+                    _ = int.recv() => { info!("SIGINT received"); break }
+                    _ = hup.recv() => {
+                        info!("SIGHUP received: reloading");
+                        c.reload.notify_one();
+                    }
+                }
+            }
+            c.shutdown.cancel();
+        });
+        Ok(control)
+    }
+}
+
+/// Runs the node until `control.shutdown` is cancelled.
+pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
-    let ready = Arc::new(AtomicBool::new(false));
-    let shutdown = CancellationToken::new();
+    let health = Arc::new(Health::default());
+    let intake = CancellationToken::new();
     let tracker = TaskTracker::new();
 
+    // 1. HTTP first, so an orchestrator sees "starting" rather than a refused connection.
+    let http_server = http::bind(
+        cfg.http.listen,
+        HttpState {
+            metrics: metrics.clone(),
+            health: health.clone(),
+        },
+        intake.clone(),
+    )
+    .await?;
+    tracker.spawn(async move {
+        if let Err(e) = http_server.await {
+            error!(error = %e, "HTTP server failed");
+        }
+    });
+
+    // 2. Stores.
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
     let store_path = cfg.twin_store_path();
-    let (store, twins, quarantined) = TwinStore::open(&store_path)
-        .with_context(|| format!("cannot open twin store {}", store_path.display()))?;
-    for q in &quarantined {
-        warn!(record = ?q, "twin store record quarantined");
-    }
-    metrics.store_quarantined.set(quarantined.len() as i64);
+    let (store, twins, quarantined) = {
+        let path = store_path.clone();
+        tokio::task::spawn_blocking(move || TwinStore::open(&path))
+            .await
+            .context("twin store open panicked")?
+            .with_context(|| format!("cannot open twin store {}", store_path.display()))?
+    };
+    record_quarantine(&metrics, &quarantined);
     info!(twins = twins.len(), path = %store_path.display(), "twin store opened");
     let store = Arc::new(store);
+    {
+        let (store, metrics) = (store.clone(), metrics.clone());
+        let _ = tokio::task::spawn_blocking(move || twin_service::take_snapshot(&store, &metrics))
+            .await;
+    }
 
-    let broker = EmbeddedBroker::start(&cfg.mqtt).await?;
-    info!(v4 = %cfg.mqtt.listen, v5 = ?cfg.mqtt.listen_v5, "embedded MQTT broker listening");
+    // 3. The router, no listeners yet.
+    let tap_filters: Vec<String> = cfg
+        .bridge
+        .as_ref()
+        .map(|b| b.up.iter().map(|r| r.filter.clone()).collect())
+        .unwrap_or_default();
+    let internal_filters: Vec<String> = twin_service::FILTERS
+        .iter()
+        .chain(registry::FILTERS.iter())
+        .map(|f| f.to_string())
+        .chain([edgetwin_contract::Topic::ContainersCmd.to_topic_string()])
+        .chain(tap_filters.iter().cloned())
+        .collect();
+    let broker = EmbeddedBroker::start_router(&cfg.mqtt, &internal_filters);
 
-    // The node's own twin carries the declared containers when the container agent is on.
+    // 4. Internal consumers, each subscribed before the next step.
     let (node_desired_tx, node_desired_rx) = tokio::sync::watch::channel(None);
     let node_twin = cfg
         .containers
@@ -63,54 +163,80 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
     let node_device = node_twin.as_ref().map(|(d, _)| d.clone());
 
     let directory = Arc::new(twin_service::Directory::default());
-    let (twin_tx, twin_rx) = broker.link("edgetwin-twin")?;
-    let twin_in = twin_service::spawn_link_reader(twin_rx, 65_536, shutdown.clone(), &tracker);
+    let (inputs_tx, inputs_rx) = mpsc::channel::<Input>(TWIN_INPUT_QUEUE);
+    let twin_link = LocalClient::connect_into(
+        &broker,
+        "twin-service",
+        &twin_service::FILTERS,
+        inputs_tx.clone(),
+        metrics.clone(),
+        intake.clone(),
+        &tracker,
+    )
+    .await?;
     let mut service = TwinService::new(
-        twin_tx,
+        twin_link,
         store,
         twins,
-        metrics.clone(),
         TwinServiceConfig {
             max_batch: cfg.twin.max_batch,
             max_properties_per_patch: cfg.twin.max_properties_per_patch,
+            snapshot_every: Duration::from_secs(cfg.twin.snapshot_interval_s),
         },
         node_twin,
-        directory.clone(),
+        twin_service::Reports {
+            metrics: metrics.clone(),
+            health: health.clone(),
+            directory: directory.clone(),
+        },
     )?;
 
-    let mut reg = Registry::new(
-        cfg.devices_dir.clone(),
-        cfg.applied_profiles_dir(),
-        metrics.clone(),
-    );
-    if let Some(set) = reg.scan() {
-        service.apply_registry_now(set).await?;
-    }
-
-    let (reg_tx, reg_rx) = mpsc::channel::<RegistryUpdate>(16);
-    let (cloud_tx, cloud_rx) = mpsc::channel::<InjectedPatch>(1024);
-    let service_shutdown = CancellationToken::new();
-    let service_task =
-        tokio::spawn(service.run(twin_in, reg_rx, cloud_rx, service_shutdown.clone()));
-
-    let bridge = match &cfg.bridge {
+    // The bridge's tasks have their own tracker: the tap keeps appending after intake stopped.
+    let bridge_tracker = TaskTracker::new();
+    let mut bridge = match &cfg.bridge {
         None => None,
         Some(bcfg) => {
+            let tap_stop = CancellationToken::new();
+            let filters: Vec<&str> = tap_filters.iter().map(String::as_str).collect();
+            let (client, messages) = LocalClient::connect(
+                &broker,
+                "bridge-tap",
+                &filters,
+                4096,
+                metrics.clone(),
+                tap_stop.clone(),
+                &bridge_tracker,
+            )
+            .await?;
+            let tap = bridge::Tap {
+                client,
+                messages,
+                stop: tap_stop,
+            };
             let (bridge, inbound) = bridge::start(
                 bcfg,
                 cfg.node_id.as_str(),
                 &cfg.data_dir,
-                broker.link("edgetwin-bridge-up")?,
+                tap,
                 metrics.clone(),
+                health.clone(),
             )?;
-            let down_link = broker.link("edgetwin-bridge-down")?;
+            let (relay, _) = LocalClient::connect(
+                &broker,
+                "cloud-relay",
+                &[],
+                1,
+                metrics.clone(),
+                intake.clone(),
+                &tracker,
+            )
+            .await?;
             tracker.spawn(route_cloud_messages(
                 inbound,
-                cloud_tx.clone(),
-                down_link,
-                shutdown.clone(),
+                inputs_tx.clone(),
+                relay,
+                intake.clone(),
             ));
-            info!(url = %bcfg.url, "bridge to the cloud broker started");
             Some(bridge)
         }
     };
@@ -125,41 +251,73 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
                 .await
                 .context("container agent start-up panicked")?
                 .context("cannot start the container agent")?;
-        let (mut agent_tx, agent_rx) = broker.link("edgetwin-containers")?;
-        agent_tx
-            .subscribe(edgetwin_contract::Topic::ContainersCmd.to_topic_string())
-            .context("container agent cannot subscribe node/containers/cmd")?;
-        let commands = twin_service::spawn_link_reader(agent_rx, 256, shutdown.clone(), &tracker);
+        let cmd = edgetwin_contract::Topic::ContainersCmd.to_topic_string();
+        let (link, commands) = LocalClient::connect(
+            &broker,
+            "containers",
+            &[cmd.as_str()],
+            256,
+            metrics.clone(),
+            intake.clone(),
+            &tracker,
+        )
+        .await?;
         let task = crate::container_agent::AgentTask {
             agent: Arc::new(agent),
             node: node.clone(),
-            link_tx: agent_tx,
+            link,
             commands,
             desired: node_desired_rx,
-            twin: cloud_tx.clone(),
+            twin: inputs_tx.clone(),
             interval: Duration::from_millis(ccfg.reconcile_interval_ms),
             metrics: metrics.containers.clone(),
         };
-        tracker.spawn(task.run(shutdown.clone()));
+        tracker.spawn(task.run(intake.clone()));
         info!(socket = %ccfg.runtime_socket, node = %node, "container agent started");
     }
 
-    let (mut reg_link_tx, reg_link_rx) = broker.link("edgetwin-registry")?;
-    for f in ["node/devices/apply", "node/devices/list"] {
-        reg_link_tx
-            .subscribe(f)
-            .with_context(|| format!("registry cannot subscribe {f}"))?;
+    let (reg_link, reg_in) = LocalClient::connect(
+        &broker,
+        "registry",
+        &registry::FILTERS,
+        64,
+        metrics.clone(),
+        intake.clone(),
+        &tracker,
+    )
+    .await?;
+
+    // 5. Retained state from our own stores (rumqttd keeps none across restarts).
+    let mut reg = Registry::new(
+        cfg.devices_dir.clone(),
+        cfg.applied_profiles_dir(),
+        metrics.clone(),
+    );
+    if let Some(set) = reg.scan() {
+        service.apply_registry_now(set).await?;
     }
-    let reg_in = twin_service::spawn_link_reader(reg_link_rx, 64, shutdown.clone(), &tracker);
+    let rescan = Arc::new(Notify::new());
     tracker.spawn(registry::run(
         reg,
-        reg_link_tx,
+        reg_link,
         reg_in,
-        reg_tx,
+        inputs_tx.clone(),
         Duration::from_millis(cfg.devices_scan_interval_ms),
-        shutdown.clone(),
+        rescan.clone(),
+        intake.clone(),
     ));
+    drop(inputs_tx);
+    let service_stop = CancellationToken::new();
+    let service_task = tokio::spawn(service.run(inputs_rx, service_stop.clone()));
 
+    // 6. Only now the outside world.
+    broker.listen(&cfg.mqtt).await?;
+    info!(v4 = %cfg.mqtt.listen, v5 = ?cfg.mqtt.listen_v5, "embedded MQTT broker listening");
+    if let (Some(b), Some(bcfg)) = (bridge.as_mut(), &cfg.bridge) {
+        b.connect();
+        info!(url = %bcfg.url, "bridge to the cloud broker started");
+    }
+    let mut gate_reloader = None;
     if let Some(gcfg) = &cfg.gate {
         let gate = edgetwin_gate::Gate::bind(
             gcfg.clone(),
@@ -171,31 +329,33 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
         .context("MQTT gate")?;
         let gate_metrics = gate.metrics();
         metrics.register_with(|r| gate_metrics.register(r));
+        gate_reloader = Some(gate.reloader());
         info!(listeners = ?gate.local_addrs(), "MQTT gate listening (TLS, authentication, topic permissions)");
-        tracker.spawn(gate.run(shutdown.clone()));
+        tracker.spawn(gate.run(intake.clone()));
     }
-
-    let http_server = http::bind(
-        cfg.http.listen,
-        HttpState {
-            metrics: metrics.clone(),
-            ready: ready.clone(),
+    tracker.spawn(crate::canary::run(
+        cfg.mqtt.listen,
+        cfg.node_id.as_str().to_string(),
+        health.clone(),
+        crate::canary::Timing {
+            every: Duration::from_millis(cfg.health.canary_interval_ms),
+            within: Duration::from_millis(cfg.health.canary_timeout_ms),
         },
-        shutdown.clone(),
-    )
-    .await?;
-    tracker.spawn(async move {
-        if let Err(e) = http_server.await {
-            error!(error = %e, "HTTP server failed");
-        }
-    });
-    info!(http = %cfg.http.listen, node = %cfg.node_id, "node ready");
-    ready.store(true, Ordering::Release);
+        intake.clone(),
+    ));
+    tracker.spawn(reload_on_request(
+        control.reload.clone(),
+        rescan,
+        gate_reloader,
+        intake.clone(),
+    ));
+    health.serving();
+    info!(http = %cfg.http.listen, node = %cfg.node_id, "node serving");
 
-    wait_for_signal().await?;
+    control.shutdown.cancelled().await;
     info!("shutting down");
-    ready.store(false, Ordering::Release);
-    shutdown.cancel();
+    health.stopping();
+    intake.cancel();
     tracker.close();
     // The twin service stops after intake has stopped, so it commits everything it received.
     if tokio::time::timeout(Duration::from_secs(10), tracker.wait())
@@ -204,7 +364,7 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
     {
         warn!("background tasks did not stop within 10 s");
     }
-    service_shutdown.cancel();
+    service_stop.cancel();
     match tokio::time::timeout(Duration::from_secs(20), service_task).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => error!(error = %e, "twin service failed while stopping"),
@@ -214,16 +374,87 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
     if let Some(bridge) = bridge {
         bridge.shutdown().await;
     }
+    bridge_tracker.close();
+    if tokio::time::timeout(Duration::from_secs(3), bridge_tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!("bridge tasks did not stop within 3 s");
+    }
     info!("stopped");
     Ok(())
+}
+
+/// Logs and counts what the twin store set aside or restored at open.
+fn record_quarantine(metrics: &Metrics, quarantined: &[edgetwin_devicetwin::Quarantined]) {
+    let mut records = 0;
+    for q in quarantined {
+        match &q.kind {
+            QuarantineKind::Record { .. } => {
+                records += 1;
+                warn!(record = ?q, "twin store record quarantined");
+            }
+            QuarantineKind::File {
+                renamed_to,
+                restore,
+            } => {
+                error!(
+                    renamed_to = %renamed_to.display(),
+                    salvaged = restore.salvaged,
+                    from_snapshot = restore.from_snapshot,
+                    snapshot_taken_at_ms = ?restore.snapshot_taken_at_ms,
+                    "the twin store file was damaged; restored from what could be read"
+                );
+                for (from, n) in [
+                    ("salvage", restore.salvaged),
+                    ("snapshot", restore.from_snapshot),
+                ] {
+                    metrics
+                        .store_restored
+                        .get_or_create(&RestoredLabels {
+                            from: from.to_string(),
+                        })
+                        .set(n as i64);
+                }
+                metrics
+                    .store_snapshot_damaged
+                    .set(restore.snapshot_damaged_lines as i64);
+            }
+        }
+    }
+    metrics.store_quarantined.set(records);
+}
+
+/// SIGHUP: rescan the profiles and reload the gate's credentials; never stops anything.
+async fn reload_on_request(
+    reload: Arc<Notify>,
+    rescan: Arc<Notify>,
+    gate: Option<edgetwin_gate::CredentialsReloader>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = reload.notified() => {
+                rescan.notify_one();
+                if let Some(g) = &gate {
+                    match g.reload() {
+                        Ok(Some(users)) => info!(users, "gate credentials reloaded"),
+                        Ok(None) => {}
+                        Err(e) => error!(error = %e, "gate credentials not reloaded; the previous ones stay in force"),
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Delivers messages from the cloud: desired patches to the twin service (source `cloud`, acked
 /// after their commit), anything else republished on the local broker.
 async fn route_cloud_messages(
     mut inbound: mpsc::UnboundedReceiver<Inbound>,
-    twin: mpsc::Sender<InjectedPatch>,
-    (mut link_tx, _link_rx): (rumqttd::local::LinkTx, rumqttd::local::LinkRx),
+    twin: mpsc::Sender<Input>,
+    mut relay: LocalClient,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -237,32 +468,17 @@ async fn route_cloud_messages(
                 let patch = InjectedPatch {
                     device,
                     payload: msg.payload,
-                    origin: Origin::Cloud,
+                    source: edgetwin_contract::Source::Cloud,
                     done: Some(msg.done),
                 };
-                if twin.send(patch).await.is_err() {
+                if twin.send(Input::Patch(patch)).await.is_err() {
                     break;
                 }
             }
-            _ => match link_tx.publish(msg.topic.clone(), msg.payload) {
-                Ok(_) => {
-                    let _ = msg.done.send(());
-                }
-                Err(e) => {
-                    warn!(topic = %msg.topic, error = %e, "cannot publish a cloud message locally")
-                }
-            },
+            _ => {
+                relay.publish(Message::new(msg.topic, msg.payload)).await;
+                let _ = msg.done.send(());
+            }
         }
     }
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = int.recv() => info!("SIGINT received"),
-    }
-    Ok(())
 }

@@ -17,18 +17,19 @@ use edgetwin_contract::{
     topic::filter, DeltaMsg, DeviceId, DeviceStatusMsg, ErrorCode, ErrorMsg, GetRequest, GetResult,
     MapperMetricsMsg, MapperState, MapperStatusMsg, ProtocolName, Source, Topic,
 };
-use edgetwin_devicetwin::core::{ModelSpec, Patch, PropertySpec, Rejection, Twin};
-use edgetwin_devicetwin::store::TwinStore;
+use edgetwin_devicetwin::core::{ModelSpec, Patch, PropertySpec, Rejection, Side, Twin};
+use edgetwin_devicetwin::store::{Health, TwinStore};
 use edgetwin_profile::{ProfileSet, ResolvedDevice};
-use rumqttd::local::{LinkRx, LinkTx};
-use rumqttd::protocol::{Packet, Publish, PublishProperties};
-use rumqttd::{Forward, Notification};
+use rumqttd::protocol::PublishProperties;
+use rumqttd::Forward;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::clock::now_ms;
-use crate::metrics::{Metrics, ReasonLabels, Side, StatusLabels, UpdateLabels};
+use crate::health::{Health as Readiness, Verdict};
+use crate::local::{LocalClient, Message};
+use crate::metrics::{Metrics, ReasonLabels, StatusLabels, UpdateLabels};
 
 /// A new set of registered devices for the twin service, with an acknowledgement once the twins
 /// exist durably and the mapper assignments are published.
@@ -40,34 +41,33 @@ pub struct RegistryUpdate {
 }
 
 /// A patch handed to the twin service in-process rather than through the broker: desired
-/// patches from the cloud (via the bridge) and the container agent's reported state.
+/// patches from the cloud (via the bridge, `Source::Cloud`) and the container agent's reported
+/// state of the node's own twin (`Source::Mapper("containers")`).
 pub struct InjectedPatch {
     /// The device the patch is for.
     pub device: DeviceId,
     /// The JSON merge patch.
     pub payload: Bytes,
-    /// Who sent it.
-    pub origin: Origin,
+    /// Who wrote it; a mapper source writes reported properties, any other desired ones.
+    pub source: Source,
     /// Fired after the patch was committed (or rejected); the cloud broker is acked then.
     pub done: Option<oneshot::Sender<()>>,
 }
 
-/// Where an injected patch comes from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Origin {
-    /// A desired patch from the cloud; applied with source `cloud`.
-    Cloud,
-    /// The container agent's report for the node's own twin; applied as reported.
-    ContainerAgent,
+/// Everything the twin service is asked to do, on one channel, handled in arrival order.
+pub enum Input {
+    /// A message the broker routed to one of the service's subscriptions ([`FILTERS`]).
+    Broker(Forward),
+    /// A patch from inside the node.
+    Patch(InjectedPatch),
+    /// A new set of registered devices.
+    Registry(RegistryUpdate),
 }
 
-/// Who sent a patch: desired from a local client or the cloud, reported from a mapper (or the
-/// container agent, which reports like a mapper of the node's own twin).
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum PatchFrom {
-    Local,
-    Cloud,
-    Mapper,
+impl From<Forward> for Input {
+    fn from(f: Forward) -> Input {
+        Input::Broker(f)
+    }
 }
 
 /// The protocol name the container agent reports under (`mapper:containers` in metadata).
@@ -132,59 +132,13 @@ pub struct TwinServiceConfig {
     pub max_batch: usize,
     /// Most properties in one patch.
     pub max_properties_per_patch: usize,
-}
-
-/// Starts the task that moves broker notifications from the link into a channel, so the service
-/// can batch with `recv_many`.
-pub fn spawn_link_reader(
-    mut link_rx: LinkRx,
-    capacity: usize,
-    shutdown: CancellationToken,
-    tracker: &tokio_util::task::TaskTracker,
-) -> mpsc::Receiver<Forward> {
-    let (tx, rx) = mpsc::channel(capacity);
-    tracker.spawn(async move {
-        loop {
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                n = link_rx.next() => n,
-            };
-            match next {
-                Ok(Some(Notification::Forward(f))) => {
-                    if tx.send(f).await.is_err() {
-                        break;
-                    }
-                }
-                // The router stops feeding a link whose buffer filled up until the link says it
-                // is ready again.
-                Ok(Some(Notification::Unschedule)) => {
-                    if let Err(e) = link_rx.wake().await {
-                        error!(error = %e, "broker link wake failed");
-                        break;
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    error!(error = %e, "broker link closed");
-                    break;
-                }
-            }
-        }
-    });
-    rx
-}
-
-/// Where a publish goes after the commit.
-struct Out {
-    topic: String,
-    payload: Vec<u8>,
-    retain: bool,
-    props: Option<PublishProperties>,
+    /// How often the store snapshot is rewritten while twins change.
+    pub snapshot_every: std::time::Duration,
 }
 
 /// The twin service state.
 pub struct TwinService {
-    link_tx: LinkTx,
+    link: LocalClient,
     store: Arc<TwinStore>,
     metrics: Arc<Metrics>,
     cfg: TwinServiceConfig,
@@ -198,8 +152,23 @@ pub struct TwinService {
     /// Where the node twin's `desired.containers` goes after each commit that changed it.
     node_desired: Option<tokio::sync::watch::Sender<Option<serde_json::Value>>>,
     /// Assignments as last published: device -> (protocol, payload), to publish only changes.
-    assigned: HashMap<DeviceId, (ProtocolName, Vec<u8>)>,
+    assigned: HashMap<DeviceId, (ProtocolName, Bytes)>,
+    /// Readiness; this service owns the "twin store" check.
+    health: Arc<Readiness>,
 }
+
+/// What the twin service subscribes.
+pub const FILTERS: [&str; 6] = [
+    filter::DESIRED,
+    filter::REPORTED,
+    filter::GET,
+    filter::STATUS,
+    filter::MAPPER_STATUS,
+    filter::MAPPER_METRICS,
+];
+
+/// The readiness check the twin service owns.
+pub const STORE_CHECK: &str = "twin store";
 
 /// One batch's bookkeeping.
 #[derive(Default)]
@@ -215,36 +184,39 @@ struct Batch {
     resend_delta: Vec<DeviceId>,
     /// Publishes in message order; `None` entries are the twin/delta of a dirty device, resolved
     /// after the commit so they carry the committed state.
-    outs: Vec<Out>,
+    outs: Vec<Message>,
     /// Devices to store without publishing (metadata-only changes).
     silent: HashSet<DeviceId>,
     /// Messages whose effect depends on the commit, answered with `store_failed` if it fails.
     pending_errors: Vec<(DeviceId, String, Option<String>)>,
 }
 
+/// Where the twin service reports besides MQTT: its metrics, its readiness check, and the
+/// device → protocol directory the gate reads.
+pub struct Reports {
+    /// The node's metrics.
+    pub metrics: Arc<Metrics>,
+    /// Readiness; the service owns [`STORE_CHECK`].
+    pub health: Arc<Readiness>,
+    /// Rewritten on every registry change.
+    pub directory: Arc<Directory>,
+}
+
 impl TwinService {
-    /// Creates the service over loaded twins and subscribes its link.
+    /// Creates the service over loaded twins; `link` is already subscribed to [`FILTERS`].
     pub fn new(
-        mut link_tx: LinkTx,
+        link: LocalClient,
         store: Arc<TwinStore>,
         twins: Vec<Twin>,
-        metrics: Arc<Metrics>,
         cfg: TwinServiceConfig,
         node: Option<NodeTwin>,
-        directory: Arc<Directory>,
+        reports: Reports,
     ) -> anyhow::Result<TwinService> {
-        for f in [
-            filter::DESIRED,
-            filter::REPORTED,
-            filter::GET,
-            filter::STATUS,
-            filter::MAPPER_STATUS,
-            filter::MAPPER_METRICS,
-        ] {
-            link_tx
-                .subscribe(f)
-                .with_context(|| format!("twin service cannot subscribe {f}"))?;
-        }
+        let Reports {
+            metrics,
+            health,
+            directory,
+        } = reports;
         let twins: HashMap<DeviceId, Twin> =
             twins.into_iter().map(|t| (t.device.clone(), t)).collect();
         // The container agent starts from the stored desired state, so declared containers come
@@ -253,7 +225,7 @@ impl TwinService {
             tx.send_replace(twins.get(d).and_then(node_desired_containers));
         }
         Ok(TwinService {
-            link_tx,
+            link,
             store,
             metrics,
             cfg,
@@ -263,25 +235,105 @@ impl TwinService {
             directory,
             node_desired: node.map(|(_, tx)| tx),
             assigned: HashMap::new(),
+            health,
         })
     }
 
     /// Runs until shutdown; then processes what already arrived, commits it, and returns.
     pub async fn run(
         mut self,
-        mut incoming: mpsc::Receiver<Forward>,
-        mut registry: mpsc::Receiver<RegistryUpdate>,
-        mut cloud: mpsc::Receiver<InjectedPatch>,
+        mut inputs: mpsc::Receiver<Input>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
         let mut buf = Vec::with_capacity(self.cfg.max_batch);
-        let mut cloud_buf = Vec::new();
-        let mut cloud_open = true;
+        self.report_store_health();
+        // While the store is failing, a probe each second finds out when it can write again
+        // (space freed), so readiness recovers even when no patch arrives.
+        let mut probe = tokio::time::interval(std::time::Duration::from_secs(1));
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut snapshot = tokio::time::interval(self.cfg.snapshot_every);
+        snapshot.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        snapshot.tick().await;
+        let mut snapshotted_at = self.store.write_transactions();
+        let mut snapshot_task: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                Some(update) = registry.recv() => {
+                _ = snapshot.tick() => {
+                    let writes = self.store.write_transactions();
+                    let idle = snapshot_task.as_ref().is_none_or(|t| t.is_finished());
+                    if writes != snapshotted_at && idle {
+                        snapshotted_at = writes;
+                        // Off the service's path: a read transaction does not hold up commits.
+                        let (store, metrics) = (self.store.clone(), self.metrics.clone());
+                        snapshot_task = Some(tokio::task::spawn_blocking(move || {
+                            take_snapshot(&store, &metrics);
+                        }));
+                    }
+                }
+                _ = probe.tick() => {
+                    if self.store.health() != Health::Ok {
+                        let store = self.store.clone();
+                        let _ = tokio::task::spawn_blocking(move || store.probe()).await;
+                        self.report_store_health();
+                    }
+                }
+                n = inputs.recv_many(&mut buf, self.cfg.max_batch) => {
+                    if n == 0 {
+                        break;
+                    }
+                    let batch = std::mem::take(&mut buf);
+                    self.process(batch).await;
+                }
+            }
+        }
+        // Drain what already arrived, so an accepted message is not dropped at exit.
+        inputs.close();
+        while let Ok(i) = inputs.try_recv() {
+            buf.push(i);
+            if buf.len() >= self.cfg.max_batch {
+                self.process(std::mem::take(&mut buf)).await;
+            }
+        }
+        if !buf.is_empty() {
+            self.process(buf).await;
+        }
+        if let Some(t) = snapshot_task {
+            let _ = t.await;
+        }
+        let (store, metrics) = (self.store.clone(), self.metrics.clone());
+        let _ = tokio::task::spawn_blocking(move || take_snapshot(&store, &metrics)).await;
+        info!("twin service stopped; store flushed");
+        Ok(())
+    }
+
+    /// Applies a batch of inputs in order: messages and patches are group-committed together;
+    /// a registry change ends the batch before it (it commits the twins it creates on its own).
+    async fn process(&mut self, inputs: Vec<Input>) {
+        let mut b = Batch::default();
+        let mut done = Vec::new();
+        let arrived = Instant::now();
+        for input in inputs {
+            match input {
+                Input::Broker(f) => {
+                    let topic = String::from_utf8_lossy(&f.publish.topic).into_owned();
+                    self.handle(&mut b, arrived, &topic, &f.publish.payload, f.properties);
+                }
+                Input::Patch(p) => {
+                    let topic = match Side::written_by(&p.source) {
+                        Side::Desired => Topic::Desired(p.device.clone()),
+                        Side::Reported => Topic::Reported(p.device.clone()),
+                    };
+                    let topic = topic.to_topic_string();
+                    self.handle_patch(&mut b, arrived, &topic, p.device, &p.payload, p.source);
+                    done.extend(p.done);
+                }
+                Input::Registry(update) => {
+                    self.finish(std::mem::take(&mut b)).await;
+                    for d in done.drain(..) {
+                        let _ = d.send(());
+                    }
                     let result = self.apply_registry(update.set).await;
                     if let Err(e) = &result {
                         error!(error = %e, "device registry update failed");
@@ -290,67 +342,7 @@ impl TwinService {
                         let _ = done.send(result);
                     }
                 }
-                n = incoming.recv_many(&mut buf, self.cfg.max_batch) => {
-                    if n == 0 {
-                        break;
-                    }
-                    let batch = std::mem::take(&mut buf);
-                    self.process(batch).await;
-                }
-                n = cloud.recv_many(&mut cloud_buf, self.cfg.max_batch), if cloud_open => {
-                    if n == 0 {
-                        cloud_open = false;
-                        continue;
-                    }
-                    let batch = std::mem::take(&mut cloud_buf);
-                    self.process_cloud(batch).await;
-                }
             }
-        }
-        // Drain what the broker already handed us, so an accepted message is not dropped at exit.
-        incoming.close();
-        while let Ok(f) = incoming.try_recv() {
-            buf.push(f);
-            if buf.len() >= self.cfg.max_batch {
-                self.process(std::mem::take(&mut buf)).await;
-            }
-        }
-        if !buf.is_empty() {
-            self.process(buf).await;
-        }
-        info!("twin service stopped; store flushed");
-        Ok(())
-    }
-
-    async fn process(&mut self, batch: Vec<Forward>) {
-        let mut b = Batch::default();
-        let arrived = Instant::now();
-        for f in batch {
-            let topic = String::from_utf8_lossy(&f.publish.topic).into_owned();
-            self.handle(&mut b, arrived, &topic, &f.publish.payload, f.properties);
-        }
-        self.finish(b).await;
-    }
-
-    /// Applies desired patches from the cloud as one batch, then fires their `done`.
-    async fn process_cloud(&mut self, batch: Vec<InjectedPatch>) {
-        let mut b = Batch::default();
-        let arrived = Instant::now();
-        let mut done = Vec::with_capacity(batch.len());
-        for p in batch {
-            let (topic, from) = match p.origin {
-                Origin::Cloud => (Topic::Desired(p.device.clone()), PatchFrom::Cloud),
-                Origin::ContainerAgent => (Topic::Reported(p.device.clone()), PatchFrom::Mapper),
-            };
-            self.handle_patch(
-                &mut b,
-                arrived,
-                &topic.to_topic_string(),
-                p.device,
-                &p.payload,
-                from,
-            );
-            done.extend(p.done);
         }
         self.finish(b).await;
         for d in done {
@@ -371,9 +363,18 @@ impl TwinService {
             return;
         };
         match parsed {
-            Topic::Desired(d) => self.handle_patch(b, arrived, topic, d, payload, PatchFrom::Local),
+            Topic::Desired(d) => self.handle_patch(b, arrived, topic, d, payload, Source::Local),
             Topic::Reported(d) => {
-                self.handle_patch(b, arrived, topic, d, payload, PatchFrom::Mapper)
+                // A reported patch is the device's mapper's, whoever published it (the gate keeps
+                // other clients off this topic).
+                let Some(reporter) = self.devices.get(&d).map(|r| r.reporter.clone()) else {
+                    let r = Rejection {
+                        code: ErrorCode::UnknownDevice,
+                        message: format!("device {d:?} is not registered on this node"),
+                    };
+                    return self.reject(b, &d, topic, None, r);
+                };
+                self.handle_patch(b, arrived, topic, d, payload, Source::Mapper(reporter))
             }
             Topic::Get(d) => self.handle_get(b, topic, d, payload, props),
             Topic::Status(d) => self.handle_status(b, topic, d, payload),
@@ -399,12 +400,15 @@ impl TwinService {
         id: Option<String>,
         r: Rejection,
     ) {
-        self.metrics
-            .twin_updates_rejected
-            .get_or_create(&ReasonLabels {
-                reason: r.code.as_str().to_string(),
-            })
-            .inc();
+        // The readiness canary's requests are answered like anyone's but not counted.
+        if device.as_str() != crate::canary::CANARY_DEVICE {
+            self.metrics
+                .twin_updates_rejected
+                .get_or_create(&ReasonLabels {
+                    reason: r.code.as_str().to_string(),
+                })
+                .inc();
+        }
         debug!(device = %device, topic, code = %r.code, message = %r.message, "patch rejected");
         let msg = ErrorMsg {
             id,
@@ -447,12 +451,9 @@ impl TwinService {
         topic: &str,
         device: DeviceId,
         payload: &Bytes,
-        from: PatchFrom,
+        source: Source,
     ) {
-        let side = match from {
-            PatchFrom::Local | PatchFrom::Cloud => Side::Desired,
-            PatchFrom::Mapper => Side::Reported,
-        };
+        let side = Side::written_by(&source);
         let patch = match Patch::parse(payload, self.cfg.max_properties_per_patch) {
             Ok(p) => p,
             Err(r) => return self.reject(b, &device, topic, None, r),
@@ -477,11 +478,6 @@ impl TwinService {
             return self.reject(b, &device, topic, None, r);
         };
         let spec = reg.spec.clone();
-        let source = match side {
-            Side::Desired if from == PatchFrom::Cloud => Source::Cloud,
-            Side::Desired => Source::Local,
-            Side::Reported => Source::Mapper(reg.reporter.clone()),
-        };
         self.touch(b, &device);
         let model = spec.name.clone();
         let twin = self
@@ -494,11 +490,7 @@ impl TwinService {
         };
         let labels = UpdateLabels {
             side: side.as_str().to_string(),
-            source: match source {
-                Source::Local => "local".into(),
-                Source::Cloud => "cloud".into(),
-                Source::Mapper(_) => "mapper".into(),
-            },
+            source: source.kind().to_string(),
         };
         match result {
             Err(r) => self.reject(b, &device, topic, None, r),
@@ -659,7 +651,7 @@ impl TwinService {
                         self.reject(&mut failed, &device, &topic, id, r);
                     }
                     outs.extend(failed.outs);
-                    self.flush(outs);
+                    self.flush(outs).await;
                     return;
                 }
             }
@@ -691,7 +683,7 @@ impl TwinService {
                 delta_sent.insert(d);
             }
         }
-        self.flush(outs);
+        self.flush(outs).await;
         for (d, t) in arrived {
             if delta_sent.contains(&d) {
                 self.metrics
@@ -719,6 +711,14 @@ impl TwinService {
         }
     }
 
+    fn report_store_health(&self) {
+        let verdict = match self.store.health() {
+            Health::Ok => Verdict::Ok,
+            Health::Failing { error, .. } => Verdict::Failing(error),
+        };
+        self.health.set(STORE_CHECK, verdict);
+    }
+
     async fn commit(&self, twins: Vec<Twin>) -> anyhow::Result<()> {
         let store = self.store.clone();
         let started = Instant::now();
@@ -729,6 +729,7 @@ impl TwinService {
         })
         .await
         .context("store commit task panicked")?;
+        self.report_store_health();
         match result {
             Ok(()) => {
                 self.metrics
@@ -744,33 +745,9 @@ impl TwinService {
         }
     }
 
-    fn flush(&mut self, outs: Vec<Out>) {
-        for o in outs {
-            self.publish_raw(o);
-        }
-    }
-
-    fn publish_json<T: serde::Serialize>(
-        &mut self,
-        topic: &str,
-        value: &T,
-        retain: bool,
-        props: Option<PublishProperties>,
-    ) {
-        let o = json_out(topic, value, retain, props);
-        self.publish_raw(o);
-    }
-
-    fn publish_raw(&mut self, o: Out) {
-        let mut publish = Publish::new(
-            Bytes::from(o.topic.clone()),
-            Bytes::from(o.payload),
-            o.retain,
-        );
-        publish.retain = o.retain;
-        // LinkTx::send only queues into the router's channel; it never waits on a client.
-        if let Err(e) = send_now(&mut self.link_tx, Packet::Publish(publish, o.props)) {
-            warn!(topic = %o.topic, error = %e, "cannot publish to the embedded broker");
+    async fn flush(&mut self, outs: Vec<Message>) {
+        for m in outs {
+            self.link.publish(m).await;
         }
     }
 
@@ -839,6 +816,10 @@ impl TwinService {
                 warn!(device = %id, "a profile device has the node's own name; the node twin wins");
                 continue;
             }
+            if id.as_str() == crate::canary::CANARY_DEVICE {
+                warn!(device = %id, "this device name is reserved for the node's readiness canary; skipped");
+                continue;
+            }
             let resolved = ResolvedDevice {
                 device: device.clone(),
                 model: model.clone(),
@@ -884,12 +865,12 @@ impl TwinService {
             .collect();
         for d in &removed {
             info!(device = %d, "device unregistered");
-            self.publish_raw(Out {
-                topic: Topic::Twin(d.clone()).to_topic_string(),
-                payload: Vec::new(),
-                retain: true,
-                props: None,
-            });
+            self.link
+                .publish(Message::retained(
+                    Topic::Twin(d.clone()).to_topic_string(),
+                    Bytes::new(),
+                ))
+                .await;
         }
         let old_assigned = std::mem::take(&mut self.assigned);
         for (d, (p, _)) in &old_assigned {
@@ -898,12 +879,12 @@ impl TwinService {
                 .and_then(|r| r.resolved.as_ref())
                 .map(ResolvedDevice::protocol);
             if still.as_ref() != Some(p) {
-                self.publish_raw(Out {
-                    topic: Topic::MapperDevice(p.clone(), d.clone()).to_topic_string(),
-                    payload: Vec::new(),
-                    retain: true,
-                    props: None,
-                });
+                self.link
+                    .publish(Message::retained(
+                        Topic::MapperDevice(p.clone(), d.clone()).to_topic_string(),
+                        Bytes::new(),
+                    ))
+                    .await;
             }
         }
         let newly: Vec<DeviceId> = new_devices
@@ -917,7 +898,7 @@ impl TwinService {
             };
             let protocol = resolved.protocol();
             let payload = match serde_json::to_vec(resolved) {
-                Ok(p) => p,
+                Ok(p) => Bytes::from(p),
                 Err(e) => {
                     error!(device = %d, error = %e, "cannot encode resolved device");
                     continue;
@@ -927,12 +908,12 @@ impl TwinService {
                 .get(d)
                 .is_some_and(|(p, old)| *p == protocol && *old == payload);
             if !unchanged {
-                self.publish_raw(Out {
-                    topic: Topic::MapperDevice(protocol.clone(), d.clone()).to_topic_string(),
-                    payload: payload.clone(),
-                    retain: true,
-                    props: None,
-                });
+                self.link
+                    .publish(Message::retained(
+                        Topic::MapperDevice(protocol.clone(), d.clone()).to_topic_string(),
+                        payload.clone(),
+                    ))
+                    .await;
             }
             self.assigned.insert(d.clone(), (protocol, payload));
         }
@@ -949,8 +930,13 @@ impl TwinService {
         self.metrics.mappers.retain_devices(&registered);
         for d in newly {
             if let Some(twin) = self.twins.get(&d) {
-                let doc = twin.to_doc();
-                self.publish_json(&Topic::Twin(d.clone()).to_topic_string(), &doc, true, None);
+                let m = json_out(
+                    &Topic::Twin(d.clone()).to_topic_string(),
+                    &twin.to_doc(),
+                    true,
+                    None,
+                );
+                self.link.publish(m).await;
             }
         }
         self.update_device_gauge();
@@ -958,16 +944,20 @@ impl TwinService {
     }
 }
 
-/// Queues a packet for the router. `LinkTx::send` is `async` only in name: it pushes into a buffer
-/// and sends a wake-up on the router's channel without awaiting anything, so one poll completes it.
-pub(crate) fn send_now(link_tx: &mut LinkTx, packet: Packet) -> Result<usize, String> {
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    let mut fut = std::pin::pin!(link_tx.send(packet));
-    loop {
-        if let std::task::Poll::Ready(r) = std::future::Future::poll(fut.as_mut(), &mut cx) {
-            return r.map_err(|e| e.to_string());
+/// Writes the store's snapshot (the restore point for a damaged file) and records when.
+pub fn take_snapshot(store: &TwinStore, metrics: &Metrics) {
+    match store.snapshot() {
+        Ok(stats) => {
+            metrics
+                .store_snapshot_timestamp
+                .set(stats.taken_at_ms / 1000);
+            debug!(
+                twins = stats.twins,
+                bytes = stats.bytes,
+                "twin store snapshot written"
+            );
         }
-        std::thread::yield_now();
+        Err(e) => warn!(error = %e, "cannot write the twin store snapshot"),
     }
 }
 
@@ -977,7 +967,7 @@ fn node_desired_containers(twin: &Twin) -> Option<serde_json::Value> {
 }
 
 /// The delta message of a twin, if desired and reported differ.
-fn delta_out(twin: &Twin, now: i64) -> Option<Out> {
+fn delta_out(twin: &Twin, now: i64) -> Option<Message> {
     let delta = twin.delta();
     if delta.is_empty() {
         return None;
@@ -1001,11 +991,13 @@ fn json_out<T: serde::Serialize>(
     value: &T,
     retain: bool,
     props: Option<PublishProperties>,
-) -> Out {
-    Out {
+) -> Message {
+    Message {
         topic: topic.to_string(),
         // Our payload types always serialise; an empty payload would only be a retained delete.
-        payload: serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec()),
+        payload: serde_json::to_vec(value)
+            .unwrap_or_else(|_| b"{}".to_vec())
+            .into(),
         retain,
         props,
     }

@@ -1,5 +1,5 @@
 //! JSON payloads of the local topic API. These are wire types: field names and shapes are the
-//! contract of shared/DESIGN.md §2, so renaming anything here is a breaking change.
+//! contract of docs/contract.md §2, so renaming anything here is a breaking change.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -88,6 +88,15 @@ impl Source {
             Source::Local => "local".into(),
             Source::Cloud => "cloud".into(),
             Source::Mapper(p) => format!("mapper:{p}"),
+        }
+    }
+
+    /// The kind of writer without the protocol (`local`, `cloud`, `mapper`): a bounded label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Source::Local => "local",
+            Source::Cloud => "cloud",
+            Source::Mapper(_) => "mapper",
         }
     }
 

@@ -61,6 +61,27 @@ pub mod filter {
     pub const MAPPER_METRICS: &str = "mappers/+/metrics";
     /// Every device-twin topic.
     pub const ALL_TWIN: &str = "dt/#";
+
+    /// Does topic name `topic` match `filter` under MQTT's rules: `+` is one level, `#` the rest
+    /// including the parent level (`a/#` matches `a`), and a filter starting with a wildcard never
+    /// matches a topic starting with `$` (MQTT 3.1.1 §4.7.2, MQTT 5 §4.7.2). The one matcher of the
+    /// project: the gate's permissions, the bridge's routes and the node's link accounting use it.
+    pub fn matches(filter: &str, topic: &str) -> bool {
+        if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+            return false;
+        }
+        let mut f = filter.split('/');
+        let mut t = topic.split('/');
+        loop {
+            match (f.next(), t.next()) {
+                (Some("#"), _) => return true,
+                (Some("+"), Some(_)) => {}
+                (Some(a), Some(b)) if a == b => {}
+                (None, None) => return true,
+                _ => return false,
+            }
+        }
+    }
 }
 
 impl Topic {
@@ -162,6 +183,48 @@ mod tests {
             Topic::DevicesListResult,
         ] {
             assert_eq!(Topic::parse(&t.to_topic_string()), Some(t));
+        }
+    }
+
+    #[test]
+    fn topic_filter_matches_follows_mqtt_rules() {
+        use super::filter::matches;
+        assert!(matches("dt/#", "dt"));
+        assert!(matches("dt/#", "dt/a/b"));
+        assert!(matches("dt/+/delta", "dt/a/delta"));
+        assert!(!matches("dt/+/delta", "dt/a/b/delta"));
+        assert!(!matches("dt/+/twin", "dt/a/twin/x"));
+        assert!(matches("+/+", "/x"), "an empty level is a level");
+        assert!(!matches("#", "$SYS/x"));
+        assert!(!matches("+/x", "$SYS/x"));
+        assert!(matches("$SYS/#", "$SYS/x"));
+        assert!(matches("a/b", "a/b"));
+        assert!(!matches("a/b", "a/b/"));
+    }
+
+    proptest::proptest! {
+        /// A filter without wildcards matches exactly its own topic; `#` matches everything that
+        /// does not start with `$`; replacing any level by `+` keeps a match.
+        #[test]
+        fn topic_filter_matches_agrees_with_its_definition(
+            levels in proptest::collection::vec("[a-z$]{0,3}", 1..5),
+            other in "[a-z/]{0,8}",
+            plus in 0usize..5,
+        ) {
+            use super::filter::matches;
+            let topic = levels.join("/");
+            proptest::prop_assert!(matches(&topic, &topic) || topic.contains(['+', '#']));
+            proptest::prop_assert_eq!(matches(&topic, &other), topic == other);
+            proptest::prop_assert_eq!(matches("#", &topic), !topic.starts_with('$'));
+            let mut f = levels.clone();
+            if let Some(l) = f.get_mut(plus) {
+                *l = "+".into();
+            }
+            let first_wild = plus == 0 && !levels.is_empty();
+            proptest::prop_assert_eq!(
+                matches(&f.join("/"), &topic),
+                !(first_wild && topic.starts_with('$'))
+            );
         }
     }
 

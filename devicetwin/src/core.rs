@@ -1,7 +1,7 @@
 //! The pure device-twin state machine: merge patches, per-property last-writer-wins registers,
 //! versions, delta and model checks. No I/O and no clock reads: the caller passes `now_ms`.
 //!
-//! # Rules (shared/DESIGN.md §3)
+//! # Rules (docs/contract.md §3)
 //!
 //! - **Whole-patch validation first.** Every property of a patch is checked against the model
 //!   before any property is applied, so a rejected patch changes nothing (not even `lastSeen`).
@@ -235,9 +235,31 @@ pub struct Twin {
     pub status: TwinStatus,
 }
 
-enum Side {
+/// Which half of a twin a write goes to.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Side {
+    /// Desired properties: written by local clients and the cloud.
     Desired,
+    /// Reported properties: written by the device's mapper.
     Reported,
+}
+
+impl Side {
+    /// Where a write from `source` goes: mappers report, everyone else desires.
+    pub fn written_by(source: &Source) -> Side {
+        match source {
+            Source::Mapper(_) => Side::Reported,
+            Source::Local | Source::Cloud => Side::Desired,
+        }
+    }
+
+    /// The label value (`desired`, `reported`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Desired => "desired",
+            Side::Reported => "reported",
+        }
+    }
 }
 
 impl Twin {

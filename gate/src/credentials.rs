@@ -243,6 +243,16 @@ impl Credentials {
     pub fn user(&self, name: &str) -> Option<&User> {
         self.users.get(name)
     }
+
+    /// How many users there are.
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Whether there are no users.
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
 }
 
 fn read_file(path: &Path) -> Result<CredentialsFile, CredentialsError> {

@@ -76,6 +76,29 @@ pub enum GateError {
     },
 }
 
+/// Reloads the gate's credentials file; see [`Gate::reloader`].
+#[derive(Clone)]
+pub struct CredentialsReloader(Arc<Shared>);
+
+impl CredentialsReloader {
+    /// Reads the configured credentials file again and puts it in force for new connections
+    /// (connections already authenticated keep their identity). On error the previous set stays
+    /// in force. Returns the number of users, or `None` without a credentials file.
+    pub fn reload(&self) -> Result<Option<usize>, GateError> {
+        let Some(path) = &self.0.cfg.credentials_file else {
+            return Ok(None);
+        };
+        let creds = Credentials::load(path)?;
+        let users = creds.len();
+        *self
+            .0
+            .credentials
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(creds));
+        Ok(Some(users))
+    }
+}
+
 /// A bound gate, ready to [`run`](Gate::run).
 pub struct Gate {
     listeners: Vec<(TcpListener, Option<TlsAcceptor>)>,
@@ -123,7 +146,7 @@ impl Gate {
             listeners,
             shared: Arc::new(Shared {
                 cfg,
-                credentials,
+                credentials: std::sync::RwLock::new(credentials.map(Arc::new)),
                 upstream_v4,
                 upstream_v5,
                 dir: directory,
@@ -138,6 +161,11 @@ impl Gate {
             .iter()
             .filter_map(|(l, _)| l.local_addr().ok())
             .collect()
+    }
+
+    /// A handle that reloads the credentials file while the gate runs (SIGHUP).
+    pub fn reloader(&self) -> CredentialsReloader {
+        CredentialsReloader(self.shared.clone())
     }
 
     /// The gate's metrics (shared counters); register them with [`GateMetrics::register`].

@@ -32,7 +32,9 @@ use crate::tls::cert_identity;
 /// Everything the connections share.
 pub(crate) struct Shared {
     pub cfg: GateConfig,
-    pub credentials: Option<Credentials>,
+    /// Replaced whole by [`crate::Gate::reload_credentials`]; a connection authenticates against
+    /// the set in force when its CONNECT arrives.
+    pub credentials: std::sync::RwLock<Option<Arc<Credentials>>>,
     pub upstream_v4: SocketAddr,
     pub upstream_v5: Option<SocketAddr>,
     pub dir: Arc<dyn DeviceDirectory>,
@@ -284,7 +286,12 @@ async fn authenticate(
             Err((Refusal::NotAuthorized, "no_credentials"))
         }
     };
-    let Some(creds) = &shared.credentials else {
+    let creds = shared
+        .credentials
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let Some(creds) = creds else {
         return anonymous();
     };
     // A verified certificate's identity wins over a username in CONNECT.

@@ -89,6 +89,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine");
 const META_FORMAT: &str = "format";
 const META_NEXT_SEQ: &str = "next_seq";
+/// Written only by [`Outbox::probe`] (after a failure), never read back.
+const META_PROBE: &str = "probe";
 const FORMAT: u64 = 1;
 const RECORD_FORMAT: u8 = 1;
 const HEADER_LEN: usize = 15;
@@ -797,6 +799,31 @@ impl Outbox {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Reopens the file if a failure closed it and writes one tiny record (`meta.probe`), to find
+    /// out whether appends would succeed again (space freed). Call it only after a failure: it
+    /// writes to flash.
+    pub fn probe(&self, now_ms: i64) -> Result<(), AppendError> {
+        let mut inner = self.lock();
+        let result = (|| {
+            self.ensure_db(&mut inner)?;
+            let Some(db) = inner.db.as_ref() else {
+                return Err(DbError::Storage(redb::StorageError::DatabaseClosed));
+            };
+            let txn = db.begin_write()?;
+            {
+                let mut meta = txn.open_table(META)?;
+                meta.insert(META_PROBE, u64::try_from(now_ms).unwrap_or(0))?;
+            }
+            txn.commit()?;
+            Ok(())
+        })();
+        self.finish(&mut inner, result)
+            .map_err(|source| AppendError::Db {
+                path: self.path.clone(),
+                source,
+            })
     }
 
     /// The outbox file.

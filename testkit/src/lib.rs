@@ -80,6 +80,65 @@ pub struct Node {
     pub port_v5: u16,
     pub http_port: u16,
     child: Option<Child>,
+    scan_interval_ms: u64,
+    data_dir: Option<PathBuf>,
+}
+
+/// A node to start with more than the defaults of [`Node::start`].
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    /// Thermostat devices in the devices folder.
+    pub devices: Vec<String>,
+    /// Top-level config sections appended to the node config (e.g. `bridge:`).
+    pub extra_yaml: String,
+    /// `devices_scan_interval_ms` (default 200).
+    pub scan_interval_ms: u64,
+    /// `data_dir` (default: `data` in the node's temp dir).
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Default for NodeSpec {
+    fn default() -> Self {
+        NodeSpec {
+            devices: Vec::new(),
+            extra_yaml: String::new(),
+            scan_interval_ms: 200,
+            data_dir: None,
+        }
+    }
+}
+
+impl NodeSpec {
+    /// Starts the node and waits until it is ready.
+    pub fn start(self) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let devdir = dir.path().join("devices");
+        std::fs::create_dir_all(&devdir).unwrap();
+        let mut yaml = MODEL_YAML.to_string();
+        for d in &self.devices {
+            yaml.push_str("---\n");
+            yaml.push_str(&device_yaml(d));
+        }
+        std::fs::write(devdir.join("thermostats.yaml"), yaml).unwrap();
+        let mut node = Node {
+            dir,
+            port: free_port(),
+            port_v5: free_port(),
+            http_port: free_port(),
+            child: None,
+            scan_interval_ms: self.scan_interval_ms,
+            data_dir: self.data_dir,
+        };
+        node.write_config();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(node.config_path())
+            .unwrap();
+        f.write_all(self.extra_yaml.as_bytes()).unwrap();
+        drop(f);
+        node.spawn();
+        node
+    }
 }
 
 pub const MODEL_YAML: &str = r#"apiVersion: edgetwin/v1
@@ -153,6 +212,8 @@ impl Node {
             port_v5: free_port(),
             http_port: free_port(),
             child: None,
+            scan_interval_ms: 200,
+            data_dir: None,
         };
         node.write_config();
         node.spawn();
@@ -163,15 +224,58 @@ impl Node {
         self.dir.path().join("devices")
     }
 
+    /// The node's data folder (twin store, outbox, applied profiles).
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("data"))
+    }
+
+    /// The node process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("node running").id()
+    }
+
+    /// Panics (with the log) unless the node process is still running.
+    pub fn assert_running(&mut self) {
+        let exited = self
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten());
+        if let Some(status) = exited {
+            panic!("node exited ({status}):\n{}", self.log());
+        }
+    }
+
+    /// Waits until `GET /readyz` answers `status`; returns the body.
+    pub fn readyz_until(&self, status: u16, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        let mut last = None;
+        while Instant::now() < deadline {
+            if let Ok((s, body)) = self.http_get("/readyz") {
+                if s == status {
+                    return body;
+                }
+                last = Some((s, body));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "/readyz never answered {status} within {within:?}; last {last:?}:\n{}",
+            self.log()
+        );
+    }
+
     fn config_path(&self) -> PathBuf {
         self.dir.path().join("node.yaml")
     }
 
     fn write_config(&self) {
         let cfg = format!(
-            "node_id: test-node\ndata_dir: {data}\ndevices_dir: {dev}\ndevices_scan_interval_ms: 200\n\
+            "node_id: test-node\ndata_dir: {data}\ndevices_dir: {dev}\ndevices_scan_interval_ms: {scan}\n\
              mqtt:\n  listen: 127.0.0.1:{p}\n  listen_v5: 127.0.0.1:{p5}\nhttp:\n  listen: 127.0.0.1:{h}\n",
-            data = self.dir.path().join("data").display(),
+            data = self.data_dir().display(),
+            scan = self.scan_interval_ms,
             dev = self.devices_dir().display(),
             p = self.port,
             p5 = self.port_v5,
@@ -703,31 +807,12 @@ impl Node {
     /// Like [`Node::start`], with `extra_yaml` (top-level sections, e.g. `bridge:`) appended to the
     /// node config.
     pub fn start_with_config(devices: &[&str], extra_yaml: &str) -> Node {
-        let dir = tempfile::tempdir().unwrap();
-        let devdir = dir.path().join("devices");
-        std::fs::create_dir_all(&devdir).unwrap();
-        let mut yaml = MODEL_YAML.to_string();
-        for d in devices {
-            yaml.push_str("---\n");
-            yaml.push_str(&device_yaml(d));
+        NodeSpec {
+            devices: devices.iter().map(|d| d.to_string()).collect(),
+            extra_yaml: extra_yaml.to_string(),
+            ..NodeSpec::default()
         }
-        std::fs::write(devdir.join("thermostats.yaml"), yaml).unwrap();
-        let mut node = Node {
-            dir,
-            port: free_port(),
-            port_v5: free_port(),
-            http_port: free_port(),
-            child: None,
-        };
-        node.write_config();
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(node.config_path())
-            .unwrap();
-        f.write_all(extra_yaml.as_bytes()).unwrap();
-        drop(f);
-        node.spawn();
-        node
+        .start()
     }
 
     /// The value of one metric line (`name{labels}` exactly as exported), if present.

@@ -1,4 +1,4 @@
-//! The upstream bridge: store-and-forward to a cloud MQTT broker (shared/DESIGN.md §5).
+//! The upstream bridge: store-and-forward to a cloud MQTT broker (docs/contract.md §5).
 //!
 //! The bridge knows nothing about twins. It moves topic-addressed messages:
 //!
@@ -78,7 +78,6 @@ use anyhow::Context;
 use bytes::Bytes;
 use edgetwin_outbox::{Limits, NewRecord, Outbox, OverflowPolicy};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, MqttState, Outgoing, QoS};
-use rumqttd::local::LinkTx;
 use rumqttd::Forward;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
@@ -87,6 +86,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use crate::clock::now_ms;
+use crate::health::{Health, Verdict};
+use crate::local::LocalClient;
 use crate::metrics::Metrics;
 pub use config::BridgeConfig;
 use config::{OutboxPolicy, UpRoute};
@@ -125,6 +126,8 @@ struct ConnState {
 struct Shared {
     outbox: Arc<Outbox>,
     metrics: Arc<Metrics>,
+    /// Readiness; the bridge owns the outbox check.
+    health: Arc<Health>,
     inflight: Mutex<Inflight>,
     /// Records were appended.
     appended: Notify,
@@ -134,6 +137,28 @@ struct Shared {
 }
 
 impl Shared {
+    /// While appends fail, probes the outbox each tick so that readiness recovers when space is
+    /// freed even if no message arrives.
+    async fn probe_if_failing(&self) {
+        if self
+            .health
+            .verdict(OUTBOX_CHECK)
+            .is_none_or(|v| v == Verdict::Ok)
+        {
+            return;
+        }
+        let outbox = self.outbox.clone();
+        match tokio::task::spawn_blocking(move || outbox.probe(now_ms())).await {
+            Ok(Ok(())) => self.health.set(OUTBOX_CHECK, Verdict::Ok),
+            Ok(Err(e)) => self
+                .health
+                .set(OUTBOX_CHECK, Verdict::Failing(e.to_string())),
+            Err(e) => self
+                .health
+                .set(OUTBOX_CHECK, Verdict::Failing(e.to_string())),
+        }
+    }
+
     fn inflight(&self) -> MutexGuard<'_, Inflight> {
         self.inflight.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -151,6 +176,8 @@ impl Shared {
 /// A running bridge; stop it with [`Bridge::shutdown`].
 pub struct Bridge {
     shared: Arc<Shared>,
+    /// The cloud session, until [`Bridge::connect`] starts it.
+    session: Option<(Session, EventLoop)>,
     stop: CancellationToken,
     tap_stop: CancellationToken,
     tracker: TaskTracker,
@@ -158,14 +185,32 @@ pub struct Bridge {
     flush_timeout: Duration,
 }
 
-/// Opens the outbox and starts the bridge's tasks. `tap_link` is an in-process link of the local
-/// broker. Messages from the cloud come out of the returned receiver.
+/// The bridge's local side: a local client subscribed to the `up` filters (see
+/// [`BridgeConfig::up`]), its messages, and the token that stops its reader (cancelled by
+/// [`Bridge::shutdown`] after the last append, not with the rest of the node).
+pub struct Tap {
+    /// The tap's client (it re-subscribes the retained routes at every reconnect).
+    pub client: LocalClient,
+    /// What the broker routes to the `up` filters.
+    pub messages: mpsc::Receiver<Forward>,
+    /// Stops the tap's reader.
+    pub stop: CancellationToken,
+}
+
+/// The readiness check the bridge owns: whether the outbox can append.
+pub const OUTBOX_CHECK: &str = "outbox";
+
+/// Opens the outbox and starts the bridge's local tasks; the cloud connection starts with
+/// [`Bridge::connect`], once the node's internal consumers are subscribed (so commands the cloud
+/// queued while the node was down find the container agent listening). Messages from the cloud
+/// come out of the returned receiver.
 pub fn start(
     cfg: &BridgeConfig,
     node_id: &str,
     data_dir: &Path,
-    tap_link: (LinkTx, rumqttd::local::LinkRx),
+    tap: Tap,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
 ) -> anyhow::Result<(Bridge, mpsc::UnboundedReceiver<Inbound>)> {
     let endpoint = config::parse_url(&cfg.url).map_err(|e| anyhow::anyhow!("bridge.url: {e}"))?;
     let prefix = cfg.topic_prefix(node_id);
@@ -226,6 +271,7 @@ pub fn start(
     let shared = Arc::new(Shared {
         outbox: Arc::new(outbox),
         metrics,
+        health,
         inflight: Mutex::new(Inflight::default()),
         appended: Notify::new(),
         space: Notify::new(),
@@ -237,19 +283,16 @@ pub fn start(
     let (acks_tx, acks_rx) = mpsc::unbounded_channel();
     let (inbound_tx, inbound_rx) = mpsc::unbounded_channel();
 
-    let (mut tap_tx, tap_rx) = tap_link;
-    for r in &cfg.up {
-        tap_tx
-            .subscribe(r.filter.clone())
-            .with_context(|| format!("bridge tap cannot subscribe {}", r.filter))?;
-    }
     // The tap keeps reading after the node's intake stopped: what rumqttd already acknowledged to
     // a publisher must still reach the outbox (see `Bridge::shutdown`).
-    let tap_stop = CancellationToken::new();
-    let tap_in = crate::twin_service::spawn_link_reader(tap_rx, 65_536, tap_stop.clone(), &tracker);
+    let Tap {
+        client: tap_client,
+        messages: tap_in,
+        stop: tap_stop,
+    } = tap;
     let tap = tokio::spawn(run_tap(
         shared.clone(),
-        tap_tx,
+        tap_client,
         tap_in,
         cfg.up.clone(),
         prefix.clone(),
@@ -276,7 +319,6 @@ pub fn start(
         tracker: tracker.clone(),
         host: format!("{}:{}", endpoint.host, endpoint.port),
     };
-    tracker.spawn(session.run(eventloop, stop.clone()));
     let ticker_shared = shared.clone();
     let ticker_stop = stop.clone();
     tracker.spawn(async move {
@@ -284,13 +326,17 @@ pub fn start(
         loop {
             tokio::select! {
                 _ = ticker_stop.cancelled() => break,
-                _ = tick.tick() => ticker_shared.sync_metrics().await,
+                _ = tick.tick() => {
+                    ticker_shared.probe_if_failing().await;
+                    ticker_shared.sync_metrics().await
+                }
             }
         }
     });
     Ok((
         Bridge {
             shared,
+            session: Some((session, eventloop)),
             stop,
             tap_stop,
             tracker,
@@ -302,6 +348,14 @@ pub fn start(
 }
 
 impl Bridge {
+    /// Starts the cloud connection (once; later calls do nothing).
+    pub fn connect(&mut self) {
+        if let Some((session, eventloop)) = self.session.take() {
+            self.tracker
+                .spawn(session.run(eventloop, self.stop.clone()));
+        }
+    }
+
     /// Bounded flush, then stop: call after intake stopped and the twin service drained. Appends
     /// what the tap still holds, keeps sending until the outbox is empty, the connection is down,
     /// or the flush timeout passed, then disconnects from the cloud broker.
@@ -350,21 +404,6 @@ impl Bridge {
     }
 }
 
-/// Whether an MQTT topic filter matches a topic.
-pub fn filter_matches(filter: &str, topic: &str) -> bool {
-    let mut f = filter.split('/');
-    let mut t = topic.split('/');
-    loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return !topic.starts_with('$'),
-            (Some("+"), Some(_)) => {}
-            (Some(a), Some(b)) if a == b => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
-}
-
 fn tls_config(cfg: &BridgeConfig) -> anyhow::Result<rumqttc::TlsConfiguration> {
     // rumqttc is built without a crypto provider; ring is the process default.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -390,7 +429,7 @@ fn tls_config(cfg: &BridgeConfig) -> anyhow::Result<rumqttc::TlsConfiguration> {
 /// retained routes at every (re)connect.
 async fn run_tap(
     shared: Arc<Shared>,
-    mut link_tx: LinkTx,
+    mut link: LocalClient,
     mut incoming: mpsc::Receiver<Forward>,
     routes: Vec<UpRoute>,
     prefix: String,
@@ -412,13 +451,7 @@ async fn run_tap(
                     resynced_epoch = s.epoch;
                     for r in routes.iter().filter(|r| r.retain) {
                         // A new subscription is handed the broker's retained messages.
-                        let again = link_tx
-                            .unsubscribe(r.filter.clone())
-                            .map_err(|e| e.to_string())
-                            .and_then(|_| {
-                                link_tx.subscribe(r.filter.clone()).map_err(|e| e.to_string())
-                            });
-                        if let Err(e) = again {
+                        if let Err(e) = link.resubscribe(&r.filter) {
                             warn!(filter = %r.filter, error = %e, "cannot re-read retained messages for the cloud");
                         }
                     }
@@ -446,7 +479,9 @@ fn to_record(f: &Forward, routes: &[UpRoute], prefix: &str, now: i64) -> Option<
         debug!("ignoring a message with a non-UTF-8 topic");
         return None;
     };
-    let route = routes.iter().find(|r| filter_matches(&r.filter, topic))?;
+    let route = routes
+        .iter()
+        .find(|r| edgetwin_contract::topic::filter::matches(&r.filter, topic))?;
     Some(NewRecord {
         ts_ms: now,
         topic: format!("{prefix}{topic}"),
@@ -465,6 +500,7 @@ async fn append(shared: &Arc<Shared>, records: Vec<NewRecord>, now: i64) {
     let outbox = shared.outbox.clone();
     match tokio::task::spawn_blocking(move || outbox.append(records, now)).await {
         Ok(Ok(report)) => {
+            shared.health.set(OUTBOX_CHECK, Verdict::Ok);
             let rejected = report.seqs.iter().filter(|s| s.is_none()).count();
             if rejected > 0 {
                 warn!(
@@ -476,6 +512,9 @@ async fn append(shared: &Arc<Shared>, records: Vec<NewRecord>, now: i64) {
             debug!(records = n, "appended to outbox");
         }
         Ok(Err(e)) => {
+            shared
+                .health
+                .set(OUTBOX_CHECK, Verdict::Failing(e.to_string()));
             error!(error = %e, records = n, "outbox append failed; these messages are lost");
             shared.metrics.bridge.append_failed(n as u64);
         }
@@ -808,20 +847,6 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bridge_filter_matches_like_mqtt() {
-        assert!(filter_matches("dt/+/twin", "dt/a/twin"));
-        assert!(!filter_matches("dt/+/twin", "dt/a/twin/x"));
-        assert!(!filter_matches("dt/+/twin", "dt/a/delta"));
-        assert!(filter_matches("dt/#", "dt/a/twin"));
-        assert!(filter_matches("dt/#", "dt"));
-        assert!(filter_matches(
-            "node/containers/result",
-            "node/containers/result"
-        ));
-        assert!(!filter_matches("#", "$SYS/x"));
-    }
 
     #[test]
     fn bridge_replay_pacer_spaces_backlog_at_the_configured_rate() {
