@@ -170,15 +170,7 @@ fn containers_desired_through_the_cloud_broker_are_reconciled() {
         cloud.port
     );
     let node = Node::start_with_config(&[], &extra);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while node.metric("edgetwin_bridge_connected") != Some(1.0) {
-        assert!(
-            Instant::now() < deadline,
-            "bridge never connected:\n{}",
-            node.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    node.wait_bridge_connected();
     let name = "et-node-cloud-1";
     let patch = json!({"containers": {name: sleeper(IMAGE)}}).to_string();
     cloud.pub_(&format!("edgetwin/{NODE}/dt/{NODE}/desired"), &patch);

@@ -19,18 +19,6 @@ fn bridge_yaml(port: u16) -> String {
     )
 }
 
-fn wait_connected(node: &Node) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while node.metric("edgetwin_bridge_connected") != Some(1.0) {
-        assert!(
-            Instant::now() < deadline,
-            "bridge never connected:\n{}",
-            node.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// One MQTT 3.1.1 QoS 1 publish over a fresh connection, in raw bytes so a connection attempt
 /// costs microseconds (a racing client during the node's start). `Ok(true)` = PUBACK received.
 fn raw_qos1_publish(port: u16, topic: &str, payload: &[u8]) -> std::io::Result<bool> {
@@ -69,7 +57,7 @@ fn lifecycle_every_message_acked_during_a_restart_reaches_the_cloud() {
         &format!("edgetwin/{NODE}/dt/race-1/telemetry"),
     );
     let mut node = Node::start_with_config(&[], &bridge_yaml(cloud.port));
-    wait_connected(&node);
+    node.wait_bridge_connected();
     assert!(node.stop().success());
 
     // A client hammers the node's port from before the restart until it has 50 PUBACKs: the
@@ -135,7 +123,7 @@ fn lifecycle_a_command_queued_at_the_cloud_while_the_node_was_down_is_answered_a
         bridge_yaml(cloud.port)
     );
     let mut node = Node::start_with_config(&[], &extra);
-    wait_connected(&node);
+    node.wait_bridge_connected();
     assert!(node.stop().success());
 
     // While the node is down the operator sends a command; the cloud keeps it for the node's
@@ -192,18 +180,7 @@ fn lifecycle_sighup_rescans_profiles_at_once_and_the_node_keeps_serving() {
 fn lifecycle_sighup_reloads_the_gate_credentials() {
     let creds = tempfile::tempdir().unwrap();
     let file = creds.path().join("users.yaml");
-    let user_add = |name: &str, pw: &str| {
-        let mut child = Command::new(edgetwin_bin())
-            .args(["user", "add", name, "--role", "engineer", "--credentials"])
-            .arg(&file)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        writeln!(child.stdin.take().unwrap(), "{pw}").unwrap();
-        assert!(child.wait().unwrap().success());
-    };
-    user_add("first", "first-pw");
+    user_add(&file, "first", "engineer", None, "first-pw");
     let gate = free_port();
     let extra = format!(
         "gate:\n  listeners:\n    - listen: 127.0.0.1:{gate}\n  credentials_file: {}\n",
@@ -211,27 +188,12 @@ fn lifecycle_sighup_reloads_the_gate_credentials() {
     );
     let mut node = Node::start_with_config(&["hup-g"], &extra);
     let publish = |user: &str, pw: &str| {
-        run(Command::new("mosquitto_pub").args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &gate.to_string(),
-            "-q",
-            "1",
-            "-u",
-            user,
-            "-P",
-            pw,
-            "-t",
-            "dt/hup-g/desired",
-            "-m",
-            r#"{"mode":"x"}"#,
-        ]))
-        .status
-        .success()
+        publish_as(gate, user, pw, "dt/hup-g/desired", r#"{"mode":"x"}"#, false)
+            .status
+            .success()
     };
     assert!(publish("first", "first-pw"));
-    user_add("second", "second-pw");
+    user_add(&file, "second", "engineer", None, "second-pw");
     assert!(
         !publish("second", "second-pw"),
         "not in force before the reload"

@@ -2,9 +2,6 @@
 //! (mosquitto_pub/sub) on the gate's port, the broker itself only on loopback.
 #![allow(clippy::unwrap_used)]
 
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
-
 use edgetwin_testkit::*;
 
 struct Secured {
@@ -12,34 +9,12 @@ struct Secured {
     gate: u16,
 }
 
-fn add_user(creds: &std::path::Path, name: &str, role: &str, protocol: Option<&str>, pw: &str) {
-    let mut c = Command::new(edgetwin_bin());
-    c.args(["user", "add", name, "--role", role, "--credentials"])
-        .arg(creds);
-    if let Some(p) = protocol {
-        c.args(["--protocol", p]);
-    }
-    let mut child = c
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    writeln!(child.stdin.take().unwrap(), "{pw}").unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn secured(devices: &[&str]) -> Secured {
     let creds_dir = tempfile::tempdir().unwrap().keep();
     let creds = creds_dir.join("users.yaml");
-    add_user(&creds, "eng", "engineer", None, "eng-pw");
-    add_user(&creds, "modbus-mapper", "mapper", Some("modbus"), "mb-pw");
-    add_user(&creds, "opcua-mapper", "mapper", Some("opcua"), "ua-pw");
+    user_add(&creds, "eng", "engineer", None, "eng-pw");
+    user_add(&creds, "modbus-mapper", "mapper", Some("modbus"), "mb-pw");
+    user_add(&creds, "opcua-mapper", "mapper", Some("opcua"), "ua-pw");
     let gate = free_port();
     let extra = format!(
         "gate:\n  listeners:\n    - listen: 127.0.0.1:{gate}\n  credentials_file: {}\n",
@@ -51,34 +26,10 @@ fn secured(devices: &[&str]) -> Secured {
     }
 }
 
-fn publish(port: u16, user: &str, pw: &str, topic: &str, msg: &str, v5: bool) -> Output {
-    let mut c = Command::new("mosquitto_pub");
-    c.args([
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &port.to_string(),
-        "-q",
-        "1",
-        "-u",
-        user,
-        "-P",
-        pw,
-        "-t",
-        topic,
-        "-m",
-        msg,
-    ]);
-    if v5 {
-        c.args(["-V", "mqttv5"]);
-    }
-    run(&mut c)
-}
-
 #[test]
 fn security_wrong_password_is_refused_and_the_right_one_reaches_the_twin() {
     let s = secured(&["s-1"]);
-    let o = publish(
+    let o = publish_as(
         s.gate,
         "eng",
         "wrong",
@@ -87,7 +38,7 @@ fn security_wrong_password_is_refused_and_the_right_one_reaches_the_twin() {
         false,
     );
     assert!(!o.status.success(), "wrong password accepted");
-    let o = publish(
+    let o = publish_as(
         s.gate,
         "eng",
         "eng-pw",
@@ -107,7 +58,7 @@ fn security_wrong_password_is_refused_and_the_right_one_reaches_the_twin() {
 fn security_mapper_cannot_publish_desired_or_another_protocols_device() {
     let s = secured(&["s-2"]);
     // Denied: the modbus mapper writing desired, the opcua mapper reporting a modbus device.
-    publish(
+    publish_as(
         s.gate,
         "modbus-mapper",
         "mb-pw",
@@ -115,7 +66,7 @@ fn security_mapper_cannot_publish_desired_or_another_protocols_device() {
         r#"{"setpoint": 30}"#,
         false,
     );
-    publish(
+    publish_as(
         s.gate,
         "opcua-mapper",
         "ua-pw",
@@ -124,7 +75,7 @@ fn security_mapper_cannot_publish_desired_or_another_protocols_device() {
         false,
     );
     // Allowed: its own device's reading.
-    let o = publish(
+    let o = publish_as(
         s.gate,
         "modbus-mapper",
         "mb-pw",
@@ -147,7 +98,7 @@ fn security_mapper_cannot_publish_desired_or_another_protocols_device() {
 #[test]
 fn security_engineer_cannot_publish_reported_and_v5_shares_the_port() {
     let s = secured(&["s-3"]);
-    publish(
+    publish_as(
         s.gate,
         "eng",
         "eng-pw",
@@ -155,7 +106,7 @@ fn security_engineer_cannot_publish_reported_and_v5_shares_the_port() {
         r#"{"temperature": 5}"#,
         true,
     );
-    let o = publish(
+    let o = publish_as(
         s.gate,
         "eng",
         "eng-pw",

@@ -16,6 +16,38 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// Adds a user to a gate credentials file with `edgetwin user add` (password on stdin).
+pub fn user_add(creds: &Path, name: &str, role: &str, protocol: Option<&str>, pw: &str) {
+    let mut c = Command::new(edgetwin_bin());
+    c.args(["user", "add", name, "--role", role, "--credentials"])
+        .arg(creds);
+    if let Some(p) = protocol {
+        c.args(["--protocol", p]);
+    }
+    let mut child = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{pw}").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `mosquitto_pub -q 1` as `user` (MQTT 5 with `v5`); the output, to check refusals too.
+pub fn publish_as(port: u16, user: &str, pw: &str, topic: &str, msg: &str, v5: bool) -> Output {
+    let mut extra = vec!["-u", user, "-P", pw];
+    if v5 {
+        extra.extend(["-V", "mqttv5"]);
+    }
+    mosquitto_pub_output(port, topic, msg, &extra)
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -120,16 +152,7 @@ impl NodeSpec {
             yaml.push_str(&device_yaml(d));
         }
         std::fs::write(devdir.join("thermostats.yaml"), yaml).unwrap();
-        let mut node = Node {
-            dir,
-            port: free_port(),
-            port_v5: free_port(),
-            http_port: free_port(),
-            child: None,
-            scan_interval_ms: self.scan_interval_ms,
-            data_dir: self.data_dir,
-        };
-        node.write_config();
+        let mut node = Node::new(dir, self.scan_interval_ms, self.data_dir);
         let mut f = std::fs::OpenOptions::new()
             .append(true)
             .open(node.config_path())
@@ -175,16 +198,7 @@ spec:
 impl Node {
     /// A node with the thermostat model and the given devices in its devices folder.
     pub fn start(devices: &[&str]) -> Node {
-        let dir = tempfile::tempdir().unwrap();
-        let devdir = dir.path().join("devices");
-        std::fs::create_dir_all(&devdir).unwrap();
-        let mut yaml = MODEL_YAML.to_string();
-        for d in devices {
-            yaml.push_str("---\n");
-            yaml.push_str(&device_yaml(d));
-        }
-        std::fs::write(devdir.join("thermostats.yaml"), yaml).unwrap();
-        Node::start_in(dir)
+        Node::start_with_config(devices, "")
     }
 
     /// A node whose devices folder holds one file, `profile.yaml`, with `yaml` (models and
@@ -205,17 +219,23 @@ impl Node {
         std::fs::rename(&tmp, self.devices_dir().join("profile.yaml")).unwrap();
     }
 
-    fn start_in(dir: tempfile::TempDir) -> Node {
-        let mut node = Node {
+    /// A node on free ports with its config written, not started.
+    fn new(dir: tempfile::TempDir, scan_interval_ms: u64, data_dir: Option<PathBuf>) -> Node {
+        let node = Node {
             dir,
             port: free_port(),
             port_v5: free_port(),
             http_port: free_port(),
             child: None,
-            scan_interval_ms: 200,
-            data_dir: None,
+            scan_interval_ms,
+            data_dir,
         };
         node.write_config();
+        node
+    }
+
+    fn start_in(dir: tempfile::TempDir) -> Node {
+        let mut node = Node::new(dir, 200, None);
         node.spawn();
         node
     }
@@ -478,8 +498,18 @@ pub fn run(c: &mut Command) -> Output {
 }
 
 pub fn mosquitto_pub(port: u16, topic: &str, payload: &str, extra: &[&str]) {
+    let out = mosquitto_pub_output(port, topic, payload, extra);
+    assert!(
+        out.status.success(),
+        "mosquitto_pub failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `mosquitto_pub -q 1` with `extra` arguments; its output, whatever the outcome.
+pub fn mosquitto_pub_output(port: u16, topic: &str, payload: &str, extra: &[&str]) -> Output {
     require("mosquitto_pub");
-    let out = run(Command::new("mosquitto_pub")
+    run(Command::new("mosquitto_pub")
         .args([
             "-h",
             "127.0.0.1",
@@ -492,12 +522,7 @@ pub fn mosquitto_pub(port: u16, topic: &str, payload: &str, extra: &[&str]) {
             "-m",
             payload,
         ])
-        .args(extra));
-    assert!(
-        out.status.success(),
-        "mosquitto_pub failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .args(extra))
 }
 
 pub fn probe(
@@ -813,6 +838,19 @@ impl Node {
             ..NodeSpec::default()
         }
         .start()
+    }
+
+    /// Waits until the bridge reports a cloud connection.
+    pub fn wait_bridge_connected(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.metric("edgetwin_bridge_connected") != Some(1.0) {
+            assert!(
+                Instant::now() < deadline,
+                "bridge never connected:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// The value of one metric line (`name{labels}` exactly as exported), if present.
