@@ -283,7 +283,7 @@ pub fn find_edgetwin(explicit: Option<&Path>) -> Result<PathBuf> {
         Ok(candidate)
     } else {
         bail!(
-            "edgetwin binary not found at {} (build it with `cargo build --release -p edgetwin`, or pass --edgetwin PATH)",
+            "edgetwin binary not found at {} (build it with `cargo build --release -p edgetwin-node`, or pass --edgetwin PATH)",
             candidate.display()
         )
     }

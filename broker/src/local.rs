@@ -10,11 +10,9 @@
 //! filter's log, so the reader task here compares consecutive offsets per filter: a gap is a
 //! run of messages this consumer never got. It is counted in
 //! `edgetwin_local_link_skipped_messages_total{link}` and logged as an error naming the link
-//! and the filter. What the node *stores* does not depend on this: see ARCHITECTURE.md
-//! ("Memory model").
+//! and the filter.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -27,8 +25,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, warn};
 
-use crate::embedded_broker::EmbeddedBroker;
-use crate::metrics::{LinkLabels, Metrics};
+use crate::embedded::EmbeddedBroker;
+use crate::metrics::{BrokerMetrics, LinkLabels};
 
 /// How long the router may take to acknowledge a link's subscriptions at start.
 const SUBACK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -87,13 +85,11 @@ impl LocalClient {
         name: &'static str,
         filters: &[&str],
         capacity: usize,
-        metrics: Arc<Metrics>,
         shutdown: CancellationToken,
         tracker: &TaskTracker,
     ) -> anyhow::Result<(LocalClient, mpsc::Receiver<Forward>)> {
         let (out_tx, out_rx) = mpsc::channel(capacity.max(1));
-        let client =
-            Self::connect_into(broker, name, filters, out_tx, metrics, shutdown, tracker).await?;
+        let client = Self::connect_into(broker, name, filters, out_tx, shutdown, tracker).await?;
         Ok((client, out_rx))
     }
 
@@ -104,7 +100,6 @@ impl LocalClient {
         name: &'static str,
         filters: &[&str],
         out: mpsc::Sender<T>,
-        metrics: Arc<Metrics>,
         shutdown: CancellationToken,
         tracker: &TaskTracker,
     ) -> anyhow::Result<LocalClient> {
@@ -118,7 +113,7 @@ impl LocalClient {
             name,
             filters: filters.iter().map(|f| f.to_string()).collect(),
             last: HashMap::new(),
-            metrics,
+            metrics: broker.metrics().clone(),
         };
         tracker.spawn(reader.run(early, rx, out, shutdown));
         Ok(LocalClient { tx, name })
@@ -187,7 +182,7 @@ struct Reader {
     filters: Vec<String>,
     /// Last offset seen per (filter index, segment-independent log).
     last: HashMap<usize, u64>,
-    metrics: Arc<Metrics>,
+    metrics: BrokerMetrics,
 }
 
 impl Reader {

@@ -9,3 +9,12 @@ pub mod topic;
 pub use ids::{DeviceId, IdError, NodeId, PropertyName, ProtocolName};
 pub use payload::*;
 pub use topic::Topic;
+
+/// Milliseconds since the Unix epoch (0 if the clock is before 1970): the one wall clock of the
+/// project, read at the I/O edges; pure code takes time as a parameter.
+pub fn now_ms() -> TimestampMs {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

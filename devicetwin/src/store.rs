@@ -366,7 +366,7 @@ impl TwinStore {
                     Err(error) => bad.push((k.value().to_vec(), v.value().to_vec(), error)),
                 }
             }
-            let now = edgetwin_redbfile::unix_ms();
+            let now = edgetwin_contract::now_ms();
             for (key, bytes, error) in bad {
                 let key_str = String::from_utf8_lossy(&key).into_owned();
                 let quarantine_key = format!("{key_str}@{now}");
@@ -435,7 +435,7 @@ impl TwinStore {
                 }
                 let since_ms = match &*health {
                     Health::Failing { since_ms, .. } => *since_ms,
-                    Health::Ok => edgetwin_redbfile::unix_ms(),
+                    Health::Ok => edgetwin_contract::now_ms(),
                 };
                 *health = Health::Failing {
                     error: e.to_string(),
@@ -466,7 +466,7 @@ impl TwinStore {
             let txn = db.begin_write().map_err(|e| self.err_txn(e))?;
             {
                 let mut t = txn.open_table(HEALTH).map_err(|e| self.err_table(e))?;
-                t.insert("probe", edgetwin_redbfile::unix_ms())
+                t.insert("probe", edgetwin_contract::now_ms())
                     .map_err(|e| self.err_storage(e))?;
             }
             txn.commit().map_err(|e| self.err_commit(e))

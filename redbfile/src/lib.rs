@@ -5,7 +5,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 pub mod faults;
 
@@ -87,18 +86,11 @@ impl std::error::Error for MoveAsideError {
 
 /// Renames a corrupt file aside (see [`corrupt_name`]) and returns where it went.
 pub fn move_aside(path: &Path) -> Result<PathBuf, MoveAsideError> {
-    let to = corrupt_name(path, unix_ms());
+    let to = corrupt_name(path, edgetwin_contract::now_ms());
     match std::fs::rename(path, &to) {
         Ok(()) => Ok(to),
         Err(source) => Err(MoveAsideError { to, source }),
     }
-}
-
-/// Milliseconds since the Unix epoch (0 before 1970).
-pub fn unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

@@ -90,7 +90,7 @@ pub fn edgetwin_bin() -> PathBuf {
             }
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let mut c = Command::new(cargo);
-            c.args(["build", "-q", "-p", "edgetwin", "--bin", "edgetwin"]);
+            c.args(["build", "-q", "-p", "edgetwin-node", "--bin", "edgetwin"]);
             if profile_dir.file_name().is_some_and(|n| n == "release") {
                 c.arg("--release");
             }

@@ -48,7 +48,7 @@ fn line(out: &mut Vec<u8>, body: &[u8]) {
 /// Writes `records` (encoded twin records) to `target` atomically: temporary file, fsync,
 /// rename, fsync of the folder.
 pub(super) fn write(target: &Path, records: &[Vec<u8>]) -> std::io::Result<SnapshotStats> {
-    let taken_at_ms = edgetwin_redbfile::unix_ms();
+    let taken_at_ms = edgetwin_contract::now_ms();
     let header = Header {
         format: FORMAT,
         taken_at: taken_at_ms,

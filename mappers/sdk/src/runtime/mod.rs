@@ -23,11 +23,11 @@ mod device;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use edgetwin_contract::{
     DeltaMsg, DeviceId, DeviceState, DeviceStatusMsg, MapperState, MapperStatusMsg, ProtocolName,
-    TimestampMs, Topic,
+    Topic,
 };
 use edgetwin_profile::ResolvedDevice;
 use rumqttc::{
@@ -104,13 +104,7 @@ pub enum RuntimeError {
     Io(#[from] std::io::Error),
 }
 
-/// Milliseconds since the Unix epoch.
-pub(crate) fn now_ms() -> TimestampMs {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+pub(crate) use edgetwin_contract::now_ms;
 
 /// Splits `host:port`.
 pub fn parse_broker(s: &str) -> Result<(String, u16), RuntimeError> {

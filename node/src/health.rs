@@ -73,6 +73,7 @@ impl Health {
     }
 
     /// A check's current verdict (`None`: never set).
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn verdict(&self, check: &str) -> Option<Verdict> {
         let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         inner.1.get(check).map(|e| e.verdict.clone())

@@ -10,7 +10,14 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::metrics::ReasonLabels;
+use prometheus_client::encoding::EncodeLabelSet;
+
+/// Labels of dropped records.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Why the records were dropped.
+    pub reason: String,
+}
 
 /// The `reason` label of records lost because the outbox could not store them.
 pub const APPEND_FAILED: &str = "append_failed";

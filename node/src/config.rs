@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use edgetwin_broker::MqttConfig;
 use edgetwin_contract::NodeId;
 use serde::{Deserialize, Serialize};
 
@@ -29,7 +30,7 @@ pub struct NodeConfig {
     /// Readiness checks.
     pub health: HealthConfig,
     /// The upstream bridge to a cloud MQTT broker; absent = no upstream.
-    pub bridge: Option<crate::bridge::BridgeConfig>,
+    pub bridge: Option<edgetwin_bridge::BridgeConfig>,
     /// The container agent; absent = no container management.
     pub containers: Option<ContainersConfig>,
     /// The MQTT gate (TLS, authentication, per-client topic permissions) in front of the
@@ -79,25 +80,6 @@ impl Default for ContainersConfig {
     }
 }
 
-/// The embedded broker's listeners and limits.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct MqttConfig {
-    /// MQTT 3.1.1 listener. Default `0.0.0.0:1883`.
-    pub listen: SocketAddr,
-    /// MQTT 5 listener; rumqttd serves each protocol version on its own port. Default
-    /// `0.0.0.0:1884`; `null` disables it.
-    pub listen_v5: Option<SocketAddr>,
-    /// Largest accepted MQTT payload in bytes. Default 262144 (256 KiB).
-    pub max_payload_bytes: usize,
-    /// Most concurrent client connections. Default 10000.
-    pub max_connections: usize,
-    /// Most unacknowledged QoS 1/2 messages in flight per client. Default 100.
-    pub max_inflight_messages: usize,
-    /// How long a new TCP connection may take to send CONNECT, in milliseconds. Default 5000.
-    pub connect_timeout_ms: u16,
-}
-
 /// The HTTP endpoint.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -135,19 +117,6 @@ impl Default for NodeConfig {
             bridge: None,
             containers: None,
             gate: None,
-        }
-    }
-}
-
-impl Default for MqttConfig {
-    fn default() -> Self {
-        MqttConfig {
-            listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
-            listen_v5: Some(SocketAddr::from(([0, 0, 0, 0], 1884))),
-            max_payload_bytes: 256 * 1024,
-            max_connections: 10_000,
-            max_inflight_messages: 100,
-            connect_timeout_ms: 5000,
         }
     }
 }

@@ -9,8 +9,8 @@ use edgetwin_redbfile::faults::{budget_opener, DiskBudget};
 
 use crate::health::Verdict;
 use crate::inprocess::{next_on, publish, until, Harness};
-use crate::local::{LocalClient, Message};
-use crate::metrics::LinkLabels;
+use edgetwin_broker::LinkLabels;
+use edgetwin_broker::{LocalClient, Message};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_store_failure_rolls_back_answers_store_failed_and_recovers_when_space_is_freed() {
@@ -129,7 +129,6 @@ async fn node_a_consumer_that_falls_behind_the_broker_log_is_detected_and_counte
         "containers",
         &["slow/#"],
         1,
-        h.metrics.clone(),
         h.intake.clone(),
         &h.tracker,
     )
@@ -147,7 +146,8 @@ async fn node_a_consumer_that_falls_behind_the_broker_log_is_detected_and_counte
         received += 1;
     }
     let skipped = h
-        .metrics
+        .broker
+        .metrics()
         .local_link_skipped
         .get_or_create(&LinkLabels {
             link: "containers".into(),

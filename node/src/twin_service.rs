@@ -26,10 +26,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::clock::now_ms;
 use crate::health::{Health as Readiness, Verdict};
-use crate::local::{LocalClient, Message};
 use crate::metrics::{Metrics, ReasonLabels, StatusLabels, UpdateLabels};
+use edgetwin_broker::{LocalClient, Message};
+use edgetwin_contract::now_ms;
 
 /// A new set of registered devices for the twin service, with an acknowledgement once the twins
 /// exist durably and the mapper assignments are published.

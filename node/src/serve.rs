@@ -33,15 +33,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::bridge::{self, Inbound};
 use crate::config::NodeConfig;
-use crate::embedded_broker::EmbeddedBroker;
 use crate::health::Health;
 use crate::http::{self, HttpState};
-use crate::local::{LocalClient, Message};
 use crate::metrics::{Metrics, RestoredLabels};
 use crate::registry::{self, Registry};
 use crate::twin_service::{self, InjectedPatch, Input, TwinService, TwinServiceConfig};
+use edgetwin_bridge::{self as bridge, Inbound};
+use edgetwin_broker::EmbeddedBroker;
+use edgetwin_broker::{LocalClient, Message};
 
 /// The node's internal broker clients (their client ids, and the `link` label of their metrics).
 pub const LINKS: [&str; 5] = [
@@ -148,6 +148,7 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
         .chain(tap_filters.iter().cloned())
         .collect();
     let broker = EmbeddedBroker::start_router(&cfg.mqtt, &internal_filters);
+    metrics.register_with(|r| broker.metrics().register(r, &LINKS));
 
     // 4. Internal consumers, each subscribed before the next step.
     let (node_desired_tx, node_desired_rx) = tokio::sync::watch::channel(None);
@@ -169,7 +170,6 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
         "twin-service",
         &twin_service::FILTERS,
         inputs_tx.clone(),
-        metrics.clone(),
         intake.clone(),
         &tracker,
     )
@@ -203,7 +203,6 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
                 "bridge-tap",
                 &filters,
                 4096,
-                metrics.clone(),
                 tap_stop.clone(),
                 &bridge_tracker,
             )
@@ -218,19 +217,12 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
                 cfg.node_id.as_str(),
                 &cfg.data_dir,
                 tap,
-                metrics.clone(),
-                health.clone(),
+                metrics.bridge.clone(),
+                outbox_health(health.clone()),
             )?;
-            let (relay, _) = LocalClient::connect(
-                &broker,
-                "cloud-relay",
-                &[],
-                1,
-                metrics.clone(),
-                intake.clone(),
-                &tracker,
-            )
-            .await?;
+            let (relay, _) =
+                LocalClient::connect(&broker, "cloud-relay", &[], 1, intake.clone(), &tracker)
+                    .await?;
             tracker.spawn(route_cloud_messages(
                 inbound,
                 inputs_tx.clone(),
@@ -257,7 +249,6 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
             "containers",
             &[cmd.as_str()],
             256,
-            metrics.clone(),
             intake.clone(),
             &tracker,
         )
@@ -281,7 +272,6 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
         "registry",
         &registry::FILTERS,
         64,
-        metrics.clone(),
         intake.clone(),
         &tracker,
     )
@@ -383,6 +373,19 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// The readiness check the bridge's outbox feeds.
+pub const OUTBOX_CHECK: &str = "outbox";
+
+fn outbox_health(health: Arc<Health>) -> bridge::HealthHook {
+    Box::new(move |error| {
+        let verdict = match error {
+            None => crate::health::Verdict::Ok,
+            Some(e) => crate::health::Verdict::Failing(e.to_string()),
+        };
+        health.set(OUTBOX_CHECK, verdict);
+    })
 }
 
 /// Logs and counts what the twin store set aside or restored at open.

@@ -85,12 +85,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::clock::now_ms;
-use crate::health::{Health, Verdict};
-use crate::local::LocalClient;
-use crate::metrics::Metrics;
 pub use config::BridgeConfig;
 use config::{OutboxPolicy, UpRoute};
+use edgetwin_broker::LocalClient;
+use edgetwin_contract::now_ms;
 use inflight::Inflight;
 pub use metrics::BridgeMetrics;
 
@@ -125,9 +123,10 @@ struct ConnState {
 /// State shared by the bridge's tasks.
 struct Shared {
     outbox: Arc<Outbox>,
-    metrics: Arc<Metrics>,
-    /// Readiness; the bridge owns the outbox check.
-    health: Arc<Health>,
+    metrics: Arc<BridgeMetrics>,
+    /// Whether the outbox can append (`None`) or why not, reported through `on_health`.
+    outbox_error: Mutex<Option<String>>,
+    on_health: HealthHook,
     inflight: Mutex<Inflight>,
     /// Records were appended.
     appended: Notify,
@@ -140,22 +139,30 @@ impl Shared {
     /// While appends fail, probes the outbox each tick so that readiness recovers when space is
     /// freed even if no message arrives.
     async fn probe_if_failing(&self) {
-        if self
-            .health
-            .verdict(OUTBOX_CHECK)
-            .is_none_or(|v| v == Verdict::Ok)
-        {
+        if self.outbox_error().is_none() {
             return;
         }
         let outbox = self.outbox.clone();
         match tokio::task::spawn_blocking(move || outbox.probe(now_ms())).await {
-            Ok(Ok(())) => self.health.set(OUTBOX_CHECK, Verdict::Ok),
-            Ok(Err(e)) => self
-                .health
-                .set(OUTBOX_CHECK, Verdict::Failing(e.to_string())),
-            Err(e) => self
-                .health
-                .set(OUTBOX_CHECK, Verdict::Failing(e.to_string())),
+            Ok(Ok(())) => self.set_outbox_health(None),
+            Ok(Err(e)) => self.set_outbox_health(Some(e.to_string())),
+            Err(e) => self.set_outbox_health(Some(e.to_string())),
+        }
+    }
+
+    fn outbox_error(&self) -> Option<String> {
+        self.outbox_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records whether the outbox can append and tells the node when that changes.
+    fn set_outbox_health(&self, error: Option<String>) {
+        let mut cur = self.outbox_error.lock().unwrap_or_else(|p| p.into_inner());
+        if *cur != error {
+            (self.on_health)(error.as_deref());
+            *cur = error;
         }
     }
 
@@ -165,9 +172,8 @@ impl Shared {
 
     async fn sync_metrics(&self) {
         let stats = self.outbox.stats();
-        self.metrics.bridge.sync_outbox(&stats, now_ms());
+        self.metrics.sync_outbox(&stats, now_ms());
         self.metrics
-            .bridge
             .inflight
             .set(self.inflight().in_flight() as i64);
     }
@@ -197,8 +203,9 @@ pub struct Tap {
     pub stop: CancellationToken,
 }
 
-/// The readiness check the bridge owns: whether the outbox can append.
-pub const OUTBOX_CHECK: &str = "outbox";
+/// Told whether the outbox can append (`None`) or why not, each time that changes; the node
+/// turns it into a readiness check.
+pub type HealthHook = Box<dyn Fn(Option<&str>) + Send + Sync>;
 
 /// Opens the outbox and starts the bridge's local tasks; the cloud connection starts with
 /// [`Bridge::connect`], once the node's internal consumers are subscribed (so commands the cloud
@@ -209,8 +216,8 @@ pub fn start(
     node_id: &str,
     data_dir: &Path,
     tap: Tap,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
+    metrics: Arc<BridgeMetrics>,
+    on_health: HealthHook,
 ) -> anyhow::Result<(Bridge, mpsc::UnboundedReceiver<Inbound>)> {
     let endpoint = config::parse_url(&cfg.url).map_err(|e| anyhow::anyhow!("bridge.url: {e}"))?;
     let prefix = cfg.topic_prefix(node_id);
@@ -271,7 +278,8 @@ pub fn start(
     let shared = Arc::new(Shared {
         outbox: Arc::new(outbox),
         metrics,
-        health,
+        outbox_error: Mutex::new(None),
+        on_health,
         inflight: Mutex::new(Inflight::default()),
         appended: Notify::new(),
         space: Notify::new(),
@@ -365,9 +373,9 @@ impl Bridge {
         // appending until the tap link has been quiet for 100 ms (at most 1 s), then stop it.
         let quiet_until = Instant::now() + Duration::from_secs(1);
         loop {
-            let before = self.shared.metrics.bridge.outbox_appended.get();
+            let before = self.shared.metrics.outbox_appended.get();
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let after = self.shared.metrics.bridge.outbox_appended.get();
+            let after = self.shared.metrics.outbox_appended.get();
             if before == after || Instant::now() >= quiet_until {
                 break;
             }
@@ -500,7 +508,7 @@ async fn append(shared: &Arc<Shared>, records: Vec<NewRecord>, now: i64) {
     let outbox = shared.outbox.clone();
     match tokio::task::spawn_blocking(move || outbox.append(records, now)).await {
         Ok(Ok(report)) => {
-            shared.health.set(OUTBOX_CHECK, Verdict::Ok);
+            shared.set_outbox_health(None);
             let rejected = report.seqs.iter().filter(|s| s.is_none()).count();
             if rejected > 0 {
                 warn!(
@@ -512,15 +520,13 @@ async fn append(shared: &Arc<Shared>, records: Vec<NewRecord>, now: i64) {
             debug!(records = n, "appended to outbox");
         }
         Ok(Err(e)) => {
-            shared
-                .health
-                .set(OUTBOX_CHECK, Verdict::Failing(e.to_string()));
+            shared.set_outbox_health(Some(e.to_string()));
             error!(error = %e, records = n, "outbox append failed; these messages are lost");
-            shared.metrics.bridge.append_failed(n as u64);
+            shared.metrics.append_failed(n as u64);
         }
         Err(e) => {
             error!(error = %e, records = n, "outbox append task failed; these messages are lost");
-            shared.metrics.bridge.append_failed(n as u64);
+            shared.metrics.append_failed(n as u64);
         }
     }
     shared.appended.notify_one();
@@ -662,9 +668,9 @@ async fn run_sender(
                     }
                 }
                 cursor = Some(seq);
-                shared.metrics.bridge.sent.inc();
+                shared.metrics.sent.inc();
                 if backlog {
-                    shared.metrics.bridge.replayed.inc();
+                    shared.metrics.replayed.inc();
                 }
             }
         }
@@ -734,7 +740,7 @@ impl Session {
                         since_ms: now_ms(),
                     });
                     self.shared.space.notify_one();
-                    let m = &self.shared.metrics.bridge;
+                    let m = &self.shared.metrics;
                     m.connected.set(1);
                     if connected_before {
                         m.reconnects.inc();
@@ -746,7 +752,7 @@ impl Session {
                 Ok(Event::Incoming(rumqttc::Packet::PubAck(ack))) => {
                     let seq = self.shared.inflight().on_puback(ack.pkid);
                     if let Some(seq) = seq {
-                        self.shared.metrics.bridge.acked.inc();
+                        self.shared.metrics.acked.inc();
                         let _ = self.acks.send(seq);
                         self.shared.space.notify_one();
                     }
@@ -771,7 +777,7 @@ impl Session {
                     let was_connected = self.conn.borrow().connected;
                     self.conn.send_modify(|s| s.connected = false);
                     self.shared.space.notify_one();
-                    let m = &self.shared.metrics.bridge;
+                    let m = &self.shared.metrics;
                     m.connected.set(0);
                     m.connection_errors.inc();
                     m.inflight.set(0);
@@ -801,12 +807,12 @@ impl Session {
             .await;
             info!(broker = %self.host, "disconnected from the cloud broker");
         }
-        self.shared.metrics.bridge.connected.set(0);
+        self.shared.metrics.connected.set(0);
     }
 
     /// A message from the cloud: hand it over; PUBACK once it took effect.
     fn down(&self, p: rumqttc::Publish) {
-        self.shared.metrics.bridge.received.inc();
+        self.shared.metrics.received.inc();
         let epoch = self.shared.inflight().epoch();
         let local = p
             .topic

@@ -1,25 +1,8 @@
 //! `edgetwin`: the node daemon (`serve`) and the field engineer's tools (`twin`, `device`).
 
-mod bridge;
-mod canary;
 mod cli;
-mod clock;
-mod config;
-mod container_agent;
-mod embedded_broker;
-mod health;
-mod http;
-#[cfg(test)]
-mod inprocess;
-mod local;
-mod mapper_metrics;
-mod metrics;
-#[cfg(test)]
-mod node_tests;
-mod registry;
-mod serve;
-mod twin_service;
 
+use edgetwin_node::{config, serve};
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};

@@ -17,7 +17,7 @@
 //! read from the broker into their own bounded queue at once, so the log only needs to cover the
 //! router's own scheduling), everyone else's get [`CLIENT_SEGMENT`]. A consumer that falls behind
 //! by more than its log loses the oldest messages: for internal consumers that is detected and
-//! counted (see `local.rs`); for TCP clients it is rumqttd's documented behaviour.
+//! counted (see [`crate::local`]); for TCP clients it is rumqttd's documented behaviour.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -28,7 +28,7 @@ use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
 use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
 
-use crate::config::MqttConfig;
+use crate::{BrokerMetrics, MqttConfig};
 
 /// Creates an in-process link; the error is rendered to text because rumqttd's is very large.
 type NewLink = Box<dyn Fn(&str) -> Result<(LinkTx, LinkRx), String> + Send + Sync>;
@@ -47,6 +47,7 @@ pub struct EmbeddedBroker {
     // rumqttd does not export the router's event type, so the sender is kept inside closures.
     new_link: NewLink,
     make_serve: MakeServe,
+    metrics: BrokerMetrics,
 }
 
 impl EmbeddedBroker {
@@ -102,7 +103,13 @@ impl EmbeddedBroker {
                     })
                 }
             }),
+            metrics: BrokerMetrics::default(),
         }
+    }
+
+    /// The broker's metrics (register them with [`BrokerMetrics::register`]).
+    pub fn metrics(&self) -> &BrokerMetrics {
+        &self.metrics
     }
 
     /// Starts the TCP listeners; returns once every listener accepts connections.
@@ -174,7 +181,7 @@ async fn wait_until_listening(
     addr: SocketAddr,
     done: &std::sync::mpsc::Receiver<String>,
 ) -> anyhow::Result<()> {
-    let probe = crate::canary::loopback(addr);
+    let probe = crate::loopback(addr);
     for _ in 0..200 {
         if let Ok(msg) = done.try_recv() {
             bail!("{msg}");

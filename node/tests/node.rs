@@ -350,7 +350,7 @@ fn metrics_doc_dashboard_and_endpoint_agree() {
             "exported {name} is not in docs/metrics.md"
         );
     }
-    // The gate's families exist only on a node with a gate (broker/tests/security.rs).
+    // The gate's families exist only on a node with a gate (node/tests/security.rs).
     for name in documented
         .iter()
         .filter(|n| !n.starts_with("edgetwin_gate_"))

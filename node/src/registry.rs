@@ -18,9 +18,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::local::{LocalClient, Message};
 use crate::metrics::Metrics;
 use crate::twin_service::{Input, RegistryUpdate};
+use edgetwin_broker::{LocalClient, Message};
 
 /// A rejected file: key, the text that failed, and its errors.
 type Rejected = (String, String, Vec<String>);

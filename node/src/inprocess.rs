@@ -14,12 +14,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::MqttConfig;
-use crate::embedded_broker::EmbeddedBroker;
 use crate::health::Health;
-use crate::local::{LocalClient, Message};
 use crate::metrics::Metrics;
 use crate::twin_service::{self, Input, TwinService, TwinServiceConfig};
+use edgetwin_broker::EmbeddedBroker;
+use edgetwin_broker::MqttConfig;
+use edgetwin_broker::{LocalClient, Message};
 
 /// A model with one writable string property and devices `names`.
 pub fn profiles(names: &[&str]) -> edgetwin_profile::ProfileSet {
@@ -77,7 +77,6 @@ impl Harness {
             "twin-service",
             &twin_service::FILTERS,
             tx,
-            metrics.clone(),
             intake.clone(),
             &tracker,
         )
@@ -136,7 +135,6 @@ impl Harness {
             name,
             filters,
             1024,
-            self.metrics.clone(),
             self.intake.clone(),
             &self.tracker,
         )

@@ -22,8 +22,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::local::{LocalClient, Message};
 use crate::twin_service::{InjectedPatch, Input, CONTAINER_AGENT_SOURCE};
+use edgetwin_broker::{LocalClient, Message};
 
 /// What the agent task needs besides the agent itself.
 pub struct AgentTask {

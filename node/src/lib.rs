@@ -1,0 +1,24 @@
+//! The edgetwin node as a library: [`serve`] runs one node (embedded broker, twin service, device
+//! registry, bridge, container agent, gate, HTTP) until its [`Control`] says stop; the
+//! `edgetwin` binary is a thin `main` plus the field engineer's CLI around it. Tests run a node
+//! in-process with the same function and drive it with third-party clients over TCP.
+//!
+//! The start and stop order, and what SIGHUP reloads, are in [`serve`]'s module.
+
+mod canary;
+pub mod config;
+mod container_agent;
+mod health;
+mod http;
+#[cfg(test)]
+mod inprocess;
+mod mapper_metrics;
+mod metrics;
+#[cfg(test)]
+mod node_tests;
+mod registry;
+pub mod serve;
+mod twin_service;
+
+pub use config::NodeConfig;
+pub use serve::{serve, Control};
