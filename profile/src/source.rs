@@ -8,30 +8,43 @@
 //! its default) resolves to its nearest existing parent.
 
 use std::fmt;
+use std::ops::Range;
 use std::sync::Arc;
 
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-/// Where a parsed document came from: the whole file text and the document's index in it.
+/// Where a parsed document came from: the whole file text, the part of it that holds the
+/// document (normally the document alone, see `parse::split_docs`), the number of lines before
+/// that part, and the document's index within the part (0 unless the part is the whole stream).
 /// Not part of any document's value: it compares equal to every other `SourceDoc`.
 #[derive(Clone, Default)]
 pub(crate) struct SourceDoc {
     text: Option<Arc<str>>,
+    range: Range<usize>,
+    line0: usize,
     index: usize,
 }
 
 impl SourceDoc {
-    pub(crate) fn new(text: Arc<str>, index: usize) -> SourceDoc {
+    pub(crate) fn new(
+        text: Arc<str>,
+        range: Range<usize>,
+        line0: usize,
+        index: usize,
+    ) -> SourceDoc {
         SourceDoc {
             text: Some(text),
+            range,
+            line0,
             index,
         }
     }
 
-    /// The 1-based line of `path` (or of its nearest existing parent) in this document.
+    /// The 1-based line, counted from the start of the file, of `path` (or of its nearest
+    /// existing parent) in this document. Parses only the document's part of the file.
     pub(crate) fn line_of(&self, path: &str) -> Option<usize> {
-        let text = self.text.as_deref()?;
-        line_of(text, self.index, path)
+        let text = self.text.as_deref()?.get(self.range.clone())?;
+        line_of(text, self.index, path).map(|l| l + self.line0)
     }
 }
 
@@ -292,6 +305,7 @@ impl<'de> Visitor<'de> for Walk<'_> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     const DOC: &str = "\
@@ -331,6 +345,18 @@ z: {w: 6}
     fn locator_counts_lines_from_the_start_of_the_file_in_later_documents() {
         assert_eq!(line_of(DOC, 1, "a"), Some(9));
         assert_eq!(line_of(DOC, 1, "z.w"), Some(10));
+    }
+
+    #[test]
+    fn a_document_split_from_its_file_counts_lines_from_the_start_of_the_file() {
+        let chunks = crate::parse::split_docs(DOC).unwrap();
+        assert_eq!(chunks.len(), 2);
+        let second = SourceDoc::new(Arc::from(DOC), chunks[1].range.clone(), chunks[1].line0, 0);
+        assert_eq!(second.line_of("a"), Some(9));
+        assert_eq!(second.line_of("z.w"), Some(10));
+        assert_eq!(second.line_of("z.missing"), Some(10));
+        let first = SourceDoc::new(Arc::from(DOC), chunks[0].range.clone(), chunks[0].line0, 0);
+        assert_eq!(first.line_of("b.e[1].y"), Some(7));
     }
 
     #[test]
