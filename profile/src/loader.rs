@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use crate::validate::validate_with;
+use crate::validate::{borrowed, validate_with};
 use crate::{parse_str, Document, ProfileError, ProfileSet};
 
 /// Loads every `*.yaml` and `*.yml` file directly in `dir` (not in subfolders; names starting
@@ -55,7 +55,7 @@ pub fn load_dir(dir: &Path) -> (ProfileSet, Vec<ProfileError>) {
     // is rejected. Every round removes at least one file, so this ends.
     let mut rejected_models: BTreeMap<String, String> = BTreeMap::new();
     loop {
-        match validate_with(&parsed, &BTreeMap::new(), &rejected_models) {
+        match validate_with(&borrowed(&parsed), &BTreeMap::new(), &rejected_models) {
             Ok(set) => return (set, errors),
             Err(es) => {
                 let bad: BTreeSet<String> = es.iter().map(|e| e.file.clone()).collect();

@@ -20,7 +20,24 @@ pub fn validate(
     docs_by_file: &[(String, Vec<Document>)],
     known_models: &BTreeMap<String, DeviceModel>,
 ) -> Result<ProfileSet, Vec<ProfileError>> {
+    validate_refs(&borrowed(docs_by_file), known_models)
+}
+
+/// [`validate`] on borrowed files: (file name, its documents). For callers that keep their
+/// documents elsewhere (the node's registry), so they need not copy them to validate.
+pub fn validate_refs(
+    docs_by_file: &[(&str, &[Document])],
+    known_models: &BTreeMap<String, DeviceModel>,
+) -> Result<ProfileSet, Vec<ProfileError>> {
     validate_with(docs_by_file, known_models, &BTreeMap::new())
+}
+
+/// The files of `docs_by_file`, borrowed, in the same order.
+pub(crate) fn borrowed(docs_by_file: &[(String, Vec<Document>)]) -> Vec<(&str, &[Document])> {
+    docs_by_file
+        .iter()
+        .map(|(f, d)| (f.as_str(), d.as_slice()))
+        .collect()
 }
 
 struct Report {
@@ -59,13 +76,13 @@ fn place(file: &str, source: &SourceDoc) -> String {
 /// [`validate`], also told which model names were defined in files rejected earlier, so a device
 /// that refers to one gets a helpful message.
 pub(crate) fn validate_with(
-    docs_by_file: &[(String, Vec<Document>)],
+    docs_by_file: &[(&str, &[Document])],
     known_models: &BTreeMap<String, DeviceModel>,
     rejected_models: &BTreeMap<String, String>,
 ) -> Result<ProfileSet, Vec<ProfileError>> {
     let mut report = Report { errors: Vec::new() };
     let mut models: BTreeMap<String, (&str, &DeviceModel)> = BTreeMap::new();
-    for (file, docs) in docs_by_file {
+    for &(file, docs) in docs_by_file {
         for doc in docs {
             if let Document::DeviceModel(m) = doc {
                 check_model(file, m, &mut report);
@@ -89,7 +106,7 @@ pub(crate) fn validate_with(
 
     let mut set = ProfileSet::default();
     let mut device_files: HashMap<&DeviceId, (&str, &Device)> = HashMap::new();
-    for (file, docs) in docs_by_file {
+    for &(file, docs) in docs_by_file {
         for doc in docs {
             let Document::Device(d) = doc else { continue };
             if let Some((first_file, first)) = device_files.get(d.id()) {
