@@ -25,12 +25,19 @@ use edgetwin_broker::{LocalClient, Message};
 /// A rejected file: key, the text that failed, and its errors.
 type Rejected = (String, String, Vec<String>);
 
-/// One profile file as last accepted.
+/// One profile file as last accepted. The documents are shared, so copying an entry between
+/// the accepted map and a would-be one is cheap.
 #[derive(Clone)]
 struct Accepted {
     text: String,
-    docs: Vec<Document>,
+    docs: Arc<[Document]>,
 }
+
+/// A file's documents if they are parsed already.
+type Parsed = Option<Arc<[Document]>>;
+
+/// A profile file to merge: key, text, and its documents if they are parsed already.
+type Incoming = (String, String, Parsed);
 
 /// Profile files currently loaded, by a key that names where they came from.
 pub struct Registry {
@@ -69,14 +76,23 @@ impl Registry {
                 }
             }
         }
-        let unchanged = on_disk.len() == self.accepted.len()
-            && on_disk
-                .iter()
-                .all(|(k, t)| self.accepted.get(k).is_some_and(|a| &a.text == t));
+        // A rejection stands while the file holds the text that failed (a file fixed, reverted
+        // or removed since is no longer listed as rejected).
+        self.rejected.retain(|k, (t, _)| on_disk.get(k) == Some(t));
+        // A file is unchanged if it holds the text last accepted or last rejected: nothing is
+        // merged again until some file changes (a file rejected because of another is retried
+        // then, as only a change elsewhere can make it valid).
+        let same = |k: &String, t: &String| {
+            self.accepted.get(k).is_some_and(|a| &a.text == t)
+                || self.rejected.get(k).is_some_and(|(rt, _)| rt == t)
+        };
+        let unchanged = on_disk.iter().all(|(k, t)| same(k, t))
+            && self.accepted.keys().all(|k| on_disk.contains_key(k));
         if unchanged {
             return None;
         }
-        let (next, errors) = self.merge(on_disk.into_iter().collect());
+        let (next, errors, set) =
+            self.merge(on_disk.into_iter().map(|(k, t)| (k, t, None)).collect());
         for (file, text, errs) in errors {
             let seen = self.rejected.get(&file).is_some_and(|(t, _)| *t == text);
             if !seen {
@@ -87,53 +103,58 @@ impl Registry {
                 self.rejected.insert(file, (text, errs));
             }
         }
-        self.install(next)
+        self.install(next, set)
     }
 
-    /// Validates files to add or replace (by key) against everything else loaded; on success
-    /// returns the would-be accepted map.
-    fn merge(&self, files: Vec<(String, String)>) -> (BTreeMap<String, Accepted>, Vec<Rejected>) {
+    /// Validates files to add or replace (by key) against everything else loaded; returns the
+    /// would-be accepted map, the rejected files, and the set of the would-be map if it was
+    /// found valid (`None`: not validated as it stands).
+    fn merge(
+        &self,
+        files: Vec<Incoming>,
+    ) -> (
+        BTreeMap<String, Accepted>,
+        Vec<Rejected>,
+        Option<ProfileSet>,
+    ) {
         let mut next: BTreeMap<String, Accepted> = BTreeMap::new();
         let mut errors = Vec::new();
-        let keys: HashSet<&String> = files.iter().map(|(k, _)| k).collect();
         // Files removed from disk are dropped; files still present are re-parsed if changed.
-        for (key, text) in &files {
-            if let Some(a) = self.accepted.get(key).filter(|a| &a.text == text) {
-                next.insert(key.clone(), a.clone());
+        for (key, text, parsed) in files {
+            if let Some(a) = self.accepted.get(&key).filter(|a| a.text == text) {
+                next.insert(key, a.clone());
                 continue;
             }
-            match edgetwin_profile::parse_str(key, text) {
+            let parsed = match parsed {
+                Some(docs) => Ok(docs),
+                None => edgetwin_profile::parse_str(&key, &text).map(Arc::from),
+            };
+            match parsed {
                 Ok(docs) => {
-                    next.insert(
-                        key.clone(),
-                        Accepted {
-                            text: text.clone(),
-                            docs,
-                        },
-                    );
+                    next.insert(key, Accepted { text, docs });
                 }
                 Err(errs) => {
-                    errors.push((
-                        key.clone(),
-                        text.clone(),
-                        errs.iter().map(ToString::to_string).collect(),
-                    ));
-                    if let Some(old) = self.accepted.get(key) {
+                    if let Some(old) = self.accepted.get(&key) {
                         next.insert(key.clone(), old.clone());
                     }
+                    errors.push((key, text, errs.iter().map(ToString::to_string).collect()));
                 }
             }
         }
-        let _ = keys;
         // Cross-file validation; a file at fault falls back to what it was before, until the
         // whole set is consistent (bounded: each round removes at least one file's change).
+        let mut set = None;
         for _ in 0..=next.len() {
-            let docs: Vec<(String, Vec<Document>)> = next
-                .iter()
-                .map(|(k, a)| (k.clone(), a.docs.clone()))
-                .collect();
-            match edgetwin_profile::validate(&docs, &BTreeMap::new()) {
-                Ok(_) => break,
+            let result = {
+                let docs: Vec<(&str, &[Document])> =
+                    next.iter().map(|(k, a)| (k.as_str(), &*a.docs)).collect();
+                edgetwin_profile::validate_refs(&docs, &BTreeMap::new())
+            };
+            match result {
+                Ok(valid) => {
+                    set = Some(valid);
+                    break;
+                }
                 Err(errs) => {
                     let mut by_file: BTreeMap<String, Vec<String>> = BTreeMap::new();
                     for e in &errs {
@@ -154,15 +175,24 @@ impl Registry {
                 }
             }
         }
-        (next, errors)
+        (next, errors, set)
     }
 
-    fn install(&mut self, next: BTreeMap<String, Accepted>) -> Option<ProfileSet> {
-        let docs: Vec<(String, Vec<Document>)> = next
-            .iter()
-            .map(|(k, a)| (k.clone(), a.docs.clone()))
-            .collect();
-        let set = match edgetwin_profile::validate(&docs, &BTreeMap::new()) {
+    /// Makes `next` the accepted map; `set` is its validated set if `merge` found one.
+    fn install(
+        &mut self,
+        next: BTreeMap<String, Accepted>,
+        set: Option<ProfileSet>,
+    ) -> Option<ProfileSet> {
+        let validated = match set {
+            Some(set) => Ok(set),
+            None => {
+                let docs: Vec<(&str, &[Document])> =
+                    next.iter().map(|(k, a)| (k.as_str(), &*a.docs)).collect();
+                edgetwin_profile::validate_refs(&docs, &BTreeMap::new())
+            }
+        };
+        let set = match validated {
             Ok(set) => set,
             Err(errs) => {
                 for e in errs {
@@ -191,15 +221,16 @@ impl Registry {
     /// Applies profile files sent by `edgetwin device apply`: all valid or nothing written.
     pub fn apply(&mut self, req: &ApplyRequest) -> Result<ProfileSet, Vec<String>> {
         let mut errors = Vec::new();
-        let mut staged = Vec::new();
+        let mut staged: Vec<(String, String, String, Arc<[Document]>)> = Vec::new();
         for f in &req.files {
             let Some(name) = safe_file_name(&f.name) else {
                 errors.push(format!("{}: file name must end in .yaml or .yml", f.name));
                 continue;
             };
             let key = self.applied_dir.join(&name).display().to_string();
+            // Parsed once: merge takes these documents instead of parsing the text again.
             match edgetwin_profile::parse_str(&f.name, &f.content) {
-                Ok(_) => staged.push((key, name, f.content.clone())),
+                Ok(docs) => staged.push((key, name, f.content.clone(), Arc::from(docs))),
                 Err(errs) => errors.extend(errs.iter().map(ToString::to_string)),
             }
         }
@@ -207,17 +238,23 @@ impl Registry {
             self.metrics.profile_errors.inc();
             return Err(errors);
         }
-        let mut files: Vec<(String, String)> = self
+        // Everything accepted, with the staged files added or replacing theirs (a later file of
+        // the same name replaces an earlier one).
+        let mut files: BTreeMap<String, (String, Parsed)> = self
             .accepted
             .iter()
-            .map(|(k, a)| (k.clone(), a.text.clone()))
+            .map(|(k, a)| (k.clone(), (a.text.clone(), None)))
             .collect();
-        for (key, _, text) in &staged {
-            files.retain(|(k, _)| k != key);
-            files.push((key.clone(), text.clone()));
+        for (key, _, text, docs) in &staged {
+            files.insert(key.clone(), (text.clone(), Some(docs.clone())));
         }
-        let (next, errs) = self.merge(files);
-        let staged_keys: HashSet<&String> = staged.iter().map(|(k, _, _)| k).collect();
+        let (next, errs, set) = self.merge(
+            files
+                .into_iter()
+                .map(|(k, (t, docs))| (k, t, docs))
+                .collect(),
+        );
+        let staged_keys: HashSet<&String> = staged.iter().map(|(k, _, _, _)| k).collect();
         let relevant: Vec<String> = errs
             .into_iter()
             .filter(|(k, _, _)| staged_keys.contains(k))
@@ -227,12 +264,12 @@ impl Registry {
             self.metrics.profile_errors.inc();
             return Err(relevant);
         }
-        for (key, name, text) in &staged {
+        for (key, name, text, _) in &staged {
             if let Err(e) = write_atomically(&self.applied_dir, name, text) {
                 return Err(vec![format!("{key}: cannot store applied profile: {e:#}")]);
             }
         }
-        self.install(next);
+        self.install(next, set);
         Ok(self.current.clone())
     }
 
@@ -240,7 +277,7 @@ impl Registry {
     pub fn list(&self, id: String) -> ListResult {
         let mut devices = Vec::new();
         for (file, a) in &self.accepted {
-            for doc in &a.docs {
+            for doc in a.docs.iter() {
                 if let Document::Device(d) = doc {
                     if let Some(dev) = self.current.devices.get(d.id()) {
                         let model = dev.model_ref().to_string();
@@ -446,5 +483,135 @@ async fn handle_apply(
                 },
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use edgetwin_contract::ApplyFile;
+
+    use super::*;
+
+    const MODEL: &str = "apiVersion: edgetwin/v1
+kind: DeviceModel
+metadata: {name: m}
+spec:
+  protocol: modbus
+  properties: [{name: v, type: float, accessMode: ReadOnly}]
+";
+
+    fn device(name: &str) -> String {
+        format!(
+            "apiVersion: edgetwin/v1
+kind: Device
+metadata: {{name: {name}}}
+spec:
+  deviceModelRef: m
+  protocol:
+    modbus: {{communicateMode: TCP, ip: 127.0.0.1, port: 502, slaveID: 1}}
+  properties:
+    - name: v
+      visitors:
+        modbus: {{register: HoldingRegister, offset: 0, limit: 2, dataType: float32}}
+"
+        )
+    }
+
+    fn registry(dir: &Path) -> Registry {
+        Registry::new(
+            dir.join("devices"),
+            dir.join("applied"),
+            Arc::new(Metrics::new()),
+        )
+    }
+
+    fn names(set: &ProfileSet) -> Vec<String> {
+        set.devices.keys().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn a_rejected_file_stays_rejected_until_it_changes_and_keeps_what_it_had() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("devices");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.yaml"), format!("{MODEL}---\n{}", device("d1"))).unwrap();
+        let mut r = registry(tmp.path());
+        assert_eq!(names(&r.scan().unwrap()), ["d1"]);
+        assert!(r.scan().is_none());
+
+        std::fs::write(
+            dir.join("a.yaml"),
+            format!("{MODEL}---\n{}a: b: c\n", device("d2")),
+        )
+        .unwrap();
+        assert!(r.scan().is_none(), "the bad version changes nothing");
+        let listed = r.list("x".into());
+        assert_eq!(listed.devices.len(), 1);
+        assert_eq!(listed.errors.len(), 1);
+        assert!(
+            listed.errors[0].contains("a.yaml:19: "),
+            "{:?}",
+            listed.errors
+        );
+        assert!(r.scan().is_none(), "still the same bad version");
+        assert_eq!(r.list("x".into()).errors, listed.errors);
+
+        std::fs::write(dir.join("a.yaml"), format!("{MODEL}---\n{}", device("d2"))).unwrap();
+        assert_eq!(names(&r.scan().unwrap()), ["d2"]);
+        assert!(r.list("x".into()).errors.is_empty());
+    }
+
+    #[test]
+    fn a_file_rejected_because_of_another_is_retried_when_that_one_changes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("devices");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("b.yaml"), device("d1")).unwrap();
+        let mut r = registry(tmp.path());
+        assert!(r.scan().is_none());
+        let errors = r.list("x".into()).errors;
+        assert!(
+            errors.iter().any(|e| e.contains("unknown device model")),
+            "{errors:?}"
+        );
+        assert!(r.scan().is_none());
+
+        std::fs::write(dir.join("a.yaml"), MODEL).unwrap();
+        assert_eq!(names(&r.scan().unwrap()), ["d1"]);
+        assert!(r.list("x".into()).errors.is_empty());
+    }
+
+    #[test]
+    fn apply_stores_valid_files_and_rejects_bad_ones_by_their_given_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut r = registry(tmp.path());
+        let request = |name: &str, content: String| ApplyRequest {
+            id: "1".into(),
+            files: vec![ApplyFile {
+                name: name.into(),
+                content,
+            }],
+        };
+        let bad = format!("{MODEL}---\n{}", device("d1").replace("502", "abc"));
+        let errors = r.apply(&request("my/p.yaml", bad)).unwrap_err();
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].starts_with("my/p.yaml:14: "), "{errors:?}");
+        assert!(!tmp.path().join("applied/p.yaml").exists());
+
+        let good = format!("{MODEL}---\n{}", device("d1"));
+        let set = r.apply(&request("my/p.yaml", good.clone())).unwrap();
+        assert_eq!(names(&set), ["d1"]);
+        assert_eq!(
+            std::fs::read_to_string(tmp.path().join("applied/p.yaml")).unwrap(),
+            good
+        );
+        assert!(r.scan().is_none(), "the stored file is what was applied");
+
+        let other = request("q.yaml", device("d2"));
+        assert_eq!(names(&r.apply(&other).unwrap()), ["d1", "d2"]);
+        let listed = r.list("x".into());
+        assert_eq!(listed.devices.len(), 2);
+        assert!(listed.devices[1].file.ends_with("q.yaml"));
     }
 }
