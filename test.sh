@@ -1,10 +1,23 @@
 #!/usr/bin/env bash
-# Runs the whole edgetwin test suite. Installs the real peers the tests drive when they are
+# Runs the edgetwin test suite in two lanes:
+#   ./test.sh fast   unit and property tests only (every crate's lib and bins; in-process node
+#                    tests included), no peers needed: seconds once built.
+#   ./test.sh        both lanes: the fast one first, then the process and peer tests (every
+#                    crate's tests/ folder: the real binary driven by third-party clients) and
+#                    doc tests. This is what CI runs.
+# The full run installs the real peers the tests drive when they are
 # missing (Debian packages: mosquitto, mosquitto-clients, socat, docker.io, busybox-static, dbus,
 # and pkg-config + libdbus-1-dev that btleplug builds against; PyPI: paho-mqtt, pymodbus, pyserial,
 # asyncua). Under CI=true a peer that cannot be installed is a failure, never a skip.
 set -euo pipefail
 cd "$(dirname "$0")"
+
+lane=${1:-all}
+case "$lane" in
+  fast) exec cargo test --workspace --locked --lib --bins ;;
+  all) ;;
+  *) echo "usage: ./test.sh [fast]" >&2; exit 2 ;;
+esac
 
 need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
@@ -36,4 +49,6 @@ done
 export PATH="$PATH:/usr/sbin"
 export EDGETWIN_TEST_PYTHON="$PY"
 
-cargo test --workspace --locked "$@"
+cargo test --workspace --locked --lib --bins          # fast lane
+cargo test --workspace --locked --test '*'            # process and peer tests
+cargo test --workspace --locked --doc
