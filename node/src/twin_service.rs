@@ -19,7 +19,7 @@ use edgetwin_contract::{
 };
 use edgetwin_devicetwin::core::{ModelSpec, Patch, PropertySpec, Rejection, Side, Twin};
 use edgetwin_devicetwin::store::{Health, TwinStore};
-use edgetwin_profile::{ProfileSet, ResolvedDevice};
+use edgetwin_profile::ProfileSet;
 use rumqttd::protocol::PublishProperties;
 use rumqttd::Forward;
 use tokio::sync::{mpsc, oneshot};
@@ -73,27 +73,61 @@ impl From<Forward> for Input {
 /// The protocol name the container agent reports under (`mapper:containers` in metadata).
 pub const CONTAINER_AGENT_SOURCE: &str = "containers";
 
-/// A registered device as the twin service sees it.
-struct Registered {
+/// A registered device: what every part of the node needs to know about it, computed once per
+/// registry change. Models are shared (`Arc`), so a device costs its id, a protocol name and
+/// a hash.
+#[derive(Debug)]
+pub struct Registered {
     /// The model's checks.
-    spec: Arc<ModelSpec>,
+    pub spec: Arc<ModelSpec>,
     /// Who reports this device (its mapper's protocol, or the container agent).
-    reporter: ProtocolName,
-    /// What its mapper receives; `None` for the node's own twin, which no mapper serves.
-    resolved: Option<ResolvedDevice>,
+    pub reporter: ProtocolName,
+    /// Hash of the retained assignment its mapper receives (`mappers/{p}/devices/{d}`), to
+    /// publish only changes; `None` for the node's own twin, which no mapper serves.
+    pub assignment: Option<u64>,
 }
 
-/// Which protocol serves each registered device, for the gate's per-client permissions; the
-/// twin service rewrites it on every registry change, the gate reads it on every mapper message.
+/// The registered devices, one read-only snapshot shared by the twin service (which builds it),
+/// the gate (per-client permissions) and the mapper metrics re-export (which devices may appear
+/// as labels).
+pub type Devices = Arc<HashMap<DeviceId, Registered>>;
+
+/// Where the current [`Devices`] snapshot is published; readers take a cheap `Arc` clone.
 #[derive(Debug, Default)]
 pub struct Directory {
-    map: std::sync::RwLock<HashMap<DeviceId, ProtocolName>>,
+    current: std::sync::RwLock<Devices>,
+}
+
+impl Directory {
+    /// The current snapshot.
+    pub fn devices(&self) -> Devices {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn replace(&self, devices: Devices) {
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = devices;
+    }
 }
 
 impl edgetwin_gate::DeviceDirectory for Directory {
     fn protocol_of(&self, device: &DeviceId) -> Option<ProtocolName> {
-        self.map.read().ok()?.get(device).cloned()
+        let devices = self.devices();
+        let reg = devices.get(device)?;
+        reg.assignment.map(|_| reg.reporter.clone())
     }
+}
+
+fn hash_of(bytes: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
 }
 
 /// The node twin's device id and where its committed `desired.containers` goes.
@@ -143,16 +177,14 @@ pub struct TwinService {
     metrics: Arc<Metrics>,
     cfg: TwinServiceConfig,
     twins: HashMap<DeviceId, Twin>,
-    /// Registered devices, the node's own twin included.
-    devices: HashMap<DeviceId, Registered>,
+    /// Registered devices, the node's own twin included (the snapshot the directory shares).
+    devices: Devices,
     /// The node's own twin (container agent), if enabled.
     node: Option<DeviceId>,
     /// Device → protocol, shared with the gate.
     directory: Arc<Directory>,
     /// Where the node twin's `desired.containers` goes after each commit that changed it.
     node_desired: Option<tokio::sync::watch::Sender<Option<serde_json::Value>>>,
-    /// Assignments as last published: device -> (protocol, payload), to publish only changes.
-    assigned: HashMap<DeviceId, (ProtocolName, Bytes)>,
     /// Readiness; this service owns the "twin store" check.
     health: Arc<Readiness>,
 }
@@ -230,11 +262,10 @@ impl TwinService {
             metrics,
             cfg,
             twins,
-            devices: HashMap::new(),
+            devices: Devices::default(),
             node: node.as_ref().map(|(d, _)| d.clone()),
             directory,
             node_desired: node.map(|(_, tx)| tx),
-            assigned: HashMap::new(),
             health,
         })
     }
@@ -603,8 +634,8 @@ impl TwinService {
         }
         // A (re)connected mapper gets the deltas it may have missed.
         info!(protocol = %protocol, "mapper online; resending deltas");
-        for (d, reg) in &self.devices {
-            if reg.resolved.is_some() && reg.reporter == protocol {
+        for (d, reg) in self.devices.iter() {
+            if reg.assignment.is_some() && reg.reporter == protocol {
                 b.resend_delta.push(d.clone());
             }
         }
@@ -797,7 +828,7 @@ impl TwinService {
                 Registered {
                     spec: Arc::new(node_model_spec()),
                     reporter,
-                    resolved: None,
+                    assignment: None,
                 },
             );
         }
@@ -805,6 +836,9 @@ impl TwinService {
         for (name, model) in &set.models {
             specs.insert(name.clone(), Arc::new(model_spec(name, model)));
         }
+        // Assignments to publish: computed here from borrowed parts, published below, and only
+        // their hash kept.
+        let mut assignments: Vec<(DeviceId, ProtocolName, Bytes)> = Vec::new();
         for (id, device) in &set.devices {
             let model_name = device.model_ref().to_string();
             let (Some(spec), Some(model)) = (specs.get(&model_name), set.models.get(&model_name))
@@ -820,18 +854,23 @@ impl TwinService {
                 warn!(device = %id, "this device name is reserved for the node's readiness canary; skipped");
                 continue;
             }
-            let resolved = ResolvedDevice {
-                device: device.clone(),
-                model: model.clone(),
+            let payload = match edgetwin_profile::resolved_json(device, model) {
+                Ok(p) => Bytes::from(p),
+                Err(e) => {
+                    error!(device = %id, error = %e, "cannot encode resolved device");
+                    continue;
+                }
             };
+            let protocol = model.protocol().clone();
             new_devices.insert(
                 id.clone(),
                 Registered {
                     spec: spec.clone(),
-                    reporter: resolved.protocol(),
-                    resolved: Some(resolved),
+                    reporter: protocol.clone(),
+                    assignment: Some(hash_of(&payload)),
                 },
             );
+            assignments.push((id.clone(), protocol, payload));
         }
         // Twins that must be created or whose model changed, committed before anything is published.
         let mut to_store = Vec::new();
@@ -872,16 +911,17 @@ impl TwinService {
                 ))
                 .await;
         }
-        let old_assigned = std::mem::take(&mut self.assigned);
-        for (d, (p, _)) in &old_assigned {
+        // Withdraw assignments whose protocol changed or whose device went away.
+        for (d, old) in self.devices.iter() {
+            let Some(_) = old.assignment else { continue };
             let still = new_devices
                 .get(d)
-                .and_then(|r| r.resolved.as_ref())
-                .map(ResolvedDevice::protocol);
-            if still.as_ref() != Some(p) {
+                .filter(|r| r.assignment.is_some())
+                .map(|r| &r.reporter);
+            if still != Some(&old.reporter) {
                 self.link
                     .publish(Message::retained(
-                        Topic::MapperDevice(p.clone(), d.clone()).to_topic_string(),
+                        Topic::MapperDevice(old.reporter.clone(), d.clone()).to_topic_string(),
                         Bytes::new(),
                     ))
                     .await;
@@ -892,40 +932,21 @@ impl TwinService {
             .filter(|d| !self.devices.contains_key(*d))
             .cloned()
             .collect();
-        for (d, reg) in &new_devices {
-            let Some(resolved) = &reg.resolved else {
-                continue;
-            };
-            let protocol = resolved.protocol();
-            let payload = match serde_json::to_vec(resolved) {
-                Ok(p) => Bytes::from(p),
-                Err(e) => {
-                    error!(device = %d, error = %e, "cannot encode resolved device");
-                    continue;
-                }
-            };
-            let unchanged = old_assigned
-                .get(d)
-                .is_some_and(|(p, old)| *p == protocol && *old == payload);
+        for (d, protocol, payload) in assignments {
+            let unchanged = self.devices.get(&d).is_some_and(|old| {
+                old.reporter == protocol && old.assignment == new_devices[&d].assignment
+            });
             if !unchanged {
                 self.link
                     .publish(Message::retained(
-                        Topic::MapperDevice(protocol.clone(), d.clone()).to_topic_string(),
-                        payload.clone(),
+                        Topic::MapperDevice(protocol, d.clone()).to_topic_string(),
+                        payload,
                     ))
                     .await;
             }
-            self.assigned.insert(d.clone(), (protocol, payload));
         }
-        self.devices = new_devices;
-        if let Ok(mut map) = self.directory.map.write() {
-            *map = self
-                .devices
-                .iter()
-                .filter(|(_, r)| r.resolved.is_some())
-                .map(|(d, r)| (d.clone(), r.reporter.clone()))
-                .collect();
-        }
+        self.devices = Arc::new(new_devices);
+        self.directory.replace(self.devices.clone());
         let registered = |d: &str| DeviceId::new(d).is_ok_and(|d| self.devices.contains_key(&d));
         self.metrics.mappers.retain_devices(&registered);
         for d in newly {

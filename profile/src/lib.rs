@@ -36,7 +36,7 @@ pub use model::{
 };
 pub use parse::parse_str;
 pub use protocol::{PropertyVisitor, ProtocolConfig};
-pub use set::{Document, ProfileSet, ResolvedDevice};
+pub use set::{resolved_json, Document, ProfileSet, ResolvedDevice};
 pub use validate::{validate, validate_refs};
 
 /// Problems found by a section's own checks: (path relative to the section, message).

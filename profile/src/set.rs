@@ -66,6 +66,17 @@ pub struct ResolvedDevice {
     pub model: DeviceModel,
 }
 
+/// The JSON of a [`ResolvedDevice`] from borrowed parts, so a node with thousands of devices of
+/// one model need not copy the model per device to publish their assignments.
+pub fn resolved_json(device: &Device, model: &DeviceModel) -> serde_json::Result<Vec<u8>> {
+    #[derive(Serialize)]
+    struct Borrowed<'a> {
+        device: &'a Device,
+        model: &'a DeviceModel,
+    }
+    serde_json::to_vec(&Borrowed { device, model })
+}
+
 impl ResolvedDevice {
     /// The protocol whose mapper serves the device (the model's `protocol`).
     pub fn protocol(&self) -> ProtocolName {
@@ -75,5 +86,28 @@ impl ResolvedDevice {
     /// The device id.
     pub fn id(&self) -> &DeviceId {
         self.device.id()
+    }
+}
+
+#[cfg(test)]
+mod resolved_json_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn resolved_json_is_the_json_of_the_owned_resolved_device() {
+        let yaml = "apiVersion: edgetwin/v1\nkind: DeviceModel\nmetadata: {name: m}\nspec:\n  protocol: modbus\n  properties:\n    - {name: v, type: float, accessMode: ReadWrite, minimum: 0}\n---\napiVersion: edgetwin/v1\nkind: Device\nmetadata: {name: d}\nspec:\n  deviceModelRef: m\n  protocol:\n    modbus: {communicateMode: TCP, ip: 127.0.0.1, port: 502, slaveID: 1}\n  properties:\n    - name: v\n      visitors:\n        modbus: {register: HoldingRegister, offset: 0, limit: 2, dataType: float32}\n";
+        let docs = crate::parse_str("t.yaml", yaml).unwrap();
+        let set = crate::validate(&[("t.yaml".to_string(), docs)], &Default::default()).unwrap();
+        let (_, device) = set.devices.iter().next().unwrap();
+        let model = &set.models["m"];
+        let owned = ResolvedDevice {
+            device: device.clone(),
+            model: model.clone(),
+        };
+        assert_eq!(
+            resolved_json(device, model).unwrap(),
+            serde_json::to_vec(&owned).unwrap()
+        );
     }
 }
