@@ -131,7 +131,7 @@ fn serves(dir: &dyn DeviceDirectory, protocol: &ProtocolName, device: &DeviceId)
 }
 
 /// The filter without a `$share/{group}/` prefix; `None` for a malformed shared subscription.
-fn strip_share(filter: &str) -> Option<&str> {
+pub(crate) fn strip_share(filter: &str) -> Option<&str> {
     match filter.strip_prefix("$share/") {
         None => Some(filter),
         Some(rest) => {

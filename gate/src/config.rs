@@ -94,6 +94,13 @@ pub struct LimitsConfig {
     /// Most active subscriptions of one connection.
     #[serde(default = "default_max_subscriptions")]
     pub max_subscriptions_per_client: usize,
+    /// Most distinct subscription filters the gate ever passes to the broker, all clients
+    /// together. The embedded broker keeps a log per distinct filter for the life of the process
+    /// (about 0.5 MiB each when busy), so clients subscribing ever new filters would grow memory
+    /// without bound; past this budget a new filter is refused (SUBACK failure, counted as
+    /// `kind="filter_budget"`), filters already seen stay allowed. Default 256.
+    #[serde(default = "default_max_distinct_filters")]
+    pub max_distinct_filters: usize,
     /// Time allowed for the TLS handshake plus CONNECT, and for dialling the upstream broker.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
@@ -108,6 +115,9 @@ fn default_max_topic_len() -> usize {
 fn default_max_subscriptions() -> usize {
     100
 }
+fn default_max_distinct_filters() -> usize {
+    256
+}
 fn default_connect_timeout_ms() -> u64 {
     10_000
 }
@@ -118,6 +128,7 @@ impl Default for LimitsConfig {
             max_packet_bytes: default_max_packet_bytes(),
             max_topic_len: default_max_topic_len(),
             max_subscriptions_per_client: default_max_subscriptions(),
+            max_distinct_filters: default_max_distinct_filters(),
             connect_timeout_ms: default_connect_timeout_ms(),
         }
     }

@@ -142,6 +142,7 @@ impl Gate {
                 })?;
             listeners.push((listener, acceptor));
         }
+        let filters = relay::FilterBudget::new(cfg.limits.max_distinct_filters);
         Ok(Gate {
             listeners,
             shared: Arc::new(Shared {
@@ -151,6 +152,7 @@ impl Gate {
                 upstream_v5,
                 dir: directory,
                 metrics: GateMetrics::default(),
+                filters,
             }),
         })
     }

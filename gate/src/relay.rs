@@ -39,6 +39,43 @@ pub(crate) struct Shared {
     pub upstream_v5: Option<SocketAddr>,
     pub dir: Arc<dyn DeviceDirectory>,
     pub metrics: GateMetrics,
+    /// Distinct filters passed to the broker so far (see `limits.max_distinct_filters`).
+    pub filters: FilterBudget,
+}
+
+/// The node-wide budget of distinct subscription filters (`$share/{group}/` stripped: a shared
+/// subscription uses the log of its filter).
+#[derive(Debug)]
+pub(crate) struct FilterBudget {
+    known: Mutex<HashSet<String>>,
+    max: usize,
+}
+
+impl FilterBudget {
+    pub fn new(max: usize) -> FilterBudget {
+        FilterBudget {
+            known: Mutex::new(HashSet::new()),
+            max,
+        }
+    }
+
+    /// Whether `filter` may go to the broker: it is known, or there is room for it (then it is
+    /// known from now on).
+    pub fn admit(&self, filter: &str) -> bool {
+        let key = acl::strip_share(filter).unwrap_or(filter);
+        let mut known = self
+            .known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if known.contains(key) {
+            return true;
+        }
+        if known.len() >= self.max {
+            return false;
+        }
+        known.insert(key.to_string());
+        true
+    }
 }
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -493,9 +530,14 @@ impl Conn<'_> {
                         if let Some(f) = filters.iter().find(|f| f.len() > limits.max_topic_len) {
                             return End::Cut(Cut::topic_too_long(f.len(), limits.max_topic_len));
                         }
-                        let allowed: Vec<bool> = filters
+                        let permitted: Vec<bool> = filters
                             .iter()
                             .map(|f| acl::may_subscribe(&self.role, f, dir))
+                            .collect();
+                        let allowed: Vec<bool> = filters
+                            .iter()
+                            .zip(&permitted)
+                            .map(|(f, p)| *p && self.shared.filters.admit(f))
                             .collect();
                         let new = filters
                             .iter()
@@ -512,9 +554,12 @@ impl Conn<'_> {
                                 v5: DisconnectReasonCode::QuotaExceeded,
                             });
                         }
-                        for (f, a) in filters.iter().zip(&allowed) {
+                        for ((f, a), p) in filters.iter().zip(&allowed).zip(&permitted) {
                             if *a {
                                 subs.insert(f.clone());
+                            } else if *p {
+                                self.shared.metrics.deny(self.role.label(), "filter_budget");
+                                warn!(client = %self.client_id, filter = %f, max = self.shared.filters.max, "SUBSCRIBE refused: the node's budget of distinct filters (gate.limits.max_distinct_filters) is spent");
                             } else {
                                 self.shared.metrics.deny(self.role.label(), "subscribe");
                                 if !logged_sub {

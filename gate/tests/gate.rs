@@ -701,3 +701,32 @@ fn gate_tls_client_certificate_identity_wins_over_the_username() {
         2.0
     );
 }
+
+#[test]
+fn gate_refuses_new_filters_past_the_nodes_distinct_filter_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Mosquitto::start();
+    let mut cfg = config(Some(write_credentials(dir.path())));
+    cfg.limits.max_distinct_filters = 2;
+    let gate = TestGate::start(cfg, up.port);
+    let subscribe = |filter: &str| {
+        let o = sub(
+            gate.port,
+            &[
+                "-u", "eng", "-P", "eng-pw", "-t", filter, "-C", "1", "-W", "2",
+            ],
+        );
+        !String::from_utf8_lossy(&o.stderr).contains("denied")
+    };
+    // Two distinct filters fit; the same ones stay allowed for any client afterwards (the
+    // broker already holds their logs); a third distinct one is refused.
+    assert!(subscribe("dt/a/twin"));
+    assert!(subscribe("dt/b/twin"));
+    assert!(subscribe("dt/a/twin"));
+    assert!(!subscribe("dt/c/twin"), "past the budget");
+    assert!(subscribe("dt/b/twin"));
+    assert_eq!(
+        gate.metric("edgetwin_gate_denied_total{role=\"engineer\",kind=\"filter_budget\"}"),
+        1.0
+    );
+}
