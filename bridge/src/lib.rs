@@ -65,7 +65,6 @@
 //! tap's next append commits (one batch, milliseconds); `kill -9` or power loss inside that window
 //! loses it. Everything appended survives.
 
-pub mod backoff;
 pub mod config;
 pub mod inflight;
 pub mod metrics;
@@ -323,7 +322,10 @@ pub fn start(
         prefix,
         down: cfg.down.clone(),
         window: cfg.max_inflight_messages,
-        backoff: backoff::Backoff::new(cfg.reconnect.initial_ms, cfg.reconnect.max_ms),
+        backoff: edgetwin_retry::Backoff::new(
+            Duration::from_millis(cfg.reconnect.initial_ms),
+            Duration::from_millis(cfg.reconnect.max_ms),
+        ),
         tracker: tracker.clone(),
         host: format!("{}:{}", endpoint.host, endpoint.port),
     };
@@ -707,7 +709,7 @@ struct Session {
     prefix: String,
     down: Vec<String>,
     window: u16,
-    backoff: backoff::Backoff,
+    backoff: edgetwin_retry::Backoff,
     tracker: TaskTracker,
     host: String,
 }
@@ -781,7 +783,7 @@ impl Session {
                     m.connected.set(0);
                     m.connection_errors.inc();
                     m.inflight.set(0);
-                    let wait = self.backoff.next_wait();
+                    let wait = self.backoff.next_delay();
                     if was_connected {
                         warn!(broker = %self.host, error = %e, in_flight = lost, retry_in_ms = wait.as_millis() as u64, "cloud broker connection lost");
                     } else {

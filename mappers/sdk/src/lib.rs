@@ -23,7 +23,7 @@
 //!
 //! See `mappers/sdk/README.md` for the topic contract (for mappers in other languages).
 
-pub mod backoff;
+pub use edgetwin_retry as backoff;
 pub mod compliance;
 pub mod driver;
 pub mod metrics;

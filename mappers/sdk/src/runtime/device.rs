@@ -16,11 +16,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{now_ms, DeviceSettings, Out};
-use crate::backoff::Backoff;
 use crate::metrics::{observe, Metrics};
 use crate::report::{patch, ReportPolicy, Reporter};
 use crate::schedule::{Due, Schedule};
 use crate::{Driver, DriverError};
+use edgetwin_retry::Backoff;
 
 /// The error code a failed read or write is published with.
 fn error_code(e: &DriverError, writing: bool) -> ErrorCode {

@@ -40,9 +40,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::backoff::Backoff;
 use crate::metrics::Metrics;
 use crate::Driver;
+use edgetwin_retry::Backoff;
 
 /// How a mapper process runs; [`RuntimeOptions::new`] gives the documented defaults.
 #[derive(Debug, Clone)]

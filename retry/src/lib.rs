@@ -1,7 +1,11 @@
-//! Exponential backoff with full jitter, for reconnecting to the broker and to devices.
+//! The one reconnect backoff of edgetwin: the bridge reconnecting to the cloud broker, mappers
+//! reconnecting to the node and to their devices.
 //!
-//! The delay before attempt `n` is uniform in `[base/2, base]` with `base = min(max, initial * 2^n)`,
-//! so a fleet of mappers (or devices) that lost the same peer do not retry in lock-step.
+//! Exponential with "equal jitter" (AWS architecture blog, "Exponential Backoff And Jitter"): the
+//! delay before attempt `n` is uniform in `[base/2, base]` with `base = min(max, initial * 2^n)`,
+//! so a fleet of nodes or mappers that lost the same peer at the same moment does not retry in
+//! lock-step, and no retry comes at once after a failure (full jitter's `[0, base]` can, which
+//! hammers a peer that is still down).
 
 use std::time::Duration;
 
@@ -33,6 +37,11 @@ impl Backoff {
 
     /// Records a failure and returns how long to wait before the next attempt.
     pub fn next_delay(&mut self) -> Duration {
+        self.next_with(&mut rand::rng())
+    }
+
+    /// [`next_delay`](Self::next_delay) drawing from `rng` (tests seed it).
+    pub fn next_with(&mut self, rng: &mut impl Rng) -> Duration {
         let base = self.base();
         self.failures = self.failures.saturating_add(1);
         let half = base / 2;
@@ -40,7 +49,7 @@ impl Backoff {
         let extra = if jitter_ns == 0 {
             0
         } else {
-            rand::rng().random_range(0..=jitter_ns)
+            rng.random_range(0..=jitter_ns)
         };
         half + Duration::from_nanos(extra)
     }
@@ -73,5 +82,26 @@ mod tests {
         assert_eq!(b.base(), Duration::from_secs(1));
         b.reset();
         assert_eq!(b.base(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn backoff_waits_are_spread_not_lockstep() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let waits: std::collections::HashSet<Duration> = (0..20)
+            .map(|_| {
+                Backoff::new(Duration::from_secs(1), Duration::from_secs(1)).next_with(&mut rng)
+            })
+            .collect();
+        assert!(waits.len() > 10, "{waits:?}");
+    }
+
+    #[test]
+    fn backoff_survives_many_attempts_without_overflow() {
+        let mut b = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        for _ in 0..200 {
+            b.next_delay();
+        }
+        assert_eq!(b.base(), Duration::from_secs(30));
     }
 }
