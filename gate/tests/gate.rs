@@ -385,8 +385,11 @@ fn gate_partly_denied_subscribe_keeps_the_allowed_filter_working() {
             ],
         )
     });
-    std::thread::sleep(Duration::from_millis(700));
-    up.pub_("dt/m1/twin", "{\"version\":1}");
+    // Publish until the reader (connecting and subscribing meanwhile) has got one.
+    while !reader.is_finished() {
+        up.pub_("dt/m1/twin", "{\"version\":1}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let o = reader.join().unwrap();
     assert!(
         String::from_utf8_lossy(&o.stdout).contains("dt/m1/twin"),
@@ -414,22 +417,29 @@ fn gate_mapper_receives_deltas_of_its_own_devices_only() {
                 "-t",
                 "dt/+/delta",
                 "-C",
-                "1",
+                "2",
                 "-W",
                 "10",
             ],
         )
     });
-    std::thread::sleep(Duration::from_millis(700));
-    up.pub_("dt/o1/delta", "{\"device\":\"o1\"}");
-    up.pub_("dt/m1/delta", "{\"device\":\"m1\"}");
+    // Publish pairs until the reader (connecting and subscribing meanwhile) has got two: once it
+    // has the first, the next pair's other-protocol delta reaches the gate and must be denied.
+    while !reader.is_finished() {
+        up.pub_("dt/o1/delta", "{\"device\":\"o1\"}");
+        up.pub_("dt/m1/delta", "{\"device\":\"m1\"}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let o = reader.join().unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.starts_with("dt/m1/delta"), "{}", text(&o));
-    assert_eq!(
-        gate.metric("edgetwin_gate_denied_total{role=\"mapper\",kind=\"deliver\"}"),
-        1.0
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", text(&o));
+    assert!(
+        lines.iter().all(|l| l.starts_with("dt/m1/delta")),
+        "{}",
+        text(&o)
     );
+    assert!(gate.metric("edgetwin_gate_denied_total{role=\"mapper\",kind=\"deliver\"}") >= 1.0);
 }
 
 #[test]

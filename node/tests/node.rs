@@ -108,8 +108,9 @@ fn registry_keeps_loaded_devices_when_a_file_turns_bad() {
         good.replace("accessMode: ReadWrite", "accessMode: Sometimes"),
     )
     .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(800));
-    assert!(node.log().contains("profile rejected"), "{}", node.log());
+    node.log_until(std::time::Duration::from_secs(10), |l| {
+        l.contains("profile rejected")
+    });
     // The device is still served.
     node.pub_("dt/r-3/desired", r#"{"setpoint": 11}"#);
     node.twin_until("r-3", |t| t["desired"]["setpoint"] == 11);
@@ -331,9 +332,10 @@ fn metrics_doc_dashboard_and_endpoint_agree() {
         "mappers/modbus/metrics",
         r#"{"ts":1,"devices":{"m-2":{"reads":1,"read_errors":0,"writes":0,"write_errors":0,"poll_overruns":0,"read_latency":{"sum":0,"count":0,"buckets":[]}}}}"#,
     );
-    std::thread::sleep(std::time::Duration::from_millis(300));
     let exported: std::collections::BTreeSet<String> = node
-        .metrics()
+        .metrics_until(std::time::Duration::from_secs(10), |m| {
+            m.contains("edgetwin_mapper_reads_total{")
+        })
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
         .filter_map(|l| l.split_whitespace().next())

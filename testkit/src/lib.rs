@@ -48,6 +48,20 @@ pub fn publish_as(port: u16, user: &str, pw: &str, topic: &str, msg: &str, v5: b
     mosquitto_pub_output(port, topic, msg, &extra)
 }
 
+/// Polls `probe` every 20 ms until it returns something, for at most `within`.
+pub fn wait_for<T>(within: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = probe() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -265,6 +279,22 @@ impl Node {
         if let Some(status) = exited {
             panic!("node exited ({status}):\n{}", self.log());
         }
+    }
+
+    /// Waits until the node's log satisfies `pred`; returns the log.
+    pub fn log_until(&self, within: Duration, pred: impl Fn(&str) -> bool) -> String {
+        wait_for(within, || Some(self.log()).filter(|l| pred(l)))
+            .unwrap_or_else(|| panic!("log condition not met within {within:?}:\n{}", self.log()))
+    }
+
+    /// Waits until the `/metrics` text satisfies `pred`; returns it.
+    pub fn metrics_until(&self, within: Duration, pred: impl Fn(&str) -> bool) -> String {
+        wait_for(within, || Some(self.metrics()).filter(|m| pred(m))).unwrap_or_else(|| {
+            panic!(
+                "metrics condition not met within {within:?}:\n{}",
+                self.metrics()
+            )
+        })
     }
 
     /// Waits until `GET /readyz` answers `status`; returns the body.
