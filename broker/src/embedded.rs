@@ -174,12 +174,14 @@ async fn spawn_listener(addr: SocketAddr, serve: ServeFn) -> anyhow::Result<()> 
             });
         })
         .context("cannot spawn listener thread")?;
-    wait_until_listening(addr, &done_rx).await
+    wait_until_listening(addr, done_rx).await
 }
 
+// Takes the receiver by value: a `&Receiver` held across an await would make the node's `serve`
+// future not `Send` (a std receiver is not `Sync`).
 async fn wait_until_listening(
     addr: SocketAddr,
-    done: &std::sync::mpsc::Receiver<String>,
+    done: std::sync::mpsc::Receiver<String>,
 ) -> anyhow::Result<()> {
     let probe = crate::loopback(addr);
     for _ in 0..200 {

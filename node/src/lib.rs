@@ -22,3 +22,9 @@ mod twin_service;
 
 pub use config::NodeConfig;
 pub use serve::{serve, Control};
+
+/// `serve` must stay spawnable on a multi-threaded runtime (a library user's, or a test's).
+#[allow(dead_code)]
+fn serve_is_send(cfg: NodeConfig, control: Control) -> impl std::future::Future + Send {
+    serve(cfg, control)
+}
