@@ -233,7 +233,8 @@ pub fn start(
     let (outbox, report) = Outbox::open(&path, limits)
         .with_context(|| format!("cannot open the outbox {}", path.display()))?;
     if let Some(q) = &report.quarantined_file {
-        warn!(path = %q.renamed_to.display(), reason = %q.reason, "damaged outbox file moved aside; started empty");
+        warn!(path = %q.renamed_to.display(), reason = %q.reason, salvaged = q.salvaged, lost_at_least = q.lost_at_least, "damaged outbox file moved aside; the records that still read were kept");
+        metrics.damaged(q.lost_at_least);
     }
     if !report.quarantined_records.is_empty() {
         warn!(

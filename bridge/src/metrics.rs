@@ -21,6 +21,8 @@ pub struct ReasonLabels {
 
 /// The `reason` label of records lost because the outbox could not store them.
 pub const APPEND_FAILED: &str = "append_failed";
+/// The `reason` label of records lost because the outbox file was damaged (counted at open).
+pub const DAMAGED: &str = "damaged";
 
 /// Every bridge and outbox metric.
 #[derive(Default)]
@@ -140,7 +142,7 @@ impl BridgeMetrics {
         for reason in DropReason::ALL
             .iter()
             .map(|r| r.as_str())
-            .chain([APPEND_FAILED])
+            .chain([APPEND_FAILED, DAMAGED])
         {
             let _ = self.outbox_dropped.get_or_create(&ReasonLabels {
                 reason: reason.to_string(),
@@ -180,6 +182,16 @@ impl BridgeMetrics {
     }
 
     /// Counts records lost because an append failed.
+    /// Records known lost in a damaged outbox file (see `edgetwin_outbox::QuarantinedFile`).
+    pub fn damaged(&self, records: u64) {
+        self.outbox_dropped
+            .get_or_create(&ReasonLabels {
+                reason: DAMAGED.to_string(),
+            })
+            .inc_by(records);
+    }
+
+    /// Records lost because an append failed.
     pub fn append_failed(&self, records: u64) {
         self.outbox_dropped
             .get_or_create(&ReasonLabels {

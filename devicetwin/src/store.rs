@@ -623,23 +623,9 @@ fn restore_from(damaged: &Path, snapshot: &Path) -> (Vec<Twin>, RestoreReport) {
     (twins, report)
 }
 
-/// Every twin record of a damaged file that can still be read, from a scratch copy (the damaged
-/// file itself is kept as it was). redb's debug builds panic on some damage, so the read runs
-/// behind `catch_unwind`; whatever was read before a failure is kept.
+/// Every twin record of a damaged file that can still be read and decoded.
 fn salvage(damaged: &Path) -> Vec<Twin> {
-    let mut scratch = damaged.as_os_str().to_owned();
-    scratch.push(".salvage");
-    let scratch = PathBuf::from(scratch);
-    if std::fs::copy(damaged, &scratch).is_err() {
-        return Vec::new();
-    }
-    let out = Mutex::new(Vec::new());
-    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let mut builder = Database::builder();
-        builder.set_cache_size(edgetwin_redbfile::CACHE_BYTES);
-        let Ok(db) = builder.create(&scratch) else {
-            return;
-        };
+    edgetwin_redbfile::salvage(damaged, |db, out| {
         let Ok(txn) = db.begin_read() else { return };
         let Ok(table) = txn.open_table(TWINS) else {
             return;
@@ -648,12 +634,10 @@ fn salvage(damaged: &Path) -> Vec<Twin> {
         for item in iter {
             let Ok((k, v)) = item else { break };
             if let Ok(t) = decode(k.value(), v.value()) {
-                out.lock().unwrap_or_else(PoisonError::into_inner).push(t);
+                out.push(t);
             }
         }
-    }));
-    let _ = std::fs::remove_file(&scratch);
-    out.into_inner().unwrap_or_else(PoisonError::into_inner)
+    })
 }
 
 // ---- the private on-disk types ----

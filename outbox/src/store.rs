@@ -67,7 +67,9 @@
 //!
 //! - A file that redb reports as corrupt or as not a redb database (the open runs redb's full
 //!   integrity check) is renamed to `{file name}.corrupt-{unix ms}` beside it, logged, reported in
-//!   [`OpenReport::quarantined_file`], and the outbox starts empty in a new file.
+//!   [`OpenReport::quarantined_file`]; the new file gets every record of the damaged one that
+//!   still reads and decodes (same sequence numbers), and the gaps between them are counted as
+//!   lost.
 //! - A record that fails to decode at open is moved to the `quarantine` table and reported in
 //!   [`OpenReport::quarantined_records`]; the others load normally.
 //! - Any other open error (permissions, file locked by another process, I/O, unknown format) is
@@ -151,6 +153,12 @@ pub struct QuarantinedFile {
     pub renamed_to: PathBuf,
     /// Why redb rejected it.
     pub reason: String,
+    /// Records read back from it into the new file (same sequence numbers, still to be sent).
+    pub salvaged: u64,
+    /// Records known lost: gaps between the salvaged sequence numbers (the live records of an
+    /// outbox are contiguous). Records past the last salvaged one cannot be seen, so this is a
+    /// lower bound.
+    pub lost_at_least: u64,
 }
 
 /// What [`Outbox::open`] found.
@@ -449,23 +457,49 @@ impl Outbox {
                         reason: reason.clone(),
                         source: e.source,
                     })?;
+                let (salvaged, next_seq) = salvage(&renamed_to);
+                // The live records are contiguous from the oldest unacked one up to next_seq:
+                // every sequence number in that range that did not come back is lost.
+                let lost_at_least = match salvaged.first() {
+                    Some((lo, _)) => {
+                        let hi = salvaged.last().map_or(*lo, |(s, _)| *s);
+                        let end = next_seq.unwrap_or(hi + 1).max(hi + 1);
+                        (end - lo).saturating_sub(salvaged.len() as u64)
+                    }
+                    None => 0,
+                };
                 tracing::error!(
                     path = %path.display(),
                     renamed_to = %renamed_to.display(),
                     %reason,
-                    "outbox file is corrupt; moved aside, starting with an empty outbox"
+                    salvaged = salvaged.len(),
+                    lost_at_least,
+                    "outbox file is corrupt; moved aside, the records that still read are kept"
                 );
-                let loaded = match load(path, &opener) {
-                    Ok(loaded) => loaded,
-                    Err(LoadFailure::Other(e)) => return Err(e),
-                    Err(LoadFailure::Corrupt(reason)) => {
-                        return Err(OpenError::Db {
-                            path: path.to_path_buf(),
-                            source: DbError::Storage(redb::StorageError::Corrupted(reason)),
-                        })
-                    }
+                let reload = || match load(path, &opener) {
+                    Ok(loaded) => Ok(loaded),
+                    Err(LoadFailure::Other(e)) => Err(e),
+                    Err(LoadFailure::Corrupt(reason)) => Err(OpenError::Db {
+                        path: path.to_path_buf(),
+                        source: DbError::Storage(redb::StorageError::Corrupted(reason)),
+                    }),
                 };
-                (loaded, Some(QuarantinedFile { renamed_to, reason }))
+                let mut loaded = reload()?;
+                if !salvaged.is_empty() {
+                    restore_records(&loaded.db, &salvaged).map_err(|source| OpenError::Db {
+                        path: path.to_path_buf(),
+                        source,
+                    })?;
+                    drop(loaded);
+                    loaded = reload()?;
+                }
+                let file = QuarantinedFile {
+                    renamed_to,
+                    reason,
+                    salvaged: salvaged.len() as u64,
+                    lost_at_least,
+                };
+                (loaded, Some(file))
             }
         };
         let report = OpenReport {
@@ -875,6 +909,62 @@ impl Outbox {
         inner.next_seq = inner.next_seq.max(loaded.next_seq);
         Ok(())
     }
+}
+
+/// Every record of a damaged file that still reads and decodes, by sequence number, and its
+/// `next_seq` if that still reads.
+fn salvage(damaged: &Path) -> (Vec<(u64, Vec<u8>)>, Option<u64>) {
+    enum Found {
+        Record(u64, Vec<u8>),
+        NextSeq(u64),
+    }
+    let found = edgetwin_redbfile::salvage(damaged, |db, out| {
+        let Ok(txn) = db.begin_read() else { return };
+        if let Ok(Some(n)) = txn
+            .open_table(META)
+            .and_then(|m| Ok(m.get(META_NEXT_SEQ)?.map(|v| v.value())))
+        {
+            out.push(Found::NextSeq(n));
+        }
+        let Ok(table) = txn.open_table(RECORDS) else {
+            return;
+        };
+        let Ok(iter) = table.iter() else { return };
+        for item in iter {
+            let Ok((k, v)) = item else { break };
+            if decode(k.value(), v.value()).is_ok() {
+                out.push(Found::Record(k.value(), v.value().to_vec()));
+            }
+        }
+    });
+    let mut records = Vec::new();
+    let mut next_seq = None;
+    for f in found {
+        match f {
+            Found::Record(seq, bytes) => records.push((seq, bytes)),
+            Found::NextSeq(n) => next_seq = Some(n),
+        }
+    }
+    records.sort_by_key(|(seq, _)| *seq);
+    (records, next_seq)
+}
+
+/// Writes salvaged records into a fresh file under their own sequence numbers, in one
+/// transaction, and moves `next_seq` past them.
+fn restore_records(db: &Database, records: &[(u64, Vec<u8>)]) -> Result<(), DbError> {
+    let txn = db.begin_write()?;
+    {
+        let mut table = txn.open_table(RECORDS)?;
+        for (seq, bytes) in records {
+            table.insert(*seq, bytes.as_slice())?;
+        }
+        let mut meta = txn.open_table(META)?;
+        if let Some((last, _)) = records.last() {
+            meta.insert(META_NEXT_SEQ, last + 1)?;
+        }
+    }
+    txn.commit()?;
+    Ok(())
 }
 
 /// Opens the database (full integrity check), validates every record header, moves undecodable

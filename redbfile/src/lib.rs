@@ -84,6 +84,37 @@ impl std::error::Error for MoveAsideError {
     }
 }
 
+/// Reads what still can be read from a damaged file that was moved aside: `read` gets the
+/// database opened without the integrity check and pushes every item it can decode. It runs on
+/// a scratch copy (the damaged file stays as it was, for inspection) and behind `catch_unwind`,
+/// because redb's debug builds panic on some damage; whatever was pushed before a failure is kept.
+pub fn salvage<T>(damaged: &Path, read: impl FnOnce(&redb::Database, &mut Vec<T>)) -> Vec<T> {
+    let mut scratch = damaged.as_os_str().to_owned();
+    scratch.push(".salvage");
+    let scratch = PathBuf::from(scratch);
+    if std::fs::copy(damaged, &scratch).is_err() {
+        return Vec::new();
+    }
+    tracing::warn!(
+        file = %damaged.display(),
+        "reading back what can still be read from the damaged file (redb may print internal errors while it walks damaged pages)"
+    );
+    let out = std::sync::Mutex::new(Vec::new());
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut builder = redb::Database::builder();
+        builder.set_cache_size(CACHE_BYTES);
+        if let Ok(db) = builder.create(&scratch) {
+            let mut items = out
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            read(&db, &mut items);
+        }
+    }));
+    let _ = std::fs::remove_file(&scratch);
+    out.into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Renames a corrupt file aside (see [`corrupt_name`]) and returns where it went.
 pub fn move_aside(path: &Path) -> Result<PathBuf, MoveAsideError> {
     let to = corrupt_name(path, edgetwin_contract::now_ms());
