@@ -108,6 +108,70 @@ pub async fn subscribe(
     Ok(())
 }
 
+/// Connects, subscribes to `topic` at QoS 1 and returns the payload of the first message on it
+/// (a retained one, or one published while we wait); fails after `timeout`.
+pub async fn first_message(addr: SocketAddr, topic: &str, timeout: Duration) -> Result<Vec<u8>> {
+    let id = format!("bench-probe-{:08x}", rand::random::<u32>());
+    let (c, mut el) = connect(&id, addr, 10).await?;
+    c.subscribe(topic, QoS::AtLeastOnce)
+        .await
+        .with_context(|| format!("subscribe {topic}"))?;
+    let wait = async {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) if p.topic == topic => {
+                    return Ok(p.payload.to_vec())
+                }
+                Ok(_) => {}
+                Err(e) => return Err(anyhow::Error::new(e).context(format!("waiting for {topic}"))),
+            }
+        }
+    };
+    let r = tokio::time::timeout(timeout, wait)
+        .await
+        .with_context(|| format!("no message on {topic} within {timeout:?}"))?;
+    let _ = c.try_disconnect();
+    r
+}
+
+/// Publishes every (topic, payload) retained at QoS 1 from one client and returns once all are
+/// acknowledged (or fails after `timeout`).
+pub async fn publish_retained(
+    addr: SocketAddr,
+    msgs: Vec<(String, Vec<u8>)>,
+    timeout: Duration,
+) -> Result<()> {
+    let id = format!("bench-retain-{:08x}", rand::random::<u32>());
+    let (c, mut el) = connect(&id, addr, 100).await?;
+    let n = msgs.len();
+    let sender = tokio::spawn(async move {
+        for (t, p) in msgs {
+            c.publish(t, QoS::AtLeastOnce, true, p)
+                .await
+                .context("publish retained")?;
+        }
+        Ok::<AsyncClient, anyhow::Error>(c)
+    });
+    let wait = async {
+        let mut acked = 0;
+        while acked < n {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
+                Ok(_) => {}
+                Err(e) => return Err(anyhow::Error::new(e).context("retained publisher")),
+            }
+        }
+        Ok(())
+    };
+    tokio::time::timeout(timeout, wait)
+        .await
+        .with_context(|| format!("{n} retained publishes not acknowledged within {timeout:?}"))??;
+    let c = sender.await.context("retained sender")??;
+    let _ = c.try_disconnect();
+    client_disconnect_and_drain(&mut el).await;
+    Ok(())
+}
+
 /// Parses an MQTT QoS level 0, 1 or 2.
 pub fn qos(level: u8) -> Result<QoS> {
     match level {

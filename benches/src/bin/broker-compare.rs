@@ -5,6 +5,10 @@
 //! subscriber on `bench/#` receives them; the table shows completed publishes, distinct messages
 //! received, loss, publish and receive throughput, and end-to-end latency. Both brokers are started
 //! by this program on free ports of 127.0.0.1 and killed at the end (also on error).
+//!
+//! `--baseline PATH` measures a second edgetwin binary (e.g. a build of the previous main) in the
+//! same run, labelled `baseline`. Each row also gives the broker's CPU time (utime + stime from
+//! /proc/PID/stat, all threads) per 1,000 messages received.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -52,6 +56,9 @@ struct Args {
     /// The edgetwin binary (default: `edgetwin` next to this program, i.e. target/release/edgetwin).
     #[arg(long)]
     edgetwin: Option<PathBuf>,
+    /// A second edgetwin binary measured in the same run (labelled `baseline`).
+    #[arg(long)]
+    baseline: Option<PathBuf>,
     /// The mosquitto binary (default /usr/sbin/mosquitto).
     #[arg(long)]
     mosquitto: Option<PathBuf>,
@@ -67,6 +74,14 @@ struct Row {
     broker: &'static str,
     qos: u8,
     result: PubSubResult,
+    /// Broker CPU seconds (utime + stime) during the run.
+    cpu_secs: f64,
+}
+
+impl Row {
+    fn cpu_per_1k(&self) -> f64 {
+        self.cpu_secs / (self.result.received.max(1) as f64 / 1000.0)
+    }
 }
 
 #[tokio::main]
@@ -132,6 +147,20 @@ async fn main() -> Result<()> {
             }
             Err(e) => return Err(e),
         }
+        if let Some(b) = &args.baseline {
+            let bin = procs::find_edgetwin(Some(b))?;
+            let dir = tmp.path().join("baseline");
+            std::fs::create_dir_all(&dir)?;
+            let mut e = Edgetwin::start(&bin, &dir, &[])?;
+            println!("baseline {} on {} (http {})", bin.display(), e.mqtt, e.http);
+            measure("baseline", e.mqtt, &args, &mut e.child, &mut rows).await?;
+            rss.push((
+                "baseline",
+                e.child.peak_rss_kib()?,
+                EDGETWIN_QUEUES.to_string(),
+            ));
+            e.child.stop();
+        }
     }
 
     println!();
@@ -147,6 +176,7 @@ async fn main() -> Result<()> {
         "p50",
         "p99",
         "max",
+        "CPU s / 1k msgs",
     ]);
     for r in &rows {
         let x = &r.result;
@@ -166,17 +196,23 @@ async fn main() -> Result<()> {
             ms(x.latency.p50, x.latency.count),
             ms(x.latency.p99, x.latency.count),
             ms(x.latency.max, x.latency.count),
+            format!("{:.4}", r.cpu_per_1k()),
         ]);
     }
+    let pairs = [
+        ("edgetwin", "mosquitto"),
+        ("baseline", "mosquitto"),
+        ("edgetwin", "baseline"),
+    ];
     for q in &args.qos {
-        let find = |b: &str| {
-            rows.iter()
-                .find(|r| r.broker == b && r.qos == *q)
-                .map(|r| &r.result)
-        };
-        if let (Some(e), Some(m)) = (find("edgetwin"), find("mosquitto")) {
+        let find = |b: &str| rows.iter().find(|r| r.broker == b && r.qos == *q);
+        for (num, den) in pairs {
+            let (Some(er), Some(mr)) = (find(num), find(den)) else {
+                continue;
+            };
+            let (e, m) = (&er.result, &mr.result);
             t.row(vec![
-                "edgetwin/mosquitto".into(),
+                format!("{num}/{den}"),
                 q.to_string(),
                 String::new(),
                 String::new(),
@@ -187,11 +223,12 @@ async fn main() -> Result<()> {
                 ratio(e.latency.p50.as_secs_f64(), m.latency.p50.as_secs_f64()),
                 ratio(e.latency.p99.as_secs_f64(), m.latency.p99.as_secs_f64()),
                 ratio(e.latency.max.as_secs_f64(), m.latency.max.as_secs_f64()),
+                ratio(er.cpu_per_1k(), mr.cpu_per_1k()),
             ]);
         }
     }
     print!("{}", t.render());
-    println!("(throughput: higher is better; latency = publish call to subscriber receipt, lower is better)");
+    println!("(throughput: higher is better; latency = publish call to subscriber receipt, lower is better; CPU = broker utime+stime per 1,000 messages received, lower is better)");
     println!();
     let mut t = Table::new(&["broker", "peak RSS (VmHWM)", "queue settings"]);
     for (b, kib, q) in &rss {
@@ -225,10 +262,12 @@ async fn measure(
             deadline: Duration::from_secs(args.deadline_secs),
             drain_idle: Duration::from_secs(2),
         };
+        let cpu0 = child.cpu_secs()?;
         let result = loadgen::run_pubsub(&spec)
             .await
             .with_context(|| format!("{broker} QoS {q}"))?;
         child.check_running()?;
+        let cpu_secs = child.cpu_secs()? - cpu0;
         println!(
             "  {broker} QoS {q}: sent {} received {} in {:.2}s",
             result.sent, result.received, result.receive_secs
@@ -237,6 +276,7 @@ async fn measure(
             broker,
             qos: q,
             result,
+            cpu_secs,
         });
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

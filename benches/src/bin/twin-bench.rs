@@ -11,6 +11,10 @@
 //!   persistence, through Mosquitto and through edgetwin's embedded broker (topics outside `dt/`).
 //!
 //! Every patch carries a unique setpoint (`id + 0.5`), so each delta is matched to its patch.
+//!
+//! `--baseline PATH` runs the same phases against a second edgetwin binary (e.g. a build of the
+//! previous main) in the same run, labelled `baseline`. Twin rows also give the node's CPU time
+//! (utime + stime from /proc/PID/stat) per 1,000 completed patches.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -46,6 +50,9 @@ struct Args {
     /// The edgetwin binary (default: `edgetwin` next to this program, i.e. target/release/edgetwin).
     #[arg(long)]
     edgetwin: Option<PathBuf>,
+    /// A second edgetwin binary measured in the same run (labelled `baseline`).
+    #[arg(long)]
+    baseline: Option<PathBuf>,
     /// The mosquitto binary (default /usr/sbin/mosquitto).
     #[arg(long)]
     mosquitto: Option<PathBuf>,
@@ -77,6 +84,11 @@ fn lock(t: &Shared) -> Result<std::sync::MutexGuard<'_, Tracker>> {
 /// Handles one message on `dt/+/delta` or `dt/+/error`.
 fn on_message(tracker: &Shared, topic: &str, payload: &[u8]) -> Result<()> {
     let now = Instant::now();
+    // The node's readiness canary asks for a reserved device every few seconds and always gets
+    // an error: not one of our patches.
+    if topic.starts_with("dt/edgetwin-canary/") {
+        return Ok(());
+    }
     let mut t = lock(tracker)?;
     if topic.ends_with("/error") {
         t.errors += 1;
@@ -128,6 +140,8 @@ struct Phase {
     secs: f64,
     latency: Summary,
     errors: usize,
+    /// Node CPU seconds during the phase (set by the caller).
+    cpu_secs: f64,
 }
 
 /// Resets the tracker for a new phase.
@@ -155,6 +169,7 @@ fn finish(tracker: &Shared, sent: usize, start: Instant) -> Result<Phase> {
         secs,
         latency: Summary::from_nanos(&mut t.latencies),
         errors: t.errors,
+        cpu_secs: 0.0,
     })
 }
 
@@ -330,11 +345,15 @@ async fn measure_twin(
                 );
             }
         }
-        let closed = closed_loop(&publ, &tracker, args.devices, args.throughput_secs, &mut next_id).await?;
+        let cpu0 = node.child.cpu_secs()?;
+        let mut closed = closed_loop(&publ, &tracker, args.devices, args.throughput_secs, &mut next_id).await?;
+        let cpu1 = node.child.cpu_secs()?;
+        closed.cpu_secs = cpu1 - cpu0;
         node.child.check_running()?;
         println!("  closed loop: {} durable updates in {:.2}s", closed.completed, closed.secs);
         let (rate, secs) = (args.rate, args.latency_secs);
-        let open = open_loop(&publ, &tracker, args.devices, rate, secs, &mut next_id).await?;
+        let mut open = open_loop(&publ, &tracker, args.devices, rate, secs, &mut next_id).await?;
+        open.cpu_secs = node.child.cpu_secs()? - cpu1;
         node.child.check_running()?;
         println!("  open loop: {} of {} deltas", open.completed, open.sent);
         let plain = if args.skip_reference {
@@ -374,6 +393,7 @@ fn phase_row(name: String, p: &Phase) -> Vec<String> {
         ms(p.latency.p50, p.latency.count),
         ms(p.latency.p99, p.latency.count),
         ms(p.latency.max, p.latency.count),
+        format!("{:.4}", p.cpu_secs / (p.completed.max(1) as f64 / 1000.0)),
     ]
 }
 
@@ -388,6 +408,7 @@ fn reference_row(name: String, r: &PubSubResult) -> Vec<String> {
         ms(r.latency.p50, r.latency.count),
         ms(r.latency.p99, r.latency.count),
         ms(r.latency.max, r.latency.count),
+        String::new(),
     ]
 }
 
@@ -406,14 +427,20 @@ async fn main() -> Result<()> {
         args.devices, args.throughput_secs, args.rate, args.latency_secs
     );
     let mut notes = Vec::new();
-    let twin = match procs::find_edgetwin(args.edgetwin.as_deref()) {
-        Ok(bin) => Some(measure_twin(&args, &bin, tmp.path()).await?),
+    let mut twins = Vec::new();
+    match procs::find_edgetwin(args.edgetwin.as_deref()) {
+        Ok(bin) => twins.push(("edgetwin", measure_twin(&args, &bin, tmp.path()).await?)),
         Err(e) if args.edgetwin.is_none() => {
             notes.push(format!("edgetwin not measured: {e:#}"));
-            None
         }
         Err(e) => return Err(e),
     };
+    if let Some(b) = &args.baseline {
+        let bin = procs::find_edgetwin(Some(b))?;
+        let dir = tmp.path().join("baseline");
+        std::fs::create_dir_all(&dir)?;
+        twins.push(("baseline", measure_twin(&args, &bin, &dir).await?));
+    }
 
     let queues = MosquittoQueues {
         max_inflight: 100,
@@ -446,22 +473,23 @@ async fn main() -> Result<()> {
         "p50",
         "p99",
         "max",
+        "node CPU s / 1k",
     ]);
-    if let Some(f) = &twin {
+    for (label, f) in &twins {
         t.row(phase_row(
             format!(
-                "durable twin updates, closed loop (window {})",
+                "{label}: durable twin updates, closed loop (window {})",
                 args.devices
             ),
             &f.closed,
         ));
         t.row(phase_row(
-            format!("desired->delta at {} patch/s", args.rate),
+            format!("{label}: desired->delta at {} patch/s", args.rate),
             &f.open,
         ));
         if let Some(r) = &f.plain {
             let name = format!(
-                "REFERENCE plain pub->sub at {} msg/s, edgetwin broker (no twin, no persistence)",
+                "REFERENCE plain pub->sub at {} msg/s, {label} broker (no twin, no persistence)",
                 args.rate
             );
             t.row(reference_row(name, r));
@@ -476,10 +504,10 @@ async fn main() -> Result<()> {
     }
     print!("{}", t.render());
     println!("(completed = deltas received for twin rows, i.e. updates committed to redb; latency = publish call to receipt; QoS 1 everywhere)");
-    if let Some(f) = &twin {
+    for (label, f) in &twins {
         let rejected = f.closed.errors + f.open.errors;
         println!(
-            "edgetwin peak RSS (VmHWM): {}; rejected patches: {rejected}",
+            "{label} peak RSS (VmHWM): {}; rejected patches: {rejected}",
             procs::mib(f.rss_kib)
         );
         if let Some(e) = &f.first_error {
