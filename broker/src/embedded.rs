@@ -17,7 +17,10 @@
 //! read from the broker into their own bounded queue at once, so the log only needs to cover the
 //! router's own scheduling), everyone else's get [`CLIENT_SEGMENT`]. A consumer that falls behind
 //! by more than its log loses the oldest messages: for internal consumers that is detected and
-//! counted (see [`crate::local`]); for TCP clients it is rumqttd's documented behaviour.
+//! counted (see [`crate::local`]); for TCP clients it is rumqttd's behaviour, counted from its
+//! warnings (see [`crate::skips`]). rumqttd acknowledges a QoS 1 publish once it is in the log,
+//! so a publisher is never slowed down by a slow subscriber: back-pressure needs the node's own
+//! front door.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -35,8 +38,10 @@ type NewLink = Box<dyn Fn(&str) -> Result<(LinkTx, LinkRx), String> + Send + Syn
 
 /// Log size of an internal consumer's filter: 3 full segments of history (1.5 MiB accounted).
 pub const INTERNAL_SEGMENT: (usize, usize) = (512 * 1024, 4);
-/// Log size of any other filter: 2 full segments of history (256 KiB accounted).
-pub const CLIENT_SEGMENT: (usize, usize) = (128 * 1024, 3);
+/// Log size of any other filter: 3 full segments of history (768 KiB accounted, about 10,000
+/// small telemetry messages of lag a subscriber may fall behind before it loses the oldest;
+/// such losses are counted, see [`crate::skips`]).
+pub const CLIENT_SEGMENT: (usize, usize) = (256 * 1024, 4);
 
 /// Starts one listener thread; rumqttd's server types differ per protocol version.
 type ServeFn = Box<dyn FnOnce(&tokio::runtime::Runtime) -> Result<(), String> + Send>;

@@ -6,6 +6,7 @@
 pub mod embedded;
 pub mod local;
 mod metrics;
+pub mod skips;
 
 use std::net::SocketAddr;
 

@@ -28,6 +28,11 @@ impl BrokerMetrics {
             "Messages an internal consumer (link) never received because it fell behind the embedded broker's log",
             self.local_link_skipped.clone(),
         );
+        registry.register(
+            "broker_subscriber_skipped_messages",
+            "Messages a subscriber (any client) never received because it fell behind its filter's bounded log in the embedded broker (counted from rumqttd's cursor-jump warnings)",
+            crate::skips::subscriber_skipped().clone(),
+        );
         for link in links {
             let _ = self.local_link_skipped.get_or_create(&LinkLabels {
                 link: link.to_string(),

@@ -119,12 +119,18 @@ enum DeviceCommand {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("EDGETWIN_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let log = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .init();
+        .with_filter(
+            EnvFilter::try_from_env("EDGETWIN_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        );
+    // Counts what rumqttd only logs (subscribers that fell behind), whatever EDGETWIN_LOG says.
+    let skips =
+        edgetwin_broker::skips::skip_layer().with_filter(edgetwin_broker::skips::skip_filter());
+    tracing_subscriber::registry().with(log).with(skips).init();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -364,3 +364,63 @@ fn metrics_doc_dashboard_and_endpoint_agree() {
         );
     }
 }
+
+#[test]
+fn node_counts_the_messages_a_stalled_subscriber_never_gets() {
+    use std::io::{Read, Write};
+    let node = Node::start(&[]);
+    // A subscriber that subscribes and then never reads again: its socket buffers fill, then
+    // the broker's queue for it, then its filter's bounded log moves past it.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", node.port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let id = b"stalled";
+    let mut connect = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x3c];
+    connect.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    connect.extend_from_slice(id);
+    s.write_all(&[0x10, connect.len() as u8]).unwrap();
+    s.write_all(&connect).unwrap();
+    let mut connack = [0u8; 4];
+    s.read_exact(&mut connack).unwrap();
+    let filter = b"flood/#";
+    let mut sub = vec![0x00, 0x01];
+    sub.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+    sub.extend_from_slice(filter);
+    sub.push(0x00);
+    s.write_all(&[0x82, sub.len() as u8]).unwrap();
+    s.write_all(&sub).unwrap();
+    let mut suback = [0u8; 5];
+    s.read_exact(&mut suback).unwrap();
+    assert_eq!(suback[0], 0x90);
+
+    // 100,000 messages of 200 bytes (20 MB): far more than the socket buffers, the broker's
+    // per-connection queue and the filter's log can hold for it.
+    let lines: String = (0..100_000).map(|i| format!("{i:0>200}\n")).collect();
+    let mut publisher = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &node.port.to_string(),
+            "-t",
+            "flood/x",
+            "-l",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    publisher
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(lines.as_bytes())
+        .unwrap();
+    assert!(publisher.wait().unwrap().success());
+    node.metrics_until(std::time::Duration::from_secs(20), |m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("edgetwin_broker_subscriber_skipped_messages_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .is_some_and(|n| n > 0.0)
+    });
+    drop(s);
+}
