@@ -41,7 +41,7 @@ pub async fn run(
     timing: Timing,
     shutdown: CancellationToken,
 ) {
-    let target = loopback(listener);
+    let target = edgetwin_broker::loopback(listener);
     let Ok(device) = DeviceId::new(CANARY_DEVICE) else {
         return;
     };
@@ -55,6 +55,8 @@ pub async fn run(
     let (client, mut eventloop) = AsyncClient::new(opts, 16);
     let (answers_tx, mut answers) = mpsc::channel::<String>(16);
     let (conn_tx, mut conn) = mpsc::channel::<String>(4);
+    // Whether the reply subscription is in place; asking before it is would miss the answer.
+    let (subscribed_tx, mut subscribed) = tokio::sync::watch::channel(false);
     let reply = Topic::Error(device.clone()).to_topic_string();
     let poll = {
         let reply = reply.clone();
@@ -65,6 +67,9 @@ pub async fn run(
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         let _ = client.subscribe(reply.clone(), QoS::AtMostOnce).await;
                     }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        subscribed_tx.send_replace(true);
+                    }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         if let Ok(msg) = serde_json::from_slice::<ErrorMsg>(&p.payload) {
                             let _ = answers_tx.try_send(msg.id.unwrap_or_default());
@@ -72,6 +77,7 @@ pub async fn run(
                     }
                     Ok(_) => {}
                     Err(e) => {
+                        subscribed_tx.send_replace(false);
                         let _ = conn_tx.try_send(e.to_string());
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
@@ -85,6 +91,22 @@ pub async fn run(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            // The watch guard must not live across an await (it is not `Send`).
+            let ready = matches!(
+                tokio::time::timeout(timing.within, subscribed.wait_for(|s| *s)).await,
+                Ok(Ok(_))
+            );
+            if !ready {
+                let why = match conn.try_recv() {
+                    Ok(e) => format!("cannot reach the MQTT listener {target}: {e}"),
+                    Err(_) => format!(
+                        "no subscription at the MQTT listener {target} within {:?}",
+                        timing.within
+                    ),
+                };
+                health.set(CHECK, Verdict::Failing(why));
+                continue;
+            }
             n += 1;
             let id = format!("canary-{n}");
             let req = serde_json::to_vec(&GetRequest {
@@ -132,20 +154,5 @@ async fn wait_for(
             }
             Some(e) = conn.recv() => last_conn_error = Some(e),
         }
-    }
-}
-
-/// The address to connect to for a listener bound to `addr` (an unspecified address listens on
-/// loopback too).
-pub fn loopback(addr: SocketAddr) -> SocketAddr {
-    if addr.ip().is_unspecified() {
-        let ip: std::net::IpAddr = if addr.is_ipv4() {
-            std::net::Ipv4Addr::LOCALHOST.into()
-        } else {
-            std::net::Ipv6Addr::LOCALHOST.into()
-        };
-        SocketAddr::new(ip, addr.port())
-    } else {
-        addr
     }
 }

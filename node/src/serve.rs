@@ -323,6 +323,11 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
         info!(listeners = ?gate.local_addrs(), "MQTT gate listening (TLS, authentication, topic permissions)");
         tracker.spawn(gate.run(intake.clone()));
     }
+    // Not ready until the twin service has answered the canary once through the listener.
+    health.set(
+        crate::canary::CHECK,
+        crate::health::Verdict::Failing("waiting for the first answer".into()),
+    );
     tracker.spawn(crate::canary::run(
         cfg.mqtt.listen,
         cfg.node_id.as_str().to_string(),
