@@ -202,7 +202,7 @@ fn document(
     };
     match map.get("kind") {
         Some(Value::String(k)) if k == "DeviceModel" => {
-            match typed::<DeviceModel>(file, text, index, line0) {
+            match typed_from::<DeviceModel>(value, file, text, index, line0) {
                 Ok(mut m) => {
                     m.set_source(source);
                     docs.push(Document::DeviceModel(m));
@@ -212,7 +212,7 @@ fn document(
             }
         }
         Some(Value::String(k)) if k == "Device" => {
-            match typed::<Device>(file, text, index, line0) {
+            match typed_from::<Device>(value, file, text, index, line0) {
                 Ok(mut d) => {
                     d.set_source(source);
                     docs.push(Document::Device(d));
@@ -241,6 +241,23 @@ fn show(v: &Value) -> String {
         other => serde_norway::to_string(other)
             .map(|s| format!("`{}`", s.trim_end()))
             .unwrap_or_else(|_| "(unprintable)".into()),
+    }
+}
+
+/// [`typed`], converting the already parsed `value` first: most documents are valid, and this
+/// spares parsing the YAML a second time (half the time of loading a large profile file). Only a
+/// document that does not convert is parsed again from its text, so every error still carries
+/// the line and path the text path gives.
+fn typed_from<T: DeserializeOwned>(
+    value: &Value,
+    file: &str,
+    text: &str,
+    index: usize,
+    line0: usize,
+) -> Result<T, ProfileError> {
+    match T::deserialize(value) {
+        Ok(t) => Ok(t),
+        Err(_) => typed::<T>(file, text, index, line0),
     }
 }
 
@@ -469,6 +486,74 @@ spec:
         match doc {
             Document::DeviceModel(m) => m.source(),
             Document::Device(d) => d.source(),
+        }
+    }
+
+    /// What the fast path accepts, the text path accepts too, as the same document: the fast
+    /// path may only save time, never change a verdict.
+    fn fast_path_agrees(text: &str) -> Result<usize, String> {
+        let mut fast_ok = 0;
+        let Some(chunks) = split_docs(text) else {
+            return Ok(0);
+        };
+        for (index, chunk) in chunks.iter().enumerate() {
+            let doc = &text[chunk.range.clone()];
+            let Some(Ok(value)) = serde_norway::Deserializer::from_str(doc)
+                .next()
+                .map(Value::deserialize)
+            else {
+                continue;
+            };
+            let kind = value.get("kind").and_then(Value::as_str);
+            let agree = match kind {
+                Some("Device") => match Device::deserialize(&value) {
+                    Ok(fast) => {
+                        fast_ok += 1;
+                        typed::<Device>("f", doc, 0, 0).ok() == Some(fast)
+                    }
+                    Err(_) => true,
+                },
+                Some("DeviceModel") => match DeviceModel::deserialize(&value) {
+                    Ok(fast) => {
+                        fast_ok += 1;
+                        typed::<DeviceModel>("f", doc, 0, 0).ok() == Some(fast)
+                    }
+                    Err(_) => true,
+                },
+                _ => true,
+            };
+            if !agree {
+                return Err(format!("document {index} differs:\n{doc}"));
+            }
+        }
+        Ok(fast_ok)
+    }
+
+    #[test]
+    fn fast_path_agrees_with_the_text_path_on_the_examples() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/profiles");
+        let mut fast = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            fast += fast_path_agrees(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        }
+        assert!(
+            fast > 4,
+            "the fast path must actually take valid documents ({fast})"
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn fast_path_agrees_with_the_text_path(
+            parts in prop::collection::vec((0..SEPARATORS, 0..BODIES), 0..8),
+            crlf in prop::bool::weighted(0.2),
+        ) {
+            let text = file(&parts, crlf, true, false);
+            prop_assert!(fast_path_agrees(&text).is_ok(), "{:?}", fast_path_agrees(&text));
         }
     }
 
