@@ -12,7 +12,6 @@
 //! `edgetwin_local_link_skipped_messages_total{link}` and logged as an error naming the link
 //! and the filter.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -112,7 +111,7 @@ impl LocalClient {
         let reader = Reader {
             name,
             filters: filters.iter().map(|f| f.to_string()).collect(),
-            last: HashMap::new(),
+            last: vec![None; filters.len()],
             metrics: broker.metrics().clone(),
         };
         tracker.spawn(reader.run(early, rx, out, shutdown));
@@ -180,8 +179,8 @@ async fn wait_for_subacks(rx: &mut LinkRx, name: &str, n: usize) -> anyhow::Resu
 struct Reader {
     name: &'static str,
     filters: Vec<String>,
-    /// Last offset seen per (filter index, segment-independent log).
-    last: HashMap<usize, u64>,
+    /// Last offset seen per filter (by index into `filters`).
+    last: Vec<Option<u64>>,
     metrics: BrokerMetrics,
 }
 
@@ -239,18 +238,23 @@ impl Reader {
         // A topic can match several of the link's filters; rumqttd then forwards it once per
         // filter, each with its own log's offset. The first filter whose offsets it continues is
         // the one it came from.
-        let matching: Vec<usize> = (0..self.filters.len())
-            .filter(|i| edgetwin_contract::topic::filter::matches(&self.filters[*i], topic))
-            .collect();
-        let Some(&first) = matching.first() else {
+        // This runs for every message: no allocation, one pass over the link's few filters.
+        let mut first = None;
+        let mut continues = None;
+        for (i, f) in self.filters.iter().enumerate() {
+            if !edgetwin_contract::topic::filter::matches(f, topic) {
+                continue;
+            }
+            first.get_or_insert(i);
+            if self.last[i].is_none_or(|l| offset == l + 1) {
+                continues = Some(i);
+                break;
+            }
+        }
+        let Some(idx) = continues.or(first) else {
             return;
         };
-        let idx = matching
-            .iter()
-            .copied()
-            .find(|i| self.last.get(i).is_none_or(|l| offset == l + 1))
-            .unwrap_or(first);
-        if let Some(last) = self.last.insert(idx, offset) {
+        if let Some(last) = self.last[idx].replace(offset) {
             if offset > last + 1 {
                 let skipped = offset - last - 1;
                 self.metrics
