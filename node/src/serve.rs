@@ -2,8 +2,9 @@
 //!
 //! # Start (each step finishes before the next begins)
 //! 1. HTTP listener: `/healthz` answers, `/readyz` says "starting".
-//! 2. Stores open: the twin store (a damaged file is restored, see `devicetwin::store`), its
-//!    snapshot written as the restore point.
+//! 2. Stores open: the twin store (a damaged file is restored, see `devicetwin::store`). The
+//!    twin service writes the snapshot of what was opened in the background once it runs, so
+//!    the restore point is current without holding up start-up.
 //! 3. The embedded broker's router starts, **without** TCP listeners.
 //! 4. Every internal consumer connects and the router acknowledges all its subscriptions: the
 //!    twin service, the bridge tap, the container agent, the registry.
@@ -128,11 +129,6 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
     record_quarantine(&metrics, &quarantined);
     info!(twins = twins.len(), path = %store_path.display(), "twin store opened");
     let store = Arc::new(store);
-    {
-        let (store, metrics) = (store.clone(), metrics.clone());
-        let _ = tokio::task::spawn_blocking(move || twin_service::take_snapshot(&store, &metrics))
-            .await;
-    }
 
     // 3. The router, no listeners yet.
     let tap_filters: Vec<String> = cfg

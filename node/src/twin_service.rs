@@ -286,7 +286,14 @@ impl TwinService {
         snapshot.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         snapshot.tick().await;
         let mut snapshotted_at = self.store.write_transactions();
-        let mut snapshot_task: Option<tokio::task::JoinHandle<()>> = None;
+        // The state just opened becomes the restore point (after a crash the last snapshot may
+        // be up to an interval old); written off the start-up path.
+        let mut snapshot_task = {
+            let (store, metrics) = (self.store.clone(), self.metrics.clone());
+            Some(tokio::task::spawn_blocking(move || {
+                take_snapshot(&store, &metrics)
+            }))
+        };
         loop {
             tokio::select! {
                 biased;
