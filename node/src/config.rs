@@ -236,6 +236,11 @@ impl NodeConfig {
     pub fn applied_profiles_dir(&self) -> PathBuf {
         self.data_dir.join("applied-profiles")
     }
+
+    /// Parsed profile documents kept for the next start (see `Registry::with_cache`).
+    pub fn profile_cache_path(&self) -> PathBuf {
+        self.data_dir.join("profiles.cache")
+    }
 }
 
 #[cfg(test)]

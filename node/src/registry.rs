@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use edgetwin_contract::{ApplyRequest, ApplyResult, ListRequest, ListResult, ListedDevice, Topic};
+use edgetwin_profile::cache::{Fingerprint, ParsedCache};
 use edgetwin_profile::{Document, ProfileError, ProfileSet};
 use rumqttd::Forward;
 use tokio::sync::{mpsc, oneshot};
@@ -22,22 +23,33 @@ use crate::metrics::Metrics;
 use crate::twin_service::{Input, RegistryUpdate};
 use edgetwin_broker::{LocalClient, Message};
 
-/// A rejected file: key, the text that failed, and its errors.
-type Rejected = (String, String, Vec<String>);
+/// A rejected file: key, the fingerprint of the text that failed, and its errors.
+type Rejected = (String, Fingerprint, Vec<String>);
 
 /// One profile file as last accepted. The documents are shared, so copying an entry between
-/// the accepted map and a would-be one is cheap.
+/// the accepted map and a would-be one is cheap. The text itself is not kept here (each
+/// document's source keeps one shared copy for error lines); its fingerprint says whether a
+/// file still holds it.
 #[derive(Clone)]
 struct Accepted {
-    text: String,
+    fingerprint: Fingerprint,
     docs: Arc<[Document]>,
 }
 
-/// A file's documents if they are parsed already.
-type Parsed = Option<Arc<[Document]>>;
+/// What is known of a file to merge: its text, or its documents if they are parsed already.
+enum Body {
+    Text(String),
+    Parsed(Arc<[Document]>),
+}
 
-/// A profile file to merge: key, text, and its documents if they are parsed already.
-type Incoming = (String, String, Parsed);
+/// A profile file to merge: key, fingerprint of its text, and its body.
+type Incoming = (String, Fingerprint, Body);
+
+/// Where the parsed-document cache lives, and which build may read it.
+struct CacheFile {
+    path: PathBuf,
+    build: String,
+}
 
 /// Profile files currently loaded, by a key that names where they came from.
 pub struct Registry {
@@ -45,9 +57,18 @@ pub struct Registry {
     applied_dir: PathBuf,
     accepted: BTreeMap<String, Accepted>,
     /// Files that failed last time, with the text that failed, so the error is logged once.
-    rejected: BTreeMap<String, (String, Vec<String>)>,
-    current: ProfileSet,
+    rejected: BTreeMap<String, (Fingerprint, Vec<String>)>,
+    /// The set last handed to the twin service, shared with it (one copy of every device).
+    current: Arc<ProfileSet>,
     metrics: Arc<Metrics>,
+    cache: Option<CacheFile>,
+    /// Documents read from the cache at start, taken file by file by the first scan.
+    cached: ParsedCache,
+    /// The accepted files changed since the cache was last written.
+    cache_dirty: bool,
+    /// Files parsed from YAML and files taken from the cache, since the start.
+    parsed_files: usize,
+    cached_files: usize,
 }
 
 impl Registry {
@@ -58,13 +79,80 @@ impl Registry {
             applied_dir,
             accepted: BTreeMap::new(),
             rejected: BTreeMap::new(),
-            current: ProfileSet::default(),
+            current: Arc::default(),
             metrics,
+            cache: None,
+            cached: ParsedCache::default(),
+            cache_dirty: false,
+            parsed_files: 0,
+            cached_files: 0,
+        }
+    }
+
+    /// Keeps parsed documents in `path` between runs, so a restart with unchanged files does
+    /// not parse their YAML again. Reads what an earlier run of this build left there; anything
+    /// else there is ignored (and replaced at the next [`Registry::save_cache`]).
+    pub fn with_cache(mut self, path: PathBuf) -> Registry {
+        let build = build_id();
+        match std::fs::read(&path) {
+            Ok(bytes) => match ParsedCache::decode(&build, &bytes) {
+                Ok(c) => {
+                    info!(file = %path.display(), files = c.len(), "profile cache loaded");
+                    self.cached = c;
+                }
+                Err(e) => info!(file = %path.display(), "profile cache not used: {e}"),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!(file = %path.display(), error = %e, "cannot read the profile cache"),
+        }
+        // Nothing read (no file, another build): written after the first scan.
+        self.cache_dirty = self.cached.is_empty();
+        self.cache = Some(CacheFile { path, build });
+        self
+    }
+
+    /// The cache file and its new bytes if what it should hold changed since it was written:
+    /// a file parsed from its text, added, replaced or removed, or cached entries the first
+    /// scan did not use.
+    fn cache_update(&mut self) -> Option<(PathBuf, Vec<u8>)> {
+        let cache = self.cache.as_ref()?;
+        if !self.cache_dirty && self.cached.is_empty() {
+            return None;
+        }
+        self.cache_dirty = false;
+        self.cached = ParsedCache::default();
+        let files = self
+            .accepted
+            .iter()
+            .map(|(k, a)| (k.as_str(), a.fingerprint, &*a.docs));
+        match edgetwin_profile::cache::encode(&cache.build, files) {
+            Ok(bytes) => Some((cache.path.clone(), bytes)),
+            Err(e) => {
+                warn!(file = %cache.path.display(), error = %e, "cannot encode the profile cache");
+                None
+            }
+        }
+    }
+
+    /// Writes the parsed-document cache if it changed (on a blocking thread: it can be
+    /// megabytes, synced). The cache only saves time at the next start, so a failure is
+    /// logged, not returned.
+    pub async fn save_cache(&mut self) {
+        let Some((path, bytes)) = self.cache_update() else {
+            return;
+        };
+        let shown = path.display().to_string();
+        match tokio::task::spawn_blocking(move || write_file_atomically(&path, &bytes)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(file = %shown, error = %format!("{e:#}"), "cannot write the profile cache")
+            }
+            Err(e) => warn!(file = %shown, error = %e, "profile cache writer failed"),
         }
     }
 
     /// Rescans both folders; returns the new set if anything changed.
-    pub fn scan(&mut self) -> Option<ProfileSet> {
+    pub fn scan(&mut self) -> Option<Arc<ProfileSet>> {
         let mut on_disk: BTreeMap<String, String> = BTreeMap::new();
         for dir in [&self.devices_dir, &self.applied_dir] {
             for path in yaml_files(dir) {
@@ -78,29 +166,41 @@ impl Registry {
         }
         // A rejection stands while the file holds the text that failed (a file fixed, reverted
         // or removed since is no longer listed as rejected).
-        self.rejected.retain(|k, (t, _)| on_disk.get(k) == Some(t));
+        let on_disk: BTreeMap<String, (Fingerprint, String)> = on_disk
+            .into_iter()
+            .map(|(k, t)| (k, (Fingerprint::of(&t), t)))
+            .collect();
+        self.rejected
+            .retain(|k, (f, _)| on_disk.get(k).is_some_and(|(d, _)| d == f));
         // A file is unchanged if it holds the text last accepted or last rejected: nothing is
         // merged again until some file changes (a file rejected because of another is retried
         // then, as only a change elsewhere can make it valid).
-        let same = |k: &String, t: &String| {
-            self.accepted.get(k).is_some_and(|a| &a.text == t)
-                || self.rejected.get(k).is_some_and(|(rt, _)| rt == t)
+        let same = |k: &String, f: &Fingerprint| {
+            self.accepted.get(k).is_some_and(|a| a.fingerprint == *f)
+                || self.rejected.get(k).is_some_and(|(rf, _)| rf == f)
         };
-        let unchanged = on_disk.iter().all(|(k, t)| same(k, t))
+        let unchanged = on_disk.iter().all(|(k, (f, _))| same(k, f))
             && self.accepted.keys().all(|k| on_disk.contains_key(k));
         if unchanged {
             return None;
         }
-        let (next, errors, set) =
-            self.merge(on_disk.into_iter().map(|(k, t)| (k, t, None)).collect());
-        for (file, text, errs) in errors {
-            let seen = self.rejected.get(&file).is_some_and(|(t, _)| *t == text);
+        let (next, errors, set) = self.merge(
+            on_disk
+                .into_iter()
+                .map(|(k, (f, t))| (k, f, Body::Text(t)))
+                .collect(),
+        );
+        for (file, fingerprint, errs) in errors {
+            let seen = self
+                .rejected
+                .get(&file)
+                .is_some_and(|(f, _)| *f == fingerprint);
             if !seen {
                 self.metrics.profile_errors.inc();
                 for e in &errs {
                     error!(file = %file, "profile rejected: {e}");
                 }
-                self.rejected.insert(file, (text, errs));
+                self.rejected.insert(file, (fingerprint, errs));
             }
         }
         self.install(next, set)
@@ -110,7 +210,7 @@ impl Registry {
     /// would-be accepted map, the rejected files, and the set of the would-be map if it was
     /// found valid (`None`: not validated as it stands).
     fn merge(
-        &self,
+        &mut self,
         files: Vec<Incoming>,
     ) -> (
         BTreeMap<String, Accepted>,
@@ -120,24 +220,39 @@ impl Registry {
         let mut next: BTreeMap<String, Accepted> = BTreeMap::new();
         let mut errors = Vec::new();
         // Files removed from disk are dropped; files still present are re-parsed if changed.
-        for (key, text, parsed) in files {
-            if let Some(a) = self.accepted.get(&key).filter(|a| a.text == text) {
+        for (key, fingerprint, body) in files {
+            if let Some(a) = self
+                .accepted
+                .get(&key)
+                .filter(|a| a.fingerprint == fingerprint)
+            {
                 next.insert(key, a.clone());
                 continue;
             }
-            let parsed = match parsed {
-                Some(docs) => Ok(docs),
-                None => edgetwin_profile::parse_str(&key, &text).map(Arc::from),
+            let parsed = match body {
+                Body::Parsed(docs) => Ok(docs),
+                Body::Text(text) => match self.cached.take(&key, &text) {
+                    Some(docs) => {
+                        self.cached_files += 1;
+                        Ok(Arc::from(docs))
+                    }
+                    None => {
+                        self.cache_dirty = true;
+                        self.parsed_files += 1;
+                        edgetwin_profile::parse_str(&key, &text).map(Arc::from)
+                    }
+                },
             };
             match parsed {
                 Ok(docs) => {
-                    next.insert(key, Accepted { text, docs });
+                    next.insert(key, Accepted { fingerprint, docs });
                 }
                 Err(errs) => {
                     if let Some(old) = self.accepted.get(&key) {
                         next.insert(key.clone(), old.clone());
                     }
-                    errors.push((key, text, errs.iter().map(ToString::to_string).collect()));
+                    let errs = errs.iter().map(ToString::to_string).collect();
+                    errors.push((key, fingerprint, errs));
                 }
             }
         }
@@ -161,16 +276,18 @@ impl Registry {
                         by_file.entry(file_of(e)).or_default().push(e.to_string());
                     }
                     for (file, msgs) in by_file {
-                        let text = next.get(&file).map(|a| a.text.clone()).unwrap_or_default();
+                        let fingerprint = next
+                            .get(&file)
+                            .map_or_else(|| Fingerprint::of(""), |a| a.fingerprint);
                         match self.accepted.get(&file) {
-                            Some(old) if old.text != text => {
+                            Some(old) if old.fingerprint != fingerprint => {
                                 next.insert(file.clone(), old.clone());
                             }
                             _ => {
                                 next.remove(&file);
                             }
                         }
-                        errors.push((file, text, msgs));
+                        errors.push((file, fingerprint, msgs));
                     }
                 }
             }
@@ -183,7 +300,7 @@ impl Registry {
         &mut self,
         next: BTreeMap<String, Accepted>,
         set: Option<ProfileSet>,
-    ) -> Option<ProfileSet> {
+    ) -> Option<Arc<ProfileSet>> {
         let validated = match set {
             Some(set) => Ok(set),
             None => {
@@ -202,24 +319,31 @@ impl Registry {
             }
         };
         self.rejected
-            .retain(|k, (t, _)| next.get(k).is_none_or(|a| a.text != *t));
+            .retain(|k, (f, _)| next.get(k).is_none_or(|a| a.fingerprint != *f));
+        // Added files were parsed (dirty already) or came from the cache; a removed one is to
+        // leave the cache too.
+        if self.accepted.keys().any(|k| !next.contains_key(k)) {
+            self.cache_dirty = true;
+        }
         self.accepted = next;
         self.metrics.profile_files.set(self.accepted.len() as i64);
-        if set == self.current {
+        if set == *self.current {
             return None;
         }
         info!(
             models = set.models.len(),
             devices = set.devices.len(),
             files = self.accepted.len(),
+            parsed = self.parsed_files,
+            from_cache = self.cached_files,
             "device registry updated"
         );
-        self.current = set.clone();
-        Some(set)
+        self.current = Arc::new(set);
+        Some(self.current.clone())
     }
 
     /// Applies profile files sent by `edgetwin device apply`: all valid or nothing written.
-    pub fn apply(&mut self, req: &ApplyRequest) -> Result<ProfileSet, Vec<String>> {
+    pub fn apply(&mut self, req: &ApplyRequest) -> Result<Arc<ProfileSet>, Vec<String>> {
         let mut errors = Vec::new();
         let mut staged: Vec<(String, String, String, Arc<[Document]>)> = Vec::new();
         for f in &req.files {
@@ -240,18 +364,20 @@ impl Registry {
         }
         // Everything accepted, with the staged files added or replacing theirs (a later file of
         // the same name replaces an earlier one).
-        let mut files: BTreeMap<String, (String, Parsed)> = self
+        let mut files: BTreeMap<String, (Fingerprint, Arc<[Document]>)> = self
             .accepted
             .iter()
-            .map(|(k, a)| (k.clone(), (a.text.clone(), None)))
+            .map(|(k, a)| (k.clone(), (a.fingerprint, a.docs.clone())))
             .collect();
         for (key, _, text, docs) in &staged {
-            files.insert(key.clone(), (text.clone(), Some(docs.clone())));
+            files.insert(key.clone(), (Fingerprint::of(text), docs.clone()));
         }
+        // The staged documents were parsed from their text: the cache is to learn them.
+        self.cache_dirty |= !staged.is_empty();
         let (next, errs, set) = self.merge(
             files
                 .into_iter()
-                .map(|(k, (t, docs))| (k, t, docs))
+                .map(|(k, (f, docs))| (k, f, Body::Parsed(docs)))
                 .collect(),
         );
         let staged_keys: HashSet<&String> = staged.iter().map(|(k, _, _, _)| k).collect();
@@ -342,19 +468,46 @@ fn safe_file_name(name: &str) -> Option<String> {
 }
 
 fn write_atomically(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
+    write_file_atomically(&dir.join(name), text.as_bytes())
+}
+
+/// Writes `dest` through a temporary file beside it and a rename, so a crash leaves either the
+/// old file or the new one whole.
+fn write_file_atomically(dest: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     let tmp = dir.join(format!(".{name}.tmp"));
-    let dest = dir.join(name);
     let mut f = std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
-    f.write_all(text.as_bytes())
+    f.write_all(bytes)
         .and_then(|_| f.sync_all())
         .with_context(|| format!("write {}", tmp.display()))?;
-    std::fs::rename(&tmp, &dest).with_context(|| format!("rename to {}", dest.display()))?;
+    std::fs::rename(&tmp, dest).with_context(|| format!("rename to {}", dest.display()))?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// Which build wrote a profile cache: the release and the program file's size and change
+/// time, so a rebuilt or upgraded binary never reads documents an older parser made.
+fn build_id() -> String {
+    let exe = std::env::current_exe()
+        .and_then(std::fs::metadata)
+        .map(|m| {
+            let changed = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            format!("{}-{changed}", m.len())
+        })
+        .unwrap_or_else(|_| "unknown".into());
+    format!("edgetwin {} ({exe})", env!("CARGO_PKG_VERSION"))
 }
 
 /// What the registry subscribes.
@@ -412,6 +565,8 @@ pub async fn run(
                 }
             }
         }
+        // After the first tick at the latest, so a start is not slowed down by writing it.
+        registry.save_cache().await;
     }
 }
 
@@ -528,6 +683,91 @@ spec:
 
     fn names(set: &ProfileSet) -> Vec<String> {
         set.devices.keys().map(ToString::to_string).collect()
+    }
+
+    fn cached_registry(dir: &Path) -> Registry {
+        registry(dir).with_cache(dir.join("profiles.cache"))
+    }
+
+    #[tokio::test]
+    async fn a_restart_with_unchanged_files_takes_their_documents_from_the_cache() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("devices");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("m.yaml"), MODEL).unwrap();
+        std::fs::write(dir.join("a.yaml"), device("d1")).unwrap();
+        std::fs::write(dir.join("b.yaml"), device("d2")).unwrap();
+        let mut first = cached_registry(tmp.path());
+        let set = first.scan().unwrap();
+        assert_eq!((first.parsed_files, first.cached_files), (3, 0));
+        first.save_cache().await;
+        let cache = tmp.path().join("profiles.cache");
+        let written = std::fs::metadata(&cache).unwrap().modified().unwrap();
+
+        // Unchanged files: none parsed, the same set, and the cache is not written again.
+        let mut second = cached_registry(tmp.path());
+        assert_eq!(second.scan().unwrap(), set);
+        assert_eq!((second.parsed_files, second.cached_files), (0, 3));
+        second.save_cache().await;
+        assert_eq!(
+            std::fs::metadata(&cache).unwrap().modified().unwrap(),
+            written
+        );
+
+        // A file changed while the node was down is parsed from its text, the rest is cached.
+        std::fs::write(dir.join("b.yaml"), device("d3")).unwrap();
+        let mut third = cached_registry(tmp.path());
+        assert_eq!(names(&third.scan().unwrap()), ["d1", "d3"]);
+        assert_eq!((third.parsed_files, third.cached_files), (1, 2));
+    }
+
+    #[tokio::test]
+    async fn cached_documents_still_name_their_line_in_a_later_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("devices");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("m.yaml"), MODEL).unwrap();
+        let text = format!("# comment\n{}", device("d1"));
+        std::fs::write(dir.join("a.yaml"), &text).unwrap();
+        let mut first = cached_registry(tmp.path());
+        first.scan().unwrap();
+        first.save_cache().await;
+
+        let mut second = cached_registry(tmp.path());
+        second.scan().unwrap();
+        assert_eq!(second.cached_files, 2);
+        // The model goes away: the cached device is now in error, on the line of its model ref.
+        std::fs::remove_file(dir.join("m.yaml")).unwrap();
+        assert!(second.scan().is_some());
+        let errors = second.list("x".into()).errors;
+        let line = 1 + text
+            .lines()
+            .position(|l| l.contains("deviceModelRef"))
+            .unwrap();
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains(&format!("a.yaml:{line}: "))),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn a_damaged_or_foreign_cache_is_ignored() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("devices");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.yaml"), format!("{MODEL}---\n{}", device("d1"))).unwrap();
+        for junk in [
+            &b"\x00\xffnot json"[..],
+            br#"{"format":1,"build":"other","files":{}}"#,
+        ] {
+            std::fs::write(tmp.path().join("profiles.cache"), junk).unwrap();
+            let mut r = cached_registry(tmp.path());
+            assert_eq!(names(&r.scan().unwrap()), ["d1"]);
+            assert_eq!(r.parsed_files, 1);
+            assert!(r.cache_dirty, "a cache that was not used is written again");
+        }
     }
 
     #[test]

@@ -278,9 +278,10 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
         cfg.devices_dir.clone(),
         cfg.applied_profiles_dir(),
         metrics.clone(),
-    );
+    )
+    .with_cache(cfg.profile_cache_path());
     if let Some(set) = reg.scan() {
-        service.apply_registry_now(set).await?;
+        service.apply_registry_now(&set).await?;
     }
     let rescan = Arc::new(Notify::new());
     tracker.spawn(registry::run(

@@ -15,6 +15,7 @@
 //! assert!(set.models["m"].property("v").is_some());
 //! ```
 
+pub mod cache;
 mod device;
 mod duration;
 mod error;

@@ -587,6 +587,31 @@ spec:
         }
     }
 
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// What the parsed-document cache hands back on restart is what parsing gives: the same
+        /// documents and the same lines for later validation errors.
+        #[test]
+        fn cached_documents_match_a_fresh_parse(
+            parts in prop::collection::vec((0..SEPARATORS, 0..BODIES), 0..8),
+            crlf in prop::bool::weighted(0.2),
+        ) {
+            let text = file(&parts, crlf, true, false);
+            if let Ok(parsed) = parse_str("f.yaml", &text) {
+                let fp = crate::cache::Fingerprint::of(&text);
+                let bytes = crate::cache::encode("t", [("f.yaml", fp, &parsed[..])]).unwrap();
+                let cached = crate::cache::ParsedCache::decode("t", &bytes).unwrap().take("f.yaml", &text);
+                prop_assert_eq!(cached.as_ref(), Some(&parsed), "text:\n{}", text);
+                for (x, y) in parsed.iter().zip(cached.iter().flatten()) {
+                    for path in PATHS {
+                        prop_assert_eq!(source(x).line_of(path), source(y).line_of(path), "path {} in\n{}", path, text);
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn split_cuts_at_document_markers_only() {
         let text = "a: 1\n---\nb: 2\n...\n# c\n--- x\n----\n ---\n---";

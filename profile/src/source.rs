@@ -40,6 +40,13 @@ impl SourceDoc {
         }
     }
 
+    /// Where the document lies in its file (range, lines before it, index within the range),
+    /// without the text; `None` for a document that was not parsed from a file.
+    pub(crate) fn place(&self) -> Option<(Range<usize>, usize, usize)> {
+        self.text.as_ref()?;
+        Some((self.range.clone(), self.line0, self.index))
+    }
+
     /// The 1-based line, counted from the start of the file, of `path` (or of its nearest
     /// existing parent) in this document. Parses only the document's part of the file.
     pub(crate) fn line_of(&self, path: &str) -> Option<usize> {
