@@ -189,14 +189,18 @@ async fn wait_until_listening(
     done: std::sync::mpsc::Receiver<String>,
 ) -> anyhow::Result<()> {
     let probe = crate::loopback(addr);
-    for _ in 0..200 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    // rumqttd binds within a millisecond or two: poll fast first, a start waits on this.
+    let mut pause = Duration::from_millis(1);
+    while tokio::time::Instant::now() < deadline {
         if let Ok(msg) = done.try_recv() {
             bail!("{msg}");
         }
         if tokio::net::TcpStream::connect(probe).await.is_ok() {
             return Ok(());
         }
-        tokio::time::sleep(Duration::from_millis(25)).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(25));
     }
     bail!("not accepting connections after 5 s")
 }

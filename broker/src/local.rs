@@ -64,8 +64,16 @@ impl Message {
 
     /// The JSON encoding of `value` (our payload types always serialise).
     pub fn json<T: serde::Serialize>(topic: impl Into<String>, value: &T) -> Message {
-        Message::new(topic, serde_json::to_vec(value).unwrap_or_default())
+        Message::new(topic, exact(serde_json::to_vec(value).unwrap_or_default()))
     }
+}
+
+/// `payload` as [`Bytes`] without the spare capacity an encoder's doubling left in it: a
+/// retained payload lives as long as the broker keeps it (an 828-byte assignment sits in a
+/// 1,024-byte buffer otherwise, 2 MiB at 10k devices).
+pub fn exact(mut payload: Vec<u8>) -> Bytes {
+    payload.shrink_to_fit();
+    Bytes::from(payload)
 }
 
 /// The publishing half of an in-process client.

@@ -99,7 +99,7 @@ impl Harness {
             },
         )
         .unwrap();
-        service.apply_registry_now(profiles(names)).await.unwrap();
+        service.apply_registry_now(&profiles(names)).await.unwrap();
         let service_stop = CancellationToken::new();
         let service = Some(tokio::spawn(service.run(rx, service_stop.clone())));
         Harness {

@@ -35,7 +35,7 @@ use edgetwin_contract::now_ms;
 /// exist durably and the mapper assignments are published.
 pub struct RegistryUpdate {
     /// Every registered model and device.
-    pub set: ProfileSet,
+    pub set: Arc<ProfileSet>,
     /// Fired after the update took effect (or failed to be stored).
     pub done: Option<oneshot::Sender<anyhow::Result<()>>>,
 }
@@ -372,7 +372,7 @@ impl TwinService {
                     for d in done.drain(..) {
                         let _ = d.send(());
                     }
-                    let result = self.apply_registry(update.set).await;
+                    let result = self.apply_registry(&update.set).await;
                     if let Err(e) = &result {
                         error!(error = %e, "device registry update failed");
                     }
@@ -819,13 +819,13 @@ impl TwinService {
     }
 
     /// Applies the registry found at start, before the service loop runs.
-    pub async fn apply_registry_now(&mut self, set: ProfileSet) -> anyhow::Result<()> {
+    pub async fn apply_registry_now(&mut self, set: &ProfileSet) -> anyhow::Result<()> {
         self.apply_registry(set).await
     }
 
     /// Applies a new registry: creates twins for new devices (durably), publishes changed mapper
     /// assignments and twin documents, and withdraws the retained messages of removed devices.
-    async fn apply_registry(&mut self, set: ProfileSet) -> anyhow::Result<()> {
+    async fn apply_registry(&mut self, set: &ProfileSet) -> anyhow::Result<()> {
         let mut new_devices: HashMap<DeviceId, Registered> = HashMap::new();
         if let Some(node) = &self.node {
             let reporter =
@@ -862,7 +862,7 @@ impl TwinService {
                 continue;
             }
             let payload = match edgetwin_profile::resolved_json(device, model) {
-                Ok(p) => Bytes::from(p),
+                Ok(p) => edgetwin_broker::local::exact(p),
                 Err(e) => {
                     error!(device = %id, error = %e, "cannot encode resolved device");
                     continue;
@@ -1023,9 +1023,9 @@ fn json_out<T: serde::Serialize>(
     Message {
         topic: topic.to_string(),
         // Our payload types always serialise; an empty payload would only be a retained delete.
-        payload: serde_json::to_vec(value)
-            .unwrap_or_else(|_| b"{}".to_vec())
-            .into(),
+        payload: edgetwin_broker::local::exact(
+            serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec()),
+        ),
         retain,
         props,
     }
