@@ -119,17 +119,23 @@ enum DeviceCommand {
 }
 
 fn main() -> std::process::ExitCode {
+    use tracing_subscriber::filter::FilterExt;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::Layer;
+    // By default rumqttd shows warnings only, and none of its spans: it logs every internal
+    // link's connect and subscribe at info, and opens spans at error level for every routed
+    // publish, which cost its router thread half its time per message. `EDGETWIN_LOG` given
+    // is taken as it is.
+    let (env, quiet) = match EnvFilter::try_from_env("EDGETWIN_LOG") {
+        Ok(f) => (f, false),
+        Err(_) => (EnvFilter::new("info,rumqttd=warn"), true),
+    };
     let log = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_filter(
-            // rumqttd logs every internal link's connect and subscribe at info, and opening a
-            // span per routed event costs its router thread ~15 % at start-up: warnings only.
-            EnvFilter::try_from_env("EDGETWIN_LOG")
-                .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn")),
-        );
+        .with_filter(env.and(tracing_subscriber::filter::filter_fn(move |m| {
+            !quiet || edgetwin_broker::skips::quiet_broker_spans(m)
+        })));
     // Counts what rumqttd only logs (subscribers that fell behind), whatever EDGETWIN_LOG says.
     let skips =
         edgetwin_broker::skips::skip_layer().with_filter(edgetwin_broker::skips::skip_filter());

@@ -118,6 +118,21 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
     // 2. Stores.
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
+    // The profile files are read and validated while the stores open: neither needs the other,
+    // and with thousands of devices both take a while.
+    let profiles = {
+        let registry = Registry::new(
+            cfg.devices_dir.clone(),
+            cfg.applied_profiles_dir(),
+            metrics.clone(),
+        );
+        let cache = cfg.profile_cache_path();
+        tokio::task::spawn_blocking(move || {
+            let mut registry = registry.with_cache(cache);
+            let first = registry.scan();
+            (registry, first)
+        })
+    };
     let store_path = cfg.twin_store_path();
     let (store, twins, quarantined) = {
         let path = store_path.clone();
@@ -274,13 +289,8 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
     .await?;
 
     // 5. Retained state from our own stores (rumqttd keeps none across restarts).
-    let mut reg = Registry::new(
-        cfg.devices_dir.clone(),
-        cfg.applied_profiles_dir(),
-        metrics.clone(),
-    )
-    .with_cache(cfg.profile_cache_path());
-    if let Some(set) = reg.scan() {
+    let (reg, first) = profiles.await.context("profile loading panicked")?;
+    if let Some(set) = first {
         service.apply_registry_now(&set).await?;
     }
     let rescan = Arc::new(Notify::new());

@@ -840,16 +840,27 @@ impl TwinService {
             );
         }
         let mut specs: HashMap<String, Arc<ModelSpec>> = HashMap::new();
+        // Each model's JSON once, spliced into every assignment of its devices.
+        let mut model_jsons: HashMap<&str, Vec<u8>> = HashMap::new();
         for (name, model) in &set.models {
             specs.insert(name.clone(), Arc::new(model_spec(name, model)));
+            match edgetwin_profile::model_json(model) {
+                Ok(j) => {
+                    model_jsons.insert(name, j);
+                }
+                Err(e) => error!(model = %name, error = %e, "cannot encode device model"),
+            }
         }
         // Assignments to publish: computed here from borrowed parts, published below, and only
         // their hash kept.
         let mut assignments: Vec<(DeviceId, ProtocolName, Bytes)> = Vec::new();
         for (id, device) in &set.devices {
             let model_name = device.model_ref().to_string();
-            let (Some(spec), Some(model)) = (specs.get(&model_name), set.models.get(&model_name))
-            else {
+            let (Some(spec), Some(model), Some(model_json)) = (
+                specs.get(&model_name),
+                set.models.get(&model_name),
+                model_jsons.get(model_name.as_str()),
+            ) else {
                 warn!(device = %id, model = %model_name, "device refers to an unknown model; skipped");
                 continue;
             };
@@ -861,7 +872,7 @@ impl TwinService {
                 warn!(device = %id, "this device name is reserved for the node's readiness canary; skipped");
                 continue;
             }
-            let payload = match edgetwin_profile::resolved_json(device, model) {
+            let payload = match edgetwin_profile::resolved_json_with(device, model_json) {
                 Ok(p) => edgetwin_broker::local::exact(p),
                 Err(e) => {
                     error!(device = %id, error = %e, "cannot encode resolved device");

@@ -37,7 +37,9 @@ pub use model::{
 };
 pub use parse::parse_str;
 pub use protocol::{PropertyVisitor, ProtocolConfig};
-pub use set::{resolved_json, Document, ProfileSet, ResolvedDevice};
+pub use set::{
+    model_json, resolved_json, resolved_json_with, Document, ProfileSet, ResolvedDevice,
+};
 pub use validate::{validate, validate_refs};
 
 /// Problems found by a section's own checks: (path relative to the section, message).
