@@ -60,6 +60,27 @@ impl Role {
     }
 }
 
+/// Whether what the broker keeps for a publish to `topic` (a topic entry in its routing tables,
+/// and the retained message if any) is bounded by the registry already: the contract topics of a
+/// registered device, and the node's own fixed topics. Every other topic name counts toward
+/// the node's budget of distinct topics (`limits.max_distinct_topics`).
+pub fn bounded_by_registry(topic: &str, dir: &dyn DeviceDirectory) -> bool {
+    match Topic::parse(topic) {
+        Some(Topic::MapperStatus(_) | Topic::MapperMetrics(_)) | None => false,
+        Some(Topic::MapperDevice(_, d)) => dir.protocol_of(&d).is_some(),
+        Some(
+            Topic::ContainersCmd
+            | Topic::ContainersResult
+            | Topic::ContainersStatus
+            | Topic::DevicesApply
+            | Topic::DevicesApplyResult
+            | Topic::DevicesList
+            | Topic::DevicesListResult,
+        ) => true,
+        Some(_) => Topic::device_of(topic).is_some_and(|d| dir.protocol_of(&d).is_some()),
+    }
+}
+
 const ENGINEER_READ: &[&str] = &["dt/#", "mappers/+/status", "node/#"];
 const APP_READ: &[&str] = &["dt/#"];
 
@@ -208,6 +229,34 @@ mod tests {
 
     fn mapper(p: &str) -> Role {
         Role::Mapper(ProtocolName::new(p).unwrap())
+    }
+
+    #[test]
+    fn only_registered_devices_and_the_nodes_own_topics_are_outside_the_topic_budget() {
+        let d = dir();
+        for t in [
+            "dt/m1/desired",
+            "dt/o1/telemetry",
+            "mappers/modbus/devices/m1",
+            "node/devices/apply",
+            "node/containers/cmd",
+        ] {
+            assert!(bounded_by_registry(t, &d), "{t}");
+        }
+        for t in [
+            "dt/unknown/desired",
+            // A registered device, but a topic name of its own making: as churnable as any.
+            "dt/m1/anything/else",
+            "dt/x-17/telemetry",
+            "mappers/modbus/devices/nope",
+            "mappers/churn-42/status",
+            "mappers/modbus/metrics",
+            "plant/line-2/sensor-7",
+            "node/something-new",
+            "",
+        ] {
+            assert!(!bounded_by_registry(t, &d), "{t}");
+        }
     }
 
     #[test]

@@ -101,6 +101,14 @@ pub struct LimitsConfig {
     /// `kind="filter_budget"`), filters already seen stay allowed. Default 256.
     #[serde(default = "default_max_distinct_filters")]
     pub max_distinct_filters: usize,
+    /// Most distinct topic names, outside a registered device's own topics and the node's fixed
+    /// ones, the gate ever passes to the broker, all clients together. rumqttd keeps an entry
+    /// for every topic name it has seen (and its retained message) for the life of the process,
+    /// so clients publishing to ever new topics would grow memory without bound; past this
+    /// budget a publish to a new topic is refused (MQTT 5: PUBACK/PUBREC 0x97 quota exceeded;
+    /// counted as `kind="topic_budget"`). Default 10,000.
+    #[serde(default = "default_max_distinct_topics")]
+    pub max_distinct_topics: usize,
     /// Time allowed for the TLS handshake plus CONNECT, and for dialling the upstream broker.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
@@ -118,6 +126,9 @@ fn default_max_subscriptions() -> usize {
 fn default_max_distinct_filters() -> usize {
     256
 }
+fn default_max_distinct_topics() -> usize {
+    10_000
+}
 fn default_connect_timeout_ms() -> u64 {
     10_000
 }
@@ -129,6 +140,7 @@ impl Default for LimitsConfig {
             max_topic_len: default_max_topic_len(),
             max_subscriptions_per_client: default_max_subscriptions(),
             max_distinct_filters: default_max_distinct_filters(),
+            max_distinct_topics: default_max_distinct_topics(),
             connect_timeout_ms: default_connect_timeout_ms(),
         }
     }

@@ -142,7 +142,8 @@ impl Gate {
                 })?;
             listeners.push((listener, acceptor));
         }
-        let filters = relay::FilterBudget::new(cfg.limits.max_distinct_filters);
+        let filters = relay::NameBudget::new(cfg.limits.max_distinct_filters);
+        let topics = relay::NameBudget::new(cfg.limits.max_distinct_topics);
         Ok(Gate {
             listeners,
             shared: Arc::new(Shared {
@@ -153,6 +154,7 @@ impl Gate {
                 dir: directory,
                 metrics: GateMetrics::default(),
                 filters,
+                topics,
             }),
         })
     }

@@ -473,14 +473,16 @@ fn ack_bytes(r: Result<usize, PacketError>, out: BytesMut) -> Bytes {
 }
 
 /// A PUBACK; `denied` sets v5 reason 0x87 (v4 has no reason code).
-pub fn puback(version: Version, pkid: u16, denied: bool) -> Bytes {
+pub fn puback(version: Version, pkid: u16, denied: Option<Denial>) -> Bytes {
     let mut out = BytesMut::new();
     let r = match version {
         Version::V4 => v4::PubAck::new(pkid).write(&mut out).map_err(m4_err),
         Version::V5 => {
             let mut a = v5::PubAck::new(pkid, None);
-            if denied {
-                a.reason = v5::PubAckReason::NotAuthorized;
+            match denied {
+                Some(Denial::NotAuthorized) => a.reason = v5::PubAckReason::NotAuthorized,
+                Some(Denial::QuotaExceeded) => a.reason = v5::PubAckReason::QuotaExceeded,
+                None => {}
             }
             a.write(&mut out).map_err(m5_err)
         }
@@ -488,15 +490,26 @@ pub fn puback(version: Version, pkid: u16, denied: bool) -> Bytes {
     ack_bytes(r, out)
 }
 
-/// A PUBREC; `denied` sets v5 reason 0x87, which ends the QoS 2 exchange.
-pub fn pubrec(version: Version, pkid: u16, denied: bool) -> Bytes {
+/// Why a publish was not passed on; MQTT 5 acknowledgements carry it as their reason code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denial {
+    /// 0x87: the client's role may not publish there.
+    NotAuthorized,
+    /// 0x97: the node's budget of distinct topics is spent.
+    QuotaExceeded,
+}
+
+/// A PUBREC; `denied` sets its v5 reason (0x87 or 0x97), which ends the QoS 2 exchange.
+pub fn pubrec(version: Version, pkid: u16, denied: Option<Denial>) -> Bytes {
     let mut out = BytesMut::new();
     let r = match version {
         Version::V4 => v4::PubRec::new(pkid).write(&mut out).map_err(m4_err),
         Version::V5 => {
             let mut a = v5::PubRec::new(pkid, None);
-            if denied {
-                a.reason = v5::PubRecReason::NotAuthorized;
+            match denied {
+                Some(Denial::NotAuthorized) => a.reason = v5::PubRecReason::NotAuthorized,
+                Some(Denial::QuotaExceeded) => a.reason = v5::PubRecReason::QuotaExceeded,
+                None => {}
             }
             a.write(&mut out).map_err(m5_err)
         }

@@ -39,30 +39,32 @@ pub(crate) struct Shared {
     pub upstream_v5: Option<SocketAddr>,
     pub dir: Arc<dyn DeviceDirectory>,
     pub metrics: GateMetrics,
-    /// Distinct filters passed to the broker so far (see `limits.max_distinct_filters`).
-    pub filters: FilterBudget,
+    /// Distinct filters passed to the broker so far (see `limits.max_distinct_filters`;
+    /// `$share/{group}/` stripped: a shared subscription uses the log of its filter).
+    pub filters: NameBudget,
+    /// Distinct topic names outside the registry's passed so far (`limits.max_distinct_topics`).
+    pub topics: NameBudget,
 }
 
-/// The node-wide budget of distinct subscription filters (`$share/{group}/` stripped: a shared
-/// subscription uses the log of its filter).
+/// A node-wide budget of distinct names (filters or topics) that the broker keeps state for as
+/// long as it runs.
 #[derive(Debug)]
-pub(crate) struct FilterBudget {
+pub(crate) struct NameBudget {
     known: Mutex<HashSet<String>>,
     max: usize,
 }
 
-impl FilterBudget {
-    pub fn new(max: usize) -> FilterBudget {
-        FilterBudget {
+impl NameBudget {
+    pub fn new(max: usize) -> NameBudget {
+        NameBudget {
             known: Mutex::new(HashSet::new()),
             max,
         }
     }
 
-    /// Whether `filter` may go to the broker: it is known, or there is room for it (then it is
+    /// Whether `key` may go to the broker: it is known, or there is room for it (then it is
     /// known from now on).
-    pub fn admit(&self, filter: &str) -> bool {
-        let key = acl::strip_share(filter).unwrap_or(filter);
+    pub fn admit(&self, key: &str) -> bool {
         let mut known = self
             .known
             .lock()
@@ -480,30 +482,46 @@ impl Conn<'_> {
                             && p.response_topic
                                 .as_deref()
                                 .is_none_or(|rt| acl::may_receive(&self.role, rt, dir));
-                        if allowed {
+                        // Checked after the ACL, so a denied publish spends no budget.
+                        let within_budget = !allowed
+                            || acl::bounded_by_registry(&topic, dir)
+                            || self.shared.topics.admit(&topic);
+                        let denial = if !allowed {
+                            Some(packet::Denial::NotAuthorized)
+                        } else if !within_budget {
+                            Some(packet::Denial::QuotaExceeded)
+                        } else {
+                            None
+                        };
+                        if denial.is_none() {
                             if let (Some(a), false) = (p.topic_alias, p.topic.is_empty()) {
                                 aliases.insert(a, p.topic.clone());
                             }
                             out.extend_from_slice(&frame.raw);
                         } else {
-                            self.shared.metrics.deny(self.role.label(), "publish");
+                            let kind = if allowed { "topic_budget" } else { "publish" };
+                            self.shared.metrics.deny(self.role.label(), kind);
                             if !logged_pub {
                                 logged_pub = true;
-                                warn!(client = %self.client_id, role = self.role.label(), topic = %topic, "PUBLISH denied (further denials for this client are only counted)");
+                                if allowed {
+                                    warn!(client = %self.client_id, topic = %topic, max = self.shared.topics.max, "PUBLISH refused: the node's budget of distinct topics (gate.limits.max_distinct_topics) is spent (further refusals for this client are only counted)");
+                                } else {
+                                    warn!(client = %self.client_id, role = self.role.label(), topic = %topic, "PUBLISH denied (further denials for this client are only counted)");
+                                }
                             } else {
-                                debug!(client = %self.client_id, topic = %topic, "PUBLISH denied");
+                                debug!(client = %self.client_id, topic = %topic, kind, "PUBLISH refused");
                             }
                             match p.qos {
                                 1 => back.extend_from_slice(&packet::puback(
                                     self.version,
                                     p.pkid,
-                                    true,
+                                    denial,
                                 )),
                                 2 => {
                                     back.extend_from_slice(&packet::pubrec(
                                         self.version,
                                         p.pkid,
-                                        true,
+                                        denial,
                                     ));
                                     denied_qos2.insert(p.pkid);
                                 }
@@ -537,7 +555,9 @@ impl Conn<'_> {
                         let allowed: Vec<bool> = filters
                             .iter()
                             .zip(&permitted)
-                            .map(|(f, p)| *p && self.shared.filters.admit(f))
+                            .map(|(f, p)| {
+                                *p && self.shared.filters.admit(acl::strip_share(f).unwrap_or(f))
+                            })
                             .collect();
                         let new = filters
                             .iter()
@@ -681,13 +701,13 @@ impl Conn<'_> {
                                 1 => back.extend_from_slice(&packet::puback(
                                     self.version,
                                     p.pkid,
-                                    false,
+                                    None,
                                 )),
                                 2 => {
                                     back.extend_from_slice(&packet::pubrec(
                                         self.version,
                                         p.pkid,
-                                        false,
+                                        None,
                                     ));
                                     withheld_qos2.insert(p.pkid);
                                 }

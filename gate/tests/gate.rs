@@ -713,6 +713,54 @@ fn gate_tls_client_certificate_identity_wins_over_the_username() {
 }
 
 #[test]
+fn gate_refuses_publishes_to_new_topics_past_the_nodes_distinct_topic_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Mosquitto::start();
+    let watcher = Subscriber::start(up.port, "watch-topics", "#");
+    let mut cfg = config(Some(write_credentials(dir.path())));
+    cfg.limits.max_distinct_topics = 2;
+    let gate = TestGate::start(cfg, up.port);
+    let publish = |topic: &str| {
+        let o = pub_(
+            gate.port,
+            &[
+                "-V", "mqttv5", "-u", "eng", "-P", "eng-pw", "-t", topic, "-m", "{}",
+            ],
+        );
+        text(&o)
+    };
+    // Two unregistered topics fit, and stay allowed; a third new one is refused with 0x97.
+    publish("dt/ghost-1/desired");
+    publish("dt/ghost-2/desired");
+    publish("dt/ghost-1/desired");
+    let refused = publish("dt/ghost-3/desired");
+    // A registered device's topics never count, however many there are.
+    publish("dt/m1/desired");
+    publish("dt/o1/desired");
+    let seen = seen_upstream(&up, &watcher);
+    for t in [
+        "dt/ghost-1/desired",
+        "dt/ghost-2/desired",
+        "dt/m1/desired",
+        "dt/o1/desired",
+    ] {
+        assert!(seen.contains(&t.to_string()), "{t} not passed on: {seen:?}");
+    }
+    assert!(
+        !seen.contains(&"dt/ghost-3/desired".to_string()),
+        "{seen:?}"
+    );
+    assert!(
+        refused.to_lowercase().contains("quota"),
+        "the client is told why: {refused}"
+    );
+    assert_eq!(
+        gate.metric("edgetwin_gate_denied_total{role=\"engineer\",kind=\"topic_budget\"}"),
+        1.0
+    );
+}
+
+#[test]
 fn gate_refuses_new_filters_past_the_nodes_distinct_filter_budget() {
     let dir = tempfile::tempdir().unwrap();
     let up = Mosquitto::start();
