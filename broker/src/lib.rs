@@ -20,10 +20,11 @@ pub use metrics::{BrokerMetrics, LinkLabels};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
-    /// MQTT 3.1.1 listener. Default `0.0.0.0:1883`.
+    /// MQTT 3.1.1 listener. Default `127.0.0.1:1883`: nothing is open to other hosts until
+    /// the config says so (as Mosquitto 2 does), since the bare broker takes anonymous clients.
     pub listen: SocketAddr,
     /// MQTT 5 listener; rumqttd serves each protocol version on its own port. Default
-    /// `0.0.0.0:1884`; `null` disables it.
+    /// `127.0.0.1:1884`; `null` disables it.
     pub listen_v5: Option<SocketAddr>,
     /// Largest accepted MQTT payload in bytes. Default 262144 (256 KiB).
     pub max_payload_bytes: usize,
@@ -38,8 +39,8 @@ pub struct MqttConfig {
 impl Default for MqttConfig {
     fn default() -> Self {
         MqttConfig {
-            listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
-            listen_v5: Some(SocketAddr::from(([0, 0, 0, 0], 1884))),
+            listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            listen_v5: Some(SocketAddr::from(([127, 0, 0, 1], 1884))),
             max_payload_bytes: 256 * 1024,
             max_connections: 10_000,
             max_inflight_messages: 100,

@@ -84,7 +84,8 @@ impl Default for ContainersConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
-    /// Listen address. Default `0.0.0.0:8080`.
+    /// Listen address. Default `127.0.0.1:8080` (`/metrics` names every device; a Prometheus on
+    /// another host needs an address given here).
     pub listen: SocketAddr,
 }
 
@@ -124,7 +125,7 @@ impl Default for NodeConfig {
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
-            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
         }
     }
 }
@@ -205,6 +206,20 @@ impl NodeConfig {
                     exposed.join(", ")
                 ));
             }
+            // The broker's default port is the gate's usual one: say so before the bind fails.
+            for l in &gate.listeners {
+                for b in std::iter::once(self.mqtt.listen).chain(self.mqtt.listen_v5) {
+                    let overlap = l.listen.ip() == b.ip()
+                        || l.listen.ip().is_unspecified()
+                        || b.ip().is_unspecified();
+                    if l.listen.port() == b.port() && overlap {
+                        errors.push(format!(
+                            "gate.listeners: {} and the broker's {b} share a port; move the broker (e.g. mqtt.listen: 127.0.0.1:11883, listen_v5: 127.0.0.1:11884)",
+                            l.listen
+                        ));
+                    }
+                }
+            }
         }
         if self.devices_scan_interval_ms < 100 {
             errors.push("devices_scan_interval_ms: must be at least 100".to_string());
@@ -258,10 +273,33 @@ mod tests {
     }
 
     #[test]
+    fn config_default_opens_nothing_to_other_hosts() {
+        let cfg = NodeConfig::parse("").expect("empty file is the default");
+        let mut addrs = vec![cfg.mqtt.listen, cfg.http.listen];
+        addrs.extend(cfg.mqtt.listen_v5);
+        assert_eq!(addrs.len(), 3);
+        for a in addrs {
+            assert!(a.ip().is_loopback(), "{a} is reachable from other hosts");
+        }
+        assert!(cfg.gate.is_none() && cfg.bridge.is_none());
+    }
+
+    #[test]
     fn config_gate_requires_loopback_broker_listeners() {
-        let err = NodeConfig::parse("gate:\n  listeners: [{listen: 0.0.0.0:8883}]\n")
-            .expect_err("exposed broker");
+        let err = NodeConfig::parse(
+            "mqtt:\n  listen: 0.0.0.0:11883\ngate:\n  listeners: [{listen: 0.0.0.0:8883}]\n",
+        )
+        .expect_err("exposed broker");
         assert!(err.contains("loopback"), "{err}");
+        // The default broker listeners are loopback, so a gate alone is a valid config...
+        NodeConfig::parse("gate:\n  listeners: [{listen: 0.0.0.0:8883}]\n").expect("gate alone");
+        // ...unless it wants the broker's port.
+        let err = NodeConfig::parse("gate:\n  listeners: [{listen: 0.0.0.0:1883}]\n")
+            .expect_err("port clash");
+        assert!(
+            err.contains("share a port") && err.contains("11883"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -310,6 +310,13 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
     // 6. Only now the outside world.
     broker.listen(&cfg.mqtt).await?;
     info!(v4 = %cfg.mqtt.listen, v5 = ?cfg.mqtt.listen_v5, "embedded MQTT broker listening");
+    let loopback_only = cfg.mqtt.listen.ip().is_loopback()
+        && cfg.mqtt.listen_v5.is_none_or(|a| a.ip().is_loopback());
+    if loopback_only && cfg.gate.is_none() {
+        info!("MQTT is reachable from this host only; for other hosts configure the gate (users, TLS, permissions) or an open mqtt.listen such as 0.0.0.0:1883");
+    } else if !loopback_only {
+        warn!(v4 = %cfg.mqtt.listen, "the broker takes anonymous clients from other hosts: no authentication or topic permissions (use the gate for those)");
+    }
     if let (Some(b), Some(bcfg)) = (bridge.as_mut(), &cfg.bridge) {
         b.connect();
         info!(url = %bcfg.url, "bridge to the cloud broker started");
