@@ -87,6 +87,12 @@ pub struct HttpConfig {
     /// Listen address. Default `127.0.0.1:8080` (`/metrics` names every device; a Prometheus on
     /// another host needs an address given here).
     pub listen: SocketAddr,
+    /// Time a client has to send a request's headers, and the longest an idle keep-alive
+    /// connection is kept, in milliseconds. Default 5000.
+    pub header_timeout_ms: u64,
+    /// Most connections open at once; past it a new connection is closed at once (counted in
+    /// `edgetwin_http_connections_refused_total`). Default 64.
+    pub max_connections: usize,
 }
 
 /// Twin service limits.
@@ -126,6 +132,8 @@ impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            header_timeout_ms: 5000,
+            max_connections: 64,
         }
     }
 }
@@ -220,6 +228,12 @@ impl NodeConfig {
                     }
                 }
             }
+        }
+        if self.http.header_timeout_ms < 100 {
+            errors.push("http.header_timeout_ms: must be at least 100".to_string());
+        }
+        if self.http.max_connections == 0 {
+            errors.push("http.max_connections: must be at least 1".to_string());
         }
         if self.devices_scan_interval_ms < 100 {
             errors.push("devices_scan_interval_ms: must be at least 100".to_string());

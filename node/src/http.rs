@@ -1,8 +1,8 @@
 //! The node's HTTP endpoint: `/metrics` (OpenMetrics), `/healthz` (process alive), `/readyz`
 //! (start-up finished and every readiness check passing now; see [`crate::health`]).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use axum::extract::State;
@@ -10,7 +10,13 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use crate::config::HttpConfig;
 
 use crate::health::Health;
 use crate::metrics::Metrics;
@@ -25,24 +31,95 @@ pub struct HttpState {
 }
 
 /// Binds the listener (so a taken port fails start-up) and returns the server future.
+///
+/// Every connection is bounded: its request headers must arrive within
+/// `http.header_timeout_ms` (the same timer closes an idle keep-alive connection), and at most
+/// `http.max_connections` are open at once, so slow or half-open clients (slowloris) cannot pile
+/// up; a connection past the limit is closed at once and counted.
 pub async fn bind(
-    addr: SocketAddr,
+    cfg: &HttpConfig,
     state: HttpState,
     shutdown: CancellationToken,
 ) -> anyhow::Result<impl std::future::Future<Output = std::io::Result<()>>> {
-    let listener = tokio::net::TcpListener::bind(addr)
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
-        .with_context(|| format!("HTTP listener: cannot listen on {addr}"))?;
+        .with_context(|| format!("HTTP listener: cannot listen on {}", cfg.listen))?;
+    let refused = state.metrics.http_connections_refused.clone();
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(state);
-    Ok(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await
-    })
+    let limits = Limits {
+        header_timeout: Duration::from_millis(cfg.header_timeout_ms),
+        slots: Arc::new(Semaphore::new(cfg.max_connections)),
+        refused,
+    };
+    Ok(run(listener, app, limits, shutdown))
+}
+
+struct Limits {
+    header_timeout: Duration,
+    slots: Arc<Semaphore>,
+    refused: Counter,
+}
+
+/// How long a stop waits for responses under way.
+const DRAIN: Duration = Duration::from_secs(2);
+
+async fn run(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: Limits,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let connections = TaskTracker::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: pause instead of spinning.
+                    warn!(error = %e, "HTTP accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = limits.slots.clone().try_acquire_owned() else {
+            limits.refused.inc();
+            debug!(%peer, "HTTP connection refused: http.max_connections are open");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(limits.header_timeout);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let stop = shutdown.clone();
+        connections.spawn(async move {
+            let _slot = slot;
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                ended = conn.as_mut() => {
+                    if let Err(e) = ended {
+                        debug!(%peer, error = %e, "HTTP connection ended");
+                    }
+                }
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(DRAIN, conn).await;
+                }
+            }
+        });
+    }
+    connections.close();
+    let _ = tokio::time::timeout(DRAIN, connections.wait()).await;
+    Ok(())
 }
 
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {

@@ -63,6 +63,8 @@ pub struct Metrics {
     pub devices: Family<StatusLabels, Gauge>,
     /// Profile files rejected (each load attempt of a bad file counts once).
     pub profile_errors: Counter,
+    /// HTTP connections closed at once because `http.max_connections` were open.
+    pub http_connections_refused: Counter,
     /// Profile files currently loaded.
     pub profile_files: Gauge,
     /// Twin store records quarantined at start because they could not be decoded.
@@ -95,6 +97,7 @@ impl Metrics {
             store_commit_errors: Counter::default(),
             devices: Family::default(),
             profile_errors: Counter::default(),
+            http_connections_refused: Counter::default(),
             profile_files: Gauge::default(),
             store_quarantined: Gauge::default(),
             store_restored: Family::default(),
@@ -145,6 +148,11 @@ impl Metrics {
             "profile_errors",
             "Profile files rejected on load or apply",
             m.profile_errors.clone(),
+        );
+        registry.register(
+            "http_connections_refused",
+            "HTTP connections closed at once because http.max_connections were open",
+            m.http_connections_refused.clone(),
         );
         registry.register(
             "profile_files",

@@ -101,7 +101,7 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
 
     // 1. HTTP first, so an orchestrator sees "starting" rather than a refused connection.
     let http_server = http::bind(
-        cfg.http.listen,
+        &cfg.http,
         HttpState {
             metrics: metrics.clone(),
             health: health.clone(),

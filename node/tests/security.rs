@@ -122,3 +122,74 @@ fn security_engineer_cannot_publish_reported_and_v5_shares_the_port() {
     let t = s.node.twin_until("s-3", |t| t["desired"]["mode"] == "eco");
     assert!(t["reported"].get("temperature").is_none(), "{t}");
 }
+
+/// Reads until the peer closes the connection or `limit` passes; whether it closed.
+fn closed_within(s: &mut std::net::TcpStream, limit: std::time::Duration) -> bool {
+    use std::io::Read;
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = [0u8; 512];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn security_slow_and_surplus_http_connections_are_closed_and_health_still_answers() {
+    use std::io::Write;
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+    let node = NodeSpec {
+        http_keys: vec!["header_timeout_ms: 600".into(), "max_connections: 4".into()],
+        ..NodeSpec::default()
+    }
+    .start();
+    // Four clients that never finish their headers (slowloris) and one that sends nothing.
+    let started = Instant::now();
+    let mut slow: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut s = TcpStream::connect(("127.0.0.1", node.http_port)).unwrap();
+            s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                .unwrap();
+            s
+        })
+        .collect();
+    slow.push(TcpStream::connect(("127.0.0.1", node.http_port)).unwrap());
+    // The limit is taken: the next connection is closed at once.
+    let mut surplus = wait_for(Duration::from_secs(5), || {
+        let mut s = TcpStream::connect(("127.0.0.1", node.http_port)).ok()?;
+        closed_within(&mut s, Duration::from_millis(200)).then_some(s)
+    })
+    .expect("a connection past http.max_connections is closed at once");
+    let _ = surplus.write_all(b"GET /healthz HTTP/1.1\r\n\r\n");
+    // The slow ones are closed by the header timeout, long before any client gives up.
+    for s in &mut slow {
+        assert!(
+            closed_within(s, Duration::from_secs(5)),
+            "a slow connection was kept open"
+        );
+    }
+    // Closed by the timeout, not refused: they were kept while their headers could still come.
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    // And the endpoint serves again, saying what it refused.
+    let metrics = wait_for(Duration::from_secs(5), || {
+        let (code, body) = node.http_get("/metrics").ok()?;
+        (code == 200).then_some(body)
+    })
+    .expect("/metrics answers once the slow connections are gone");
+    let refused = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("edgetwin_http_connections_refused_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(refused >= 1.0, "refusals not counted:\n{metrics}");
+    assert_eq!(node.http_get("/readyz").unwrap().0, 200);
+}

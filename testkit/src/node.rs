@@ -72,6 +72,8 @@ pub struct NodeSpec {
     pub devices: Vec<String>,
     /// Top-level config sections appended to the node config (e.g. `bridge:`).
     pub extra_yaml: String,
+    /// Keys of the `http:` section besides `listen` (e.g. `header_timeout_ms: 500`), one per line.
+    pub http_keys: Vec<String>,
     /// `devices_scan_interval_ms` (default 200).
     pub scan_interval_ms: u64,
     /// `data_dir` (default: `data` in the node's temp dir).
@@ -83,6 +85,7 @@ impl Default for NodeSpec {
         NodeSpec {
             devices: Vec::new(),
             extra_yaml: String::new(),
+            http_keys: Vec::new(),
             scan_interval_ms: 200,
             data_dir: None,
         }
@@ -106,6 +109,10 @@ impl NodeSpec {
             .append(true)
             .open(node.config_path())
             .unwrap();
+        // `http:` is the last section of the written config: its keys go right after it.
+        for k in &self.http_keys {
+            writeln!(f, "  {k}").unwrap();
+        }
         f.write_all(self.extra_yaml.as_bytes()).unwrap();
         drop(f);
         node.spawn();
