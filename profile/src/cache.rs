@@ -231,6 +231,7 @@ enum OwnedKind {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::parse_str;
 
