@@ -109,6 +109,14 @@ pub struct LimitsConfig {
     /// counted as `kind="topic_budget"`). Default 10,000.
     #[serde(default = "default_max_distinct_topics")]
     pub max_distinct_topics: usize,
+    /// Failed logins from one address, or for one user, before further attempts are held back
+    /// (each further failure doubles the spacing of attempts, from 250 ms). Default 3.
+    #[serde(default = "default_login_free_failures")]
+    pub login_free_failures: u32,
+    /// Longest spacing of attempts after failed logins; an attempt whose turn would be further
+    /// away is refused unchecked (`reason="throttled"`). Default 10000.
+    #[serde(default = "default_login_max_delay_ms")]
+    pub login_max_delay_ms: u64,
     /// Time allowed for the TLS handshake plus CONNECT, and for dialling the upstream broker.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
@@ -129,6 +137,12 @@ fn default_max_distinct_filters() -> usize {
 fn default_max_distinct_topics() -> usize {
     10_000
 }
+fn default_login_free_failures() -> u32 {
+    3
+}
+fn default_login_max_delay_ms() -> u64 {
+    10_000
+}
 fn default_connect_timeout_ms() -> u64 {
     10_000
 }
@@ -141,6 +155,8 @@ impl Default for LimitsConfig {
             max_subscriptions_per_client: default_max_subscriptions(),
             max_distinct_filters: default_max_distinct_filters(),
             max_distinct_topics: default_max_distinct_topics(),
+            login_free_failures: default_login_free_failures(),
+            login_max_delay_ms: default_login_max_delay_ms(),
             connect_timeout_ms: default_connect_timeout_ms(),
         }
     }

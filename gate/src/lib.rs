@@ -27,6 +27,7 @@
 pub mod acl;
 pub mod config;
 pub mod credentials;
+pub mod logins;
 pub mod metrics;
 pub mod packet;
 mod relay;
@@ -144,6 +145,11 @@ impl Gate {
         }
         let filters = relay::NameBudget::new(cfg.limits.max_distinct_filters);
         let topics = relay::NameBudget::new(cfg.limits.max_distinct_topics);
+        let logins = std::sync::Mutex::new(logins::Logins::new(logins::Policy {
+            free_failures: cfg.limits.login_free_failures,
+            max: std::time::Duration::from_millis(cfg.limits.login_max_delay_ms),
+            ..logins::Policy::default()
+        }));
         Ok(Gate {
             listeners,
             shared: Arc::new(Shared {
@@ -155,6 +161,7 @@ impl Gate {
                 metrics: GateMetrics::default(),
                 filters,
                 topics,
+                logins,
             }),
         })
     }

@@ -53,6 +53,8 @@ pub struct GateMetrics {
     pub denied: Family<DenialLabels, Counter>,
     /// Clients cut by a limit or bad input.
     pub disconnects: Family<ReasonLabels, Counter>,
+    /// Login attempts held back by the failed-login back-off.
+    pub login_delayed: Counter,
 }
 
 impl GateMetrics {
@@ -83,6 +85,11 @@ impl GateMetrics {
             "disconnects",
             "Clients disconnected by the gate for a limit or bad input",
             self.disconnects.clone(),
+        );
+        r.register(
+            "login_delayed",
+            "Login attempts held back after failed logins from their address or for their user",
+            self.login_delayed.clone(),
         );
     }
 

@@ -25,6 +25,7 @@ use tracing::{debug, info, warn};
 use crate::acl::{self, DeviceDirectory, Role};
 use crate::config::GateConfig;
 use crate::credentials::{role_of, Credentials};
+use crate::logins::{Logins, Turn};
 use crate::metrics::{ConnectionLabels, GateMetrics};
 use crate::packet::{self, Connect, Kind, PacketError, Refusal, Version};
 use crate::tls::cert_identity;
@@ -44,6 +45,8 @@ pub(crate) struct Shared {
     pub filters: NameBudget,
     /// Distinct topic names outside the registry's passed so far (`limits.max_distinct_topics`).
     pub topics: NameBudget,
+    /// Failed logins by address and user, for the back-off.
+    pub logins: Mutex<Logins>,
 }
 
 /// A node-wide budget of distinct names (filters or topics) that the broker keeps state for as
@@ -206,7 +209,44 @@ pub(crate) async fn serve(
     let version = connect.version();
     let client_id = connect.client_id().to_string();
 
-    let (role, identity) = match authenticate(&shared, &connect, cert_name).await {
+    let user = connect.login().map(|l| l.0.to_string());
+    let turn = shared
+        .logins
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .turn(peer.ip(), user.as_deref(), std::time::Instant::now());
+    match turn {
+        Turn::Now => {}
+        Turn::At(at) => {
+            shared.metrics.login_delayed.inc();
+            debug!(%peer, client = %client_id, "login held back after failed logins");
+            tokio::select! {
+                _ = tokio::time::sleep_until(at.into()) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+        Turn::Refuse => {
+            shared.metrics.auth_failure("throttled");
+            debug!(%peer, client = %client_id, "CONNECT refused unchecked: too many failed logins");
+            let _ = client
+                .write_all(&packet::connack_refused(version, Refusal::NotAuthorized))
+                .await;
+            let _ = client.shutdown().await;
+            return;
+        }
+    }
+    let outcome = authenticate(&shared, &connect, cert_name).await;
+    {
+        let mut logins = shared
+            .logins
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &outcome {
+            Ok(_) => logins.succeeded(peer.ip(), user.as_deref()),
+            Err(_) => logins.failed(peer.ip(), user.as_deref(), std::time::Instant::now()),
+        }
+    }
+    let (role, identity) = match outcome {
         Ok(r) => r,
         Err((why, reason)) => {
             shared.metrics.auth_failure(reason);

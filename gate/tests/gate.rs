@@ -788,3 +788,108 @@ fn gate_refuses_new_filters_past_the_nodes_distinct_filter_budget() {
         1.0
     );
 }
+
+#[test]
+fn gate_holds_back_password_guesses_and_still_lets_the_right_password_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Mosquitto::start();
+    let mut cfg = config(Some(write_credentials(dir.path())));
+    cfg.limits.login_free_failures = 2;
+    let gate = TestGate::start(cfg, up.port);
+    let attempt = |password: &str| {
+        pub_(
+            gate.port,
+            &[
+                "-u",
+                "eng",
+                "-P",
+                password,
+                "-t",
+                "dt/m1/desired",
+                "-m",
+                "{}",
+            ],
+        )
+    };
+    let started = std::time::Instant::now();
+    for _ in 0..5 {
+        assert!(
+            !attempt("guess").status.success(),
+            "a wrong password got in"
+        );
+    }
+    // Two free failures; then turns spaced 250 ms, 500 ms: guesses 4 and 5 were held back.
+    assert!(
+        started.elapsed() >= Duration::from_millis(750),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(gate.metric("edgetwin_gate_login_delayed_total") >= 2.0);
+    // The right password still gets in (at its turn), and clears the record.
+    let o = attempt("eng-pw");
+    assert!(o.status.success(), "{}", text(&o));
+    let o = attempt("eng-pw");
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        gate.metric("edgetwin_gate_auth_failures_total{reason=\"bad_password\"}"),
+        5.0
+    );
+}
+
+#[test]
+fn gate_refuses_unchecked_a_flood_of_parallel_guesses() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Mosquitto::start();
+    let mut cfg = config(Some(write_credentials(dir.path())));
+    cfg.limits.login_free_failures = 1;
+    cfg.limits.login_max_delay_ms = 1000;
+    let gate = TestGate::start(cfg, up.port);
+    let port = gate.port;
+    // One guess fails first, so the address is known when the flood comes.
+    let first = pub_(
+        port,
+        &[
+            "-u",
+            "eng",
+            "-P",
+            "first",
+            "-t",
+            "dt/m1/desired",
+            "-m",
+            "{}",
+        ],
+    );
+    assert!(!first.status.success());
+    let guesses: Vec<_> = (0..12)
+        .map(|i| {
+            std::thread::spawn(move || {
+                pub_(
+                    port,
+                    &[
+                        "-u",
+                        "eng",
+                        "-P",
+                        &format!("guess-{i}"),
+                        "-t",
+                        "dt/m1/desired",
+                        "-m",
+                        "{}",
+                    ],
+                )
+            })
+        })
+        .collect();
+    for g in guesses {
+        assert!(!g.join().unwrap().status.success());
+    }
+    // Opening many connections at once does not multiply the guess rate: the attempts queue,
+    // and those whose turn is more than login_max_delay_ms away are refused unchecked.
+    let checked = gate.metric("edgetwin_gate_auth_failures_total{reason=\"bad_password\"}");
+    let throttled = gate.metric("edgetwin_gate_auth_failures_total{reason=\"throttled\"}");
+    assert_eq!(
+        checked + throttled,
+        13.0,
+        "checked {checked}, throttled {throttled}"
+    );
+    assert!(throttled >= 1.0, "checked {checked}, throttled {throttled}");
+}
