@@ -111,7 +111,9 @@ pub fn may_subscribe(role: &Role, filter: &str, dir: &dyn DeviceDirectory) -> bo
     let Some(filter) = strip_share(filter) else {
         return false;
     };
-    if !valid_filter(filter) {
+    // The node serves no `$` topics ($SYS and the like), and rumqttd drops the connection of a
+    // client subscribing to one: refused here, the client gets a SUBACK failure code instead.
+    if !valid_filter(filter) || filter.starts_with('$') {
         return false;
     }
     match role {
@@ -257,6 +259,23 @@ mod tests {
         ] {
             assert!(!bounded_by_registry(t, &d), "{t}");
         }
+    }
+
+    #[test]
+    fn acl_dollar_filters_are_refused_for_every_role_but_shared_subscriptions_are_not() {
+        let d = dir();
+        for role in [Role::Admin, Role::Engineer, Role::App, mapper("modbus")] {
+            for f in [
+                "$SYS/#",
+                "$SYS/broker/uptime",
+                "$share/g/$SYS/#",
+                "$internal/x",
+            ] {
+                assert!(!may_subscribe(&role, f, &d), "{role:?} {f}");
+            }
+        }
+        assert!(may_subscribe(&Role::Admin, "$share/g/dt/+/twin", &d));
+        assert!(may_subscribe(&Role::Engineer, "$share/g/dt/+/twin", &d));
     }
 
     #[test]

@@ -359,6 +359,14 @@ impl Connect {
         }
     }
 
+    /// The keep-alive the client asked for, in seconds (0: off).
+    pub fn keep_alive(&self) -> u16 {
+        match self {
+            Connect::V4(c) => c.keep_alive,
+            Connect::V5(b) => b.0.keep_alive,
+        }
+    }
+
     /// The client id.
     pub fn client_id(&self) -> &str {
         match self {
@@ -392,18 +400,28 @@ impl Connect {
         }
     }
 
-    /// The CONNECT to send upstream: credentials and v5 enhanced-auth fields removed.
+    /// The CONNECT to send upstream: credentials and v5 enhanced-auth fields removed, and a
+    /// keep-alive of 0 ("off", which rumqttd refuses without a CONNACK) replaced by
+    /// [`UPSTREAM_KEEPALIVE`]; the relay then pings the broker for the client.
     pub fn encode_for_upstream(&self) -> Result<Bytes, PacketError> {
         let mut out = BytesMut::new();
         match self {
             Connect::V4(c) => {
                 let mut c = c.clone();
                 c.login = None;
+                if c.keep_alive == 0 {
+                    c.keep_alive = UPSTREAM_KEEPALIVE;
+                }
+                c.client_id = upstream_client_id(&c.client_id).into_owned();
                 c.write(&mut out).map_err(m4_err)?;
             }
             Connect::V5(b) => {
                 let (c, will, _) = b.as_ref();
                 let mut c = c.clone();
+                if c.keep_alive == 0 {
+                    c.keep_alive = UPSTREAM_KEEPALIVE;
+                }
+                c.client_id = upstream_client_id(&c.client_id).into_owned();
                 if let Some(p) = c.properties.as_mut() {
                     p.authentication_method = None;
                     p.authentication_data = None;
@@ -414,6 +432,31 @@ impl Connect {
         Ok(out.freeze())
     }
 }
+
+/// The client id the broker sees: any UTF-8 id is valid MQTT, but rumqttd refuses ids holding
+/// `+ $ # /` (`plant/line-2/sensor-7`) without a CONNACK, so those and `%` are percent-encoded.
+/// The encoding is one-to-one, so two clients never share a session upstream by accident.
+pub fn upstream_client_id(id: &str) -> std::borrow::Cow<'_, str> {
+    const ESCAPED: [char; 5] = ['%', '+', '$', '#', '/'];
+    if !id.contains(ESCAPED) {
+        return std::borrow::Cow::Borrowed(id);
+    }
+    let mut out = String::with_capacity(id.len() + 8);
+    for c in id.chars() {
+        if ESCAPED.contains(&c) {
+            out.push_str(&format!("%{:02X}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// The keep-alive (seconds) the gate asks of the broker for a client that turned keep-alive off.
+pub const UPSTREAM_KEEPALIVE: u16 = 60;
+
+/// A PINGREQ (the same bytes in MQTT 3.1.1 and 5).
+pub const PINGREQ: [u8; 2] = [0xC0, 0x00];
 
 /// Why the gate refuses a CONNECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -561,6 +604,31 @@ pub fn disconnect(version: Version, reason: v5::DisconnectReasonCode) -> Bytes {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn client_ids_rumqttd_refuses_are_encoded_and_plain_ones_kept() {
+        assert_eq!(upstream_client_id("sensor-7"), "sensor-7");
+        assert_eq!(
+            upstream_client_id("plant/line-2/sensor-7"),
+            "plant%2Fline-2%2Fsensor-7"
+        );
+        assert_eq!(upstream_client_id("a+b$c#d%e"), "a%2Bb%24c%23d%25e");
+        assert_eq!(upstream_client_id("ünï/"), "ünï%2F");
+    }
+
+    proptest! {
+        /// Distinct ids stay distinct upstream, and none holds a character rumqttd refuses.
+        #[test]
+        fn the_upstream_client_id_is_one_to_one_and_acceptable(
+            a in "[a-z%+$#/ü]{0,12}",
+            b in "[a-z%+$#/ü]{0,12}",
+        ) {
+            let (ua, ub) = (upstream_client_id(&a), upstream_client_id(&b));
+            prop_assert_eq!(a == b, ua == ub);
+            prop_assert!(!ua.contains(['+', '$', '#', '/']));
+        }
+    }
 
     fn v4_bytes(p: v4::Packet) -> BytesMut {
         let mut b = BytesMut::new();

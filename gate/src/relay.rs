@@ -315,6 +315,8 @@ pub(crate) async fn serve(
         version,
         client_id: &client_id,
         pending_subacks: Mutex::new(HashMap::new()),
+        keepalive_off: connect.keep_alive() == 0,
+        client_pings: std::sync::atomic::AtomicU32::new(0),
     };
     let end = conn.relay(client, buf, upstream, &shutdown).await;
     shared.metrics.active.dec();
@@ -428,6 +430,12 @@ struct Conn<'a> {
     /// SUBSCRIBEs forwarded without some filters: packet id → which of the client's filters were
     /// allowed.
     pending_subacks: Mutex<HashMap<u16, Vec<bool>>>,
+    /// The client turned keep-alive off: the gate pings the broker for it (see
+    /// [`packet::UPSTREAM_KEEPALIVE`]) and keeps the answers to itself.
+    keepalive_off: bool,
+    /// PINGREQs the client sent that the broker has not answered yet (only those answers go to
+    /// the client).
+    client_pings: std::sync::atomic::AtomicU32,
 }
 
 type Writer<W> = tokio::sync::Mutex<W>;
@@ -447,6 +455,7 @@ impl Conn<'_> {
         let end = tokio::select! {
             e = self.client_to_broker(cr, client_buf, &uw, &cw) => e,
             e = self.broker_to_client(ur, &cw, &uw) => e,
+            e = self.ping_for_client(&uw) => e,
             _ = shutdown.cancelled() => End::Shutdown,
         };
         let reason = match &end {
@@ -463,6 +472,27 @@ impl Conn<'_> {
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), cw.shutdown()).await;
         end
+    }
+
+    /// Keeps the broker session of a client without keep-alive alive: a PINGREQ every half
+    /// keep-alive. Never ends for other clients.
+    async fn ping_for_client<U: AsyncWrite + Unpin>(&self, upstream: &Writer<U>) -> End {
+        if !self.keepalive_off {
+            return std::future::pending().await;
+        }
+        let every = Duration::from_secs(u64::from(packet::UPSTREAM_KEEPALIVE) / 2);
+        loop {
+            tokio::time::sleep(every).await;
+            if upstream
+                .lock()
+                .await
+                .write_all(&packet::PINGREQ)
+                .await
+                .is_err()
+            {
+                return End::Closed;
+            }
+        }
     }
 
     async fn client_to_broker<R, U, C>(
@@ -667,11 +697,14 @@ impl Conn<'_> {
                     Kind::ConnAck | Kind::SubAck | Kind::UnsubAck | Kind::PingResp => {
                         return End::Cut(Cut::protocol("server-only packet from a client"))
                     }
-                    Kind::PubAck
-                    | Kind::PubRec
-                    | Kind::PubComp
-                    | Kind::PingReq
-                    | Kind::Disconnect => out.extend_from_slice(&frame.raw),
+                    Kind::PingReq => {
+                        self.client_pings
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        out.extend_from_slice(&frame.raw);
+                    }
+                    Kind::PubAck | Kind::PubRec | Kind::PubComp | Kind::Disconnect => {
+                        out.extend_from_slice(&frame.raw)
+                    }
                 }
             }
             if write(upstream, out).await.is_err() || write(client, back).await.is_err() {
@@ -780,6 +813,20 @@ impl Conn<'_> {
                                 Ok(b) => out.extend_from_slice(&b),
                                 Err(_) => return End::Closed,
                             },
+                        }
+                    }
+                    Kind::PingResp if self.keepalive_off => {
+                        // Ours unless the client has a ping of its own outstanding.
+                        let theirs = self
+                            .client_pings
+                            .fetch_update(
+                                std::sync::atomic::Ordering::Relaxed,
+                                std::sync::atomic::Ordering::Relaxed,
+                                |n| n.checked_sub(1),
+                            )
+                            .is_ok();
+                        if theirs {
+                            out.extend_from_slice(&frame.raw);
                         }
                     }
                     _ => out.extend_from_slice(&frame.raw),
