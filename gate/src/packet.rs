@@ -359,6 +359,19 @@ impl Connect {
         }
     }
 
+    /// The largest packet the client accepts (MQTT 5 Maximum Packet Size), if it said.
+    pub fn max_packet_size(&self) -> Option<usize> {
+        match self {
+            Connect::V4(_) => None,
+            Connect::V5(b) => {
+                b.0.properties
+                    .as_ref()
+                    .and_then(|p| p.max_packet_size)
+                    .map(|m| m as usize)
+            }
+        }
+    }
+
     /// The keep-alive the client asked for, in seconds (0: off).
     pub fn keep_alive(&self) -> u16 {
         match self {

@@ -316,6 +316,7 @@ pub(crate) async fn serve(
         client_id: &client_id,
         pending_subacks: Mutex::new(HashMap::new()),
         keepalive_off: connect.keep_alive() == 0,
+        client_max_packet: connect.max_packet_size(),
         client_pings: std::sync::atomic::AtomicU32::new(0),
     };
     let end = conn.relay(client, buf, upstream, &shutdown).await;
@@ -436,6 +437,9 @@ struct Conn<'a> {
     /// PINGREQs the client sent that the broker has not answered yet (only those answers go to
     /// the client).
     client_pings: std::sync::atomic::AtomicU32,
+    /// The client's MQTT 5 Maximum Packet Size: larger deliveries are not sent to it (the spec
+    /// has the server discard them as if delivered); rumqttd ignores it.
+    client_max_packet: Option<usize>,
 }
 
 type Writer<W> = tokio::sync::Mutex<W>;
@@ -750,6 +754,33 @@ impl Conn<'_> {
                     }
                 };
                 match frame.kind {
+                    Kind::Publish
+                        if self
+                            .client_max_packet
+                            .is_some_and(|max| frame.raw.len() > max) =>
+                    {
+                        let Ok(p) = frame.publish() else {
+                            return End::Closed;
+                        };
+                        if let (Some(a), false) = (p.topic_alias, p.topic.is_empty()) {
+                            aliases.insert(a, p.topic.clone());
+                        }
+                        self.shared
+                            .metrics
+                            .deny(self.role.label(), "oversize_delivery");
+                        debug!(client = %self.client_id, topic = %p.topic, bytes = frame.raw.len(), "delivery larger than the client's Maximum Packet Size discarded");
+                        // Acknowledged for the client, so the broker does not send it again.
+                        match p.qos {
+                            1 => {
+                                back.extend_from_slice(&packet::puback(self.version, p.pkid, None))
+                            }
+                            2 => {
+                                back.extend_from_slice(&packet::pubrec(self.version, p.pkid, None));
+                                withheld_qos2.insert(p.pkid);
+                            }
+                            _ => {}
+                        }
+                    }
                     Kind::Publish if inspect => {
                         let Ok(p) = frame.publish() else {
                             return End::Closed;
@@ -788,7 +819,7 @@ impl Conn<'_> {
                             }
                         }
                     }
-                    Kind::PubRel if inspect => {
+                    Kind::PubRel if inspect || !withheld_qos2.is_empty() => {
                         let Ok(pkid) = frame.pubrel_pkid() else {
                             return End::Closed;
                         };

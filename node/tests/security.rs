@@ -240,3 +240,34 @@ fn security_gate_takes_keepalive_off_and_answers_dollar_filters_with_a_failure_c
     c.write_all(&[0xC0, 0x00]).unwrap();
     assert_eq!(read_exact_within(&mut c, 2), [0xD0, 0x00]);
 }
+
+#[test]
+fn security_gate_keeps_deliveries_within_the_clients_maximum_packet_size() {
+    let s = secured(&["s-mp"]);
+    let big = "x".repeat(400);
+    // The client announces 128 bytes; it publishes (QoS 1) a large message and then a small
+    // one to a topic it subscribed: only the small one may reach it, and nothing is redelivered.
+    let got = probe(
+        s.gate,
+        true,
+        &["dt/s-mp/desired"],
+        &[("dt/s-mp/desired", &big), ("dt/s-mp/desired", "small")],
+        1,
+        &[
+            "--username",
+            "eng",
+            "--password",
+            "eng-pw",
+            "--max-packet",
+            "128",
+            "--timeout",
+            "3",
+        ],
+    );
+    let payloads: Vec<&str> = got.iter().filter_map(|m| m["payload"].as_str()).collect();
+    assert_eq!(payloads, ["small"], "{got:?}");
+    assert!(s
+        .node
+        .metrics()
+        .contains("edgetwin_gate_denied_total{role=\"engineer\",kind=\"oversize_delivery\"} 1"));
+}

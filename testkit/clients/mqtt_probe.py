@@ -28,6 +28,9 @@ def main():
     ap.add_argument("--count", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=5.0)
     ap.add_argument("--qos", type=int, default=1)
+    ap.add_argument("--username")
+    ap.add_argument("--password")
+    ap.add_argument("--max-packet", type=int, help="MQTT 5 Maximum Packet Size to announce")
     a = ap.parse_args()
 
     proto = mqtt.MQTTv5 if a.v5 else mqtt.MQTTv311
@@ -59,8 +62,17 @@ def main():
     c.on_connect = on_connect
     c.on_subscribe = on_subscribe
     c.on_message = on_message
+    if a.username:
+        c.username_pw_set(a.username, a.password)
+    connect_props = None
+    if a.v5 and a.max_packet:
+        connect_props = Properties(PacketTypes.CONNECT)
+        connect_props.MaximumPacketSize = a.max_packet
     try:
-        c.connect("127.0.0.1", a.port, keepalive=30)
+        if a.v5:
+            c.connect("127.0.0.1", a.port, keepalive=30, properties=connect_props)
+        else:
+            c.connect("127.0.0.1", a.port, keepalive=30)
     except OSError as e:
         print(f"connect failed: {e}", file=sys.stderr)
         return 2
