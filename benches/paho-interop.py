@@ -83,6 +83,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("suite", help="the suite's interoperability/ folder")
     ap.add_argument("--timeout", type=float, default=30.0)
+    ap.add_argument("--only", default="", help="comma separated test names (default: all)")
     a = ap.parse_args()
     suite = os.path.abspath(a.suite)
     tmp = tempfile.mkdtemp(prefix="paho-interop-")
@@ -121,7 +122,10 @@ def main():
         rows = []
         for module, bare in (("client_test", v4), ("client_test5", v5)):
             targets = [("mosquitto", mq), ("node bare port", bare), ("node gate", gate)]
+            only = [n for n in a.only.split(",") if n]
             for name in tests_of(os.path.join(suite, module + ".py")):
+                if only and name not in only:
+                    continue
                 rows.append((module, name, [run(suite, module, name, p, a.timeout)
                                             for _, p in targets]))
                 print(f"  {module}.{name}: {rows[-1][2]}", file=sys.stderr, flush=True)

@@ -534,6 +534,15 @@ impl Conn<'_> {
                             Ok(p) => p,
                             Err(e) => return End::Cut(Cut::packet(e)),
                         };
+                        if p.topic_alias == Some(0) {
+                            // [MQTT-3.3.2-8]: 0 is not a topic alias; the spec's answer is a
+                            // DISCONNECT 0x94 (rumqttd closes without a reason).
+                            return End::Cut(Cut {
+                                reason: "topic_alias_invalid",
+                                detail: "PUBLISH with topic alias 0".into(),
+                                v5: DisconnectReasonCode::TopicAliasInvalid,
+                            });
+                        }
                         let topic = if p.topic.is_empty() {
                             match p.topic_alias.and_then(|a| aliases.get(&a)) {
                                 Some(t) => t.clone(),

@@ -893,3 +893,32 @@ fn gate_refuses_unchecked_a_flood_of_parallel_guesses() {
     );
     assert!(throttled >= 1.0, "checked {checked}, throttled {throttled}");
 }
+
+#[test]
+fn gate_answers_topic_alias_zero_with_disconnect_0x94() {
+    use std::io::{Read, Write};
+    let up = Mosquitto::start();
+    let gate = TestGate::start(config(None), up.port);
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", gate.port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // MQTT 5 CONNECT (clean start, keep-alive 60, no properties, client id "a").
+    c.write_all(&[
+        0x10, 0x0e, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x02, 0x00, 0x3c, 0x00, 0x00, 0x01,
+        b'a',
+    ])
+    .unwrap();
+    let mut head = [0u8; 2];
+    c.read_exact(&mut head).unwrap();
+    assert_eq!(head[0], 0x20, "CONNACK expected");
+    let mut rest = vec![0u8; head[1] as usize];
+    c.read_exact(&mut rest).unwrap();
+    assert_eq!(rest[1], 0x00, "connection accepted");
+    // PUBLISH QoS 0 to "t" with Topic Alias (0x23) = 0.
+    c.write_all(&[0x30, 0x08, 0x00, 0x01, b't', 0x03, 0x23, 0x00, 0x00, b'x'])
+        .unwrap();
+    c.read_exact(&mut head).unwrap();
+    assert_eq!(head[0], 0xe0, "DISCONNECT expected");
+    let mut reason = [0u8; 1];
+    c.read_exact(&mut reason).unwrap();
+    assert_eq!(reason[0], 0x94, "Topic Alias invalid");
+}
