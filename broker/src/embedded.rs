@@ -196,11 +196,80 @@ async fn wait_until_listening(
         if let Ok(msg) = done.try_recv() {
             bail!("{msg}");
         }
-        if tokio::net::TcpStream::connect(probe).await.is_ok() {
+        // The kernel's socket table answers without a connection; a connection that sends no
+        // CONNECT makes rumqttd log an error at every start. Elsewhere, connect.
+        let listening = match listening_in_proc(addr) {
+            Some(l) => l,
+            None => tokio::net::TcpStream::connect(probe).await.is_ok(),
+        };
+        if listening {
             return Ok(());
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(25));
     }
     bail!("not accepting connections after 5 s")
+}
+
+/// Whether a socket listens on `addr`, from Linux's `/proc/net/tcp` and `tcp6`; `None` where
+/// those cannot be read.
+fn listening_in_proc(addr: SocketAddr) -> Option<bool> {
+    let (file, want) = match addr {
+        SocketAddr::V4(a) => ("/proc/net/tcp", proc_hex_v4(a.ip())),
+        SocketAddr::V6(a) => ("/proc/net/tcp6", proc_hex_v6(a.ip())),
+    };
+    let table = std::fs::read_to_string(file).ok()?;
+    Some(listens(&table, &format!("{want}:{:04X}", addr.port())))
+}
+
+/// Whether the `/proc/net/tcp` table has a LISTEN (`0A`) socket whose local address is `local`.
+fn listens(table: &str, local: &str) -> bool {
+    table.lines().skip(1).any(|l| {
+        let mut f = l.split_whitespace();
+        let (_, local_addr, _, state) = (f.next(), f.next(), f.next(), f.next());
+        local_addr.is_some_and(|a| a.eq_ignore_ascii_case(local)) && state == Some("0A")
+    })
+}
+
+/// An IPv4 address as `/proc/net/tcp` prints it: the address word in host (little-endian) order.
+fn proc_hex_v4(ip: &std::net::Ipv4Addr) -> String {
+    format!("{:08X}", u32::from_le_bytes(ip.octets()))
+}
+
+/// An IPv6 address as `/proc/net/tcp6` prints it: four words, each in host order.
+fn proc_hex_v6(ip: &std::net::Ipv6Addr) -> String {
+    ip.octets()
+        .chunks(4)
+        .map(|w| format!("{:08X}", u32::from_le_bytes([w[0], w[1], w[2], w[3]])))
+        .collect()
+}
+
+#[cfg(test)]
+mod proc_tests {
+    use super::*;
+
+    #[test]
+    fn a_listening_socket_is_found_in_the_kernel_table_and_a_closed_one_is_not() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        assert_eq!(listening_in_proc(addr), Some(true));
+        drop(l);
+        assert_eq!(listening_in_proc(addr), Some(false));
+    }
+
+    #[test]
+    fn proc_addresses_are_printed_in_host_word_order() {
+        assert_eq!(proc_hex_v4(&"127.0.0.1".parse().expect("ip")), "0100007F");
+        assert_eq!(proc_hex_v4(&"0.0.0.0".parse().expect("ip")), "00000000");
+        assert_eq!(
+            proc_hex_v6(&"::1".parse().expect("ip")),
+            "00000000000000000000000001000000"
+        );
+        let table = "  sl  local_address rem_address   st\n   0: 0100007F:0B5B 00000000:0000 0A 0\n   1: 0100007F:0B5C 0100007F:A70D 01 0\n";
+        assert!(listens(table, "0100007F:0B5B"));
+        assert!(
+            !listens(table, "0100007F:0B5C"),
+            "established, not listening"
+        );
+    }
 }
