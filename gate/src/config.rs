@@ -117,6 +117,11 @@ pub struct LimitsConfig {
     /// away is refused unchecked (`reason="throttled"`). Default 10000.
     #[serde(default = "default_login_max_delay_ms")]
     pub login_max_delay_ms: u64,
+    /// The keep-alive, in seconds, the gate asks of the broker for a client that turned its
+    /// keep-alive off (0, which rumqttd refuses); the gate then pings the broker every half of
+    /// it for that client. Default 60, at least 2.
+    #[serde(default = "default_keepalive_off_upstream_s")]
+    pub keepalive_off_upstream_s: u16,
     /// Time allowed for the TLS handshake plus CONNECT, and for dialling the upstream broker.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
@@ -143,6 +148,9 @@ fn default_login_free_failures() -> u32 {
 fn default_login_max_delay_ms() -> u64 {
     10_000
 }
+fn default_keepalive_off_upstream_s() -> u16 {
+    60
+}
 fn default_connect_timeout_ms() -> u64 {
     10_000
 }
@@ -157,6 +165,7 @@ impl Default for LimitsConfig {
             max_distinct_topics: default_max_distinct_topics(),
             login_free_failures: default_login_free_failures(),
             login_max_delay_ms: default_login_max_delay_ms(),
+            keepalive_off_upstream_s: default_keepalive_off_upstream_s(),
             connect_timeout_ms: default_connect_timeout_ms(),
         }
     }
@@ -201,6 +210,9 @@ impl GateConfig {
         let l = &self.limits;
         if l.max_packet_bytes < 1024 {
             errors.push("limits.max_packet_bytes: must be at least 1024".into());
+        }
+        if l.keepalive_off_upstream_s < 2 {
+            errors.push("limits.keepalive_off_upstream_s: must be at least 2".into());
         }
         if l.max_topic_len < 64 {
             errors.push("limits.max_topic_len: must be at least 64".into());

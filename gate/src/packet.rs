@@ -415,15 +415,15 @@ impl Connect {
 
     /// The CONNECT to send upstream: credentials and v5 enhanced-auth fields removed, and a
     /// keep-alive of 0 ("off", which rumqttd refuses without a CONNACK) replaced by
-    /// [`UPSTREAM_KEEPALIVE`]; the relay then pings the broker for the client.
-    pub fn encode_for_upstream(&self) -> Result<Bytes, PacketError> {
+    /// `keepalive_off` seconds; the relay then pings the broker for the client.
+    pub fn encode_for_upstream(&self, keepalive_off: u16) -> Result<Bytes, PacketError> {
         let mut out = BytesMut::new();
         match self {
             Connect::V4(c) => {
                 let mut c = c.clone();
                 c.login = None;
                 if c.keep_alive == 0 {
-                    c.keep_alive = UPSTREAM_KEEPALIVE;
+                    c.keep_alive = keepalive_off;
                 }
                 c.client_id = upstream_client_id(&c.client_id).into_owned();
                 c.write(&mut out).map_err(m4_err)?;
@@ -432,7 +432,7 @@ impl Connect {
                 let (c, will, _) = b.as_ref();
                 let mut c = c.clone();
                 if c.keep_alive == 0 {
-                    c.keep_alive = UPSTREAM_KEEPALIVE;
+                    c.keep_alive = keepalive_off;
                 }
                 c.client_id = upstream_client_id(&c.client_id).into_owned();
                 if let Some(p) = c.properties.as_mut() {
@@ -464,9 +464,6 @@ pub fn upstream_client_id(id: &str) -> std::borrow::Cow<'_, str> {
     }
     std::borrow::Cow::Owned(out)
 }
-
-/// The keep-alive (seconds) the gate asks of the broker for a client that turned keep-alive off.
-pub const UPSTREAM_KEEPALIVE: u16 = 60;
 
 /// A PINGREQ (the same bytes in MQTT 3.1.1 and 5).
 pub const PINGREQ: [u8; 2] = [0xC0, 0x00];
@@ -657,7 +654,7 @@ mod tests {
         let got = Connect::read(&mut b, 1 << 20).unwrap().unwrap();
         assert_eq!(got.version(), Version::V4);
         assert_eq!(got.login(), Some(("u", "p")));
-        let mut up = BytesMut::from(&got.encode_for_upstream().unwrap()[..]);
+        let mut up = BytesMut::from(&got.encode_for_upstream(60).unwrap()[..]);
         let again = Connect::read(&mut up, 1 << 20).unwrap().unwrap();
         assert_eq!(again.login(), None);
         assert_eq!(again.client_id(), "c1");

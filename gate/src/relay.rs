@@ -286,7 +286,14 @@ pub(crate) async fn serve(
             .await;
         return;
     };
-    let upstream = match dial(upstream_addr, deadline, &connect).await {
+    let upstream = match dial(
+        upstream_addr,
+        deadline,
+        &connect,
+        limits.keepalive_off_upstream_s,
+    )
+    .await
+    {
         Ok(u) => u,
         Err(e) => {
             shared.metrics.auth_failure("upstream_unavailable");
@@ -411,13 +418,14 @@ async fn dial(
     addr: SocketAddr,
     deadline: tokio::time::Instant,
     connect: &Connect,
+    keepalive_off: u16,
 ) -> std::io::Result<TcpStream> {
     let mut s = tokio::time::timeout_at(deadline, TcpStream::connect(addr))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
     s.set_nodelay(true)?;
     let first = connect
-        .encode_for_upstream()
+        .encode_for_upstream(keepalive_off)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
     s.write_all(&first).await?;
     Ok(s)
@@ -431,8 +439,8 @@ struct Conn<'a> {
     /// SUBSCRIBEs forwarded without some filters: packet id → which of the client's filters were
     /// allowed.
     pending_subacks: Mutex<HashMap<u16, Vec<bool>>>,
-    /// The client turned keep-alive off: the gate pings the broker for it (see
-    /// [`packet::UPSTREAM_KEEPALIVE`]) and keeps the answers to itself.
+    /// The client turned keep-alive off: the gate pings the broker for it (every half of
+    /// `limits.keepalive_off_upstream_s`) and keeps the answers to itself.
     keepalive_off: bool,
     /// PINGREQs the client sent that the broker has not answered yet (only those answers go to
     /// the client).
@@ -484,7 +492,8 @@ impl Conn<'_> {
         if !self.keepalive_off {
             return std::future::pending().await;
         }
-        let every = Duration::from_secs(u64::from(packet::UPSTREAM_KEEPALIVE) / 2);
+        let every =
+            Duration::from_millis(u64::from(self.shared.cfg.limits.keepalive_off_upstream_s) * 500);
         loop {
             tokio::time::sleep(every).await;
             if upstream

@@ -10,16 +10,24 @@ struct Secured {
 }
 
 fn secured(devices: &[&str]) -> Secured {
+    secured_with(devices, "")
+}
+
+/// Like [`secured`], with `limits` lines (indented under `gate.limits`).
+fn secured_with(devices: &[&str], limits: &str) -> Secured {
     let creds_dir = tempfile::tempdir().unwrap().keep();
     let creds = creds_dir.join("users.yaml");
     user_add(&creds, "eng", "engineer", None, "eng-pw");
     user_add(&creds, "modbus-mapper", "mapper", Some("modbus"), "mb-pw");
     user_add(&creds, "opcua-mapper", "mapper", Some("opcua"), "ua-pw");
     let gate = free_port();
-    let extra = format!(
+    let mut extra = format!(
         "gate:\n  listeners:\n    - listen: 127.0.0.1:{gate}\n  credentials_file: {}\n",
         creds.display()
     );
+    if !limits.is_empty() {
+        extra.push_str(&format!("  limits:\n{limits}"));
+    }
     Secured {
         node: Node::start_with_config(devices, &extra),
         gate,
@@ -270,4 +278,23 @@ fn security_gate_keeps_deliveries_within_the_clients_maximum_packet_size() {
         .node
         .metrics()
         .contains("edgetwin_gate_denied_total{role=\"engineer\",kind=\"oversize_delivery\"} 1"));
+}
+
+#[test]
+fn security_gate_keeps_the_broker_session_of_a_client_without_keepalive_alive() {
+    use std::io::Write;
+    // The gate asks the broker for a 2 s keep-alive, which rumqttd enforces at 3 s of silence.
+    let s = secured_with(&["s-idle"], "    keepalive_off_upstream_s: 2\n");
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", s.gate)).unwrap();
+    c.write_all(&raw_connect("idle-0", "eng", "eng-pw", 0))
+        .unwrap();
+    assert_eq!(read_exact_within(&mut c, 4), [0x20, 0x02, 0x00, 0x00]);
+    // Silent for well past the broker's limit; only the gate's own pings reach the broker.
+    std::thread::sleep(std::time::Duration::from_millis(4500));
+    c.write_all(&[0xC0, 0x00]).unwrap();
+    assert_eq!(
+        read_exact_within(&mut c, 2),
+        [0xD0, 0x00],
+        "the session was dropped while the client was silent"
+    );
 }
