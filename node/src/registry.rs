@@ -471,26 +471,13 @@ fn write_atomically(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
     write_file_atomically(&dir.join(name), text.as_bytes())
 }
 
-/// Writes `dest` through a temporary file beside it and a rename, so a crash leaves either the
-/// old file or the new one whole.
+/// [`edgetwin_redbfile::write_atomically`], creating the folder first.
 fn write_file_atomically(dest: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    let dir = dest.parent().unwrap_or(Path::new("."));
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("write {}", tmp.display()))?;
-    std::fs::rename(&tmp, dest).with_context(|| format!("rename to {}", dest.display()))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
+    if let Some(dir) = dest.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
-    Ok(())
+    edgetwin_redbfile::write_atomically(dest, bytes)
+        .with_context(|| format!("write {}", dest.display()))
 }
 
 /// Which build wrote a profile cache: the release and the program file's size and change

@@ -1,7 +1,8 @@
 //! What every redb file of the node (twin store, outbox, container command ids) does the same
 //! way when the file is damaged: tell corruption apart from other open errors, and move the
 //! corrupt file aside as `<name>.corrupt-<unix ms>` (never delete it) so the node starts with a
-//! fresh file and the damaged one can be inspected.
+//! fresh file and the damaged one can be inspected. Also the one atomic write of the files the
+//! node keeps beside its databases.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -124,9 +125,47 @@ pub fn move_aside(path: &Path) -> Result<PathBuf, MoveAsideError> {
     }
 }
 
+/// Writes `bytes` to `path` through `<path>.tmp` and a rename, both synced, so a crash leaves
+/// either the old file or the new one whole: for the files the node keeps beside its databases
+/// (the twin store's snapshot, the profile cache, applied profiles). The folder must exist.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    // The rename is durable once the folder is synced; a folder that cannot be opened for that
+    // (some file systems) leaves the file written all the same.
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redbfile_atomic_write_replaces_the_file_whole_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("f.json");
+        write_atomically(&path, b"old").expect("first write");
+        write_atomically(&path, b"new").expect("second write");
+        assert_eq!(std::fs::read(&path).expect("read"), b"new");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, ["f.json"]);
+    }
 
     #[test]
     fn redbfile_garbage_file_is_corruption_and_is_moved_aside() {

@@ -2,7 +2,6 @@
 //! line checked by its own CRC-32C, so that a damaged store file (or a damaged snapshot) costs
 //! as few twins as possible. Format in the store's module doc.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -59,20 +58,7 @@ pub(super) fn write(target: &Path, records: &[Vec<u8>]) -> std::io::Result<Snaps
     for r in records {
         line(&mut out, r);
     }
-    let mut tmp = target.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&out)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, target)?;
-    if let Some(dir) = target.parent() {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
+    edgetwin_redbfile::write_atomically(target, &out)?;
     Ok(SnapshotStats {
         twins: records.len(),
         bytes: out.len() as u64,
