@@ -414,6 +414,26 @@ async fn authenticate(
     }
 }
 
+/// Acknowledges a PUBLISH the gate does not pass on, for the side that will never see it:
+/// PUBACK for QoS 1, PUBREC for QoS 2 (whose packet id goes into `held`, so the PUBREL that
+/// follows is answered here too). `reason` is the MQTT 5 reason the sender is told, if any.
+fn ack_unforwarded(
+    version: Version,
+    p: &packet::PublishView,
+    reason: Option<packet::Denial>,
+    back: &mut BytesMut,
+    held: &mut HashSet<u16>,
+) {
+    match p.qos {
+        1 => back.extend_from_slice(&packet::puback(version, p.pkid, reason)),
+        2 => {
+            back.extend_from_slice(&packet::pubrec(version, p.pkid, reason));
+            held.insert(p.pkid);
+        }
+        _ => {}
+    }
+}
+
 async fn dial(
     addr: SocketAddr,
     deadline: tokio::time::Instant,
@@ -603,22 +623,7 @@ impl Conn<'_> {
                             } else {
                                 debug!(client = %self.client_id, topic = %topic, kind, "PUBLISH refused");
                             }
-                            match p.qos {
-                                1 => back.extend_from_slice(&packet::puback(
-                                    self.version,
-                                    p.pkid,
-                                    denial,
-                                )),
-                                2 => {
-                                    back.extend_from_slice(&packet::pubrec(
-                                        self.version,
-                                        p.pkid,
-                                        denial,
-                                    ));
-                                    denied_qos2.insert(p.pkid);
-                                }
-                                _ => {}
-                            }
+                            ack_unforwarded(self.version, &p, denial, &mut back, &mut denied_qos2);
                         }
                     }
                     Kind::PubRel => {
@@ -788,16 +793,7 @@ impl Conn<'_> {
                             .deny(self.role.label(), "oversize_delivery");
                         debug!(client = %self.client_id, topic = %p.topic, bytes = frame.raw.len(), "delivery larger than the client's Maximum Packet Size discarded");
                         // Acknowledged for the client, so the broker does not send it again.
-                        match p.qos {
-                            1 => {
-                                back.extend_from_slice(&packet::puback(self.version, p.pkid, None))
-                            }
-                            2 => {
-                                back.extend_from_slice(&packet::pubrec(self.version, p.pkid, None));
-                                withheld_qos2.insert(p.pkid);
-                            }
-                            _ => {}
-                        }
+                        ack_unforwarded(self.version, &p, None, &mut back, &mut withheld_qos2);
                     }
                     Kind::Publish if inspect => {
                         let Ok(p) = frame.publish() else {
@@ -819,22 +815,7 @@ impl Conn<'_> {
                         } else {
                             self.shared.metrics.deny(self.role.label(), "deliver");
                             debug!(client = %self.client_id, topic = %topic, "delivery withheld");
-                            match p.qos {
-                                1 => back.extend_from_slice(&packet::puback(
-                                    self.version,
-                                    p.pkid,
-                                    None,
-                                )),
-                                2 => {
-                                    back.extend_from_slice(&packet::pubrec(
-                                        self.version,
-                                        p.pkid,
-                                        None,
-                                    ));
-                                    withheld_qos2.insert(p.pkid);
-                                }
-                                _ => {}
-                            }
+                            ack_unforwarded(self.version, &p, None, &mut back, &mut withheld_qos2);
                         }
                     }
                     Kind::PubRel if inspect || !withheld_qos2.is_empty() => {
