@@ -24,12 +24,7 @@ fn bridge_yaml(port: u16) -> String {
 fn raw_qos1_publish(port: u16, topic: &str, payload: &[u8]) -> std::io::Result<bool> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    let client_id = b"racer";
-    let mut connect = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x1e];
-    connect.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
-    connect.extend_from_slice(client_id);
-    s.write_all(&[0x10, connect.len() as u8])?;
-    s.write_all(&connect)?;
+    s.write_all(&raw_connect_v4("racer", None, 30))?;
     let mut connack = [0u8; 4];
     s.read_exact(&mut connack)?;
     if connack[0] != 0x20 || connack[3] != 0 {

@@ -374,21 +374,10 @@ fn node_counts_the_messages_a_stalled_subscriber_never_gets() {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", node.port)).unwrap();
     s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
         .unwrap();
-    let id = b"stalled";
-    let mut connect = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x3c];
-    connect.extend_from_slice(&(id.len() as u16).to_be_bytes());
-    connect.extend_from_slice(id);
-    s.write_all(&[0x10, connect.len() as u8]).unwrap();
-    s.write_all(&connect).unwrap();
+    s.write_all(&raw_connect_v4("stalled", None, 60)).unwrap();
     let mut connack = [0u8; 4];
     s.read_exact(&mut connack).unwrap();
-    let filter = b"flood/#";
-    let mut sub = vec![0x00, 0x01];
-    sub.extend_from_slice(&(filter.len() as u16).to_be_bytes());
-    sub.extend_from_slice(filter);
-    sub.push(0x00);
-    s.write_all(&[0x82, sub.len() as u8]).unwrap();
-    s.write_all(&sub).unwrap();
+    s.write_all(&raw_subscribe_v4(1, "flood/#")).unwrap();
     let mut suback = [0u8; 5];
     s.read_exact(&mut suback).unwrap();
     assert_eq!(suback[0], 0x90);

@@ -202,19 +202,6 @@ fn security_slow_and_surplus_http_connections_are_closed_and_health_still_answer
     assert_eq!(node.http_get("/readyz").unwrap().0, 200);
 }
 
-/// A raw MQTT 3.1.1 CONNECT with the given keep-alive and credentials.
-fn raw_connect(client_id: &str, user: &str, password: &str, keep_alive: u16) -> Vec<u8> {
-    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0xC2];
-    body.extend_from_slice(&keep_alive.to_be_bytes());
-    for field in [client_id, user, password] {
-        body.extend_from_slice(&(field.len() as u16).to_be_bytes());
-        body.extend_from_slice(field.as_bytes());
-    }
-    let mut packet = vec![0x10, body.len() as u8];
-    packet.extend(body);
-    packet
-}
-
 fn read_exact_within(s: &mut std::net::TcpStream, n: usize) -> Vec<u8> {
     use std::io::Read;
     s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
@@ -231,19 +218,18 @@ fn security_gate_takes_keepalive_off_and_answers_dollar_filters_with_a_failure_c
     let mut c = std::net::TcpStream::connect(("127.0.0.1", s.gate)).unwrap();
     // Keep-alive 0 ("off") is legal MQTT; the broker behind the gate refuses it without a
     // CONNACK, so the gate asks it for a keep-alive of its own and pings for the client.
-    c.write_all(&raw_connect("plant/line-2/ka-0", "eng", "eng-pw", 0))
-        .unwrap();
+    c.write_all(&raw_connect_v4(
+        "plant/line-2/ka-0",
+        Some(("eng", "eng-pw")),
+        0,
+    ))
+    .unwrap();
     assert_eq!(read_exact_within(&mut c, 4), [0x20, 0x02, 0x00, 0x00]);
     // The client's own PINGREQ is still answered.
     c.write_all(&[0xC0, 0x00]).unwrap();
     assert_eq!(read_exact_within(&mut c, 2), [0xD0, 0x00]);
     // SUBSCRIBE $SYS/# (packet id 7): a SUBACK failure code, and the connection stays.
-    let filter = b"$SYS/#";
-    let mut sub = vec![0x82, (2 + 2 + filter.len() + 1) as u8, 0x00, 0x07];
-    sub.extend_from_slice(&(filter.len() as u16).to_be_bytes());
-    sub.extend_from_slice(filter);
-    sub.push(0x00);
-    c.write_all(&sub).unwrap();
+    c.write_all(&raw_subscribe_v4(7, "$SYS/#")).unwrap();
     assert_eq!(read_exact_within(&mut c, 5), [0x90, 0x03, 0x00, 0x07, 0x80]);
     c.write_all(&[0xC0, 0x00]).unwrap();
     assert_eq!(read_exact_within(&mut c, 2), [0xD0, 0x00]);
@@ -286,7 +272,7 @@ fn security_gate_keeps_the_broker_session_of_a_client_without_keepalive_alive() 
     // The gate asks the broker for a 2 s keep-alive, which rumqttd enforces at 3 s of silence.
     let s = secured_with(&["s-idle"], "    keepalive_off_upstream_s: 2\n");
     let mut c = std::net::TcpStream::connect(("127.0.0.1", s.gate)).unwrap();
-    c.write_all(&raw_connect("idle-0", "eng", "eng-pw", 0))
+    c.write_all(&raw_connect_v4("idle-0", Some(("eng", "eng-pw")), 0))
         .unwrap();
     assert_eq!(read_exact_within(&mut c, 4), [0x20, 0x02, 0x00, 0x00]);
     // Silent for well past the broker's limit; only the gate's own pings reach the broker.

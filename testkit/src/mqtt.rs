@@ -438,3 +438,33 @@ impl Drop for TcpProxy {
         self.cut();
     }
 }
+
+/// A raw MQTT 3.1.1 CONNECT (clean session), for tests that must control every byte: a
+/// keep-alive of 0, a client id rumqttd refuses, a client that never reads. `login`: user and
+/// password.
+pub fn raw_connect_v4(client_id: &str, login: Option<(&str, &str)>, keep_alive: u16) -> Vec<u8> {
+    let flags = if login.is_some() { 0xC2 } else { 0x02 };
+    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, flags];
+    body.extend_from_slice(&keep_alive.to_be_bytes());
+    let (user, password) = login.unzip();
+    for field in std::iter::once(client_id).chain(user).chain(password) {
+        body.extend_from_slice(&(field.len() as u16).to_be_bytes());
+        body.extend_from_slice(field.as_bytes());
+    }
+    assert!(body.len() < 128, "one-byte remaining length");
+    let mut packet = vec![0x10, body.len() as u8];
+    packet.extend(body);
+    packet
+}
+
+/// A raw MQTT 3.1.1 SUBSCRIBE of one filter at QoS 0.
+pub fn raw_subscribe_v4(pkid: u16, filter: &str) -> Vec<u8> {
+    let mut body = pkid.to_be_bytes().to_vec();
+    body.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+    body.extend_from_slice(filter.as_bytes());
+    body.push(0x00);
+    assert!(body.len() < 128, "one-byte remaining length");
+    let mut packet = vec![0x82, body.len() as u8];
+    packet.extend(body);
+    packet
+}
