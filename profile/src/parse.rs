@@ -56,10 +56,7 @@ pub(crate) fn split_docs(text: &str) -> Option<Vec<Chunk>> {
         if body.contains('\r') || line.starts_with('%') {
             return None;
         }
-        let mark = |m: &str| {
-            line.strip_prefix(m)
-                .is_some_and(|r| r.is_empty() || r.starts_with([' ', '\t', '\r', '\n']))
-        };
+        let mark = |m: &str| is_marker(line, m);
         if mark("---") {
             chunks.push(Chunk {
                 range: start..pos,
@@ -85,6 +82,13 @@ pub(crate) fn split_docs(text: &str) -> Option<Vec<Chunk>> {
     Some(chunks)
 }
 
+/// Whether `line` is the document marker `m` (`---` or `...`): at the start of the line and
+/// followed by a blank or the end of the line (`----` is content, not a marker).
+fn is_marker(line: &str, m: &str) -> bool {
+    line.strip_prefix(m)
+        .is_some_and(|r| r.is_empty() || r.starts_with([' ', '\t', '\r', '\n']))
+}
+
 /// [`parse_str`] one chunk at a time; `None` where only the whole-stream path can tell.
 fn parse_split(file: &str, text: &str) -> Option<Result<Vec<Document>, Vec<ProfileError>>> {
     let chunks = split_docs(text)?;
@@ -104,7 +108,7 @@ fn parse_split(file: &str, text: &str) -> Option<Result<Vec<Document>, Vec<Profi
         };
         // After a `...` the stream needs a `---` before the next document: content without one
         // is a syntax error, though the chunk alone would parse.
-        if k > 0 && !doc.starts_with("---") && !is_void(doc) {
+        if k > 0 && !is_marker(doc, "---") && !is_void(doc) {
             errors.push(stream_error()?);
             break;
         }
@@ -610,6 +614,14 @@ spec:
                 }
             }
         }
+    }
+
+    #[test]
+    fn content_after_a_document_end_needs_a_real_document_start() {
+        // `----` is content, not a `---` marker: libyaml refuses the stream, and so must the
+        // split path (it used to take the chunk for a new document and report another error).
+        let text = "apiVersion: edgetwin/v1\nkind: Device\n...\n----\njust a string";
+        assert_eq!(parse_str("f.yaml", text), parse_stream("f.yaml", text));
     }
 
     #[test]
