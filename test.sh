@@ -48,6 +48,9 @@ done
 "$PY" -c 'import paho.mqtt, pymodbus, serial, asyncua' || { echo "test.sh: a Python peer (paho-mqtt, pymodbus, pyserial, asyncua) is still missing" >&2; exit 1; }
 export PATH="$PATH:/usr/sbin"
 export EDGETWIN_TEST_PYTHON="$PY"
+# A CI build is cold and never rebuilt, so incremental state is only disk used (it was as large
+# as the binaries themselves).
+[ "${CI:-}" = "true" ] && export CARGO_INCREMENTAL=0
 
 cargo test --workspace --locked --lib --bins          # fast lane
 cargo test --workspace --locked --test '*'            # process and peer tests
