@@ -93,6 +93,9 @@ pub use metrics::BridgeMetrics;
 
 /// Most records appended per outbox transaction.
 const MAX_APPEND_BATCH: usize = 1024;
+
+/// Clients' messages waiting for the tap (the front door waits for room beyond this).
+const FRONT_DOOR_QUEUE: usize = 4096;
 /// Most records peeked at once.
 const MAX_PEEK: usize = 256;
 /// Largest MQTT packet to or from the cloud broker.
@@ -188,6 +191,7 @@ pub struct Bridge {
     tracker: TaskTracker,
     tap: tokio::task::JoinHandle<()>,
     flush_timeout: Duration,
+    intake: Intake,
 }
 
 /// The bridge's local side: a local client subscribed to the `up` filters (see
@@ -200,6 +204,52 @@ pub struct Tap {
     pub messages: mpsc::Receiver<Forward>,
     /// Stops the tap's reader.
     pub stop: CancellationToken,
+}
+
+/// A client's publish on an up route, handed over by the node's front door before anyone
+/// acknowledged it (see [`Intake`]).
+struct FrontDoorMessage {
+    topic: String,
+    payload: Bytes,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// Where the node's front door hands clients' publishes on the `up` routes: the tap appends them
+/// to the outbox in its next group commit and answers once they are durable. The front door
+/// passes each one on to the local broker only after that, so the tap's own subscription sees
+/// it again: the tap skips that copy (it knows what it appended from the front door and has not
+/// seen come back yet, by topic and payload).
+#[derive(Clone)]
+pub struct Intake {
+    tx: mpsc::Sender<FrontDoorMessage>,
+    routes: Arc<Vec<UpRoute>>,
+}
+
+impl Intake {
+    /// Whether messages on `topic` go upstream.
+    pub fn carries(&self, topic: &str) -> bool {
+        self.routes
+            .iter()
+            .any(|r| edgetwin_contract::topic::filter::matches(&r.filter, topic))
+    }
+
+    /// Queues a client's message for the outbox (waiting while the tap's queue is full); the
+    /// receiver resolves once it is appended, with the outbox's error if it could not be.
+    /// `None` once the bridge stopped.
+    pub async fn submit(
+        &self,
+        topic: &str,
+        payload: Bytes,
+    ) -> Option<oneshot::Receiver<Result<(), String>>> {
+        let (done, rx) = oneshot::channel();
+        let m = FrontDoorMessage {
+            topic: topic.to_string(),
+            payload,
+            done,
+        };
+        self.tx.send(m).await.ok()?;
+        Some(rx)
+    }
 }
 
 /// Told whether the outbox can append (`None`) or why not, each time that changes; the node
@@ -298,10 +348,18 @@ pub fn start(
         messages: tap_in,
         stop: tap_stop,
     } = tap;
+    let (front_tx, front_rx) = mpsc::channel(FRONT_DOOR_QUEUE);
+    let intake = Intake {
+        tx: front_tx,
+        routes: Arc::new(cfg.up.clone()),
+    };
     let tap = tokio::spawn(run_tap(
         shared.clone(),
         tap_client,
-        tap_in,
+        TapInputs {
+            broker: tap_in,
+            front_door: front_rx,
+        },
         cfg.up.clone(),
         prefix.clone(),
         conn_rx.clone(),
@@ -353,12 +411,18 @@ pub fn start(
             tracker,
             tap,
             flush_timeout: Duration::from_millis(cfg.flush_timeout_ms),
+            intake,
         },
         inbound_rx,
     ))
 }
 
 impl Bridge {
+    /// Where the front door hands clients' messages on the up routes.
+    pub fn intake(&self) -> Intake {
+        self.intake.clone()
+    }
+
     /// Starts the cloud connection (once; later calls do nothing).
     pub fn connect(&mut self) {
         if let Some((session, eventloop)) = self.session.take() {
@@ -436,19 +500,30 @@ fn tls_config(cfg: &BridgeConfig) -> anyhow::Result<rumqttc::TlsConfiguration> {
     })
 }
 
-/// Appends what the tap link receives to the outbox, one transaction per batch, and re-reads the
-/// retained routes at every (re)connect.
+/// What the tap appends: what the broker routes to the up filters, and clients' messages from
+/// the front door.
+struct TapInputs {
+    broker: mpsc::Receiver<Forward>,
+    front_door: mpsc::Receiver<FrontDoorMessage>,
+}
+
+/// Appends what the tap receives to the outbox, one transaction per batch (broker messages and
+/// front-door messages together), answers the front door once its messages are in, and re-reads
+/// the retained routes at every (re)connect.
 async fn run_tap(
     shared: Arc<Shared>,
     mut link: LocalClient,
-    mut incoming: mpsc::Receiver<Forward>,
+    mut inputs: TapInputs,
     routes: Vec<UpRoute>,
     prefix: String,
     mut conn: watch::Receiver<ConnState>,
 ) {
     let mut buf = Vec::with_capacity(MAX_APPEND_BATCH);
+    let mut front = Vec::with_capacity(MAX_APPEND_BATCH);
+    let mut echoes = Echoes::default();
     let mut resynced_epoch = 0;
     let mut conn_open = true;
+    let mut front_open = true;
     loop {
         tokio::select! {
             biased;
@@ -469,20 +544,131 @@ async fn run_tap(
                     debug!(epoch = s.epoch, "retained routes re-read for the cloud");
                 }
             }
-            n = incoming.recv_many(&mut buf, MAX_APPEND_BATCH) => {
+            n = inputs.front_door.recv_many(&mut front, MAX_APPEND_BATCH), if front_open => {
+                if n == 0 {
+                    front_open = false;
+                    continue;
+                }
+                while buf.len() < MAX_APPEND_BATCH {
+                    match inputs.broker.try_recv() {
+                        Ok(f) => buf.push(f),
+                        Err(_) => break,
+                    }
+                }
+                tap_batch(&shared, &mut buf, &mut front, &mut echoes, &routes, &prefix).await;
+            }
+            n = inputs.broker.recv_many(&mut buf, MAX_APPEND_BATCH) => {
                 if n == 0 {
                     break;
                 }
-                let now = now_ms();
-                let records: Vec<NewRecord> = buf
-                    .drain(..)
-                    .filter_map(|f| to_record(&f, &routes, &prefix, now))
-                    .collect();
-                append(&shared, records, now).await;
+                while front.len() < MAX_APPEND_BATCH {
+                    match inputs.front_door.try_recv() {
+                        Ok(m) => front.push(m),
+                        Err(_) => break,
+                    }
+                }
+                tap_batch(&shared, &mut buf, &mut front, &mut echoes, &routes, &prefix).await;
             }
         }
     }
     debug!("bridge tap stopped");
+}
+
+/// One append: the broker's messages (less the echoes of front-door messages already in the
+/// outbox) and the front door's, in one transaction; then the front door is answered.
+async fn tap_batch(
+    shared: &Arc<Shared>,
+    broker: &mut Vec<Forward>,
+    front: &mut Vec<FrontDoorMessage>,
+    echoes: &mut Echoes,
+    routes: &[UpRoute],
+    prefix: &str,
+) {
+    let now = now_ms();
+    let mut records: Vec<NewRecord> = broker
+        .drain(..)
+        .filter(|f| !echoes.take(&f.publish.topic, &f.publish.payload))
+        .filter_map(|f| to_record(&f, routes, prefix, now))
+        .collect();
+    let mut waiting = Vec::with_capacity(front.len());
+    for m in front.drain(..) {
+        if let Some(r) = record_for(&m.topic, &m.payload, routes, prefix, now) {
+            records.push(r);
+        }
+        waiting.push(m);
+    }
+    let result = append(shared, records, now).await;
+    for m in waiting {
+        // Expected before the answer: the front door passes the message on only after it.
+        if result.is_ok() {
+            echoes.expect(&m.topic, &m.payload);
+        }
+        let _ = m.done.send(result.clone());
+    }
+}
+
+/// Front-door messages appended to the outbox whose copy from the broker has not come back to
+/// the tap yet, by topic and payload hash. Bounded: an entry whose copy never came (the broker
+/// dropped it, or the front door lost its client before passing it on) is forgotten after
+/// [`Echoes::KEEP`] or when [`Echoes::MAX`] are held.
+#[derive(Default)]
+struct Echoes {
+    pending: std::collections::HashMap<(String, u64), u32>,
+    order: std::collections::VecDeque<(Instant, String, u64)>,
+}
+
+impl Echoes {
+    const KEEP: Duration = Duration::from_secs(60);
+    const MAX: usize = 65_536;
+
+    fn key(payload: &[u8]) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        payload.hash(&mut h);
+        h.finish()
+    }
+
+    fn expect(&mut self, topic: &str, payload: &[u8]) {
+        let now = Instant::now();
+        while let Some((at, t, k)) = self.order.front() {
+            if self.order.len() < Self::MAX && now.duration_since(*at) < Self::KEEP {
+                break;
+            }
+            let key = (t.clone(), *k);
+            self.order.pop_front();
+            if let Some(n) = self.pending.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    self.pending.remove(&key);
+                }
+            }
+        }
+        let k = Self::key(payload);
+        *self.pending.entry((topic.to_string(), k)).or_insert(0) += 1;
+        self.order.push_back((now, topic.to_string(), k));
+    }
+
+    /// Whether this broker message is the copy of one appended from the front door (then it
+    /// is not appended again).
+    fn take(&mut self, topic: &[u8], payload: &[u8]) -> bool {
+        if self.pending.is_empty() {
+            return false;
+        }
+        let Ok(topic) = std::str::from_utf8(topic) else {
+            return false;
+        };
+        let key = (topic.to_string(), Self::key(payload));
+        match self.pending.get_mut(&key) {
+            Some(n) => {
+                *n -= 1;
+                if *n == 0 {
+                    self.pending.remove(&key);
+                }
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 fn to_record(f: &Forward, routes: &[UpRoute], prefix: &str, now: i64) -> Option<NewRecord> {
@@ -490,26 +676,39 @@ fn to_record(f: &Forward, routes: &[UpRoute], prefix: &str, now: i64) -> Option<
         debug!("ignoring a message with a non-UTF-8 topic");
         return None;
     };
+    record_for(topic, &f.publish.payload, routes, prefix, now)
+}
+
+fn record_for(
+    topic: &str,
+    payload: &[u8],
+    routes: &[UpRoute],
+    prefix: &str,
+    now: i64,
+) -> Option<NewRecord> {
     let route = routes
         .iter()
         .find(|r| edgetwin_contract::topic::filter::matches(&r.filter, topic))?;
     Some(NewRecord {
         ts_ms: now,
         topic: format!("{prefix}{topic}"),
-        payload: f.publish.payload.to_vec(),
+        payload: payload.to_vec(),
         qos: 1,
         retain: route.retain,
         key: topic.to_string(),
     })
 }
 
-async fn append(shared: &Arc<Shared>, records: Vec<NewRecord>, now: i64) {
+/// Appends in one transaction; `Err` (the outbox's error) when nothing was appended. Records the
+/// outbox's limits refused count as appended: that loss is the configured policy's, counted in
+/// `outbox_dropped_records_total`.
+async fn append(shared: &Arc<Shared>, records: Vec<NewRecord>, now: i64) -> Result<(), String> {
     if records.is_empty() {
-        return;
+        return Ok(());
     }
     let n = records.len();
     let outbox = shared.outbox.clone();
-    match tokio::task::spawn_blocking(move || outbox.append(records, now)).await {
+    let result = match tokio::task::spawn_blocking(move || outbox.append(records, now)).await {
         Ok(Ok(report)) => {
             shared.set_outbox_health(None);
             let rejected = report.seqs.iter().filter(|s| s.is_none()).count();
@@ -521,19 +720,23 @@ async fn append(shared: &Arc<Shared>, records: Vec<NewRecord>, now: i64) {
                 );
             }
             debug!(records = n, "appended to outbox");
+            Ok(())
         }
         Ok(Err(e)) => {
             shared.set_outbox_health(Some(e.to_string()));
-            error!(error = %e, records = n, "outbox append failed; these messages are lost");
+            error!(error = %e, records = n, "outbox append failed; these messages are lost (the front door's are not acknowledged)");
             shared.metrics.append_failed(n as u64);
+            Err(e.to_string())
         }
         Err(e) => {
-            error!(error = %e, records = n, "outbox append task failed; these messages are lost");
+            error!(error = %e, records = n, "outbox append task failed; these messages are lost (the front door's are not acknowledged)");
             shared.metrics.append_failed(n as u64);
+            Err(e.to_string())
         }
-    }
+    };
     shared.appended.notify_one();
     shared.sync_metrics().await;
+    result
 }
 
 /// Token bucket for backlog replay: `rate` per second with up to 100 ms of burst.

@@ -47,6 +47,46 @@ pub const CLIENT_SEGMENT: (usize, usize) = (256 * 1024, 4);
 type ServeFn = Box<dyn FnOnce(&tokio::runtime::Runtime) -> Result<(), String> + Send>;
 type MakeServe = Box<dyn Fn(ServerSettings, bool) -> ServeFn + Send + Sync>;
 
+/// The broker's internal TCP listeners: loopback ports picked at start and a login made fresh
+/// at every start. Only the node's front door (the gate) knows the login, so no other process
+/// on the host can reach the broker around the gate's authentication and permissions.
+#[derive(Clone)]
+pub struct Internal {
+    /// The MQTT 3.1.1 listener.
+    pub v4: SocketAddr,
+    /// The MQTT 5 listener.
+    pub v5: SocketAddr,
+    /// Username and password.
+    pub login: (String, String),
+}
+
+impl std::fmt::Debug for Internal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Internal")
+            .field("v4", &self.v4)
+            .field("v5", &self.v5)
+            .field("login", &(&self.login.0, "<secret>"))
+            .finish()
+    }
+}
+
+impl Internal {
+    /// Two free loopback ports (the kernel's choice) and a random 128-bit password.
+    pub fn pick() -> anyhow::Result<Internal> {
+        // Both held at once, so they differ; released just before rumqttd binds them.
+        let a = std::net::TcpListener::bind(("127.0.0.1", 0)).context("no free loopback port")?;
+        let b = std::net::TcpListener::bind(("127.0.0.1", 0)).context("no free loopback port")?;
+        let password: String = (0..32)
+            .map(|_| char::from(b"0123456789abcdef"[rand::random_range(0..16usize)]))
+            .collect();
+        Ok(Internal {
+            v4: a.local_addr()?,
+            v5: b.local_addr()?,
+            login: ("edgetwin-front-door".to_string(), password),
+        })
+    }
+}
+
 /// A running embedded broker: a handle to create in-process links and, once, start listening.
 pub struct EmbeddedBroker {
     // rumqttd does not export the router's event type, so the sender is kept inside closures.
@@ -117,13 +157,13 @@ impl EmbeddedBroker {
         &self.metrics
     }
 
-    /// Starts the TCP listeners; returns once every listener accepts connections.
-    pub async fn listen(&self, cfg: &MqttConfig) -> anyhow::Result<()> {
-        let mut listeners = vec![(cfg.listen, false)];
-        if let Some(v5) = cfg.listen_v5 {
-            listeners.push((v5, true));
-        }
-        for (addr, v5) in listeners {
+    /// Starts the broker's internal TCP listeners (the front door's upstream): MQTT 3.1.1 on
+    /// `internal.v4`, MQTT 5 on `internal.v5`, each taking only `internal.login`. Returns once
+    /// every listener accepts connections. `cfg` gives the connection limits.
+    pub async fn listen(&self, cfg: &MqttConfig, internal: &Internal) -> anyhow::Result<()> {
+        let auth: std::collections::HashMap<String, String> =
+            [(internal.login.0.clone(), internal.login.1.clone())].into();
+        for (addr, v5) in [(internal.v4, false), (internal.v5, true)] {
             let settings = ServerSettings {
                 name: if v5 {
                     format!("v5-{addr}")
@@ -137,7 +177,7 @@ impl EmbeddedBroker {
                     connection_timeout_ms: cfg.connect_timeout_ms,
                     max_payload_size: cfg.max_payload_bytes,
                     max_inflight_count: cfg.max_inflight_messages,
-                    auth: None,
+                    auth: Some(auth.clone()),
                     external_auth: None,
                     dynamic_filters: true,
                 },

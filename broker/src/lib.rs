@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-pub use embedded::{EmbeddedBroker, CLIENT_SEGMENT, INTERNAL_SEGMENT};
+pub use embedded::{EmbeddedBroker, Internal, CLIENT_SEGMENT, INTERNAL_SEGMENT};
 pub use local::{LocalClient, Message};
 pub use metrics::{BrokerMetrics, LinkLabels};
 

@@ -183,10 +183,15 @@ impl GateConfig {
         }
     }
 
-    /// Whether clients without credentials are let in (the documented default applied).
-    pub fn anonymous_allowed(&self) -> bool {
-        self.allow_anonymous
-            .unwrap_or(self.credentials_file.is_none())
+    /// Whether a client without credentials connecting from `peer` is let in. Unset
+    /// `allow_anonymous` means: without a credentials file, from this host (loopback) only, so a
+    /// node reachable from the network takes no anonymous client unless the config says so;
+    /// with a credentials file, never. `true` lets anonymous clients in from anywhere.
+    pub fn anonymous_allowed_from(&self, peer: std::net::IpAddr) -> bool {
+        match self.allow_anonymous {
+            Some(allowed) => allowed,
+            None => self.credentials_file.is_none() && is_loopback(peer),
+        }
     }
 
     /// Every problem of the configuration, each with its field path; empty when valid.
@@ -227,6 +232,16 @@ impl GateConfig {
     }
 }
 
+/// Loopback, also as an IPv4-mapped IPv6 address (what a dual-stack listener reports).
+fn is_loopback(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_loopback(),
+        std::net::IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -237,13 +252,29 @@ mod tests {
         let c: GateConfig =
             serde_norway::from_str("listeners: [{listen: 127.0.0.1:1883}]").unwrap();
         assert_eq!(c.limits, LimitsConfig::default());
-        assert!(c.anonymous_allowed());
+        let (here, mapped, remote): (std::net::IpAddr, std::net::IpAddr, std::net::IpAddr) = (
+            "127.0.0.1".parse().unwrap(),
+            "::ffff:127.0.0.1".parse().unwrap(),
+            "192.0.2.7".parse().unwrap(),
+        );
+        assert!(c.anonymous_allowed_from(here) && c.anonymous_allowed_from(mapped));
+        assert!(
+            !c.anonymous_allowed_from(remote),
+            "anonymous from loopback only by default"
+        );
         assert!(c.problems().is_empty());
         let c: GateConfig = serde_norway::from_str(
             "listeners: [{listen: 127.0.0.1:1883}]\ncredentials_file: /x.yaml",
         )
         .unwrap();
-        assert!(!c.anonymous_allowed());
+        assert!(!c.anonymous_allowed_from(here));
+        let c: GateConfig =
+            serde_norway::from_str("listeners: [{listen: 0.0.0.0:1883}]\nallow_anonymous: true")
+                .unwrap();
+        assert!(
+            c.anonymous_allowed_from(remote),
+            "an explicit true opens it to every host"
+        );
         assert!(serde_norway::from_str::<GateConfig>(
             "listeners: [{listen: 127.0.0.1:1883}]\nlimits: {max_packet: 1}"
         )

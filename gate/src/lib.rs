@@ -27,6 +27,7 @@
 pub mod acl;
 pub mod config;
 pub mod credentials;
+pub mod intake;
 pub mod logins;
 pub mod metrics;
 pub mod packet;
@@ -45,6 +46,7 @@ use tracing::{info, warn};
 pub use acl::{DeviceDirectory, Role};
 pub use config::{GateConfig, LimitsConfig, ListenerConfig, TlsConfig};
 pub use credentials::{add_user, hash_password, CredentialsError, RoleName};
+pub use intake::{Commit, Intake, NotStored, NothingStored, Submitted};
 pub use metrics::GateMetrics;
 
 use credentials::Credentials;
@@ -100,6 +102,20 @@ impl CredentialsReloader {
     }
 }
 
+/// The broker behind the gate: its internal MQTT 3.1.1 and 5 listeners (the same address when
+/// one listener serves both; without `v5`, MQTT 5 clients are refused) and the login they
+/// require, which the gate puts in every CONNECT it passes on.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// The MQTT 3.1.1 listener.
+    pub v4: SocketAddr,
+    /// The MQTT 5 listener.
+    pub v5: Option<SocketAddr>,
+    /// Username and password of the internal listeners (the node makes a fresh one at every
+    /// start, so no other process can reach the broker around the gate).
+    pub login: Option<(String, String)>,
+}
+
 /// A bound gate, ready to [`run`](Gate::run).
 pub struct Gate {
     listeners: Vec<(TcpListener, Option<TlsAcceptor>)>,
@@ -108,13 +124,12 @@ pub struct Gate {
 
 impl Gate {
     /// Checks the config, loads credentials and TLS material, and binds every listener.
-    /// `upstream_v4`/`upstream_v5` are the broker's internal MQTT 3.1.1 and 5 listeners (the same
-    /// address when one listener serves both); without `upstream_v5`, MQTT 5 clients are refused.
+    /// Publishes on topics the `intake` stores reach the `upstream` broker only once committed.
     pub async fn bind(
         cfg: GateConfig,
-        upstream_v4: SocketAddr,
-        upstream_v5: Option<SocketAddr>,
+        upstream: Upstream,
         directory: Arc<dyn DeviceDirectory>,
+        intake: Arc<dyn Intake>,
     ) -> Result<Gate, GateError> {
         let problems = cfg.problems();
         if !problems.is_empty() {
@@ -155,9 +170,9 @@ impl Gate {
             shared: Arc::new(Shared {
                 cfg,
                 credentials: std::sync::RwLock::new(credentials.map(Arc::new)),
-                upstream_v4,
-                upstream_v5,
+                upstream,
                 dir: directory,
+                intake,
                 metrics: GateMetrics::default(),
                 filters,
                 topics,

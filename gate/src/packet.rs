@@ -174,6 +174,10 @@ pub struct PublishView {
     pub topic_alias: Option<u16>,
     /// v5 response topic.
     pub response_topic: Option<String>,
+    /// The application message (a slice of the frame, not a copy).
+    pub payload: Bytes,
+    /// The retain flag.
+    pub retain: bool,
 }
 
 impl Frame {
@@ -188,6 +192,8 @@ impl Frame {
                     pkid: p.pkid,
                     topic_alias: None,
                     response_topic: None,
+                    payload: p.payload,
+                    retain: p.retain,
                 })
             }
             Header::V5(h) => {
@@ -204,6 +210,8 @@ impl Frame {
                     pkid: p.pkid,
                     topic_alias,
                     response_topic,
+                    payload: p.payload,
+                    retain: p.retain,
                 })
             }
         }
@@ -413,15 +421,20 @@ impl Connect {
         }
     }
 
-    /// The CONNECT to send upstream: credentials and v5 enhanced-auth fields removed, and a
-    /// keep-alive of 0 ("off", which rumqttd refuses without a CONNACK) replaced by
+    /// The CONNECT to send upstream: the client's credentials and v5 enhanced-auth fields
+    /// replaced by the broker's internal `login` (the gate authenticated the client already), and
+    /// a keep-alive of 0 ("off", which rumqttd refuses without a CONNACK) replaced by
     /// `keepalive_off` seconds; the relay then pings the broker for the client.
-    pub fn encode_for_upstream(&self, keepalive_off: u16) -> Result<Bytes, PacketError> {
+    pub fn encode_for_upstream(
+        &self,
+        keepalive_off: u16,
+        login: Option<&(String, String)>,
+    ) -> Result<Bytes, PacketError> {
         let mut out = BytesMut::new();
         match self {
             Connect::V4(c) => {
                 let mut c = c.clone();
-                c.login = None;
+                c.login = login.map(|(u, p)| v4::Login::new(u.as_str(), p.as_str()));
                 if c.keep_alive == 0 {
                     c.keep_alive = keepalive_off;
                 }
@@ -439,7 +452,8 @@ impl Connect {
                     p.authentication_method = None;
                     p.authentication_data = None;
                 }
-                c.write(will, &None, &mut out).map_err(m5_err)?;
+                let login = login.map(|(u, p)| v5::Login::new(u.as_str(), p.as_str()));
+                c.write(will, &login, &mut out).map_err(m5_err)?;
             }
         }
         Ok(out.freeze())
@@ -483,6 +497,12 @@ pub enum Refusal {
 
 /// A CONNACK refusing the connection.
 pub fn connack_refused(version: Version, why: Refusal) -> Bytes {
+    connack_refused_explained(version, why, None)
+}
+
+/// A refusing CONNACK; MQTT 5 clients are also told `why_text` as the Reason String (v4 has
+/// only the return code).
+pub fn connack_refused_explained(version: Version, why: Refusal, why_text: Option<&str>) -> Bytes {
     let mut out = BytesMut::new();
     let r = match version {
         Version::V4 => {
@@ -508,13 +528,35 @@ pub fn connack_refused(version: Version, why: Refusal) -> Bytes {
             v5::ConnAck {
                 session_present: false,
                 code,
-                properties: None,
+                properties: why_text.map(reason_string_only),
             }
             .write(&mut out)
             .map_err(m5_err)
         }
     };
     ack_bytes(r, out)
+}
+
+fn reason_string_only(text: &str) -> v5::ConnAckProperties {
+    v5::ConnAckProperties {
+        session_expiry_interval: None,
+        receive_max: None,
+        max_qos: None,
+        retain_available: None,
+        max_packet_size: None,
+        assigned_client_identifier: None,
+        topic_alias_max: None,
+        reason_string: Some(text.to_string()),
+        user_properties: Vec::new(),
+        wildcard_subscription_available: None,
+        subscription_identifiers_available: None,
+        shared_subscription_available: None,
+        server_keep_alive: None,
+        response_information: None,
+        server_reference: None,
+        authentication_method: None,
+        authentication_data: None,
+    }
 }
 
 fn ack_bytes(r: Result<usize, PacketError>, out: BytesMut) -> Bytes {
@@ -647,17 +689,21 @@ mod tests {
     }
 
     #[test]
-    fn packet_connect_sniffs_v4_and_v5_and_strips_credentials() {
+    fn packet_connect_sniffs_v4_and_v5_and_replaces_credentials_with_the_internal_login() {
         let mut c = v4::Connect::new("c1");
         c.set_login("u", "p");
         let mut b = v4_bytes(v4::Packet::Connect(c));
         let got = Connect::read(&mut b, 1 << 20).unwrap().unwrap();
         assert_eq!(got.version(), Version::V4);
         assert_eq!(got.login(), Some(("u", "p")));
-        let mut up = BytesMut::from(&got.encode_for_upstream(60).unwrap()[..]);
+        let mut up = BytesMut::from(&got.encode_for_upstream(60, None).unwrap()[..]);
         let again = Connect::read(&mut up, 1 << 20).unwrap().unwrap();
         assert_eq!(again.login(), None);
         assert_eq!(again.client_id(), "c1");
+        let internal = ("front-door".to_string(), "s3cret".to_string());
+        let mut up = BytesMut::from(&got.encode_for_upstream(60, Some(&internal)).unwrap()[..]);
+        let again = Connect::read(&mut up, 1 << 20).unwrap().unwrap();
+        assert_eq!(again.login(), Some(("front-door", "s3cret")));
 
         let c5 = v5::Connect {
             keep_alive: 10,
@@ -674,6 +720,9 @@ mod tests {
         let got = Connect::read(&mut b, 1 << 20).unwrap().unwrap();
         assert_eq!(got.version(), Version::V5);
         assert_eq!(got.login(), Some(("u", "p")));
+        let mut up = BytesMut::from(&got.encode_for_upstream(60, Some(&internal)).unwrap()[..]);
+        let again = Connect::read(&mut up, 1 << 20).unwrap().unwrap();
+        assert_eq!(again.login(), Some(("front-door", "s3cret")));
     }
 
     #[test]

@@ -25,6 +25,7 @@ use tracing::{debug, info, warn};
 use crate::acl::{self, DeviceDirectory, Role};
 use crate::config::GateConfig;
 use crate::credentials::{role_of, Credentials};
+use crate::intake::{Commit, Intake};
 use crate::logins::{Logins, Turn};
 use crate::metrics::{ConnectionLabels, GateMetrics};
 use crate::packet::{self, Connect, Kind, PacketError, Refusal, Version};
@@ -36,9 +37,10 @@ pub(crate) struct Shared {
     /// Replaced whole by [`crate::Gate::reload_credentials`]; a connection authenticates against
     /// the set in force when its CONNECT arrives.
     pub credentials: std::sync::RwLock<Option<Arc<Credentials>>>,
-    pub upstream_v4: SocketAddr,
-    pub upstream_v5: Option<SocketAddr>,
+    pub upstream: crate::Upstream,
     pub dir: Arc<dyn DeviceDirectory>,
+    /// The node's stores: publishes on stored topics reach the broker only once committed.
+    pub intake: Arc<dyn Intake>,
     pub metrics: GateMetrics,
     /// Distinct filters passed to the broker so far (see `limits.max_distinct_filters`;
     /// `$share/{group}/` stripped: a shared subscription uses the log of its filter).
@@ -86,6 +88,9 @@ impl NameBudget {
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 type ClientStream = Box<dyn Io>;
+
+/// Why an anonymous client from another host is refused, in the log and an MQTT 5 CONNACK.
+const ANONYMOUS_REMOTE: &str = "anonymous clients are accepted from this host only: connect with a user (edgetwin user add), or set gate.allow_anonymous: true";
 
 /// Largest packet accepted from the upstream broker (it enforces its own limit).
 const UPSTREAM_MAX_PACKET: usize = 256 * 1024 * 1024;
@@ -235,7 +240,7 @@ pub(crate) async fn serve(
             return;
         }
     }
-    let outcome = authenticate(&shared, &connect, cert_name).await;
+    let outcome = authenticate(&shared, &connect, cert_name, peer).await;
     {
         let mut logins = shared
             .logins
@@ -250,9 +255,10 @@ pub(crate) async fn serve(
         Ok(r) => r,
         Err((why, reason)) => {
             shared.metrics.auth_failure(reason);
-            warn!(%peer, client = %client_id, user = connect.login().map(|l| l.0).unwrap_or(""), reason, "CONNECT refused");
+            let explained = (reason == "anonymous_remote").then_some(ANONYMOUS_REMOTE);
+            warn!(%peer, client = %client_id, user = connect.login().map(|l| l.0).unwrap_or(""), reason, hint = explained.unwrap_or(""), "CONNECT refused");
             let _ = client
-                .write_all(&packet::connack_refused(version, why))
+                .write_all(&packet::connack_refused_explained(version, why, explained))
                 .await;
             let _ = client.shutdown().await;
             return;
@@ -272,8 +278,8 @@ pub(crate) async fn serve(
     }
 
     let upstream_addr = match version {
-        Version::V4 => Some(shared.upstream_v4),
-        Version::V5 => shared.upstream_v5,
+        Version::V4 => Some(shared.upstream.v4),
+        Version::V5 => shared.upstream.v5,
     };
     let Some(upstream_addr) = upstream_addr else {
         shared.metrics.auth_failure("unsupported_version");
@@ -291,6 +297,7 @@ pub(crate) async fn serve(
         deadline,
         &connect,
         limits.keepalive_off_upstream_s,
+        shared.upstream.login.as_ref(),
     )
     .await
     {
@@ -365,16 +372,29 @@ async fn authenticate(
     shared: &Shared,
     connect: &Connect,
     cert_name: Option<String>,
+    peer: SocketAddr,
 ) -> AuthOutcome {
     let anonymous = || -> AuthOutcome {
-        if shared.cfg.anonymous_allowed() {
+        if shared.cfg.anonymous_allowed_from(peer.ip()) {
             role_of(shared.cfg.anonymous_role, None)
                 .map(|r| (r, "anonymous".to_string()))
                 .map_err(|_| (Refusal::NotAuthorized, "no_credentials"))
+        } else if shared.cfg.allow_anonymous.is_none() && shared.cfg.credentials_file.is_none() {
+            Err((Refusal::NotAuthorized, "anonymous_remote"))
         } else {
             Err((Refusal::NotAuthorized, "no_credentials"))
         }
     };
+    // The node's own clients (its readiness canary) use the broker's internal login, which
+    // only this process knows.
+    if let (Some((user, password)), Some((u, p))) = (connect.login(), &shared.upstream.login) {
+        use subtle::ConstantTimeEq;
+        if user == u && bool::from(password.as_bytes().ct_eq(p.as_bytes())) {
+            return role_of(crate::RoleName::Admin, None)
+                .map(|r| (r, "node".to_string()))
+                .map_err(|_| (Refusal::NotAuthorized, "no_credentials"));
+        }
+    }
     let creds = shared
         .credentials
         .read()
@@ -439,13 +459,14 @@ async fn dial(
     deadline: tokio::time::Instant,
     connect: &Connect,
     keepalive_off: u16,
+    login: Option<&(String, String)>,
 ) -> std::io::Result<TcpStream> {
     let mut s = tokio::time::timeout_at(deadline, TcpStream::connect(addr))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
     s.set_nodelay(true)?;
     let first = connect
-        .encode_for_upstream(keepalive_off)
+        .encode_for_upstream(keepalive_off, login)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
     s.write_all(&first).await?;
     Ok(s)
@@ -472,6 +493,55 @@ struct Conn<'a> {
 
 type Writer<W> = tokio::sync::Mutex<W>;
 
+/// What the client sent, on its way to the broker in the client's order.
+enum ToBroker {
+    /// Packets to write now (after whatever is ahead of them).
+    Now(BytesMut),
+    /// A publish on a stored topic, with its QoS: written once its commit resolves.
+    Committed(Commit, Bytes, u8),
+}
+
+/// Items between a connection's reader and its in-order writer. Each stored publish is one
+/// item, so this bounds the commits a connection can have pending; when it is full the gate
+/// stops reading the client (TCP back-pressure) instead of acknowledging ahead of the store.
+const IN_ORDER_ITEMS: usize = 256;
+
+/// Writes the client's packets to the broker in the order they came, each stored publish only
+/// after its commit. A QoS 1/2 publish whose commit fails ends the connection unacknowledged
+/// (the client sends it again after reconnecting); a QoS 0 one is dropped.
+async fn forward_in_order<U: AsyncWrite + Unpin>(
+    mut items: tokio::sync::mpsc::Receiver<ToBroker>,
+    upstream: &Writer<U>,
+) -> End {
+    while let Some(item) = items.recv().await {
+        let bytes = match item {
+            ToBroker::Now(b) => b,
+            ToBroker::Committed(commit, raw, qos) => match commit.await {
+                Ok(()) => BytesMut::from(&raw[..]),
+                // QoS 0 promises nothing: the message is dropped, the client stays.
+                Err(e) if qos == 0 => {
+                    debug!(error = %e, "QoS 0 publish not stored; dropped");
+                    continue;
+                }
+                Err(e) => {
+                    return End::Cut(Cut {
+                        reason: "store_failed",
+                        detail: format!(
+                            "a publish could not be stored, so it is not acknowledged: {e}"
+                        ),
+                        v5: DisconnectReasonCode::UnspecifiedError,
+                    })
+                }
+            },
+        };
+        if write(upstream, bytes).await.is_err() {
+            return End::Closed;
+        }
+    }
+    // The client's side ended and everything it sent is written.
+    End::Closed
+}
+
 impl Conn<'_> {
     async fn relay(
         &self,
@@ -484,8 +554,10 @@ impl Conn<'_> {
         let (ur, uw) = upstream.into_split();
         let cw = Writer::new(cw);
         let uw = Writer::new(uw);
+        let (to_broker, in_order) = tokio::sync::mpsc::channel(IN_ORDER_ITEMS);
         let end = tokio::select! {
-            e = self.client_to_broker(cr, client_buf, &uw, &cw) => e,
+            e = self.client_to_broker(cr, client_buf, to_broker, &cw) => e,
+            e = forward_in_order(in_order, &uw) => e,
             e = self.broker_to_client(ur, &cw, &uw) => e,
             e = self.ping_for_client(&uw) => e,
             _ = shutdown.cancelled() => End::Shutdown,
@@ -528,16 +600,18 @@ impl Conn<'_> {
         }
     }
 
-    async fn client_to_broker<R, U, C>(
+    /// Reads the client's packets, checks them, and queues them for the broker in their order
+    /// (see [`forward_in_order`]). When the client's side ends, the queue is closed and the
+    /// writer finishes what it holds before the connection ends.
+    async fn client_to_broker<R, C>(
         &self,
         mut reader: R,
         mut buf: BytesMut,
-        upstream: &Writer<U>,
+        to_broker: tokio::sync::mpsc::Sender<ToBroker>,
         client: &Writer<C>,
     ) -> End
     where
         R: AsyncRead + Unpin,
-        U: AsyncWrite + Unpin,
         C: AsyncWrite + Unpin,
     {
         let limits = &self.shared.cfg.limits;
@@ -545,6 +619,9 @@ impl Conn<'_> {
         let mut subs: HashSet<String> = HashSet::new();
         let mut aliases: HashMap<u16, String> = HashMap::new();
         let mut denied_qos2: HashSet<u16> = HashSet::new();
+        // QoS 2 packet ids handed to the stores and not yet released: a redelivery (DUP) of one
+        // of them is passed on but not stored a second time.
+        let mut stored_qos2: HashSet<u16> = HashSet::new();
         let mut logged_pub = false;
         let mut logged_sub = false;
         loop {
@@ -609,7 +686,34 @@ impl Conn<'_> {
                             if let (Some(a), false) = (p.topic_alias, p.topic.is_empty()) {
                                 aliases.insert(a, p.topic.clone());
                             }
-                            out.extend_from_slice(&frame.raw);
+                            let redelivered = p.qos == 2 && stored_qos2.contains(&p.pkid);
+                            let commit = if redelivered {
+                                None
+                            } else {
+                                self.shared
+                                    .intake
+                                    .submit(&topic, p.payload.clone(), p.retain)
+                                    .await
+                            };
+                            match commit {
+                                None => out.extend_from_slice(&frame.raw),
+                                Some(commit) => {
+                                    if p.qos == 2 {
+                                        stored_qos2.insert(p.pkid);
+                                    }
+                                    let before = std::mem::take(&mut out);
+                                    if !before.is_empty()
+                                        && to_broker.send(ToBroker::Now(before)).await.is_err()
+                                    {
+                                        return End::Closed;
+                                    }
+                                    let item =
+                                        ToBroker::Committed(commit, frame.raw.clone(), p.qos);
+                                    if to_broker.send(item).await.is_err() {
+                                        return End::Closed;
+                                    }
+                                }
+                            }
                         } else {
                             let kind = if allowed { "topic_budget" } else { "publish" };
                             self.shared.metrics.deny(self.role.label(), kind);
@@ -634,6 +738,7 @@ impl Conn<'_> {
                         if denied_qos2.remove(&pkid) {
                             back.extend_from_slice(&packet::pubcomp(self.version, pkid));
                         } else {
+                            stored_qos2.remove(&pkid);
                             out.extend_from_slice(&frame.raw);
                         }
                     }
@@ -734,11 +839,18 @@ impl Conn<'_> {
                     }
                 }
             }
-            if write(upstream, out).await.is_err() || write(client, back).await.is_err() {
+            if !out.is_empty() && to_broker.send(ToBroker::Now(out)).await.is_err() {
+                return End::Closed;
+            }
+            if write(client, back).await.is_err() {
                 return End::Closed;
             }
             match reader.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => return End::Closed,
+                Ok(0) | Err(_) => {
+                    // What was read still goes to the broker: the writer ends the connection.
+                    drop(to_broker);
+                    return std::future::pending().await;
+                }
                 Ok(_) => {}
             }
         }

@@ -74,7 +74,16 @@ impl TestGate {
             .unwrap();
         let up: SocketAddr = ([127, 0, 0, 1], upstream).into();
         let gate = rt
-            .block_on(Gate::bind(cfg, up, Some(up), directory()))
+            .block_on(Gate::bind(
+                cfg,
+                edgetwin_gate::Upstream {
+                    v4: up,
+                    v5: Some(up),
+                    login: None,
+                },
+                directory(),
+                Arc::new(edgetwin_gate::NothingStored),
+            ))
             .unwrap();
         let port = gate.local_addrs()[0].port();
         let metrics = gate.metrics();

@@ -36,6 +36,7 @@ pub struct Timing {
 /// Runs until shutdown.
 pub async fn run(
     listener: SocketAddr,
+    login: (String, String),
     node: String,
     health: Arc<Health>,
     timing: Timing,
@@ -51,7 +52,8 @@ pub async fn run(
         target.port(),
     );
     opts.set_keep_alive(Duration::from_secs(5))
-        .set_clean_session(true);
+        .set_clean_session(true)
+        .set_credentials(login.0, login.1);
     let (client, mut eventloop) = AsyncClient::new(opts, 16);
     let (answers_tx, mut answers) = mpsc::channel::<String>(16);
     let (conn_tx, mut conn) = mpsc::channel::<String>(4);

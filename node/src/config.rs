@@ -33,9 +33,9 @@ pub struct NodeConfig {
     pub bridge: Option<edgetwin_bridge::BridgeConfig>,
     /// The container agent; absent = no container management.
     pub containers: Option<ContainersConfig>,
-    /// The MQTT gate (TLS, authentication, per-client topic permissions) in front of the
-    /// embedded broker; absent = clients talk to the broker's listeners directly. With a gate,
-    /// `mqtt.listen`/`listen_v5` must be loopback addresses so nothing can bypass it.
+    /// The MQTT front door's settings (TLS listeners, users, per-client topic permissions,
+    /// limits). The front door always runs and serves `mqtt.listen` and `mqtt.listen_v5` too;
+    /// absent, it takes anonymous clients from this host only.
     pub gate: Option<edgetwin_gate::GateConfig>,
 }
 
@@ -156,6 +156,53 @@ impl NodeConfig {
         Self::parse(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
     }
 
+    /// The front door's configuration: the `gate:` section (or every default) serving, besides
+    /// its own listeners, `mqtt.listen` and `mqtt.listen_v5`, unless a gate listener already
+    /// covers one (same port, same or unspecified address).
+    pub fn front_door(&self) -> edgetwin_gate::GateConfig {
+        let mut gate = self.gate.clone().unwrap_or_else(|| {
+            let mut every_default = edgetwin_gate::GateConfig::plain(self.mqtt.listen);
+            every_default.listeners.clear();
+            every_default
+        });
+        let mut extra = Vec::new();
+        for a in std::iter::once(self.mqtt.listen).chain(self.mqtt.listen_v5) {
+            let covered = gate.listeners.iter().chain(&extra).any(|l| {
+                l.listen.port() == a.port()
+                    && (l.listen.ip() == a.ip() || l.listen.ip().is_unspecified())
+            });
+            if !covered {
+                extra.push(edgetwin_gate::ListenerConfig {
+                    listen: a,
+                    tls: None,
+                });
+            }
+        }
+        gate.listeners.splice(0..0, extra);
+        gate
+    }
+
+    /// Front-door listeners that could not all bind: one port asked for twice on overlapping
+    /// addresses that the first does not cover.
+    fn front_door_clashes(&self) -> Vec<String> {
+        let listeners = self.front_door().listeners;
+        let mut errors = Vec::new();
+        for (i, a) in listeners.iter().enumerate() {
+            for b in &listeners[i + 1..] {
+                let (a, b) = (a.listen, b.listen);
+                let overlap =
+                    a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified();
+                if a.port() == b.port() && overlap {
+                    errors.push(format!(
+                        "MQTT listeners {a} and {b} (mqtt.listen, mqtt.listen_v5, gate.listeners) share a port; give one of them another port, or listen once on {}",
+                        if a.ip().is_unspecified() { a } else { b }
+                    ));
+                }
+            }
+        }
+        errors
+    }
+
     /// Parses config text (empty text is the default config).
     pub fn parse(text: &str) -> Result<NodeConfig, String> {
         if text.trim().is_empty() {
@@ -203,32 +250,8 @@ impl NodeConfig {
         }
         if let Some(gate) = &self.gate {
             errors.extend(gate.problems().into_iter().map(|p| format!("gate.{p}")));
-            let exposed = std::iter::once(self.mqtt.listen)
-                .chain(self.mqtt.listen_v5)
-                .filter(|a| !a.ip().is_loopback())
-                .map(|a| a.to_string())
-                .collect::<Vec<_>>();
-            if !exposed.is_empty() {
-                errors.push(format!(
-                    "mqtt.listen: {} must be a loopback address when a gate is configured, or clients could bypass it",
-                    exposed.join(", ")
-                ));
-            }
-            // The broker's default port is the gate's usual one: say so before the bind fails.
-            for l in &gate.listeners {
-                for b in std::iter::once(self.mqtt.listen).chain(self.mqtt.listen_v5) {
-                    let overlap = l.listen.ip() == b.ip()
-                        || l.listen.ip().is_unspecified()
-                        || b.ip().is_unspecified();
-                    if l.listen.port() == b.port() && overlap {
-                        errors.push(format!(
-                            "gate.listeners: {} and the broker's {b} share a port; move the broker (e.g. mqtt.listen: 127.0.0.1:11883, listen_v5: 127.0.0.1:11884)",
-                            l.listen
-                        ));
-                    }
-                }
-            }
         }
+        errors.extend(self.front_door_clashes());
         if self.http.header_timeout_ms < 100 {
             errors.push("http.header_timeout_ms: must be at least 100".to_string());
         }
@@ -299,21 +322,40 @@ mod tests {
     }
 
     #[test]
-    fn config_gate_requires_loopback_broker_listeners() {
+    fn config_front_door_serves_the_mqtt_listeners_and_the_gate_listeners() {
+        // No gate section: the front door serves mqtt.listen and listen_v5 with every default.
+        let cfg = NodeConfig::parse("").expect("default");
+        let addrs: Vec<String> = cfg
+            .front_door()
+            .listeners
+            .iter()
+            .map(|l| l.listen.to_string())
+            .collect();
+        assert_eq!(addrs, ["127.0.0.1:1883", "127.0.0.1:1884"]);
+        // A gate listener on all addresses covers the default loopback one on the same port.
+        let cfg = NodeConfig::parse("gate:\n  listeners: [{listen: 0.0.0.0:1883}]\n")
+            .expect("gate on 0.0.0.0:1883");
+        let addrs: Vec<String> = cfg
+            .front_door()
+            .listeners
+            .iter()
+            .map(|l| l.listen.to_string())
+            .collect();
+        assert_eq!(addrs, ["127.0.0.1:1884", "0.0.0.0:1883"]);
+        // An mqtt.listen on all addresses and a gate listener on loopback cannot both bind.
         let err = NodeConfig::parse(
-            "mqtt:\n  listen: 0.0.0.0:11883\ngate:\n  listeners: [{listen: 0.0.0.0:8883}]\n",
+            "mqtt:\n  listen: 0.0.0.0:8883\ngate:\n  listeners: [{listen: 127.0.0.1:8883}]\n",
         )
-        .expect_err("exposed broker");
-        assert!(err.contains("loopback"), "{err}");
-        // The default broker listeners are loopback, so a gate alone is a valid config...
-        NodeConfig::parse("gate:\n  listeners: [{listen: 0.0.0.0:8883}]\n").expect("gate alone");
-        // ...unless it wants the broker's port.
-        let err = NodeConfig::parse("gate:\n  listeners: [{listen: 0.0.0.0:1883}]\n")
-            .expect_err("port clash");
+        .expect_err("port clash");
         assert!(
-            err.contains("share a port") && err.contains("11883"),
+            err.contains("share a port") && err.contains("0.0.0.0:8883"),
             "{err}"
         );
+        // Old configs that kept the broker on other loopback ports behind the gate still load.
+        NodeConfig::parse(
+            "mqtt:\n  listen: 127.0.0.1:11883\n  listen_v5: 127.0.0.1:11884\ngate:\n  listeners: [{listen: 0.0.0.0:1883}]\n",
+        )
+        .expect("old gate config");
     }
 
     #[test]

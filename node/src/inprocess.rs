@@ -35,25 +35,19 @@ pub fn profiles(names: &[&str]) -> edgetwin_profile::ProfileSet {
     edgetwin_profile::validate(&[("test.yaml".to_string(), docs)], &Default::default()).unwrap()
 }
 
-/// A config whose listeners are on free loopback ports.
+/// The default broker settings (the harness's listeners are internal ones on free ports).
 pub fn mqtt_config() -> MqttConfig {
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    };
-    MqttConfig {
-        listen: free(),
-        listen_v5: None,
-        ..MqttConfig::default()
-    }
+    MqttConfig::default()
 }
 
 /// A running twin service on its own router.
 pub struct Harness {
     pub broker: EmbeddedBroker,
     pub cfg: MqttConfig,
+    /// The broker's internal listeners (started by [`listen`](Self::listen)).
+    pub internal: edgetwin_broker::Internal,
+    /// The way the front door hands clients' twin patches to the service.
+    pub front: crate::intake::NodeIntake,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     pub tracker: TaskTracker,
@@ -72,6 +66,10 @@ impl Harness {
         let tracker = TaskTracker::new();
         let intake = CancellationToken::new();
         let (tx, rx) = mpsc::channel::<Input>(1024);
+        let front = crate::intake::NodeIntake {
+            twins: tx.clone(),
+            upstream: None,
+        };
         let link = LocalClient::connect_into(
             &broker,
             "twin-service",
@@ -105,6 +103,8 @@ impl Harness {
         Harness {
             broker,
             cfg,
+            internal: edgetwin_broker::Internal::pick().unwrap(),
+            front,
             metrics,
             health,
             tracker,
@@ -114,14 +114,31 @@ impl Harness {
         }
     }
 
-    /// The broker's TCP listener address (after [`listen`](Self::listen)).
+    /// The broker's MQTT 3.1.1 listener address (after [`listen`](Self::listen)); it takes
+    /// `self.internal.login`.
     pub fn listen_addr(&self) -> SocketAddr {
-        self.cfg.listen
+        self.internal.v4
     }
 
-    /// Starts the broker's TCP listener.
+    /// Starts the broker's TCP listeners.
     pub async fn listen(&self) {
-        self.broker.listen(&self.cfg).await.unwrap();
+        self.broker.listen(&self.cfg, &self.internal).await.unwrap();
+    }
+
+    /// Publishes as a front-door client does on a stored topic: handed to the twin service
+    /// first; returns once the front door could acknowledge it (`Err`: it would not).
+    pub async fn publish_stored(
+        &self,
+        topic: &str,
+        payload: &str,
+    ) -> Result<(), edgetwin_gate::NotStored> {
+        use edgetwin_gate::Intake;
+        let commit = self
+            .front
+            .submit(topic, Bytes::from(payload.to_string()), false)
+            .await
+            .unwrap_or_else(|| panic!("{topic} is not a stored topic"));
+        commit.await
     }
 
     /// An in-process client subscribed to `filters`.

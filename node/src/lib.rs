@@ -12,6 +12,7 @@ mod health;
 mod http;
 #[cfg(test)]
 mod inprocess;
+mod intake;
 mod mapper_metrics;
 mod metrics;
 #[cfg(test)]

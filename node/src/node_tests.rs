@@ -26,7 +26,9 @@ async fn node_store_failure_rolls_back_answers_store_failed_and_recovers_when_sp
         )
         .await;
 
-    publish(&mut c, "dt/d-1/desired", r#"{"mode":"a"}"#).await;
+    h.publish_stored("dt/d-1/desired", r#"{"mode":"a"}"#)
+        .await
+        .expect("committed, so acknowledged");
     loop {
         if next_on(&mut rx, "dt/d-1/twin").await["desired"]["mode"] == "a" {
             break;
@@ -34,7 +36,11 @@ async fn node_store_failure_rolls_back_answers_store_failed_and_recovers_when_sp
     }
 
     budget.fill();
-    publish(&mut c, "dt/d-1/desired", r#"{"mode":"b"}"#).await;
+    let not_acked = h.publish_stored("dt/d-1/desired", r#"{"mode":"b"}"#).await;
+    assert!(
+        not_acked.is_err_and(|e| e.0.contains("twins.redb")),
+        "a patch the store could not commit is not acknowledged"
+    );
     let err = next_on(&mut rx, "dt/d-1/error").await;
     assert_eq!(err["code"], "store_failed", "{err}");
     assert!(
@@ -59,7 +65,9 @@ async fn node_store_failure_rolls_back_answers_store_failed_and_recovers_when_sp
     // Space is freed; nobody publishes: the service's probe turns readiness back on.
     budget.free();
     until("the store check passes again", || !failing(&h)).await;
-    publish(&mut c, "dt/d-1/desired", r#"{"mode":"c"}"#).await;
+    h.publish_stored("dt/d-1/desired", r#"{"mode":"c"}"#)
+        .await
+        .expect("committed once space is back");
     loop {
         if next_on(&mut rx, "dt/d-1/twin").await["desired"]["mode"] == "c" {
             break;
@@ -89,6 +97,7 @@ async fn node_canary_turns_readiness_off_while_the_twin_service_does_not_answer(
     };
     h.tracker.spawn(crate::canary::run(
         h.listen_addr(),
+        h.internal.login.clone(),
         "t".into(),
         h.health.clone(),
         timing,

@@ -32,7 +32,7 @@ use edgetwin_devicetwin::store::{QuarantineKind, TwinStore};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::NodeConfig;
 use crate::health::Health;
@@ -303,47 +303,68 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
         rescan.clone(),
         intake.clone(),
     ));
+    let front_door_intake = Arc::new(crate::intake::NodeIntake {
+        twins: inputs_tx.clone(),
+        upstream: bridge.as_ref().map(|b| b.intake()),
+    });
     drop(inputs_tx);
     let service_stop = CancellationToken::new();
     let service_task = tokio::spawn(service.run(inputs_rx, service_stop.clone()));
 
     // 6. Only now the outside world.
-    broker.listen(&cfg.mqtt).await?;
-    info!(v4 = %cfg.mqtt.listen, v5 = ?cfg.mqtt.listen_v5, "embedded MQTT broker listening");
-    let loopback_only = cfg.mqtt.listen.ip().is_loopback()
-        && cfg.mqtt.listen_v5.is_none_or(|a| a.ip().is_loopback());
-    if loopback_only && cfg.gate.is_none() {
-        info!("MQTT is reachable from this host only; for other hosts configure the gate (users, TLS, permissions) or an open mqtt.listen such as 0.0.0.0:1883");
-    } else if !loopback_only {
-        warn!(v4 = %cfg.mqtt.listen, "the broker takes anonymous clients from other hosts: no authentication or topic permissions (use the gate for those)");
-    }
+    // The broker listens on loopback ports of its own with a login only the front door knows;
+    // every client comes in through the front door.
+    let internal = edgetwin_broker::Internal::pick()?;
+    broker.listen(&cfg.mqtt, &internal).await?;
+    debug!(internal = ?internal, "embedded broker listening for the front door");
     if let (Some(b), Some(bcfg)) = (bridge.as_mut(), &cfg.bridge) {
         b.connect();
         info!(url = %bcfg.url, "bridge to the cloud broker started");
     }
-    let mut gate_reloader = None;
-    if let Some(gcfg) = &cfg.gate {
-        let gate = edgetwin_gate::Gate::bind(
-            gcfg.clone(),
-            cfg.mqtt.listen,
-            cfg.mqtt.listen_v5,
-            directory.clone(),
-        )
-        .await
-        .context("MQTT gate")?;
-        let gate_metrics = gate.metrics();
-        metrics.register_with(|r| gate_metrics.register(r));
-        gate_reloader = Some(gate.reloader());
-        info!(listeners = ?gate.local_addrs(), "MQTT gate listening (TLS, authentication, topic permissions)");
-        tracker.spawn(gate.run(intake.clone()));
+    let front = cfg.front_door();
+    let anonymous_anywhere = front.allow_anonymous == Some(true);
+    // The canary asks through the front door as clients do, on its first plain listener (or,
+    // when every listener wants TLS, at the broker's own).
+    let plain = front.listeners.iter().position(|l| l.tls.is_none());
+    let gate = edgetwin_gate::Gate::bind(
+        front,
+        edgetwin_gate::Upstream {
+            v4: internal.v4,
+            v5: Some(internal.v5),
+            login: Some(internal.login.clone()),
+        },
+        directory.clone(),
+        front_door_intake,
+    )
+    .await
+    .context("MQTT front door")?;
+    let gate_metrics = gate.metrics();
+    metrics.register_with(|r| gate_metrics.register(r));
+    let gate_reloader = Some(gate.reloader());
+    let listeners = gate.local_addrs();
+    let canary_target = plain
+        .and_then(|i| listeners.get(i).copied())
+        .unwrap_or(internal.v4);
+    if anonymous_anywhere && listeners.iter().any(|a| !a.ip().is_loopback()) {
+        warn!(listeners = ?listeners, "MQTT takes anonymous clients from other hosts (gate.allow_anonymous: true)");
+    } else if cfg
+        .gate
+        .as_ref()
+        .is_none_or(|g| g.credentials_file.is_none())
+    {
+        info!(listeners = ?listeners, "MQTT front door listening; anonymous clients from this host only, as admins (for other hosts add users: edgetwin user add)");
+    } else {
+        info!(listeners = ?listeners, "MQTT front door listening");
     }
+    tracker.spawn(gate.run(intake.clone()));
     // Not ready until the twin service has answered the canary once through the listener.
     health.set(
         crate::canary::CHECK,
         crate::health::Verdict::Failing("waiting for the first answer".into()),
     );
     tracker.spawn(crate::canary::run(
-        cfg.mqtt.listen,
+        canary_target,
+        internal.login.clone(),
         cfg.node_id.as_str().to_string(),
         health.clone(),
         crate::canary::Timing {

@@ -51,13 +51,29 @@ pub struct InjectedPatch {
     /// Who wrote it; a mapper source writes reported properties, any other desired ones.
     pub source: Source,
     /// Fired after the patch was committed (or rejected); the cloud broker is acked then.
+    /// Dropped unfired when the commit failed, so the cloud sends the patch again.
     pub done: Option<oneshot::Sender<()>>,
+}
+
+/// A client's publish on `dt/{device}/desired` or `dt/{device}/reported`, handed over by the
+/// front door before anyone saw or acknowledged it.
+pub struct ClientPublish {
+    /// The topic as published.
+    pub topic: String,
+    /// The payload as published.
+    pub payload: Bytes,
+    /// Fired once the patch is committed, or rejected (a rejection is an answer on
+    /// `dt/{device}/error`, and the publish is still acknowledged); an error when the commit
+    /// failed, so the front door does not acknowledge it.
+    pub done: oneshot::Sender<Result<(), String>>,
 }
 
 /// Everything the twin service is asked to do, on one channel, handled in arrival order.
 pub enum Input {
     /// A message the broker routed to one of the service's subscriptions ([`FILTERS`]).
     Broker(Forward),
+    /// A client's twin patch from the front door.
+    Client(ClientPublish),
     /// A patch from inside the node.
     Patch(InjectedPatch),
     /// A new set of registered devices.
@@ -120,6 +136,24 @@ impl edgetwin_gate::DeviceDirectory for Directory {
         let devices = self.devices();
         let reg = devices.get(device)?;
         reg.assignment.map(|_| reg.reporter.clone())
+    }
+}
+
+/// Tells the writers of a finished batch how it went: the front door's clients get the commit's
+/// outcome; in-process patches (the cloud's) are told only of success, and a dropped `done`
+/// leaves the cloud's message unacknowledged, so it comes again.
+fn answer(
+    committed: Result<(), String>,
+    patches: impl Iterator<Item = oneshot::Sender<()>>,
+    clients: impl Iterator<Item = oneshot::Sender<Result<(), String>>>,
+) {
+    if committed.is_ok() {
+        for d in patches {
+            let _ = d.send(());
+        }
+    }
+    for c in clients {
+        let _ = c.send(committed.clone());
     }
 }
 
@@ -189,10 +223,10 @@ pub struct TwinService {
     health: Arc<Readiness>,
 }
 
-/// What the twin service subscribes.
-pub const FILTERS: [&str; 6] = [
-    filter::DESIRED,
-    filter::REPORTED,
+/// What the twin service subscribes. Not `desired` and `reported`: clients' patches come from
+/// the front door ([`Input::Client`]), which passes them on to the broker only after their
+/// commit, so the service would see each of them twice.
+pub const FILTERS: [&str; 4] = [
     filter::GET,
     filter::STATUS,
     filter::MAPPER_STATUS,
@@ -351,12 +385,17 @@ impl TwinService {
     async fn process(&mut self, inputs: Vec<Input>) {
         let mut b = Batch::default();
         let mut done = Vec::new();
+        let mut clients = Vec::new();
         let arrived = Instant::now();
         for input in inputs {
             match input {
                 Input::Broker(f) => {
                     let topic = String::from_utf8_lossy(&f.publish.topic).into_owned();
                     self.handle(&mut b, arrived, &topic, &f.publish.payload, f.properties);
+                }
+                Input::Client(c) => {
+                    self.handle(&mut b, arrived, &c.topic, &c.payload, None);
+                    clients.push(c.done);
                 }
                 Input::Patch(p) => {
                     let topic = match Side::written_by(&p.source) {
@@ -368,10 +407,8 @@ impl TwinService {
                     done.extend(p.done);
                 }
                 Input::Registry(update) => {
-                    self.finish(std::mem::take(&mut b)).await;
-                    for d in done.drain(..) {
-                        let _ = d.send(());
-                    }
+                    let committed = self.finish(std::mem::take(&mut b)).await;
+                    answer(committed, done.drain(..), clients.drain(..));
                     let result = self.apply_registry(&update.set).await;
                     if let Err(e) = &result {
                         error!(error = %e, "device registry update failed");
@@ -382,10 +419,8 @@ impl TwinService {
                 }
             }
         }
-        self.finish(b).await;
-        for d in done {
-            let _ = d.send(());
-        }
+        let committed = self.finish(b).await;
+        answer(committed, done.drain(..), clients.drain(..));
     }
 
     fn handle(
@@ -648,7 +683,9 @@ impl TwinService {
         }
     }
 
-    async fn finish(&mut self, b: Batch) {
+    /// Commits the batch, then publishes what it produced; `Err` (the store's error) when the
+    /// commit failed and the batch was rolled back.
+    async fn finish(&mut self, b: Batch) -> Result<(), String> {
         let Batch {
             originals,
             dirty,
@@ -690,7 +727,7 @@ impl TwinService {
                     }
                     outs.extend(failed.outs);
                     self.flush(outs).await;
-                    return;
+                    return Err(e.to_string());
                 }
             }
         }
@@ -730,6 +767,7 @@ impl TwinService {
             }
         }
         self.update_device_gauge();
+        Ok(())
     }
 
     /// Hands the node twin's committed `desired.containers` to the container agent when it changed.

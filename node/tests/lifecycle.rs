@@ -269,11 +269,14 @@ fn lifecycle_full_disk_makes_the_node_not_ready_and_freeing_space_recovers_witho
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut i = 0;
     let body = loop {
-        // Large values use up whatever free pages the file still has.
+        // Large values use up whatever free pages the file still has (once they are gone, the
+        // publish is not acknowledged: its outcome is checked below).
         let big = "x".repeat(900);
-        node.pub_(
+        mosquitto_pub_output(
+            node.port,
             "dt/fd-1/desired",
             &format!(r#"{{"mode":"full-{i}-{big}"}}"#),
+            &[],
         );
         i += 1;
         if let Ok((503, body)) = node.http_get("/readyz") {
@@ -287,10 +290,21 @@ fn lifecycle_full_disk_makes_the_node_not_ready_and_freeing_space_recovers_witho
     };
     assert!(body.contains("twin store: failing"), "{body}");
     assert!(body.contains("twins.redb"), "names the file: {body}");
-    let store_failed = node.probe(
+    // A PUBACK means durable: a QoS 1 patch the store cannot commit is not acknowledged (the
+    // client is disconnected and would send it again)...
+    let refused = mosquitto_pub_output(node.port, "dt/fd-1/desired", r#"{"mode":"refused"}"#, &[]);
+    assert!(
+        !refused.status.success(),
+        "acknowledged although not stored: {refused:?}"
+    );
+    // ...and whoever listens is told why (here at QoS 0, which keeps its connection).
+    let store_failed = probe(
+        node.port,
+        false,
         &["dt/fd-1/error"],
         &[("dt/fd-1/desired", r#"{"mode":"refused"}"#)],
         1,
+        &["--qos", "0"],
     );
     assert_eq!(
         payload(&store_failed[0])["code"],

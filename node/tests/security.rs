@@ -28,10 +28,10 @@ fn secured_with(devices: &[&str], limits: &str) -> Secured {
     if !limits.is_empty() {
         extra.push_str(&format!("  limits:\n{limits}"));
     }
-    Secured {
-        node: Node::start_with_config(devices, &extra),
-        gate,
-    }
+    let mut node = Node::start_with_config(devices, &extra);
+    // With a credentials file, nobody is anonymous: the test reads twins as the engineer.
+    node.login = Some(("eng".into(), "eng-pw".into()));
+    Secured { node, gate }
 }
 
 #[test]
@@ -283,4 +283,49 @@ fn security_gate_keeps_the_broker_session_of_a_client_without_keepalive_alive() 
         [0xD0, 0x00],
         "the session was dropped while the client was silent"
     );
+}
+
+/// The TCP ports process `pid` listens on (from `/proc/net/tcp` and the process's sockets).
+fn listening_ports(pid: u32) -> Vec<u16> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    let mut ports = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address, ..., st (0A = LISTEN), ..., inode
+            if f.len() > 9 && f[3] == "0A" && inodes.contains(f[9]) {
+                let port = f[1].rsplit(':').next().unwrap();
+                ports.push(u16::from_str_radix(port, 16).unwrap());
+            }
+        }
+    }
+    ports
+}
+
+#[test]
+fn security_with_users_no_port_of_the_node_takes_an_anonymous_client() {
+    let s = secured(&["s-9"]);
+    let ports = listening_ports(s.node.pid());
+    // The front door's ports (the node's own mqtt.listen and listen_v5, the gate listener),
+    // HTTP, and the broker's internal listeners, which only the front door can log in to.
+    assert!(ports.len() >= 6, "{ports:?}");
+    for port in ports.iter().filter(|p| **p != s.node.http_port) {
+        let o = mosquitto_pub_output(*port, "dt/s-9/desired", r#"{"mode":"sneaky"}"#, &[]);
+        assert!(
+            !o.status.success(),
+            "port {port} took an anonymous client (ports {ports:?})"
+        );
+    }
+    let t = s.node.twin("s-9");
+    assert!(t["desired"].get("mode").is_none(), "{t}");
 }

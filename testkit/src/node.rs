@@ -63,6 +63,10 @@ pub struct Node {
     child: Option<Child>,
     scan_interval_ms: u64,
     data_dir: Option<PathBuf>,
+    /// The user the helpers that read and write twins ([`Node::twin`], [`Node::pub_`]) log in
+    /// as; `None`: anonymous, which the node accepts from loopback unless a credentials file is
+    /// configured.
+    pub login: Option<(String, String)>,
 }
 
 /// A node to start with more than the defaults of [`Node::start`].
@@ -185,6 +189,7 @@ impl Node {
             child: None,
             scan_interval_ms,
             data_dir,
+            login: None,
         };
         node.write_config();
         node
@@ -360,23 +365,33 @@ impl Node {
 
     /// Sends one MQTT 3.1.1 message with mosquitto_pub.
     pub fn pub_(&self, topic: &str, payload: &str) {
-        mosquitto_pub(self.port, topic, payload, &[]);
+        mosquitto_pub(self.port, topic, payload, &self.login_args());
+    }
+
+    /// `-u user -P password` for mosquitto_* when [`Node::login`] is set.
+    pub fn login_args(&self) -> Vec<&str> {
+        match &self.login {
+            Some((u, p)) => vec!["-u", u.as_str(), "-P", p.as_str()],
+            None => Vec::new(),
+        }
     }
 
     /// The retained twin document, read with mosquitto_sub.
     pub fn twin(&self, device: &str) -> Value {
-        let out = run(Command::new("mosquitto_sub").args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &self.port.to_string(),
-            "-t",
-            &format!("dt/{device}/twin"),
-            "-C",
-            "1",
-            "-W",
-            "5",
-        ]));
+        let out = run(Command::new("mosquitto_sub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-t",
+                &format!("dt/{device}/twin"),
+                "-C",
+                "1",
+                "-W",
+                "5",
+            ])
+            .args(self.login_args()));
         assert!(
             out.status.success(),
             "no retained twin for {device}: {}",
