@@ -50,14 +50,21 @@ impl Sim {
 
     /// Waits until a write to `address` of `unit` has arrived; returns its values.
     pub fn wait_write(&self, unit: u64, address: u64) -> Vec<u64> {
+        self.wait_nth_write(unit, address, 1)
+    }
+
+    /// Waits until `n` writes to `address` of `unit` have arrived (the simulator logs a write
+    /// just after answering it, so the last of several quick writes can lag); returns the
+    /// values of the latest.
+    pub fn wait_nth_write(&self, unit: u64, address: u64, n: usize) -> Vec<u64> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Some(w) = self
+            let to_address: Vec<_> = self
                 .writes()
                 .into_iter()
-                .rev()
-                .find(|w| w["unit"] == unit && w["address"] == address)
-            {
+                .filter(|w| w["unit"] == unit && w["address"] == address)
+                .collect();
+            if let Some(w) = to_address.last().filter(|_| to_address.len() >= n) {
                 return w["values"]
                     .as_array()
                     .unwrap()
