@@ -18,3 +18,12 @@ pub fn now_ms() -> TimestampMs {
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }
+
+/// Reads a password file the way every edgetwin client does (the bridge's `password_file`, the
+/// CLI's and the mappers' `--password-file`): the whole file, a trailing line break dropped, so
+/// `echo secret > file` works and a password never appears on a command line.
+pub fn read_password_file(path: &std::path::Path) -> std::io::Result<String> {
+    Ok(std::fs::read_to_string(path)?
+        .trim_end_matches(['\r', '\n'])
+        .to_string())
+}

@@ -22,6 +22,14 @@ pub struct BrokerArgs {
     /// How long to wait for the node's answer, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     pub timeout_ms: u64,
+    /// User to log in as (a user of the node's credentials file, `edgetwin user add`); without
+    /// it the tools connect anonymously, which a node takes from its own host only and not at
+    /// all once it has users.
+    #[arg(long, env = "EDGETWIN_USERNAME", requires = "password_file")]
+    pub username: Option<String>,
+    /// File holding the user's password (a trailing line break is ignored).
+    #[arg(long, env = "EDGETWIN_PASSWORD_FILE", requires = "username")]
+    pub password_file: Option<std::path::PathBuf>,
 }
 
 struct Session {
@@ -52,6 +60,11 @@ impl Session {
             MqttOptions::new(id, host.trim_start_matches('[').trim_end_matches(']'), port);
         opts.set_keep_alive(Duration::from_secs(30));
         opts.set_max_packet_size(16 * 1024 * 1024, 16 * 1024 * 1024);
+        if let (Some(user), Some(file)) = (&args.username, &args.password_file) {
+            let password = edgetwin_contract::read_password_file(file)
+                .with_context(|| format!("--password-file {}", file.display()))?;
+            opts.set_credentials(user.clone(), password);
+        }
         let (client, events) = AsyncClient::new(opts, 64);
         let mut s = Session {
             client,

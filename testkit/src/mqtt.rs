@@ -85,8 +85,13 @@ pub fn probe(
 /// The retained message on `topic` at the broker on `port` (JSON, or `Value::Null` for a non-JSON
 /// payload), if any.
 pub fn retained(port: u16, topic: &str) -> Option<Value> {
+    retained_as(port, topic, &[])
+}
+
+/// [`retained`] with extra mosquitto_sub arguments (a login: `-u USER -P PASSWORD`).
+pub fn retained_as(port: u16, topic: &str, extra: &[&str]) -> Option<Value> {
     require("mosquitto_sub");
-    let out = run(Command::new("mosquitto_sub").args([
+    let out = run(Command::new("mosquitto_sub").args(extra).args([
         "-h",
         "127.0.0.1",
         "-p",
@@ -113,9 +118,20 @@ pub fn retained_until(
     limit: Duration,
     pred: impl Fn(Option<&Value>) -> bool,
 ) -> Option<Value> {
+    retained_until_as(port, topic, &[], limit, pred)
+}
+
+/// [`retained_until`] with extra mosquitto_sub arguments (a login).
+pub fn retained_until_as(
+    port: u16,
+    topic: &str,
+    extra: &[&str],
+    limit: Duration,
+    pred: impl Fn(Option<&Value>) -> bool,
+) -> Option<Value> {
     let deadline = Instant::now() + limit;
     loop {
-        let v = retained(port, topic);
+        let v = retained_as(port, topic, extra);
         if pred(v.as_ref()) {
             return v;
         }

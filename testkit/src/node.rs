@@ -418,7 +418,7 @@ impl Node {
 
     /// The retained message on `topic` (JSON, or `Value::Null` for a non-JSON payload), if any.
     pub fn retained(&self, topic: &str) -> Option<Value> {
-        retained(self.port, topic)
+        retained_as(self.port, topic, &self.login_args())
     }
 
     /// Waits (up to `limit`) until the retained message on `topic` satisfies `pred`
@@ -429,7 +429,7 @@ impl Node {
         limit: Duration,
         pred: impl Fn(Option<&Value>) -> bool,
     ) -> Option<Value> {
-        retained_until(self.port, topic, limit, pred)
+        retained_until_as(self.port, topic, &self.login_args(), limit, pred)
     }
 
     /// Runs the paho probe: subscribe `subs`, then publish `pubs`, collect `count` messages.

@@ -356,3 +356,45 @@ fn modbus_mapper_passes_the_sdk_compliance_suite() {
         ..ComplianceSpec::default()
     });
 }
+
+#[test]
+fn modbus_mapper_logs_in_as_a_mapper_user_on_a_node_with_users() {
+    use edgetwin_testkit::{user_add, NodeSpec};
+    let creds_dir = tempfile::tempdir().unwrap();
+    let creds = creds_dir.path().join("users.yaml");
+    user_add(&creds, "eng", "engineer", None, "eng-pw");
+    user_add(&creds, "modbus-mapper", "mapper", Some("modbus"), "mb-pw");
+    let pw = creds_dir.path().join("mapper.pw");
+    std::fs::write(&pw, "mb-pw\n").unwrap();
+    // A thermostat device (modbus at 127.0.0.1:5020, where nothing answers): the mapper can only
+    // report it offline, and only if the node let it in as the modbus mapper.
+    let mut node = NodeSpec {
+        devices: vec!["gm-1".into()],
+        extra_yaml: format!("gate:\n  credentials_file: {}\n", creds.display()),
+        ..NodeSpec::default()
+    }
+    .start();
+    node.login = Some(("eng".into(), "eng-pw".into()));
+
+    // Anonymous: refused, so it never reports anything.
+    let anonymous = MapperProcess::start(&node, MAPPER, &[]);
+    node.log_until(Duration::from_secs(10), |l| {
+        l.contains("CONNECT refused") && l.contains("no_credentials")
+    });
+    assert_eq!(node.retained("mappers/modbus/status"), None);
+    drop(anonymous);
+
+    let mut mapper = MapperProcess::start(
+        &node,
+        MAPPER,
+        &[
+            ("EDGETWIN_USERNAME", "modbus-mapper".as_ref()),
+            ("EDGETWIN_PASSWORD_FILE", pw.as_os_str()),
+        ],
+    );
+    node.retained_until("mappers/modbus/status", Duration::from_secs(10), |v| {
+        v.is_some_and(|v| v["state"] == "online")
+    });
+    status(&node, "gm-1", "offline", Duration::from_secs(15));
+    mapper.assert_running();
+}

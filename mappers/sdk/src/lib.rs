@@ -47,6 +47,14 @@ struct Cli {
     /// How often the mapper publishes its counters on mappers/{protocol}/metrics, in ms.
     #[arg(long, env = "EDGETWIN_METRICS_INTERVAL_MS", default_value_t = 5000)]
     metrics_interval_ms: u64,
+    /// User to log in as: a `mapper` user of the node's protocol (`edgetwin user add NAME --role
+    /// mapper --protocol P`). Without it the mapper connects anonymously, which a node takes from
+    /// its own host only and not at all once it has users.
+    #[arg(long, env = "EDGETWIN_USERNAME", requires = "password_file")]
+    username: Option<String>,
+    /// File holding the user's password (a trailing line break is ignored).
+    #[arg(long, env = "EDGETWIN_PASSWORD_FILE", requires = "username")]
+    password_file: Option<std::path::PathBuf>,
 }
 
 /// The whole `main` of a mapper: parses `--broker host:port` (env `EDGETWIN_BROKER`, default
@@ -79,8 +87,19 @@ pub fn main_with<D: Driver>(driver: D) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let login = match (&cli.username, &cli.password_file) {
+        (Some(user), Some(file)) => match edgetwin_contract::read_password_file(file) {
+            Ok(password) => Some((user.clone(), password)),
+            Err(e) => {
+                eprintln!("{name}: --password-file {}: {e}", file.display());
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
     let result = rt.block_on(async {
         let mut opts = RuntimeOptions::new(cli.broker);
+        opts.login = login;
         opts.metrics_interval = std::time::Duration::from_millis(cli.metrics_interval_ms);
         let token = opts.shutdown.clone();
         let signals = tokio::spawn(wait_for_signal(token.clone()));

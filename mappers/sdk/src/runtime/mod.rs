@@ -62,6 +62,9 @@ pub struct RuntimeOptions {
     pub broker_backoff_max: Duration,
     /// Cancel this to shut down cleanly.
     pub shutdown: CancellationToken,
+    /// User name and password at the node (a `mapper` user of this protocol); `None`:
+    /// anonymous.
+    pub login: Option<(String, String)>,
 }
 
 impl RuntimeOptions {
@@ -75,6 +78,7 @@ impl RuntimeOptions {
             device_backoff_max: Duration::from_secs(30),
             broker_backoff_max: Duration::from_secs(30),
             shutdown: CancellationToken::new(),
+            login: None,
         }
     }
 }
@@ -220,6 +224,9 @@ pub async fn run<D: Driver>(driver: D, opts: RuntimeOptions) -> Result<(), Runti
     mo.set_keep_alive(Duration::from_secs(10));
     mo.set_clean_session(true);
     mo.set_max_packet_size(1 << 20, 1 << 20);
+    if let Some((user, password)) = &opts.login {
+        mo.set_credentials(user.clone(), password.clone());
+    }
     mo.set_last_will(LastWill::new(
         &status_topic,
         mapper_status(MapperState::Offline),
