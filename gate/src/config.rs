@@ -34,7 +34,9 @@ use crate::credentials::RoleName;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GateConfig {
-    /// Public listeners; each serves MQTT 3.1.1 and 5.
+    /// Public listeners besides the node's `mqtt.listen`/`listen_v5`; each serves MQTT 3.1.1
+    /// and 5.
+    #[serde(default)]
     pub listeners: Vec<ListenerConfig>,
     /// YAML file of users, hashes and roles.
     #[serde(default)]

@@ -1,8 +1,10 @@
 //! `edgetwin-gate`: the node's MQTT front door.
 //!
 //! The gate terminates client connections (plain TCP and TLS), authenticates them (password hashes
-//! or a verified client certificate), enforces per-client topic permissions ([`acl`]), and relays
-//! the allowed traffic to the embedded broker's internal loopback listener.
+//! or a verified client certificate), enforces per-client topic permissions ([`acl`]), hands
+//! publishes on stored topics to the node's stores first ([`intake`]: a PUBACK means durable), and
+//! relays the allowed traffic to the embedded broker's internal loopback listeners, logging in with
+//! the node's per-start login ([`Upstream`]).
 //!
 //! # Why a gate in front of rumqttd
 //!
@@ -25,6 +27,7 @@
 //! - Metrics: [`GateMetrics`], registered by the node with [`GateMetrics::register`].
 
 pub mod acl;
+pub mod client_ids;
 pub mod config;
 pub mod credentials;
 pub mod intake;
@@ -102,6 +105,9 @@ impl CredentialsReloader {
     }
 }
 
+/// Client ids the gate remembers the holder of (connected ones, and kept sessions').
+const MAX_CLIENT_IDS: usize = 100_000;
+
 /// The broker behind the gate: its internal MQTT 3.1.1 and 5 listeners (the same address when
 /// one listener serves both; without `v5`, MQTT 5 clients are refused) and the login they
 /// require, which the gate puts in every CONNECT it passes on.
@@ -177,6 +183,7 @@ impl Gate {
                 filters,
                 topics,
                 logins,
+                client_ids: std::sync::Mutex::new(client_ids::ClientIds::new(MAX_CLIENT_IDS)),
             }),
         })
     }

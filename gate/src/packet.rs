@@ -388,6 +388,20 @@ impl Connect {
         }
     }
 
+    /// Whether the broker keeps the client's session after it disconnects (MQTT 3.1.1
+    /// `clean_session` = 0; MQTT 5 a Session Expiry Interval above 0).
+    pub fn keeps_session(&self) -> bool {
+        match self {
+            Connect::V4(c) => !c.clean_session,
+            Connect::V5(b) => {
+                b.0.properties
+                    .as_ref()
+                    .and_then(|p| p.session_expiry_interval)
+                    .is_some_and(|e| e > 0)
+            }
+        }
+    }
+
     /// The client id.
     pub fn client_id(&self) -> &str {
         match self {
@@ -493,6 +507,8 @@ pub enum Refusal {
     UnsupportedVersion,
     /// The upstream broker cannot be reached (v4 0x03, v5 0x88).
     Unavailable,
+    /// The client id belongs to another identity (v4 0x02, v5 0x85).
+    ClientIdTaken,
 }
 
 /// A CONNACK refusing the connection.
@@ -512,6 +528,7 @@ pub fn connack_refused_explained(version: Version, why: Refusal, why_text: Optio
                 Refusal::NotAuthorized => C::NotAuthorized,
                 Refusal::UnsupportedVersion => C::RefusedProtocolVersion,
                 Refusal::Unavailable => C::ServiceUnavailable,
+                Refusal::ClientIdTaken => C::BadClientId,
             };
             v4::ConnAck::new(code, false)
                 .write(&mut out)
@@ -524,6 +541,7 @@ pub fn connack_refused_explained(version: Version, why: Refusal, why_text: Optio
                 Refusal::NotAuthorized => C::NotAuthorized,
                 Refusal::UnsupportedVersion => C::UnsupportedProtocolVersion,
                 Refusal::Unavailable => C::ServerUnavailable,
+                Refusal::ClientIdTaken => C::ClientIdentifierNotValid,
             };
             v5::ConnAck {
                 session_present: false,

@@ -178,7 +178,8 @@ impl NodeConfig {
                 });
             }
         }
-        gate.listeners.splice(0..0, extra);
+        // After the section's own, so problems name `gate.listeners[i]` as written.
+        gate.listeners.extend(extra);
         gate
     }
 
@@ -248,9 +249,13 @@ impl NodeConfig {
         {
             errors.push("containers.reconcile_interval_ms: must be at least 100".to_string());
         }
-        if let Some(gate) = &self.gate {
-            errors.extend(gate.problems().into_iter().map(|p| format!("gate.{p}")));
-        }
+        // Checked as the front door runs it: with mqtt.listen and listen_v5 among its listeners.
+        errors.extend(
+            self.front_door()
+                .problems()
+                .into_iter()
+                .map(|p| format!("gate.{p}")),
+        );
         errors.extend(self.front_door_clashes());
         if self.http.header_timeout_ms < 100 {
             errors.push("http.header_timeout_ms: must be at least 100".to_string());
@@ -341,7 +346,7 @@ mod tests {
             .iter()
             .map(|l| l.listen.to_string())
             .collect();
-        assert_eq!(addrs, ["127.0.0.1:1884", "0.0.0.0:1883"]);
+        assert_eq!(addrs, ["0.0.0.0:1883", "127.0.0.1:1884"]);
         // An mqtt.listen on all addresses and a gate listener on loopback cannot both bind.
         let err = NodeConfig::parse(
             "mqtt:\n  listen: 0.0.0.0:8883\ngate:\n  listeners: [{listen: 127.0.0.1:8883}]\n",

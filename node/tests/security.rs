@@ -329,3 +329,199 @@ fn security_with_users_no_port_of_the_node_takes_an_anonymous_client() {
     let t = s.node.twin("s-9");
     assert!(t["desired"].get("mode").is_none(), "{t}");
 }
+
+#[test]
+fn security_the_cli_logs_in_with_a_user_and_a_password_file() {
+    let s = secured(&["s-5"]);
+    let pw = s.node.dir.path().join("eng.pw");
+    std::fs::write(&pw, "eng-pw\n").unwrap();
+    let anonymous = s.node.cli(&["twin", "get", "s-5", "--timeout-ms", "2000"]);
+    assert!(
+        !anonymous.status.success(),
+        "an anonymous CLI got in: {anonymous:?}"
+    );
+    let pw = pw.to_str().unwrap();
+    let login = ["--username", "eng", "--password-file", pw];
+    let set = s
+        .node
+        .cli(&[&["twin", "set", "s-5", "mode=eco"][..], &login].concat());
+    assert!(set.status.success(), "{set:?}");
+    let got = s.node.cli(&[&["twin", "get", "s-5"][..], &login].concat());
+    assert!(got.status.success(), "{got:?}");
+    let twin: serde_json::Value = serde_json::from_slice(&got.stdout).unwrap();
+    assert_eq!(twin["desired"]["mode"], "eco", "{twin}");
+}
+
+#[test]
+fn security_a_client_id_cannot_be_taken_over_by_another_identity() {
+    let s = secured(&["s-6"]);
+    let id = "edgetwin-mapper-modbus";
+    let gate = s.gate.to_string();
+    let mut holder = std::process::Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &gate,
+            "-i",
+            id,
+            "-u",
+            "modbus-mapper",
+            "-P",
+            "mb-pw",
+        ])
+        .args(["-t", "mappers/modbus/devices/+", "-q", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    s.node.log_until(std::time::Duration::from_secs(10), |l| {
+        l.contains("client connected through the gate") && l.contains(id)
+    });
+    // Another mapper with the same client id: MQTT would hand it the session and drop the
+    // holder; the gate refuses it.
+    let o = mosquitto_pub_output(
+        s.gate,
+        "mappers/opcua/status",
+        r#"{"state":"online"}"#,
+        &["-i", id, "-u", "opcua-mapper", "-P", "ua-pw"],
+    );
+    assert!(!o.status.success(), "took over another mapper's client id");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("identifier rejected"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        holder.try_wait().unwrap().is_none(),
+        "the holder was disconnected"
+    );
+    assert!(s
+        .node
+        .metrics()
+        .contains("edgetwin_gate_auth_failures_total{reason=\"client_id_taken\"} 1"));
+    // The holder itself may reconnect with its id (MQTT's takeover of its own session).
+    let o = mosquitto_pub_output(
+        s.gate,
+        "mappers/modbus/status",
+        r#"{"state":"online"}"#,
+        &["-i", id, "-u", "modbus-mapper", "-P", "mb-pw"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let _ = holder.kill();
+    let _ = holder.wait();
+}
+
+/// A network namespace joined to this host by a veth pair: a second address to connect from.
+/// Removed on drop.
+struct OtherHost {
+    ns: String,
+    host_if: String,
+    /// This host's address as the namespace sees it.
+    host_ip: String,
+}
+
+impl OtherHost {
+    /// `None` when namespaces cannot be made here (needs root and iproute2).
+    fn make() -> Option<OtherHost> {
+        let tag = format!("{:x}", std::process::id() % 0xfffff);
+        let ns = format!("et-{tag}");
+        let host_if = format!("eth{tag}h");
+        let peer_if = format!("eth{tag}n");
+        let net = 1 + std::process::id() % 250;
+        let host_ip = format!("10.231.{net}.1");
+        let ip = |args: &[&str]| {
+            std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        if !ip(&["netns", "add", &ns]) {
+            return None;
+        }
+        let other = OtherHost {
+            ns: ns.clone(),
+            host_if: host_if.clone(),
+            host_ip: host_ip.clone(),
+        };
+        let ok = ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &peer_if,
+        ]) && ip(&["link", "set", &peer_if, "netns", &ns])
+            && ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &host_if])
+            && ip(&["link", "set", &host_if, "up"])
+            && ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("10.231.{net}.2/30"),
+                "dev",
+                &peer_if,
+            ])
+            && ip(&["-n", &ns, "link", "set", &peer_if, "up"])
+            && ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        ok.then_some(other)
+    }
+
+    /// mosquitto_pub run inside the namespace against this host.
+    fn publish(&self, port: u16, extra: &[&str]) -> std::process::Output {
+        std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns,
+                "mosquitto_pub",
+                "-h",
+                &self.host_ip,
+            ])
+            .args(["-p", &port.to_string(), "-q", "1", "-t", "dt/s-7/desired"])
+            .args(["-m", r#"{"mode":"remote"}"#])
+            .args(extra)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for OtherHost {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.ns])
+            .output();
+    }
+}
+
+#[test]
+fn security_by_default_anonymous_clients_come_from_this_host_only() {
+    let Some(other) = OtherHost::make() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "cannot make a network namespace: this test needs root and iproute2"
+        );
+        eprintln!("skipped: cannot make a network namespace (needs root and iproute2)");
+        return;
+    };
+    // No credentials file: the front door on every address, anonymous from loopback only.
+    let port = free_port();
+    let mut node = Node::start_with_config(
+        &["s-7"],
+        &format!("gate:\n  listeners: [{{listen: 0.0.0.0:{port}}}]\n"),
+    );
+    let o = other.publish(port, &["-V", "mqttv5"]);
+    assert!(!o.status.success(), "anonymous from another host got in");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("ot authorized") || err.contains("ot authorised"),
+        "{err}"
+    );
+    node.log_until(std::time::Duration::from_secs(5), |l| {
+        l.contains("anonymous_remote") && l.contains("edgetwin user add")
+    });
+    // The same client on loopback is taken.
+    let o = mosquitto_pub_output(port, "dt/s-7/desired", r#"{"mode":"local"}"#, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    node.twin_until("s-7", |t| t["desired"]["mode"] == "local");
+    node.assert_running();
+}
