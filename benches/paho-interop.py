@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """The Eclipse Paho MQTT interoperability suite (eclipse/paho.mqtt.testing), unmodified, against
-Mosquitto and the node (its bare broker ports and its gate) in one run.
+Mosquitto and the node (its front door, mqtt.listen, serving both versions) in one run.
 
     cargo build --release -p edgetwin-node
     benches/paho-interop.py PATH/TO/paho.mqtt.testing/interoperability [--timeout 30]
 
 Each test runs in its own process with a timeout, so one hang does not hide the rest. Prints a
-table of every test per target and whether the gate's passing set contains Mosquitto's (exit 1 if
-not). Needs mosquitto and python3; everything listens on 127.0.0.1 on free ports.
+table of every test per target and whether the node's passing set contains Mosquitto's (exit 1
+if not). Needs mosquitto and python3; everything listens on 127.0.0.1 on free ports.
 """
 
 import argparse
@@ -98,13 +98,12 @@ def main():
         procs.append(mosq)
         wait_tcp(mq, mosq)
 
-        v4, v5, gate, http = free_port(), free_port(), free_port(), free_port()
+        port, http = free_port(), free_port()
         node_conf = os.path.join(tmp, "node.yaml")
         with open(node_conf, "w") as f:
             f.write(f"data_dir: {tmp}/data\ndevices_dir: {tmp}/devices\n"
-                    f"mqtt: {{listen: 127.0.0.1:{v4}, listen_v5: 127.0.0.1:{v5}}}\n"
-                    f"http: {{listen: 127.0.0.1:{http}}}\n"
-                    f"gate:\n  listeners: [{{listen: 127.0.0.1:{gate}}}]\n")
+                    f"mqtt: {{listen: 127.0.0.1:{port}, listen_v5: null}}\n"
+                    f"http: {{listen: 127.0.0.1:{http}}}\n")
         log = open(os.path.join(tmp, "node.log"), "w")
         node = subprocess.Popen([NODE, "serve", "--config", node_conf], stdout=log, stderr=log)
         procs.append(node)
@@ -120,8 +119,8 @@ def main():
             time.sleep(0.1)
 
         rows = []
-        for module, bare in (("client_test", v4), ("client_test5", v5)):
-            targets = [("mosquitto", mq), ("node bare port", bare), ("node gate", gate)]
+        for module in ("client_test", "client_test5"):
+            targets = [("mosquitto", mq), ("node", port)]
             only = [n for n in a.only.split(",") if n]
             for name in tests_of(os.path.join(suite, module + ".py")):
                 if only and name not in only:
@@ -130,24 +129,24 @@ def main():
                                             for _, p in targets]))
                 print(f"  {module}.{name}: {rows[-1][2]}", file=sys.stderr, flush=True)
 
-        print("| suite | test | mosquitto | node bare port | node gate |")
-        print("|---|---|---|---|---|")
+        print("| suite | test | mosquitto | node |")
+        print("|---|---|---|---|")
         for module, name, res in rows:
             print(f"| {'3.1.1' if module == 'client_test' else '5'} | {name} | " + " | ".join(res) + " |")
         ok = True
-        for i, label in ((1, "node bare port"), (2, "node gate")):
+        for i, label in ((1, "node"),):
             for v in ("client_test", "client_test5"):
                 sel = [r for r in rows if r[0] == v]
                 passed = sum(r[2][i] == "pass" for r in sel)
                 mosq_passed = sum(r[2][0] == "pass" for r in sel)
                 print(f"{label}, {'3.1.1' if v == 'client_test' else '5'}: {passed}/{len(sel)} "
                       f"(mosquitto {mosq_passed}/{len(sel)})")
-        missing = [f"{m}.{n}" for m, n, r in rows if r[0] == "pass" and r[2] != "pass"]
+        missing = [f"{m}.{n}" for m, n, r in rows if r[0] == "pass" and r[1] != "pass"]
         if missing:
             ok = False
-            print("passed by mosquitto but not by the node's gate: " + ", ".join(missing))
+            print("passed by mosquitto but not by the node: " + ", ".join(missing))
         else:
-            print("the node's gate passes every test mosquitto passes")
+            print("the node passes every test mosquitto passes")
         return 0 if ok else 1
     finally:
         for p in procs:

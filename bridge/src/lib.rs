@@ -11,7 +11,8 @@
 //! ```
 //!
 //! # Up path
-//! An in-process rumqttd link subscribes to the `up` filters. The *tap* drains whatever waits on
+//! Clients' messages come from the front door ([`Intake`]); besides, an in-process rumqttd link
+//! subscribes to the `up` filters. The *tap* drains whatever waits on
 //! it into one batch and appends it to the outbox in one durable transaction; only then can the
 //! sender see it. Every record is published as `{prefix}{local topic}` with QoS 1 (retained if
 //! its route says so) and stays in the outbox until the cloud broker's PUBACK for it arrives.
@@ -61,9 +62,12 @@
 //! keeps sending for up to `flush_timeout_ms` or until the outbox is empty, then disconnects.
 //! Whatever is not sent by then stays in the durable outbox for the next start.
 //!
-//! Durability window: a message rumqttd acknowledged to a local publisher is in memory until the
-//! tap's next append commits (one batch, milliseconds); `kill -9` or power loss inside that window
-//! loses it. Everything appended survives.
+//! Durability: a client's message on an up route comes from the node's front door through
+//! [`Intake`] and is acknowledged only once appended. Messages of the node's own publishers
+//! (twin documents, statuses, container results) reach the tap through the broker and are in
+//! memory until the tap's next append commits (one batch, milliseconds); `kill -9` inside that
+//! window loses them, and they are published again from the node's state (the retained routes
+//! are re-read at every reconnect). Everything appended survives.
 
 pub mod config;
 pub mod inflight;
@@ -303,10 +307,8 @@ pub fn start(
     let password = match (&cfg.password, &cfg.password_file) {
         (Some(p), _) => Some(p.clone()),
         (None, Some(f)) => Some(
-            std::fs::read_to_string(f)
-                .with_context(|| format!("bridge.password_file: cannot read {}", f.display()))?
-                .trim_end_matches(['\r', '\n'])
-                .to_string(),
+            edgetwin_contract::read_password_file(f)
+                .with_context(|| format!("bridge.password_file: cannot read {}", f.display()))?,
         ),
         (None, None) => None,
     };

@@ -20,11 +20,12 @@ pub use metrics::{BrokerMetrics, LinkLabels};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
-    /// MQTT 3.1.1 listener. Default `127.0.0.1:1883`: nothing is open to other hosts until
-    /// the config says so (as Mosquitto 2 does), since the bare broker takes anonymous clients.
+    /// The node's MQTT port, served by the front door (the gate): MQTT 3.1.1 and 5. Default
+    /// `127.0.0.1:1883`: nothing is open to other hosts until the config says so (as Mosquitto 2
+    /// does). The broker itself listens only on internal loopback ports ([`Internal`]).
     pub listen: SocketAddr,
-    /// MQTT 5 listener; rumqttd serves each protocol version on its own port. Default
-    /// `127.0.0.1:1884`; `null` disables it.
+    /// A second front-door port, also both versions (kept for MQTT 5 clients set up for the
+    /// old separate port). Default `127.0.0.1:1884`; `null` disables it.
     pub listen_v5: Option<SocketAddr>,
     /// Largest accepted MQTT payload in bytes. Default 262144 (256 KiB).
     pub max_payload_bytes: usize,

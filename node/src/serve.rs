@@ -9,9 +9,11 @@
 //! 4. Every internal consumer connects and the router acknowledges all its subscriptions: the
 //!    twin service, the bridge tap, the container agent, the registry.
 //! 5. Retained state is republished from our own stores: twin documents and mapper assignments.
-//! 6. Only now the broker's TCP listeners accept clients, then the bridge connects to the cloud
-//!    (so commands the cloud queued while the node was down find the container agent
-//!    listening), then the gate, then the readiness canary. Ready once every check passes.
+//! 6. Only now the broker's internal TCP listeners start (loopback, ports and login picked
+//!    now), then the bridge connects to the cloud (so commands the cloud queued while the node
+//!    was down find the container agent listening), then the front door (the gate, which hands
+//!    stored topics to the twin service and the bridge tap before the broker sees them), then
+//!    the readiness canary, which asks through the front door. Ready once every check passes.
 //!
 //! # Stop (SIGTERM/SIGINT), the reverse
 //! Not ready → intake stops (gate, registry, container agent, cloud relay, canary) → the twin
