@@ -7,7 +7,7 @@
 #                    doc tests. This is what CI runs.
 # The full run installs the real peers the tests drive when they are
 # missing (Debian packages: mosquitto, mosquitto-clients, socat, docker.io, busybox-static, dbus,
-# and pkg-config + libdbus-1-dev that btleplug builds against; PyPI: paho-mqtt, pymodbus, pyserial,
+# iproute2, and pkg-config + libdbus-1-dev that btleplug builds against; PyPI: paho-mqtt, pymodbus, pyserial,
 # asyncua). Under CI=true a peer that cannot be installed is a failure, never a skip.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -26,6 +26,7 @@ command -v socat >/dev/null 2>&1 || need_apt+=(socat)
 command -v dockerd >/dev/null 2>&1 || [ -x /usr/sbin/dockerd ] || need_apt+=(docker.io)
 dpkg -s busybox-static >/dev/null 2>&1 || need_apt+=(busybox-static)  # the test image holds only a static busybox
 command -v dbus-daemon >/dev/null 2>&1 || need_apt+=(dbus)              # a private bus for the BLE no-adapter test
+command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || need_apt+=(iproute2)  # a network namespace as a second host
 command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
 dpkg -s libdbus-1-dev >/dev/null 2>&1 || need_apt+=(libdbus-1-dev)    # btleplug (BlueZ over D-Bus)
 if [ ${#need_apt[@]} -gt 0 ]; then
