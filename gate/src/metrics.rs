@@ -7,7 +7,7 @@
 //! | `edgetwin_gate_connections_active` | | clients relayed right now |
 //! | `edgetwin_gate_auth_failures_total` | `reason` | refused CONNECTs: `bad_password`, `unknown_user`, `no_credentials`, `unknown_certificate`, `will_denied`, `tls_handshake`, `unsupported_version`, `upstream_unavailable` |
 //! | `edgetwin_gate_denied_total` | `role`, `kind` (publish, subscribe, deliver) | packets refused by the ACL (`deliver`: a broker message withheld from a client, e.g. another protocol's delta to a mapper) |
-//! | `edgetwin_gate_disconnects_total` | `reason` | clients cut by the gate: `packet_too_large`, `topic_too_long`, `too_many_subscriptions`, `malformed`, `protocol_error` |
+//! | `edgetwin_gate_disconnects_total` | `reason` | clients cut by the gate: `packet_too_large`, `topic_too_long`, `too_many_subscriptions`, `malformed`, `protocol_error`, `topic_alias_invalid`, `store_failed` (a publish that could not be stored is not acknowledged) |
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;

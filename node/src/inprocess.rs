@@ -69,6 +69,7 @@ impl Harness {
         let front = crate::intake::NodeIntake {
             twins: tx.clone(),
             upstream: None,
+            retained: None,
         };
         let link = LocalClient::connect_into(
             &broker,

@@ -6,7 +6,10 @@
 //! - Anything on a bridge `up` route goes to the bridge's tap, which answers after the outbox
 //!   append.
 //!
-//! A topic on both (an `up` route such as `dt/#`) waits for both.
+//! - A retained publish on a topic outside the node's topic API goes to the retained store, so
+//!   it is still there after a restart.
+//!
+//! A topic with more than one (an `up` route such as `dt/#`) waits for all of them.
 
 use bytes::Bytes;
 use edgetwin_contract::Topic;
@@ -21,16 +24,22 @@ pub struct NodeIntake {
     pub twins: mpsc::Sender<Input>,
     /// The bridge's tap, when there is a bridge.
     pub upstream: Option<edgetwin_bridge::Intake>,
+    /// The durable retained store (clients' retained messages outside the node's topic API).
+    pub retained: Option<mpsc::Sender<crate::retained::RetainedWrite>>,
 }
 
 impl NodeIntake {
-    async fn submit_owned(&self, topic: &str, payload: Bytes) -> Option<Commit> {
+    async fn submit_owned(&self, topic: &str, payload: Bytes, retain: bool) -> Option<Commit> {
         let twin = matches!(
             Topic::parse(topic),
             Some(Topic::Desired(_) | Topic::Reported(_))
         );
         let up = self.upstream.as_ref().filter(|u| u.carries(topic));
-        if !twin && up.is_none() {
+        let keep = self
+            .retained
+            .as_ref()
+            .filter(|_| retain && crate::retained::kept(topic));
+        if !twin && up.is_none() && keep.is_none() {
             return None;
         }
         let mut waits: Vec<oneshot::Receiver<Result<(), String>>> = Vec::with_capacity(2);
@@ -43,6 +52,18 @@ impl NodeIntake {
             });
             if self.twins.send(input).await.is_err() {
                 return Some(not_stored("the twin service has stopped"));
+            }
+            waits.push(rx);
+        }
+        if let Some(keep) = keep {
+            let (done, rx) = oneshot::channel();
+            let write = crate::retained::RetainedWrite {
+                topic: topic.to_string(),
+                payload: payload.clone(),
+                done,
+            };
+            if keep.send(write).await.is_err() {
+                return Some(not_stored("the retained store has stopped"));
             }
             waits.push(rx);
         }
@@ -70,7 +91,7 @@ fn not_stored(why: &'static str) -> Commit {
 }
 
 impl edgetwin_gate::Intake for NodeIntake {
-    fn submit<'a>(&'a self, topic: &'a str, payload: Bytes, _retain: bool) -> Submitted<'a> {
-        Box::pin(self.submit_owned(topic, payload))
+    fn submit<'a>(&'a self, topic: &'a str, payload: Bytes, retain: bool) -> Submitted<'a> {
+        Box::pin(self.submit_owned(topic, payload, retain))
     }
 }

@@ -18,6 +18,7 @@ mod metrics;
 #[cfg(test)]
 mod node_tests;
 mod registry;
+mod retained;
 pub mod serve;
 mod twin_service;
 

@@ -65,6 +65,10 @@ pub struct Metrics {
     pub profile_errors: Counter,
     /// HTTP connections closed at once because `http.max_connections` were open.
     pub http_connections_refused: Counter,
+    /// Clients' retained messages not kept across restarts because the retained store was full.
+    pub retained_refused: Counter,
+    /// Clients' retained messages kept across restarts.
+    pub retained_stored: Gauge,
     /// Profile files currently loaded.
     pub profile_files: Gauge,
     /// Twin store records quarantined at start because they could not be decoded.
@@ -98,6 +102,8 @@ impl Metrics {
             devices: Family::default(),
             profile_errors: Counter::default(),
             http_connections_refused: Counter::default(),
+            retained_refused: Counter::default(),
+            retained_stored: Gauge::default(),
             profile_files: Gauge::default(),
             store_quarantined: Gauge::default(),
             store_restored: Family::default(),
@@ -153,6 +159,16 @@ impl Metrics {
             "http_connections_refused",
             "HTTP connections closed at once because http.max_connections were open",
             m.http_connections_refused.clone(),
+        );
+        registry.register(
+            "retained_refused",
+            "Clients' retained messages not kept across restarts: the retained store was full",
+            m.retained_refused.clone(),
+        );
+        registry.register(
+            "retained_stored",
+            "Clients' retained messages kept across restarts",
+            m.retained_stored.clone(),
         );
         registry.register(
             "profile_files",

@@ -47,13 +47,17 @@ use edgetwin_broker::EmbeddedBroker;
 use edgetwin_broker::{LocalClient, Message};
 
 /// The node's internal broker clients (their client ids, and the `link` label of their metrics).
-pub const LINKS: [&str; 5] = [
+pub const LINKS: [&str; 6] = [
     "twin-service",
     "bridge-tap",
     "containers",
     "registry",
     "cloud-relay",
+    "retained",
 ];
+
+/// Clients' retained publishes waiting for the retained store.
+const RETAINED_QUEUE: usize = 4096;
 
 /// Most inputs waiting for the twin service; past that its link reader stops reading and the
 /// broker's log holds the rest (see `local.rs` for what happens when that overflows too).
@@ -146,6 +150,16 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
     record_quarantine(&metrics, &quarantined);
     info!(twins = twins.len(), path = %store_path.display(), "twin store opened");
     let store = Arc::new(store);
+    let retained_path = cfg.data_dir.join("retained.redb");
+    let (retained_store, kept_retained) = {
+        let path = retained_path.clone();
+        tokio::task::spawn_blocking(move || {
+            edgetwin_retained::RetainedStore::open(&path, edgetwin_retained::Limits::default())
+        })
+        .await
+        .context("retained store open panicked")??
+    };
+    info!(topics = kept_retained.len(), path = %retained_path.display(), "retained store opened");
 
     // 3. The router, no listeners yet.
     let tap_filters: Vec<String> = cfg
@@ -290,7 +304,21 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
     )
     .await?;
 
-    // 5. Retained state from our own stores (rumqttd keeps none across restarts).
+    // 5. Retained state from our own stores (rumqttd keeps none across restarts): clients'
+    // retained messages first, then the node's own (twin documents, assignments), which win.
+    if !kept_retained.is_empty() {
+        let (mut link, _) =
+            LocalClient::connect(&broker, "retained", &[], 1, intake.clone(), &tracker).await?;
+        for (topic, payload) in kept_retained {
+            link.publish(Message::retained(topic, payload)).await;
+        }
+    }
+    let (retained_tx, retained_rx) = mpsc::channel(RETAINED_QUEUE);
+    tracker.spawn(crate::retained::run(
+        retained_store,
+        retained_rx,
+        metrics.clone(),
+    ));
     let (reg, first) = profiles.await.context("profile loading panicked")?;
     if let Some(set) = first {
         service.apply_registry_now(&set).await?;
@@ -308,6 +336,7 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
     let front_door_intake = Arc::new(crate::intake::NodeIntake {
         twins: inputs_tx.clone(),
         upstream: bridge.as_ref().map(|b| b.intake()),
+        retained: Some(retained_tx),
     });
     drop(inputs_tx);
     let service_stop = CancellationToken::new();

@@ -125,6 +125,8 @@ fn crash_sigkill_loop_loses_no_acknowledged_message() {
     );
     let mut node = Node::start_with_config(&["cr-1", "cr-2"], &bridge_yaml(cloud.port));
     node.wait_bridge_connected();
+    // A client's retained message: there after every restart.
+    mosquitto_pub(node.port, "plant/crash/info", r#"{"kept":true}"#, &["-r"]);
     let files = tempfile::tempdir().unwrap();
     // Two flood (no pacing, 20 in flight each), two paced at 300 msg/s.
     let mut writers = vec![
@@ -144,6 +146,9 @@ fn crash_sigkill_loop_loses_no_acknowledged_message() {
             .collect();
         node.kill9();
         node.restart();
+        if node.retained("plant/crash/info").is_none() {
+            lost_desired.push(format!("kill {k}: the retained message is gone"));
+        }
         for (w, last) in writers.iter().zip(&before) {
             if w.kind != "desired" {
                 continue;

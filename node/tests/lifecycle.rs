@@ -328,3 +328,37 @@ fn lifecycle_full_disk_makes_the_node_not_ready_and_freeing_space_recovers_witho
         "kept across a restart"
     );
 }
+
+#[test]
+fn lifecycle_clients_retained_messages_survive_a_crash_but_liveness_does_not() {
+    let mut node = Node::start(&["rt-1"]);
+    // Acknowledged at QoS 1 = on disk.
+    mosquitto_pub(node.port, "plant/line-1/info", r#"{"shift":"B"}"#, &["-r"]);
+    mosquitto_pub(node.port, "plant/line-2/info", r#"{"shift":"A"}"#, &["-r"]);
+    mosquitto_pub(node.port, "plant/line-2/info", "", &["-r"]);
+    // A mapper's "online" is true only while that mapper is connected: not kept.
+    mosquitto_pub(
+        node.port,
+        "mappers/modbus/status",
+        r#"{"state":"online","ts":1,"version":"x"}"#,
+        &["-r"],
+    );
+    node.kill9();
+    node.restart();
+    assert_eq!(
+        node.retained("plant/line-1/info"),
+        Some(json!({"shift": "B"})),
+        "kept across the crash"
+    );
+    assert_eq!(
+        node.retained("plant/line-2/info"),
+        None,
+        "cleared stays cleared"
+    );
+    assert_eq!(
+        node.retained("mappers/modbus/status"),
+        None,
+        "liveness comes from live mappers"
+    );
+    assert_eq!(node.metric("edgetwin_retained_stored"), Some(1.0));
+}
