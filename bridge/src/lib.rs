@@ -482,21 +482,29 @@ impl Bridge {
 }
 
 fn tls_config(cfg: &BridgeConfig) -> anyhow::Result<rumqttc::TlsConfiguration> {
-    // rumqttc is built without a crypto provider; ring is the process default.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let Some(tls) = &cfg.tls else {
         anyhow::bail!("bridge.tls: mqtts:// needs tls.ca_file");
     };
-    let read = |p: &Path, what: &str| {
-        std::fs::read(p).with_context(|| format!("bridge.tls.{what}: cannot read {}", p.display()))
-    };
-    let ca = read(&tls.ca_file, "ca_file")?;
-    let client_auth = match (&tls.cert_file, &tls.key_file) {
-        (Some(c), Some(k)) => Some((read(c, "cert_file")?, read(k, "key_file")?)),
-        _ => None,
+    let client = tls.cert_file.as_deref().zip(tls.key_file.as_deref());
+    client_tls(&tls.ca_file, client).context("bridge.tls")
+}
+
+/// rumqttc's TLS settings from PEM files: the CA bundle the server's certificate must chain to,
+/// and optionally a client certificate and its key. Also what the CLI's `--cafile`, `--cert` and
+/// `--key` use.
+pub fn client_tls(
+    ca_file: &Path,
+    client: Option<(&Path, &Path)>,
+) -> anyhow::Result<rumqttc::TlsConfiguration> {
+    // rumqttc is built without a crypto provider; ring is the process default.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let read = |p: &Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+    let client_auth = match client {
+        Some((cert, key)) => Some((read(cert)?, read(key)?)),
+        None => None,
     };
     Ok(rumqttc::TlsConfiguration::Simple {
-        ca,
+        ca: read(ca_file)?,
         alpn: None,
         client_auth,
     })

@@ -30,6 +30,17 @@ pub struct BrokerArgs {
     /// File holding the user's password (a trailing line break is ignored).
     #[arg(long, env = "EDGETWIN_PASSWORD_FILE", requires = "username")]
     pub password_file: Option<std::path::PathBuf>,
+    /// Connect with TLS, checking the node's certificate against this CA bundle (PEM); for a
+    /// `gate.listeners` entry with `tls:`.
+    #[arg(long, env = "EDGETWIN_CAFILE")]
+    pub cafile: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for a node that logs users in by certificate; needs `--key`
+    /// and `--cafile`.
+    #[arg(long, env = "EDGETWIN_CERT", requires_all = ["key", "cafile"])]
+    pub cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "EDGETWIN_KEY", requires = "cert")]
+    pub key: Option<std::path::PathBuf>,
 }
 
 struct Session {
@@ -60,6 +71,11 @@ impl Session {
             MqttOptions::new(id, host.trim_start_matches('[').trim_end_matches(']'), port);
         opts.set_keep_alive(Duration::from_secs(30));
         opts.set_max_packet_size(16 * 1024 * 1024, 16 * 1024 * 1024);
+        if let Some(ca) = &args.cafile {
+            let client = args.cert.as_deref().zip(args.key.as_deref());
+            let tls = edgetwin_bridge::client_tls(ca, client).context("--cafile/--cert/--key")?;
+            opts.set_transport(rumqttc::Transport::tls_with_config(tls));
+        }
         if let (Some(user), Some(file)) = (&args.username, &args.password_file) {
             let password = edgetwin_contract::read_password_file(file)
                 .with_context(|| format!("--password-file {}", file.display()))?;

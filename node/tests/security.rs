@@ -525,3 +525,43 @@ fn security_by_default_anonymous_clients_come_from_this_host_only() {
     node.twin_until("s-7", |t| t["desired"]["mode"] == "local");
     node.assert_running();
 }
+
+#[test]
+fn security_the_cli_reaches_a_tls_only_listener_with_cafile() {
+    let pki = Pki::generate();
+    let creds_dir = tempfile::tempdir().unwrap();
+    let creds = creds_dir.path().join("users.yaml");
+    user_add(&creds, "eng", "engineer", None, "eng-pw");
+    let pw = creds_dir.path().join("eng.pw");
+    std::fs::write(&pw, "eng-pw\n").unwrap();
+    let tls = free_port();
+    let mut node = Node::start_with_config(
+        &["s-8"],
+        &format!(
+            "gate:\n  listeners:\n    - listen: 127.0.0.1:{tls}\n      tls: {{cert_file: {}, key_file: {}}}\n  credentials_file: {}\n",
+            pki.path("server.pem"),
+            pki.path("server.key"),
+            creds.display()
+        ),
+    );
+    node.login = Some(("eng".into(), "eng-pw".into()));
+    let broker = format!("localhost:{tls}");
+    let pw = pw.to_str().unwrap();
+    let login = [
+        "--username",
+        "eng",
+        "--password-file",
+        pw,
+        "--broker",
+        &broker,
+    ];
+    // Without the CA bundle the tools speak plain MQTT, which a TLS listener does not answer.
+    let plain = node.cli(&[&["twin", "get", "s-8", "--timeout-ms", "2000"][..], &login].concat());
+    assert!(!plain.status.success(), "{plain:?}");
+    let ca = pki.path("ca.pem");
+    let with_tls = [&login[..], &["--cafile", &ca]].concat();
+    let set = node.cli(&[&["twin", "set", "s-8", "mode=tls"][..], &with_tls].concat());
+    assert!(set.status.success(), "{set:?}");
+    node.twin_until("s-8", |t| t["desired"]["mode"] == "tls");
+    node.assert_running();
+}

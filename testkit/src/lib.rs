@@ -10,10 +10,12 @@ pub mod docker;
 mod mqtt;
 mod node;
 mod peers;
+mod pki;
 
 pub use mqtt::*;
 pub use node::*;
 pub use peers::*;
+pub use pki::Pki;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

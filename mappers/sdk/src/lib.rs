@@ -35,7 +35,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Parser};
 pub use driver::{Driver, DriverError, PropertyRead};
-pub use runtime::{run, RuntimeError, RuntimeOptions};
+pub use runtime::{run, RuntimeError, RuntimeOptions, TlsFiles};
 use tokio_util::sync::CancellationToken;
 
 /// Command line of every mapper built on the SDK.
@@ -55,6 +55,15 @@ struct Cli {
     /// File holding the user's password (a trailing line break is ignored).
     #[arg(long, env = "EDGETWIN_PASSWORD_FILE", requires = "username")]
     password_file: Option<std::path::PathBuf>,
+    /// Connect with TLS, checking the node's certificate against this CA bundle (PEM).
+    #[arg(long, env = "EDGETWIN_CAFILE")]
+    cafile: Option<std::path::PathBuf>,
+    /// Client certificate (PEM), for a node that logs mappers in by certificate; needs `--key`.
+    #[arg(long, env = "EDGETWIN_CERT", requires_all = ["key", "cafile"])]
+    cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "EDGETWIN_KEY", requires = "cert")]
+    key: Option<std::path::PathBuf>,
 }
 
 /// The whole `main` of a mapper: parses `--broker host:port` (env `EDGETWIN_BROKER`, default
@@ -97,9 +106,31 @@ pub fn main_with<D: Driver>(driver: D) -> ExitCode {
         },
         _ => None,
     };
+    let tls = match &cli.cafile {
+        None => None,
+        Some(ca) => {
+            let read =
+                |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+            let files = read(ca).and_then(|ca| {
+                let client = match (&cli.cert, &cli.key) {
+                    (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+                    _ => None,
+                };
+                Ok(TlsFiles { ca, client })
+            });
+            match files {
+                Ok(files) => Some(files),
+                Err(e) => {
+                    eprintln!("{name}: --cafile/--cert/--key: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    };
     let result = rt.block_on(async {
         let mut opts = RuntimeOptions::new(cli.broker);
         opts.login = login;
+        opts.tls = tls;
         opts.metrics_interval = std::time::Duration::from_millis(cli.metrics_interval_ms);
         let token = opts.shutdown.clone();
         let signals = tokio::spawn(wait_for_signal(token.clone()));

@@ -65,6 +65,18 @@ pub struct RuntimeOptions {
     /// User name and password at the node (a `mapper` user of this protocol); `None`:
     /// anonymous.
     pub login: Option<(String, String)>,
+    /// TLS to the node; `None`: plain TCP.
+    pub tls: Option<TlsFiles>,
+}
+
+/// TLS material, as PEM bytes: the CA bundle the node's certificate must chain to, and
+/// optionally a client certificate with its key.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// CA bundle.
+    pub ca: Vec<u8>,
+    /// Client certificate and key.
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl RuntimeOptions {
@@ -79,6 +91,7 @@ impl RuntimeOptions {
             broker_backoff_max: Duration::from_secs(30),
             shutdown: CancellationToken::new(),
             login: None,
+            tls: None,
         }
     }
 }
@@ -226,6 +239,17 @@ pub async fn run<D: Driver>(driver: D, opts: RuntimeOptions) -> Result<(), Runti
     mo.set_max_packet_size(1 << 20, 1 << 20);
     if let Some((user, password)) = &opts.login {
         mo.set_credentials(user.clone(), password.clone());
+    }
+    if let Some(tls) = &opts.tls {
+        // rumqttc is built without a crypto provider; ring is the process default.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        mo.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Simple {
+                ca: tls.ca.clone(),
+                alpn: None,
+                client_auth: tls.client.clone(),
+            },
+        ));
     }
     mo.set_last_will(LastWill::new(
         &status_topic,
