@@ -2,41 +2,7 @@
 //! send them: CONNECT sniffing, framing, and every decoder the relay uses. Must never panic.
 #![no_main]
 
-use bytes::BytesMut;
-use edgetwin_gate::packet::{next_frame, Connect, Kind, Version};
-use libfuzzer_sys::fuzz_target;
+#[path = "../props/gate_packet.rs"]
+mod props;
 
-fuzz_target!(|data: &[u8]| {
-    let mut first = BytesMut::from(data);
-    if let Ok(Some(c)) = Connect::read(&mut first, 1 << 16) {
-        let _ = c.encode_for_upstream();
-        let _ = c.will_topic();
-    }
-    for version in [Version::V4, Version::V5] {
-        let mut buf = BytesMut::from(data);
-        while let Ok(Some(f)) = next_frame(&mut buf, version, 1 << 16) {
-            match f.kind {
-                Kind::Publish => {
-                    let _ = f.publish();
-                }
-                Kind::Subscribe => {
-                    if let Ok((_, filters)) = f.subscribe() {
-                        let keep: Vec<bool> = (0..filters.len()).map(|i| i % 2 == 0).collect();
-                        let _ = f.subscribe_keeping(&keep);
-                    }
-                }
-                Kind::Unsubscribe => {
-                    let _ = f.unsubscribe();
-                }
-                Kind::PubRel => {
-                    let _ = f.pubrel_pkid();
-                }
-                Kind::SubAck => {
-                    let _ = f.suback_pkid();
-                    let _ = f.suback_merged(&[true, false, true]);
-                }
-                _ => {}
-            }
-        }
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| props::check(data));

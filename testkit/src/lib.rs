@@ -6,6 +6,7 @@
 //! installs them.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc, missing_docs)]
 
+pub mod corpus;
 pub mod docker;
 mod mqtt;
 mod node;
