@@ -871,6 +871,15 @@ impl Conn<'_> {
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         out.extend_from_slice(&frame.raw);
                     }
+                    Kind::Disconnect
+                        if self.version == Version::V5 && frame.raw[..] == [0xE0, 0x01, 0x00] =>
+                    {
+                        // [MQTT-3.14.2.1]: reason 0x00 (normal disconnection, the will is not
+                        // sent) may come as one byte with the properties left out; rumqttd
+                        // takes that form for a broken connection and publishes the will. The
+                        // same disconnect in the form it reads:
+                        out.extend_from_slice(&[0xE0, 0x00]);
+                    }
                     Kind::PubAck | Kind::PubRec | Kind::PubComp | Kind::Disconnect => {
                         out.extend_from_slice(&frame.raw)
                     }

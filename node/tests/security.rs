@@ -565,3 +565,65 @@ fn security_the_cli_reaches_a_tls_only_listener_with_cafile() {
     node.twin_until("s-8", |t| t["desired"]["mode"] == "tls");
     node.assert_running();
 }
+
+/// A raw MQTT 5 CONNECT with a will on `will_topic`.
+fn raw_connect_v5_with_will(client_id: &str, will_topic: &str) -> Vec<u8> {
+    let s = |x: &str| {
+        let mut v = (x.len() as u16).to_be_bytes().to_vec();
+        v.extend_from_slice(x.as_bytes());
+        v
+    };
+    let mut body = s("MQTT");
+    body.extend([0x05, 0x06, 0x00, 0x1e, 0x00]); // v5, will + clean start, keep-alive 30, no properties
+    body.extend(s(client_id));
+    body.push(0x00); // no will properties
+    body.extend(s(will_topic));
+    body.extend(s("gone"));
+    let mut p = vec![0x10, body.len() as u8];
+    p.extend(body);
+    p
+}
+
+#[test]
+fn security_a_normal_mqtt5_disconnect_in_its_short_form_does_not_publish_the_will() {
+    use std::io::{Read, Write};
+    let node = Node::start(&[]);
+    let watch = |topic: &str| {
+        std::process::Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &node.port.to_string(), "-t", topic])
+            .args(["-C", "1", "-W", "3"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let session = |id: &str, topic: &str| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", node.port)).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        s.write_all(&raw_connect_v5_with_will(id, topic)).unwrap();
+        let mut connack = [0u8; 3];
+        s.read_exact(&mut connack).unwrap();
+        assert_eq!(connack[0], 0x20, "CONNACK");
+        let mut rest = vec![0u8; connack[1] as usize - 1];
+        s.read_exact(&mut rest).unwrap();
+        s
+    };
+    // The spec's 1-byte form (reason 0x00, normal disconnection, properties omitted).
+    let quiet = watch("wills/quiet");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut s = session("short-disconnect", "wills/quiet");
+    s.write_all(&[0xE0, 0x01, 0x00]).unwrap();
+    drop(s);
+    let out = quiet.wait_with_output().unwrap();
+    assert!(
+        out.stdout.is_empty(),
+        "will published after a normal DISCONNECT: {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // Control: a connection that just drops does publish its will.
+    let loud = watch("wills/loud");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    drop(session("dropped", "wills/loud"));
+    let out = loud.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "gone");
+}
