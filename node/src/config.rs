@@ -180,6 +180,12 @@ impl NodeConfig {
         }
         // After the section's own, so problems name `gate.listeners[i]` as written.
         gate.listeners.extend(extra);
+        // The broker drops a connection whose packet exceeds its limit without a word; the
+        // front door checks the same limit first and answers as MQTT says (v5: DISCONNECT 0x95).
+        gate.limits.max_packet_bytes = gate
+            .limits
+            .max_packet_bytes
+            .min(self.mqtt.max_payload_bytes);
         gate
     }
 

@@ -627,3 +627,43 @@ fn security_a_normal_mqtt5_disconnect_in_its_short_form_does_not_publish_the_wil
     let out = loud.wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "gone");
 }
+
+#[test]
+fn security_an_oversized_publish_is_answered_with_packet_too_large() {
+    use std::io::{Read, Write};
+    let node = Node::start(&[]);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", node.port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    s.write_all(&raw_connect_v5_with_will("big-one", "wills/big"))
+        .unwrap();
+    let mut connack = [0u8; 3];
+    s.read_exact(&mut connack).unwrap();
+    let mut rest = vec![0u8; connack[1] as usize - 1];
+    s.read_exact(&mut rest).unwrap();
+    // 300 KB: over mqtt.max_payload_bytes (256 KiB by default), under the gate's own 1 MiB.
+    let payload = vec![b'x'; 300_000];
+    let mut body = vec![0x00, 0x05];
+    body.extend_from_slice(b"big/t");
+    body.extend_from_slice(&[0x00, 0x01, 0x00]); // packet id 1, no properties
+    body.extend_from_slice(&payload);
+    let mut packet = vec![0x32];
+    let mut n = body.len();
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        packet.push(b);
+        if n == 0 {
+            break;
+        }
+    }
+    packet.extend(body);
+    let _ = s.write_all(&packet);
+    let mut answer = [0u8; 3];
+    s.read_exact(&mut answer).unwrap();
+    assert_eq!(answer[0], 0xE0, "a DISCONNECT: {answer:?}");
+    assert_eq!(answer[2], 0x95, "reason Packet too large: {answer:?}");
+}
