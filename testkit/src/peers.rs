@@ -156,9 +156,20 @@ pub struct MapperProcess {
 impl MapperProcess {
     /// Starts `bin` against `node` with extra environment variables.
     pub fn start(node: &Node, bin: &str, env: &[(&str, &std::ffi::OsStr)]) -> MapperProcess {
+        Self::start_at(node, &format!("127.0.0.1:{}", node.port), bin, env)
+    }
+
+    /// Starts `bin` against `broker` (`host:port`, one of `node`'s listeners) with extra
+    /// environment variables.
+    pub fn start_at(
+        node: &Node,
+        broker: &str,
+        bin: &str,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> MapperProcess {
         let log = node.dir.path().join("mapper.log");
         let mut c = Command::new(bin);
-        c.args(["--broker", &format!("127.0.0.1:{}", node.port)]);
+        c.args(["--broker", broker]);
         for (k, v) in env {
             c.env(k, v);
         }

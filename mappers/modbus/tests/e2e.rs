@@ -398,3 +398,44 @@ fn modbus_mapper_logs_in_as_a_mapper_user_on_a_node_with_users() {
     status(&node, "gm-1", "offline", Duration::from_secs(15));
     mapper.assert_running();
 }
+
+#[test]
+fn modbus_mapper_reaches_a_tls_only_listener_with_cafile() {
+    use edgetwin_testkit::{user_add, NodeSpec, Pki};
+    let pki = Pki::generate();
+    let creds_dir = tempfile::tempdir().unwrap();
+    let creds = creds_dir.path().join("users.yaml");
+    user_add(&creds, "eng", "engineer", None, "eng-pw");
+    user_add(&creds, "modbus-mapper", "mapper", Some("modbus"), "mb-pw");
+    let pw = creds_dir.path().join("mapper.pw");
+    std::fs::write(&pw, "mb-pw\n").unwrap();
+    let tls = free_port();
+    let mut node = NodeSpec {
+        devices: vec!["gt-1".into()],
+        extra_yaml: format!(
+            "gate:\n  listeners:\n    - listen: 127.0.0.1:{tls}\n      tls: {{cert_file: {}, key_file: {}}}\n  credentials_file: {}\n",
+            pki.path("server.pem"),
+            pki.path("server.key"),
+            creds.display()
+        ),
+        ..NodeSpec::default()
+    }
+    .start();
+    node.login = Some(("eng".into(), "eng-pw".into()));
+    let ca = pki.path("ca.pem");
+    let mut mapper = MapperProcess::start_at(
+        &node,
+        &format!("localhost:{tls}"),
+        MAPPER,
+        &[
+            ("EDGETWIN_USERNAME", "modbus-mapper".as_ref()),
+            ("EDGETWIN_PASSWORD_FILE", pw.as_os_str()),
+            ("EDGETWIN_CAFILE", ca.as_ref()),
+        ],
+    );
+    node.retained_until("mappers/modbus/status", Duration::from_secs(10), |v| {
+        v.is_some_and(|v| v["state"] == "online")
+    });
+    status(&node, "gt-1", "offline", Duration::from_secs(15));
+    mapper.assert_running();
+}
