@@ -271,6 +271,25 @@ impl Frame {
         }
     }
 
+    /// The packet id of a PUBACK or PUBCOMP.
+    pub fn ack_pkid(&self) -> Result<u16, PacketError> {
+        match (self.kind, self.header) {
+            (Kind::PubAck, Header::V4(h)) => {
+                Ok(v4::PubAck::read(h, self.raw.clone()).map_err(m4_err)?.pkid)
+            }
+            (Kind::PubAck, Header::V5(h)) => {
+                Ok(v5::PubAck::read(h, self.raw.clone()).map_err(m5_err)?.pkid)
+            }
+            (Kind::PubComp, Header::V4(h)) => {
+                Ok(v4::PubComp::read(h, self.raw.clone()).map_err(m4_err)?.pkid)
+            }
+            (Kind::PubComp, Header::V5(h)) => {
+                Ok(v5::PubComp::read(h, self.raw.clone()).map_err(m5_err)?.pkid)
+            }
+            _ => Err(PacketError::Malformed("not a PUBACK or PUBCOMP".into())),
+        }
+    }
+
     /// The packet id of a SUBACK.
     pub fn suback_pkid(&self) -> Result<u16, PacketError> {
         match self.header {
@@ -377,6 +396,14 @@ impl Connect {
                     .and_then(|p| p.max_packet_size)
                     .map(|m| m as usize)
             }
+        }
+    }
+
+    /// The MQTT 5 Receive Maximum: how many QoS 1/2 deliveries the client takes unacknowledged.
+    pub fn receive_maximum(&self) -> Option<u16> {
+        match self {
+            Connect::V4(_) => None,
+            Connect::V5(b) => b.0.properties.as_ref().and_then(|p| p.receive_maximum),
         }
     }
 

@@ -352,6 +352,9 @@ pub(crate) async fn serve(
         pending_subacks: Mutex::new(HashMap::new()),
         keepalive_off: connect.keep_alive() == 0,
         client_max_packet: connect.max_packet_size(),
+        window: connect
+            .receive_maximum()
+            .map(|m| Mutex::new(Window::new(m))),
         client_pings: std::sync::atomic::AtomicU32::new(0),
     };
     let end = conn.relay(client, buf, upstream, &shutdown).await;
@@ -526,9 +529,58 @@ struct Conn<'a> {
     /// The client's MQTT 5 Maximum Packet Size: larger deliveries are not sent to it (the spec
     /// has the server discard them as if delivered); rumqttd ignores it.
     client_max_packet: Option<usize>,
+    /// The client's MQTT 5 Receive Maximum, when it set one.
+    window: Option<Mutex<Window>>,
 }
 
 type Writer<W> = tokio::sync::Mutex<W>;
+
+/// An MQTT 5 client's Receive Maximum for the deliveries it gets: at most `max` QoS 1/2
+/// publishes unacknowledged (until its PUBACK, or PUBCOMP for QoS 2); later ones wait here, in
+/// order. rumqttd ignores the property. What waits is bounded by the broker's own in-flight
+/// window for the connection (`mqtt.max_inflight_messages`), which the held deliveries keep
+/// open. QoS 0 deliveries are not counted (the spec's quota is for QoS 1 and 2) and pass.
+struct Window {
+    max: usize,
+    out: HashSet<u16>,
+    held: std::collections::VecDeque<(u16, Bytes)>,
+}
+
+impl Window {
+    fn new(max: u16) -> Window {
+        Window {
+            max: usize::from(max.max(1)),
+            out: HashSet::new(),
+            held: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// A QoS 1/2 delivery: `Some` to send now, `None` when it waits.
+    fn offer(&mut self, pkid: u16, raw: Bytes) -> Option<Bytes> {
+        // A resend of one outstanding (DUP) goes at once; nothing overtakes what waits.
+        if self.out.contains(&pkid) || (self.held.is_empty() && self.out.len() < self.max) {
+            self.out.insert(pkid);
+            return Some(raw);
+        }
+        self.held.push_back((pkid, raw));
+        None
+    }
+
+    /// The client acknowledged `pkid`: what may go now, in order.
+    fn acked(&mut self, pkid: u16) -> Vec<Bytes> {
+        let mut go = Vec::new();
+        if self.out.remove(&pkid) {
+            while self.out.len() < self.max {
+                let Some((p, raw)) = self.held.pop_front() else {
+                    break;
+                };
+                self.out.insert(p);
+                go.push(raw);
+            }
+        }
+        go
+    }
+}
 
 /// What the client sent, on its way to the broker in the client's order.
 enum ToBroker {
@@ -880,6 +932,22 @@ impl Conn<'_> {
                         // same disconnect in the form it reads:
                         out.extend_from_slice(&[0xE0, 0x00]);
                     }
+                    Kind::PubAck | Kind::PubComp if self.window.is_some() => {
+                        out.extend_from_slice(&frame.raw);
+                        let pkid = match frame.ack_pkid() {
+                            Ok(p) => p,
+                            Err(e) => return End::Cut(Cut::packet(e)),
+                        };
+                        if let Some(w) = &self.window {
+                            let go = w
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .acked(pkid);
+                            for raw in go {
+                                back.extend_from_slice(&raw);
+                            }
+                        }
+                    }
                     Kind::PubAck | Kind::PubRec | Kind::PubComp | Kind::Disconnect => {
                         out.extend_from_slice(&frame.raw)
                     }
@@ -899,6 +967,23 @@ impl Conn<'_> {
                 }
                 Ok(_) => {}
             }
+        }
+    }
+
+    /// Puts a delivery the client may receive into `out`, or into the Receive Maximum window's
+    /// wait when the client has as many unacknowledged as it asked for.
+    fn deliver(&self, p: &packet::PublishView, raw: &Bytes, out: &mut BytesMut) {
+        match (&self.window, p.qos) {
+            (Some(w), 1 | 2) => {
+                let now = w
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .offer(p.pkid, raw.clone());
+                if let Some(raw) = now {
+                    out.extend_from_slice(&raw);
+                }
+            }
+            _ => out.extend_from_slice(raw),
         }
     }
 
@@ -973,7 +1058,7 @@ impl Conn<'_> {
                             return End::Closed;
                         };
                         if acl::may_receive(&self.role, &topic, dir) {
-                            out.extend_from_slice(&frame.raw);
+                            self.deliver(&p, &frame.raw, &mut out);
                         } else {
                             self.shared.metrics.deny(self.role.label(), "deliver");
                             debug!(client = %self.client_id, topic = %topic, "delivery withheld");
@@ -1021,6 +1106,12 @@ impl Conn<'_> {
                             out.extend_from_slice(&frame.raw);
                         }
                     }
+                    Kind::Publish if self.window.is_some() => {
+                        let Ok(p) = frame.publish() else {
+                            return End::Closed;
+                        };
+                        self.deliver(&p, &frame.raw, &mut out);
+                    }
                     _ => out.extend_from_slice(&frame.raw),
                 }
             }
@@ -1037,4 +1128,39 @@ async fn write<W: AsyncWrite + Unpin>(w: &Writer<W>, bytes: BytesMut) -> std::io
     }
     let bytes: Bytes = bytes.freeze();
     w.lock().await.write_all(&bytes).await
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::*;
+
+    fn b(n: u8) -> Bytes {
+        Bytes::from(vec![n])
+    }
+
+    #[test]
+    fn window_holds_deliveries_past_the_receive_maximum_and_releases_them_in_order() {
+        let mut w = Window::new(2);
+        assert_eq!(w.offer(1, b(1)), Some(b(1)));
+        assert_eq!(w.offer(2, b(2)), Some(b(2)));
+        assert_eq!(w.offer(3, b(3)), None, "a third waits");
+        assert_eq!(w.offer(4, b(4)), None);
+        assert_eq!(
+            w.offer(2, b(2)),
+            Some(b(2)),
+            "a resend of an outstanding one goes"
+        );
+        assert!(w.acked(9).is_empty(), "an unknown id releases nothing");
+        assert_eq!(w.acked(2), vec![b(3)]);
+        assert_eq!(w.acked(1), vec![b(4)]);
+        assert!(w.acked(3).is_empty() && w.held.is_empty());
+        assert_eq!(w.offer(5, b(5)), Some(b(5)), "room again");
+    }
+
+    #[test]
+    fn window_of_zero_is_taken_as_one() {
+        let mut w = Window::new(0);
+        assert_eq!(w.offer(1, b(1)), Some(b(1)));
+        assert_eq!(w.offer(2, b(2)), None);
+    }
 }

@@ -667,3 +667,70 @@ fn security_an_oversized_publish_is_answered_with_packet_too_large() {
     assert_eq!(answer[0], 0xE0, "a DISCONNECT: {answer:?}");
     assert_eq!(answer[2], 0x95, "reason Packet too large: {answer:?}");
 }
+
+/// Reads one MQTT packet: (first byte, body), or `None` on timeout or close.
+fn read_packet(s: &mut std::net::TcpStream) -> Option<(u8, Vec<u8>)> {
+    use std::io::Read;
+    let mut first = [0u8; 1];
+    s.read_exact(&mut first).ok()?;
+    let (mut len, mut shift) = (0usize, 0);
+    loop {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).ok()?;
+        len |= usize::from(b[0] & 0x7F) << shift;
+        shift += 7;
+        if b[0] & 0x80 == 0 {
+            break;
+        }
+    }
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).ok()?;
+    Some((first[0], body))
+}
+
+#[test]
+fn security_deliveries_keep_within_the_clients_receive_maximum() {
+    use std::io::Write;
+    let node = Node::start(&[]);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", node.port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    // MQTT 5 CONNECT, clean start, Receive Maximum 2.
+    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x02, 0x00, 0x1e];
+    body.extend([0x03, 0x21, 0x00, 0x02]);
+    body.extend([0x00, 0x04, b'f', b'l', b'o', b'w']);
+    let mut connect = vec![0x10, body.len() as u8];
+    connect.extend(body);
+    s.write_all(&connect).unwrap();
+    assert_eq!(read_packet(&mut s).unwrap().0, 0x20, "CONNACK");
+    // SUBSCRIBE flow/t at QoS 1.
+    s.write_all(&[
+        0x82, 0x0c, 0x00, 0x01, 0x00, 0x00, 0x06, b'f', b'l', b'o', b'w', b'/', b't', 0x01,
+    ])
+    .unwrap();
+    assert_eq!(read_packet(&mut s).unwrap().0, 0x90, "SUBACK");
+    for m in ["1", "2", "3"] {
+        mosquitto_pub(node.port, "flow/t", m, &[]);
+    }
+    let pkid_of = |body: &[u8]| {
+        let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+        [body[2 + topic_len], body[3 + topic_len]]
+    };
+    let (kind, first) = read_packet(&mut s).unwrap();
+    assert_eq!(kind & 0xF0, 0x30, "first delivery");
+    let (kind, _) = read_packet(&mut s).unwrap();
+    assert_eq!(kind & 0xF0, 0x30, "second delivery");
+    s.set_read_timeout(Some(std::time::Duration::from_millis(1500)))
+        .unwrap();
+    assert!(
+        read_packet(&mut s).is_none(),
+        "a third delivery while two are unacknowledged"
+    );
+    let pkid = pkid_of(&first);
+    s.write_all(&[0x40, 0x02, pkid[0], pkid[1]]).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let (kind, third) = read_packet(&mut s).unwrap();
+    assert_eq!(kind & 0xF0, 0x30, "the third once one is acknowledged");
+    assert!(third.ends_with(b"3"), "{third:?}");
+}
