@@ -734,3 +734,42 @@ fn security_deliveries_keep_within_the_clients_receive_maximum() {
     assert_eq!(kind & 0xF0, 0x30, "the third once one is acknowledged");
     assert!(third.ends_with(b"3"), "{third:?}");
 }
+
+#[test]
+fn security_acknowledgements_keep_their_order_when_stored_and_unstored_publishes_mix() {
+    use std::io::Write;
+    let node = Node::start(&["ord-1"]);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", node.port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    s.write_all(&raw_connect_v4("ordered", None, 30)).unwrap();
+    assert_eq!(read_packet(&mut s).unwrap().0, 0x20, "CONNACK");
+    // 200 QoS 1 publishes in one write: every third a stored twin patch (acknowledged only after
+    // its commit), the rest plain messages (acknowledged as soon as the broker has them).
+    let mut all = Vec::new();
+    for pkid in 1..=200u16 {
+        let (topic, payload) = if pkid % 3 == 0 {
+            ("dt/ord-1/desired", format!("{{\"mode\":\"{pkid}\"}}"))
+        } else {
+            ("plant/ord/t", format!("{pkid}"))
+        };
+        let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+        body.extend_from_slice(topic.as_bytes());
+        body.extend_from_slice(&pkid.to_be_bytes());
+        body.extend_from_slice(payload.as_bytes());
+        all.push(0x32);
+        all.push(body.len() as u8);
+        all.extend(body);
+    }
+    s.write_all(&all).unwrap();
+    let acked: Vec<u16> = (0..200)
+        .map(|_| {
+            let (kind, body) = read_packet(&mut s).expect("a PUBACK");
+            assert_eq!(kind, 0x40, "PUBACK");
+            u16::from_be_bytes([body[0], body[1]])
+        })
+        .collect();
+    let expected: Vec<u16> = (1..=200).collect();
+    assert_eq!(acked, expected, "acknowledged out of order");
+    node.twin_until("ord-1", |t| t["desired"]["mode"] == "198");
+}
