@@ -749,7 +749,8 @@ fn security_acknowledgements_keep_their_order_when_stored_and_unstored_publishes
     let mut all = Vec::new();
     for pkid in 1..=200u16 {
         let (topic, payload) = if pkid % 3 == 0 {
-            ("dt/ord-1/desired", format!("{{\"mode\":\"{pkid}\"}}"))
+            // Zero-padded: patches stamped in the same millisecond are ordered by value.
+            ("dt/ord-1/desired", format!("{{\"mode\":\"{pkid:03}\"}}"))
         } else {
             ("plant/ord/t", format!("{pkid}"))
         };

@@ -6,7 +6,7 @@ for QoS 1, PUBCOMP for QoS 2) to --out, one per line, flushed at once.
 A paho-mqtt client as a third party would run it: a fresh client (clean session) per
 connection, so nothing unacknowledged is sent twice and every number is published once.
 
-  desired:   {"mode": "<n>"}       on dt/{device}/desired
+  desired:   {"mode": "<n, 10 digits>"} on dt/{device}/desired
   telemetry: {"w": "<id>", "n": n} on dt/{device}/telemetry
 """
 import argparse
@@ -65,7 +65,9 @@ def main():
         c.loop_start()
         while not lost.is_set():
             if a.kind == "desired":
-                payload = json.dumps({"mode": str(n)})
+                # Zero-padded: patches stamped in the same millisecond are ordered by value
+                # (the twin's last-writer-wins tie-break), and padded strings order as numbers.
+                payload = json.dumps({"mode": f"{n:010d}"})
             else:
                 payload = json.dumps({"w": a.id, "n": n})
             # Not under `lock`: paho calls on_publish holding its own lock, which publish()
