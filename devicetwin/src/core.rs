@@ -376,7 +376,6 @@ impl Twin {
     }
 
     fn merge(&mut self, side: Side, patch: &Patch, source: Source, now_ms: i64) -> Applied {
-        let ts = patch.ts.unwrap_or(now_ms);
         let new_version = self.version.saturating_add(1);
         let src_id = source.id();
         let mut applied = Applied::default();
@@ -388,6 +387,9 @@ impl Twin {
             let name = name.as_str();
             let new_canon = canonical_opt(value.as_ref());
             let current = entries.get(name);
+            let ts = patch
+                .ts
+                .unwrap_or_else(|| node_stamp(current.map(|c| c.ts), now_ms));
             let wins = current.is_none_or(|cur| {
                 let (cur_ts, cur_src, cur_canon) = cur.lww_key();
                 (ts, src_id.as_str(), new_canon.as_str()).cmp(&(
@@ -427,6 +429,24 @@ impl Twin {
             }
         }
         applied
+    }
+}
+
+/// How far a node-stamped write may be put ahead of the node's clock to come after the value
+/// it replaces (see [`node_stamp`]).
+pub const STAMP_LEAD_MS: i64 = 1000;
+
+/// The `ts` the node gives a write that carries none: its clock, or, when the property's
+/// current value is stamped in the same millisecond or later, one millisecond after it, but
+/// never more than [`STAMP_LEAD_MS`] ahead of the clock. Without this, two writes in one
+/// millisecond tie on `ts` and the tie-break (source, value) let the earlier one win when its
+/// value sorted higher; with it the later arrival wins, and the stamps still converge (they are
+/// stored with the value). At the bound (a flood of more than `STAMP_LEAD_MS` writes to one
+/// property ahead of the clock) writes tie again and the value decides, as before.
+fn node_stamp(current_ts: Option<i64>, now_ms: i64) -> i64 {
+    match current_ts {
+        Some(cur) if cur >= now_ms => cur.saturating_add(1).min(now_ms + STAMP_LEAD_MS),
+        _ => now_ms,
     }
 }
 

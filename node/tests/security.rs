@@ -749,8 +749,9 @@ fn security_acknowledgements_keep_their_order_when_stored_and_unstored_publishes
     let mut all = Vec::new();
     for pkid in 1..=200u16 {
         let (topic, payload) = if pkid % 3 == 0 {
-            // Zero-padded: patches stamped in the same millisecond are ordered by value.
-            ("dt/ord-1/desired", format!("{{\"mode\":\"{pkid:03}\"}}"))
+            // Not padded: "99" sorts after "198", so the last patch must win by its stamp
+            // (patches in the same millisecond are stamped in arrival order), not by value.
+            ("dt/ord-1/desired", format!("{{\"mode\":\"{pkid}\"}}"))
         } else {
             ("plant/ord/t", format!("{pkid}"))
         };

@@ -65,8 +65,9 @@ def main():
         c.loop_start()
         while not lost.is_set():
             if a.kind == "desired":
-                # Zero-padded: patches stamped in the same millisecond are ordered by value
-                # (the twin's last-writer-wins tie-break), and padded strings order as numbers.
+                # Zero-padded, so value order is number order: past the node's stamp lead (a
+                # flood of over 1000 writes a second to one property) writes tie on `ts` and the
+                # value decides.
                 payload = json.dumps({"mode": f"{n:010d}"})
             else:
                 payload = json.dumps({"w": a.id, "n": n})

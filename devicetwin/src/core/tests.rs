@@ -755,3 +755,33 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn node_stamped_writes_in_the_same_millisecond_end_at_the_later_one() {
+    let mut t = twin();
+    // "b" sorts after "a": with equal stamps the tie-break on value would keep "b".
+    desired(&mut t, json!({"mode": "b"}), 1_000).expect("valid");
+    desired(&mut t, json!({"mode": "a"}), 1_000).expect("valid");
+    assert_eq!(
+        t.to_doc().desired["mode"],
+        json!("a"),
+        "the later write wins"
+    );
+    let ts = t.to_doc().metadata.desired["mode"].ts;
+    assert_eq!(
+        ts, 1_001,
+        "stamped one millisecond after the value it replaced"
+    );
+    // Bounded: a flood does not push stamps more than STAMP_LEAD_MS ahead of the clock.
+    for i in 0..5_000 {
+        desired(&mut t, json!({"mode": format!("x{i}")}), 2_000).expect("valid");
+    }
+    let ts = t.to_doc().metadata.desired["mode"].ts;
+    assert_eq!(ts, 2_000 + super::STAMP_LEAD_MS, "{ts}");
+    // ...and a write at the bound ties instead of losing to the stamps before it.
+    desired(&mut t, json!({"mode": "zzz"}), 2_000).expect("valid");
+    assert_eq!(t.to_doc().desired["mode"], json!("zzz"));
+    // An explicit ts is the writer's and is kept as given.
+    desired(&mut t, json!({"mode": "w", "ts": 5_000}), 2_000).expect("valid");
+    assert_eq!(t.to_doc().metadata.desired["mode"].ts, 5_000);
+}
