@@ -590,19 +590,76 @@ enum ToBroker {
     Committed(Commit, Bytes, u8),
 }
 
+impl ToBroker {
+    fn bytes(&self) -> usize {
+        match self {
+            ToBroker::Now(b) => b.len(),
+            ToBroker::Committed(_, raw, _) => raw.len(),
+        }
+    }
+}
+
 /// Items between a connection's reader and its in-order writer. Each stored publish is one
 /// item, so this bounds the commits a connection can have pending; when it is full the gate
 /// stops reading the client (TCP back-pressure) instead of acknowledging ahead of the store.
 const IN_ORDER_ITEMS: usize = 256;
 
+/// Bytes waiting between a connection's reader and its in-order writer, at most (or one packet,
+/// when `limits.max_packet_bytes` is larger): with [`IN_ORDER_ITEMS`] this bounds what one
+/// connection holds in memory while its publishes wait for their commits.
+const IN_ORDER_BYTES: usize = 4 * 1024 * 1024;
+
+/// The reader's end of the in-order queue: each item holds permits for its bytes until the
+/// writer has written it.
+struct InOrder {
+    tx: tokio::sync::mpsc::Sender<(ToBroker, tokio::sync::OwnedSemaphorePermit)>,
+    bytes: Arc<tokio::sync::Semaphore>,
+    capacity: usize,
+}
+
+impl InOrder {
+    fn new(
+        max_packet: usize,
+    ) -> (
+        InOrder,
+        tokio::sync::mpsc::Receiver<(ToBroker, tokio::sync::OwnedSemaphorePermit)>,
+    ) {
+        let capacity = IN_ORDER_BYTES.max(max_packet + 16);
+        let (tx, rx) = tokio::sync::mpsc::channel(IN_ORDER_ITEMS);
+        let bytes = Arc::new(tokio::sync::Semaphore::new(capacity));
+        (
+            InOrder {
+                tx,
+                bytes,
+                capacity,
+            },
+            rx,
+        )
+    }
+
+    /// Queues `item`, waiting while the queue is full in items or bytes. `Err`: the writer is
+    /// gone.
+    async fn send(&self, item: ToBroker) -> Result<(), ()> {
+        let want = item.bytes().clamp(1, self.capacity);
+        let permit = self
+            .bytes
+            .clone()
+            .acquire_many_owned(u32::try_from(want).unwrap_or(u32::MAX))
+            .await
+            .map_err(|_| ())?;
+        self.tx.send((item, permit)).await.map_err(|_| ())
+    }
+}
+
 /// Writes the client's packets to the broker in the order they came, each stored publish only
 /// after its commit. A QoS 1/2 publish whose commit fails ends the connection unacknowledged
 /// (the client sends it again after reconnecting); a QoS 0 one is dropped.
 async fn forward_in_order<U: AsyncWrite + Unpin>(
-    mut items: tokio::sync::mpsc::Receiver<ToBroker>,
+    mut items: tokio::sync::mpsc::Receiver<(ToBroker, tokio::sync::OwnedSemaphorePermit)>,
     upstream: &Writer<U>,
 ) -> End {
-    while let Some(item) = items.recv().await {
+    // The permit goes when the item is written (or dropped).
+    while let Some((item, _permit)) = items.recv().await {
         let bytes = match item {
             ToBroker::Now(b) => b,
             ToBroker::Committed(commit, raw, qos) => match commit.await {
@@ -643,7 +700,7 @@ impl Conn<'_> {
         let (ur, uw) = upstream.into_split();
         let cw = Writer::new(cw);
         let uw = Writer::new(uw);
-        let (to_broker, in_order) = tokio::sync::mpsc::channel(IN_ORDER_ITEMS);
+        let (to_broker, in_order) = InOrder::new(self.shared.cfg.limits.max_packet_bytes);
         let end = tokio::select! {
             e = self.client_to_broker(cr, client_buf, to_broker, &cw) => e,
             e = forward_in_order(in_order, &uw) => e,
@@ -696,7 +753,7 @@ impl Conn<'_> {
         &self,
         mut reader: R,
         mut buf: BytesMut,
-        to_broker: tokio::sync::mpsc::Sender<ToBroker>,
+        to_broker: InOrder,
         client: &Writer<C>,
     ) -> End
     where
