@@ -356,6 +356,7 @@ pub(crate) async fn serve(
             .receive_maximum()
             .map(|m| Mutex::new(Window::new(m))),
         client_pings: std::sync::atomic::AtomicU32::new(0),
+        client_disconnected: std::sync::atomic::AtomicBool::new(false),
     };
     let end = conn.relay(client, buf, upstream, &shutdown).await;
     shared.metrics.active.dec();
@@ -526,6 +527,8 @@ struct Conn<'a> {
     /// PINGREQs the client sent that the broker has not answered yet (only those answers go to
     /// the client).
     client_pings: std::sync::atomic::AtomicU32,
+    /// The client sent DISCONNECT: the broker ends the connection from its side.
+    client_disconnected: std::sync::atomic::AtomicBool,
     /// The client's MQTT 5 Maximum Packet Size: larger deliveries are not sent to it (the spec
     /// has the server discard them as if delivered); rumqttd ignores it.
     client_max_packet: Option<usize>,
@@ -657,6 +660,7 @@ impl InOrder {
 async fn forward_in_order<U: AsyncWrite + Unpin>(
     mut items: tokio::sync::mpsc::Receiver<(ToBroker, tokio::sync::OwnedSemaphorePermit)>,
     upstream: &Writer<U>,
+    disconnected: &std::sync::atomic::AtomicBool,
 ) -> End {
     // The permit goes when the item is written (or dropped).
     while let Some((item, _permit)) = items.recv().await {
@@ -684,7 +688,12 @@ async fn forward_in_order<U: AsyncWrite + Unpin>(
             return End::Closed;
         }
     }
-    // The client's side ended and everything it sent is written.
+    // The client's side ended and everything it sent is written. After a DISCONNECT the broker
+    // closes its side itself (that ends the connection through `broker_to_client`); closing
+    // ours first makes rumqttd log an error for a connection that ended normally.
+    if disconnected.load(std::sync::atomic::Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     End::Closed
 }
 
@@ -703,7 +712,7 @@ impl Conn<'_> {
         let (to_broker, in_order) = InOrder::new(self.shared.cfg.limits.max_packet_bytes);
         let end = tokio::select! {
             e = self.client_to_broker(cr, client_buf, to_broker, &cw) => e,
-            e = forward_in_order(in_order, &uw) => e,
+            e = forward_in_order(in_order, &uw, &self.client_disconnected) => e,
             e = self.broker_to_client(ur, &cw, &uw) => e,
             e = self.ping_for_client(&uw) => e,
             _ = shutdown.cancelled() => End::Shutdown,
@@ -983,6 +992,8 @@ impl Conn<'_> {
                     Kind::Disconnect
                         if self.version == Version::V5 && frame.raw[..] == [0xE0, 0x01, 0x00] =>
                     {
+                        self.client_disconnected
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
                         // [MQTT-3.14.2.1]: reason 0x00 (normal disconnection, the will is not
                         // sent) may come as one byte with the properties left out; rumqttd
                         // takes that form for a broken connection and publishes the will. The
@@ -1005,7 +1016,12 @@ impl Conn<'_> {
                             }
                         }
                     }
-                    Kind::PubAck | Kind::PubRec | Kind::PubComp | Kind::Disconnect => {
+                    Kind::Disconnect => {
+                        self.client_disconnected
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
+                        out.extend_from_slice(&frame.raw)
+                    }
+                    Kind::PubAck | Kind::PubRec | Kind::PubComp => {
                         out.extend_from_slice(&frame.raw)
                     }
                 }
