@@ -334,25 +334,20 @@ mod tests {
 
     #[test]
     fn config_front_door_serves_the_mqtt_listeners_and_the_gate_listeners() {
+        let addrs = |cfg: &NodeConfig| -> Vec<String> {
+            cfg.front_door()
+                .listeners
+                .iter()
+                .map(|l| l.listen.to_string())
+                .collect()
+        };
         // No gate section: the front door serves mqtt.listen and listen_v5 with every default.
         let cfg = NodeConfig::parse("").expect("default");
-        let addrs: Vec<String> = cfg
-            .front_door()
-            .listeners
-            .iter()
-            .map(|l| l.listen.to_string())
-            .collect();
-        assert_eq!(addrs, ["127.0.0.1:1883", "127.0.0.1:1884"]);
+        assert_eq!(addrs(&cfg), ["127.0.0.1:1883", "127.0.0.1:1884"]);
         // A gate listener on all addresses covers the default loopback one on the same port.
         let cfg = NodeConfig::parse("gate:\n  listeners: [{listen: 0.0.0.0:1883}]\n")
             .expect("gate on 0.0.0.0:1883");
-        let addrs: Vec<String> = cfg
-            .front_door()
-            .listeners
-            .iter()
-            .map(|l| l.listen.to_string())
-            .collect();
-        assert_eq!(addrs, ["0.0.0.0:1883", "127.0.0.1:1884"]);
+        assert_eq!(addrs(&cfg), ["0.0.0.0:1883", "127.0.0.1:1884"]);
         // An mqtt.listen on all addresses and a gate listener on loopback cannot both bind.
         let err = NodeConfig::parse(
             "mqtt:\n  listen: 0.0.0.0:8883\ngate:\n  listeners: [{listen: 127.0.0.1:8883}]\n",

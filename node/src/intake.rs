@@ -5,7 +5,6 @@
 //!   after the batch holding them is committed to the twin store (or the patch is rejected).
 //! - Anything on a bridge `up` route goes to the bridge's tap, which answers after the outbox
 //!   append.
-//!
 //! - A retained publish on a topic outside the node's topic API goes to the retained store, so
 //!   it is still there after a restart.
 //!
@@ -30,15 +29,13 @@ pub struct NodeIntake {
 
 impl NodeIntake {
     async fn submit_owned(&self, topic: &str, payload: Bytes, retain: bool) -> Option<Commit> {
-        let twin = matches!(
-            Topic::parse(topic),
-            Some(Topic::Desired(_) | Topic::Reported(_))
-        );
+        let parsed = Topic::parse(topic);
+        let twin = matches!(parsed, Some(Topic::Desired(_) | Topic::Reported(_)));
         let up = self.upstream.as_ref().filter(|u| u.carries(topic));
         let keep = self
             .retained
             .as_ref()
-            .filter(|_| retain && crate::retained::kept(topic));
+            .filter(|_| retain && crate::retained::kept(parsed.as_ref()));
         if !twin && up.is_none() && keep.is_none() {
             return None;
         }

@@ -26,9 +26,10 @@ pub struct RetainedWrite {
     pub done: oneshot::Sender<Result<(), String>>,
 }
 
-/// Whether a retained publish on `topic` is kept across restarts.
-pub fn kept(topic: &str) -> bool {
-    edgetwin_contract::Topic::parse(topic).is_none()
+/// Whether a retained publish on a topic is kept across restarts, from the topic as
+/// `Topic::parse` read it: only topics outside the node's topic API are.
+pub fn kept(parsed: Option<&edgetwin_contract::Topic>) -> bool {
+    parsed.is_none()
 }
 
 /// Most writes per transaction.

@@ -139,6 +139,14 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
             (registry, first)
         })
     };
+    // Opened beside the twin store, not after it.
+    let retained_path = cfg.data_dir.join("retained.redb");
+    let retained_open = {
+        let path = retained_path.clone();
+        tokio::task::spawn_blocking(move || {
+            edgetwin_retained::RetainedStore::open(&path, edgetwin_retained::Limits::default())
+        })
+    };
     let store_path = cfg.twin_store_path();
     let (store, twins, quarantined) = {
         let path = store_path.clone();
@@ -150,15 +158,9 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
     record_quarantine(&metrics, &quarantined);
     info!(twins = twins.len(), path = %store_path.display(), "twin store opened");
     let store = Arc::new(store);
-    let retained_path = cfg.data_dir.join("retained.redb");
-    let (retained_store, kept_retained) = {
-        let path = retained_path.clone();
-        tokio::task::spawn_blocking(move || {
-            edgetwin_retained::RetainedStore::open(&path, edgetwin_retained::Limits::default())
-        })
+    let (retained_store, kept_retained) = retained_open
         .await
-        .context("retained store open panicked")??
-    };
+        .context("retained store open panicked")??;
     info!(topics = kept_retained.len(), path = %retained_path.display(), "retained store opened");
 
     // 3. The router, no listeners yet.

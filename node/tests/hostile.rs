@@ -19,34 +19,6 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
-/// MQTT's variable-length "remaining length".
-fn remaining_length(mut n: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if n == 0 {
-            return out;
-        }
-    }
-}
-
-/// A QoS 1 MQTT 3.1.1 PUBLISH with packet id `pkid`.
-fn publish_qos1(pkid: u16, topic: &[u8], payload: &[u8]) -> Vec<u8> {
-    let mut body = (topic.len() as u16).to_be_bytes().to_vec();
-    body.extend_from_slice(topic);
-    body.extend_from_slice(&pkid.to_be_bytes());
-    body.extend_from_slice(payload);
-    let mut p = vec![0x32];
-    p.extend(remaining_length(body.len()));
-    p.extend(body);
-    p
-}
-
 /// Sends `bytes` on a fresh connection and reads whatever comes back for a moment; the node may
 /// close the connection at any point.
 fn throw(port: u16, bytes: &[u8]) {
@@ -111,7 +83,7 @@ fn hostile_input_on_every_port_leaves_the_node_serving_with_bounded_memory() {
     let huge_len = [0x10, 0xFF, 0xFF, 0xFF, 0x7F];
     let five_byte_len = [0x10, 0xFF, 0xFF, 0xFF, 0xFF, 0x01];
     let bad_name = b"\x10\x0c\x00\x04MQXX\x04\x02\x00\x1e\x00\x00".to_vec();
-    let publish_first = publish_qos1(1, b"dt/h-1/desired", b"{}");
+    let publish_first = raw_publish_qos1_v4(1, b"dt/h-1/desired", b"{}");
     let mut v5_props = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x02, 0x00, 0x1e];
     let props: Vec<u8> = (0..10_000)
         .flat_map(|_| [0x26u8, 0x00, 0x01, b'k', 0x00, 0x01, b'v'])
@@ -127,9 +99,9 @@ fn hostile_input_on_every_port_leaves_the_node_serving_with_bounded_memory() {
     ];
     bad_v5_prop.extend([0x01, 0x7F, 0x00, 0x00]);
     let mut connect_then_bad_topic = raw_connect_v4("hostile-utf8", None, 30);
-    connect_then_bad_topic.extend(publish_qos1(2, b"dt/\xff\xfe/desired", b"{}"));
+    connect_then_bad_topic.extend(raw_publish_qos1_v4(2, b"dt/\xff\xfe/desired", b"{}"));
     let mut connect_then_truncated = raw_connect_v4("hostile-cut", None, 30);
-    connect_then_truncated.extend(&publish_qos1(3, b"dt/h-1/desired", &[b'x'; 1000])[..500]);
+    connect_then_truncated.extend(&raw_publish_qos1_v4(3, b"dt/h-1/desired", &[b'x'; 1000])[..500]);
     for port in [node.port, node.port_v5] {
         for bytes in [
             &huge_len[..],
@@ -182,7 +154,7 @@ fn hostile_input_on_every_port_leaves_the_node_serving_with_bounded_memory() {
     let publishes: Vec<Vec<u8>> = payloads
         .iter()
         .enumerate()
-        .map(|(i, (t, p))| publish_qos1(i as u16 + 1, t.as_bytes(), p))
+        .map(|(i, (t, p))| raw_publish_qos1_v4(i as u16 + 1, t.as_bytes(), p))
         .collect();
     let acked = publish_all(node.port, &publishes);
     assert_eq!(

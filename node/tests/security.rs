@@ -586,7 +586,7 @@ fn raw_connect_v5_with_will(client_id: &str, will_topic: &str) -> Vec<u8> {
 
 #[test]
 fn security_a_normal_mqtt5_disconnect_in_its_short_form_does_not_publish_the_will() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let node = Node::start(&[]);
     let watch = |topic: &str| {
         std::process::Command::new("mosquitto_sub")
@@ -601,11 +601,7 @@ fn security_a_normal_mqtt5_disconnect_in_its_short_form_does_not_publish_the_wil
         s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
             .unwrap();
         s.write_all(&raw_connect_v5_with_will(id, topic)).unwrap();
-        let mut connack = [0u8; 3];
-        s.read_exact(&mut connack).unwrap();
-        assert_eq!(connack[0], 0x20, "CONNACK");
-        let mut rest = vec![0u8; connack[1] as usize - 1];
-        s.read_exact(&mut rest).unwrap();
+        assert_eq!(read_packet(&mut s).unwrap().0, 0x20, "CONNACK");
         s
     };
     // The spec's 1-byte form (reason 0x00, normal disconnection, properties omitted).
@@ -637,10 +633,7 @@ fn security_an_oversized_publish_is_answered_with_packet_too_large() {
         .unwrap();
     s.write_all(&raw_connect_v5_with_will("big-one", "wills/big"))
         .unwrap();
-    let mut connack = [0u8; 3];
-    s.read_exact(&mut connack).unwrap();
-    let mut rest = vec![0u8; connack[1] as usize - 1];
-    s.read_exact(&mut rest).unwrap();
+    assert_eq!(read_packet(&mut s).unwrap().0, 0x20, "CONNACK");
     // 300 KB: over mqtt.max_payload_bytes (256 KiB by default), under the gate's own 1 MiB.
     let payload = vec![b'x'; 300_000];
     let mut body = vec![0x00, 0x05];
@@ -648,18 +641,7 @@ fn security_an_oversized_publish_is_answered_with_packet_too_large() {
     body.extend_from_slice(&[0x00, 0x01, 0x00]); // packet id 1, no properties
     body.extend_from_slice(&payload);
     let mut packet = vec![0x32];
-    let mut n = body.len();
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        packet.push(b);
-        if n == 0 {
-            break;
-        }
-    }
+    packet.extend(remaining_length(body.len()));
     packet.extend(body);
     let _ = s.write_all(&packet);
     let mut answer = [0u8; 3];
@@ -755,13 +737,11 @@ fn security_acknowledgements_keep_their_order_when_stored_and_unstored_publishes
         } else {
             ("plant/ord/t", format!("{pkid}"))
         };
-        let mut body = (topic.len() as u16).to_be_bytes().to_vec();
-        body.extend_from_slice(topic.as_bytes());
-        body.extend_from_slice(&pkid.to_be_bytes());
-        body.extend_from_slice(payload.as_bytes());
-        all.push(0x32);
-        all.push(body.len() as u8);
-        all.extend(body);
+        all.extend(raw_publish_qos1_v4(
+            pkid,
+            topic.as_bytes(),
+            payload.as_bytes(),
+        ));
     }
     s.write_all(&all).unwrap();
     let acked: Vec<u16> = (0..200)

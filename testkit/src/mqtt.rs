@@ -473,6 +473,35 @@ pub fn raw_connect_v4(client_id: &str, login: Option<(&str, &str)>, keep_alive: 
     packet
 }
 
+/// MQTT's variable-length "remaining length" of a fixed header.
+pub fn remaining_length(mut n: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if n == 0 {
+            return out;
+        }
+    }
+}
+
+/// A raw MQTT 3.1.1 QoS 1 PUBLISH with packet id `pkid` (the topic as bytes, so tests can send
+/// invalid UTF-8).
+pub fn raw_publish_qos1_v4(pkid: u16, topic: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+    body.extend_from_slice(topic);
+    body.extend_from_slice(&pkid.to_be_bytes());
+    body.extend_from_slice(payload);
+    let mut p = vec![0x32];
+    p.extend(remaining_length(body.len()));
+    p.extend(body);
+    p
+}
+
 /// A raw MQTT 3.1.1 SUBSCRIBE of one filter at QoS 0.
 pub fn raw_subscribe_v4(pkid: u16, filter: &str) -> Vec<u8> {
     let mut body = pkid.to_be_bytes().to_vec();

@@ -357,15 +357,22 @@ fn modbus_mapper_passes_the_sdk_compliance_suite() {
     });
 }
 
+/// A credentials file with an engineer (`eng`/`eng-pw`) and the modbus mapper
+/// (`modbus-mapper`/`mb-pw`), and the mapper's password file: (folder, credentials, password).
+fn users() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("users.yaml");
+    edgetwin_testkit::user_add(&creds, "eng", "engineer", None, "eng-pw");
+    edgetwin_testkit::user_add(&creds, "modbus-mapper", "mapper", Some("modbus"), "mb-pw");
+    let pw = dir.path().join("mapper.pw");
+    std::fs::write(&pw, "mb-pw\n").unwrap();
+    (dir, creds, pw)
+}
+
 #[test]
 fn modbus_mapper_logs_in_as_a_mapper_user_on_a_node_with_users() {
-    use edgetwin_testkit::{user_add, NodeSpec};
-    let creds_dir = tempfile::tempdir().unwrap();
-    let creds = creds_dir.path().join("users.yaml");
-    user_add(&creds, "eng", "engineer", None, "eng-pw");
-    user_add(&creds, "modbus-mapper", "mapper", Some("modbus"), "mb-pw");
-    let pw = creds_dir.path().join("mapper.pw");
-    std::fs::write(&pw, "mb-pw\n").unwrap();
+    use edgetwin_testkit::NodeSpec;
+    let (_creds_dir, creds, pw) = users();
     // A thermostat device (modbus at 127.0.0.1:5020, where nothing answers): the mapper can only
     // report it offline, and only if the node let it in as the modbus mapper.
     let mut node = NodeSpec {
@@ -401,14 +408,9 @@ fn modbus_mapper_logs_in_as_a_mapper_user_on_a_node_with_users() {
 
 #[test]
 fn modbus_mapper_reaches_a_tls_only_listener_with_cafile() {
-    use edgetwin_testkit::{user_add, NodeSpec, Pki};
+    use edgetwin_testkit::{NodeSpec, Pki};
     let pki = Pki::generate();
-    let creds_dir = tempfile::tempdir().unwrap();
-    let creds = creds_dir.path().join("users.yaml");
-    user_add(&creds, "eng", "engineer", None, "eng-pw");
-    user_add(&creds, "modbus-mapper", "mapper", Some("modbus"), "mb-pw");
-    let pw = creds_dir.path().join("mapper.pw");
-    std::fs::write(&pw, "mb-pw\n").unwrap();
+    let (_creds_dir, creds, pw) = users();
     let tls = free_port();
     let mut node = NodeSpec {
         devices: vec!["gt-1".into()],
