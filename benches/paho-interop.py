@@ -69,11 +69,13 @@ def tests_of(path):
     return names
 
 
-def run(suite, module, name, port, timeout):
+def run(suite, module, name, port, timeout, show):
     code = RUNNER.format(dir=suite, module=module, port=port, name=name)
     try:
         r = subprocess.run([sys.executable, "-c", code], cwd=suite, timeout=timeout,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                           capture_output=True, text=True)
+        if r.returncode != 0 and show:
+            print(f"--- {module}.{name} on port {port}:\n{r.stdout}{r.stderr}", file=sys.stderr)
         return "pass" if r.returncode == 0 else "FAIL"
     except subprocess.TimeoutExpired:
         return "hang"
@@ -84,6 +86,7 @@ def main():
     ap.add_argument("suite", help="the suite's interoperability/ folder")
     ap.add_argument("--timeout", type=float, default=30.0)
     ap.add_argument("--only", default="", help="comma separated test names (default: all)")
+    ap.add_argument("--show", action="store_true", help="print the output of every failing test")
     a = ap.parse_args()
     suite = os.path.abspath(a.suite)
     tmp = tempfile.mkdtemp(prefix="paho-interop-")
@@ -125,7 +128,7 @@ def main():
             for name in tests_of(os.path.join(suite, module + ".py")):
                 if only and name not in only:
                     continue
-                rows.append((module, name, [run(suite, module, name, p, a.timeout)
+                rows.append((module, name, [run(suite, module, name, p, a.timeout, a.show)
                                             for _, p in targets]))
                 print(f"  {module}.{name}: {rows[-1][2]}", file=sys.stderr, flush=True)
 

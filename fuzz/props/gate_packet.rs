@@ -5,13 +5,17 @@
 //! corpus (`fuzz/corpus/gate_packet/`) in the test command.
 
 use bytes::BytesMut;
-use edgetwin_gate::packet::{next_frame, Connect, Kind, Version};
+use edgetwin_gate::origin::Origin;
+use edgetwin_gate::packet::{
+    next_frame, suback_for, write_publish, write_v5_subscribe, write_v5_unsubscribe, Connect, Kind,
+    Version,
+};
 
 /// The property, for one input: panics (an assertion) when it does not hold.
 pub fn check(data: &[u8]) {
     let mut first = BytesMut::from(data);
     if let Ok(Some(c)) = Connect::read(&mut first, 1 << 16) {
-        let _ = c.encode_for_upstream(60, None);
+        let _ = c.encode_for_upstream(60, None, false, 1);
         let _ = c.will_topic();
     }
     for version in [Version::V4, Version::V5] {
@@ -20,22 +24,43 @@ pub fn check(data: &[u8]) {
             match f.kind {
                 Kind::Publish => {
                     let _ = f.publish();
+                    if let Ok(mut p) = f.publish_v5() {
+                        if let Some(props) = p.properties.as_mut() {
+                            let _ = Origin::take(&mut props.user_properties);
+                        }
+                        let _ = write_publish(Version::V4, &p);
+                        let _ = write_publish(Version::V5, &p);
+                    }
                 }
                 Kind::Subscribe => {
-                    if let Ok((_, filters)) = f.subscribe() {
-                        let keep: Vec<bool> = (0..filters.len()).map(|i| i % 2 == 0).collect();
-                        let _ = f.subscribe_keeping(&keep);
+                    if let Ok(mut s) = f.subscribe_v5() {
+                        s.filters.truncate(1);
+                        let _ = write_v5_subscribe(&s);
                     }
                 }
                 Kind::Unsubscribe => {
-                    let _ = f.unsubscribe();
+                    if let Ok(u) = f.unsubscribe_v5() {
+                        let _ = write_v5_unsubscribe(&u);
+                    }
                 }
                 Kind::PubRel => {
                     let _ = f.pubrel_pkid();
+                    let _ = f.ack_for(Version::V4);
+                }
+                Kind::PubAck | Kind::PubRec | Kind::PubComp | Kind::UnsubAck => {
+                    let _ = f.ack_for(Version::V4);
                 }
                 Kind::SubAck => {
-                    let _ = f.suback_pkid();
-                    let _ = f.suback_merged(&[true, false, true]);
+                    if let Ok(s) = f.suback_v5() {
+                        let _ = suback_for(Version::V4, s, Some(&[true, false, true]));
+                    }
+                }
+                Kind::ConnAck => {
+                    let _ = f.connack_for(Version::V4, true);
+                    let _ = f.connack_for(Version::V5, false);
+                }
+                Kind::Disconnect => {
+                    let _ = f.disconnect_session_expiry();
                 }
                 _ => {}
             }

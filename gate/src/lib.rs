@@ -26,6 +26,7 @@
 //!   codecs ([`packet`]); allowed packets are forwarded as their raw bytes.
 //! - Metrics: [`GateMetrics`], registered by the node with [`GateMetrics::register`].
 
+pub mod acks;
 pub mod acl;
 pub mod client_ids;
 pub mod config;
@@ -33,8 +34,10 @@ pub mod credentials;
 pub mod intake;
 pub mod logins;
 pub mod metrics;
+pub mod origin;
 pub mod packet;
 mod relay;
+pub mod sessions;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -108,15 +111,13 @@ impl CredentialsReloader {
 /// Client ids the gate remembers the holder of (connected ones, and kept sessions').
 const MAX_CLIENT_IDS: usize = 100_000;
 
-/// The broker behind the gate: its internal MQTT 3.1.1 and 5 listeners (the same address when
-/// one listener serves both; without `v5`, MQTT 5 clients are refused) and the login they
-/// require, which the gate puts in every CONNECT it passes on.
+/// The broker behind the gate: its internal MQTT 5 listener (the gate speaks MQTT 5 to it for
+/// every client, 3.1.1 ones included, see [`origin`]) and the login it requires, which the gate
+/// puts in every CONNECT it passes on.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    /// The MQTT 3.1.1 listener.
-    pub v4: SocketAddr,
-    /// The MQTT 5 listener.
-    pub v5: Option<SocketAddr>,
+    /// The broker's MQTT 5 listener.
+    pub broker: SocketAddr,
     /// Username and password of the internal listeners (the node makes a fresh one at every
     /// start, so no other process can reach the broker around the gate).
     pub login: Option<(String, String)>,
@@ -184,6 +185,8 @@ impl Gate {
                 topics,
                 logins,
                 client_ids: std::sync::Mutex::new(client_ids::ClientIds::new(MAX_CLIENT_IDS)),
+                sessions: std::sync::Mutex::new(sessions::Sessions::default()),
+                next_conn: std::sync::atomic::AtomicU64::new(1),
             }),
         })
     }
@@ -210,6 +213,10 @@ impl Gate {
     /// returns once all of them have ended.
     pub async fn run(self, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
+        tracker.spawn(relay::end_expired_sessions(
+            self.shared.clone(),
+            shutdown.clone(),
+        ));
         for (listener, tls) in self.listeners {
             let shared = self.shared.clone();
             let shutdown = shutdown.clone();

@@ -217,50 +217,129 @@ impl Frame {
         }
     }
 
-    /// Decodes a SUBSCRIBE: packet id and filters.
-    pub fn subscribe(&self) -> Result<(u16, Vec<String>), PacketError> {
+    /// A PUBLISH in its MQTT 5 form, whatever the client's version (the broker is always spoken
+    /// to in MQTT 5; a 3.1.1 publish has no properties).
+    pub fn publish_v5(&self) -> Result<v5::Publish, PacketError> {
+        match self.header {
+            Header::V4(h) => {
+                let p = v4::Publish::read(h, self.raw.clone()).map_err(m4_err)?;
+                Ok(v5::Publish {
+                    dup: p.dup,
+                    qos: qos5(p.qos as u8),
+                    retain: p.retain,
+                    topic: Bytes::from(p.topic),
+                    pkid: p.pkid,
+                    payload: p.payload,
+                    properties: None,
+                })
+            }
+            Header::V5(h) => v5::Publish::read(h, self.raw.clone()).map_err(m5_err),
+        }
+    }
+
+    /// A SUBSCRIBE in its MQTT 5 form (a 3.1.1 filter has only its QoS).
+    pub fn subscribe_v5(&self) -> Result<v5::Subscribe, PacketError> {
         match self.header {
             Header::V4(h) => {
                 let s = v4::Subscribe::read(h, self.raw.clone()).map_err(m4_err)?;
-                Ok((s.pkid, s.filters.into_iter().map(|f| f.path).collect()))
+                Ok(v5::Subscribe {
+                    pkid: s.pkid,
+                    filters: s
+                        .filters
+                        .into_iter()
+                        .map(|f| v5::Filter::new(f.path, qos5(f.qos as u8)))
+                        .collect(),
+                    properties: None,
+                })
             }
-            Header::V5(h) => {
-                let s = v5::Subscribe::read(h, self.raw.clone()).map_err(m5_err)?;
-                Ok((s.pkid, s.filters.into_iter().map(|f| f.path).collect()))
-            }
+            Header::V5(h) => v5::Subscribe::read(h, self.raw.clone()).map_err(m5_err),
         }
     }
 
-    /// Re-encodes a SUBSCRIBE keeping only the filters whose `keep` entry is true.
-    pub fn subscribe_keeping(&self, keep: &[bool]) -> Result<Bytes, PacketError> {
-        let mut out = BytesMut::new();
-        match self.header {
-            Header::V4(h) => {
-                let mut s = v4::Subscribe::read(h, self.raw.clone()).map_err(m4_err)?;
-                s.filters = retain_by(s.filters, keep);
-                s.write(&mut out).map_err(m4_err)?;
-            }
-            Header::V5(h) => {
-                let mut s = v5::Subscribe::read(h, self.raw.clone()).map_err(m5_err)?;
-                s.filters = retain_by(s.filters, keep);
-                s.write(&mut out).map_err(m5_err)?;
-            }
-        }
-        Ok(out.freeze())
-    }
-
-    /// Decodes an UNSUBSCRIBE: packet id and filters.
-    pub fn unsubscribe(&self) -> Result<(u16, Vec<String>), PacketError> {
+    /// An UNSUBSCRIBE in its MQTT 5 form.
+    pub fn unsubscribe_v5(&self) -> Result<v5::Unsubscribe, PacketError> {
         match self.header {
             Header::V4(h) => {
                 let s = v4::Unsubscribe::read(h, self.raw.clone()).map_err(m4_err)?;
-                Ok((s.pkid, s.topics))
+                Ok(v5::Unsubscribe {
+                    pkid: s.pkid,
+                    filters: s.topics,
+                    properties: None,
+                })
             }
-            Header::V5(h) => {
-                let s = v5::Unsubscribe::read(h, self.raw.clone()).map_err(m5_err)?;
-                Ok((s.pkid, s.filters))
-            }
+            Header::V5(h) => v5::Unsubscribe::read(h, self.raw.clone()).map_err(m5_err),
         }
+    }
+
+    /// The broker's CONNACK for a client of `version`, saying `present` for Session Present
+    /// (the gate keeps the session table, see [`crate::sessions`]); 3.1.1 gets the nearest
+    /// return code.
+    pub fn connack_for(&self, version: Version, present: bool) -> Result<Bytes, PacketError> {
+        let Header::V5(h) = self.header else {
+            return Err(PacketError::Malformed("not an MQTT 5 CONNACK".into()));
+        };
+        let mut a = v5::ConnAck::read(h, self.raw.clone()).map_err(m5_err)?;
+        let ok = a.code == v5::ConnectReturnCode::Success;
+        let mut out = BytesMut::new();
+        if version == Version::V5 {
+            a.session_present = ok && present;
+            a.write(&mut out).map_err(m5_err)?;
+            return Ok(out.freeze());
+        }
+        use v5::ConnectReturnCode as C5;
+        let code = match a.code {
+            C5::Success => v4::ConnectReturnCode::Success,
+            C5::UnsupportedProtocolVersion | C5::RefusedProtocolVersion => {
+                v4::ConnectReturnCode::RefusedProtocolVersion
+            }
+            C5::ClientIdentifierNotValid | C5::BadClientId => v4::ConnectReturnCode::BadClientId,
+            C5::BadUserNamePassword => v4::ConnectReturnCode::BadUserNamePassword,
+            C5::NotAuthorized | C5::Banned => v4::ConnectReturnCode::NotAuthorized,
+            _ => v4::ConnectReturnCode::ServiceUnavailable,
+        };
+        v4::ConnAck {
+            session_present: ok && present,
+            code,
+        }
+        .write(&mut out)
+        .map_err(m4_err)?;
+        Ok(out.freeze())
+    }
+
+    /// The Session Expiry Interval of an MQTT 5 DISCONNECT, if it has one.
+    pub fn disconnect_session_expiry(&self) -> Result<Option<u32>, PacketError> {
+        // Remaining length 0 or 1: no properties (the codec wants them after a reason code).
+        if self.raw.len() <= 3 {
+            return Ok(None);
+        }
+        match self.header {
+            Header::V5(h) => Ok(v5::Disconnect::read(h, self.raw.clone())
+                .map_err(m5_err)?
+                .properties
+                .and_then(|p| p.session_expiry_interval)),
+            Header::V4(_) => Ok(None),
+        }
+    }
+
+    /// The broker's PUBACK, PUBREC, PUBREL, PUBCOMP or UNSUBACK for a client of `version`:
+    /// 3.1.1 has only the packet id (an MQTT 5 broker may add a reason and properties).
+    pub fn ack_for(&self, version: Version) -> Result<Bytes, PacketError> {
+        if version == Version::V5 || self.raw.len() == 4 {
+            return Ok(self.raw.clone());
+        }
+        let pkid = match self.raw.get(2..4) {
+            Some(b) => u16::from_be_bytes([b[0], b[1]]),
+            None => {
+                return Err(PacketError::Malformed(
+                    "acknowledgement without packet id".into(),
+                ))
+            }
+        };
+        let first = match self.kind {
+            Kind::PubRel => 0x62,
+            _ => self.raw[0] & 0xF0,
+        };
+        Ok(Bytes::from(vec![first, 2, (pkid >> 8) as u8, pkid as u8]))
     }
 
     /// The packet id of a PUBREL.
@@ -271,7 +350,7 @@ impl Frame {
         }
     }
 
-    /// The packet id of a PUBACK or PUBCOMP.
+    /// The packet id of a PUBACK, PUBREC or PUBCOMP.
     pub fn ack_pkid(&self) -> Result<u16, PacketError> {
         match (self.kind, self.header) {
             (Kind::PubAck, Header::V4(h)) => {
@@ -280,54 +359,117 @@ impl Frame {
             (Kind::PubAck, Header::V5(h)) => {
                 Ok(v5::PubAck::read(h, self.raw.clone()).map_err(m5_err)?.pkid)
             }
+            (Kind::PubRec, Header::V4(h)) => {
+                Ok(v4::PubRec::read(h, self.raw.clone()).map_err(m4_err)?.pkid)
+            }
+            (Kind::PubRec, Header::V5(h)) => {
+                Ok(v5::PubRec::read(h, self.raw.clone()).map_err(m5_err)?.pkid)
+            }
             (Kind::PubComp, Header::V4(h)) => {
                 Ok(v4::PubComp::read(h, self.raw.clone()).map_err(m4_err)?.pkid)
             }
             (Kind::PubComp, Header::V5(h)) => {
                 Ok(v5::PubComp::read(h, self.raw.clone()).map_err(m5_err)?.pkid)
             }
-            _ => Err(PacketError::Malformed("not a PUBACK or PUBCOMP".into())),
+            _ => Err(PacketError::Malformed(
+                "not a PUBACK, PUBREC or PUBCOMP".into(),
+            )),
         }
     }
 
-    /// The packet id of a SUBACK.
-    pub fn suback_pkid(&self) -> Result<u16, PacketError> {
+    /// A SUBACK from the broker, decoded (the broker speaks MQTT 5).
+    pub fn suback_v5(&self) -> Result<v5::SubAck, PacketError> {
         match self.header {
-            Header::V4(h) => Ok(v4::SubAck::read(h, self.raw.clone()).map_err(m4_err)?.pkid),
-            Header::V5(h) => Ok(v5::SubAck::read(h, self.raw.clone()).map_err(m5_err)?.pkid),
+            Header::V5(h) => v5::SubAck::read(h, self.raw.clone()).map_err(m5_err),
+            Header::V4(_) => Err(PacketError::Malformed("not an MQTT 5 SUBACK".into())),
         }
-    }
-
-    /// Re-encodes a SUBACK for the client's original SUBSCRIBE: `allowed[i]` false puts a
-    /// "not authorized" failure at position i; the broker's codes fill the allowed positions.
-    pub fn suback_merged(&self, allowed: &[bool]) -> Result<Bytes, PacketError> {
-        let mut out = BytesMut::new();
-        match self.header {
-            Header::V4(h) => {
-                let mut s = v4::SubAck::read(h, self.raw.clone()).map_err(m4_err)?;
-                s.return_codes = merge(s.return_codes, allowed, v4::SubscribeReasonCode::Failure)?;
-                s.write(&mut out).map_err(m4_err)?;
-            }
-            Header::V5(h) => {
-                let mut s = v5::SubAck::read(h, self.raw.clone()).map_err(m5_err)?;
-                s.return_codes = merge(
-                    s.return_codes,
-                    allowed,
-                    v5::SubscribeReasonCode::NotAuthorized,
-                )?;
-                s.write(&mut out).map_err(m5_err)?;
-            }
-        }
-        Ok(out.freeze())
     }
 }
 
-fn retain_by<T>(items: Vec<T>, keep: &[bool]) -> Vec<T> {
-    items
-        .into_iter()
-        .zip(keep.iter().copied().chain(std::iter::repeat(false)))
-        .filter_map(|(f, k)| k.then_some(f))
-        .collect()
+/// The MQTT 5 codec's QoS for 0, 1 or 2 (anything higher is 2).
+pub fn qos5(n: u8) -> m5::QoS {
+    match n {
+        0 => m5::QoS::AtMostOnce,
+        1 => m5::QoS::AtLeastOnce,
+        _ => m5::QoS::ExactlyOnce,
+    }
+}
+
+/// A PUBLISH encoded for a client of `version` (3.1.1 drops the properties).
+pub fn write_publish(version: Version, p: &v5::Publish) -> Result<Bytes, PacketError> {
+    let mut out = BytesMut::new();
+    match version {
+        Version::V5 => {
+            p.write(&mut out).map_err(m5_err)?;
+        }
+        Version::V4 => {
+            let topic = String::from_utf8(p.topic.to_vec())
+                .map_err(|_| PacketError::Malformed("topic is not UTF-8".into()))?;
+            let q = v4::Publish {
+                dup: p.dup,
+                qos: m4::qos(p.qos as u8).map_err(m4_err)?,
+                retain: p.retain,
+                topic,
+                pkid: p.pkid,
+                payload: p.payload.clone(),
+            };
+            q.write(&mut out).map_err(m4_err)?;
+        }
+    }
+    Ok(out.freeze())
+}
+
+/// An MQTT 5 packet's bytes (for the broker).
+pub fn write_v5_subscribe(s: &v5::Subscribe) -> Result<Bytes, PacketError> {
+    let mut out = BytesMut::new();
+    s.write(&mut out).map_err(m5_err)?;
+    Ok(out.freeze())
+}
+
+/// An MQTT 5 UNSUBSCRIBE's bytes (for the broker).
+pub fn write_v5_unsubscribe(s: &v5::Unsubscribe) -> Result<Bytes, PacketError> {
+    let mut out = BytesMut::new();
+    s.write(&mut out).map_err(m5_err)?;
+    Ok(out.freeze())
+}
+
+/// The broker's MQTT 5 SUBACK for a client of `version`, widened back to the client's filter
+/// list when some filters were not passed on (`allowed[i]` false: "not authorized" there).
+pub fn suback_for(
+    version: Version,
+    mut s: v5::SubAck,
+    allowed: Option<&[bool]>,
+) -> Result<Bytes, PacketError> {
+    if let Some(allowed) = allowed {
+        s.return_codes = merge(
+            s.return_codes,
+            allowed,
+            v5::SubscribeReasonCode::NotAuthorized,
+        )?;
+    }
+    let mut out = BytesMut::new();
+    match version {
+        Version::V5 => {
+            s.write(&mut out).map_err(m5_err)?;
+        }
+        Version::V4 => {
+            let codes = s
+                .return_codes
+                .into_iter()
+                .map(|c| match c {
+                    v5::SubscribeReasonCode::Success(q) => m4::qos(q as u8).map_or(
+                        v4::SubscribeReasonCode::Failure,
+                        v4::SubscribeReasonCode::Success,
+                    ),
+                    _ => v4::SubscribeReasonCode::Failure,
+                })
+                .collect();
+            v4::SubAck::new(s.pkid, codes)
+                .write(&mut out)
+                .map_err(m4_err)?;
+        }
+    }
+    Ok(out.freeze())
 }
 
 fn merge<T: Copy>(broker: Vec<T>, allowed: &[bool], denied: T) -> Result<Vec<T>, PacketError> {
@@ -418,15 +560,7 @@ impl Connect {
     /// Whether the broker keeps the client's session after it disconnects (MQTT 3.1.1
     /// `clean_session` = 0; MQTT 5 a Session Expiry Interval above 0).
     pub fn keeps_session(&self) -> bool {
-        match self {
-            Connect::V4(c) => !c.clean_session,
-            Connect::V5(b) => {
-                b.0.properties
-                    .as_ref()
-                    .and_then(|p| p.session_expiry_interval)
-                    .is_some_and(|e| e > 0)
-            }
-        }
+        self.session_expiry() > 0
     }
 
     /// The client id.
@@ -462,42 +596,102 @@ impl Connect {
         }
     }
 
-    /// The CONNECT to send upstream: the client's credentials and v5 enhanced-auth fields
-    /// replaced by the broker's internal `login` (the gate authenticated the client already), and
-    /// a keep-alive of 0 ("off", which rumqttd refuses without a CONNACK) replaced by
-    /// `keepalive_off` seconds; the relay then pings the broker for the client.
+    /// The CONNECT to send upstream, always MQTT 5 (the broker's MQTT 5 deliveries carry what
+    /// the gate needs back, see [`crate::origin`]): the client's credentials and v5
+    /// enhanced-auth fields replaced by the broker's internal `login` (the gate authenticated the
+    /// client already), a keep-alive of 0 ("off", which rumqttd refuses without a CONNACK)
+    /// replaced by `keepalive_off` seconds (the relay then pings the broker for the client), the
+    /// broker told to keep the session or not (`keep_session`, decided by the gate's session
+    /// table: rumqttd ignores Session Expiry), and the will marked with its `origin`.
     pub fn encode_for_upstream(
         &self,
         keepalive_off: u16,
         login: Option<&(String, String)>,
+        clean_start: bool,
+        conn: u64,
     ) -> Result<Bytes, PacketError> {
         let mut out = BytesMut::new();
+        let (mut c, mut will) = match self {
+            Connect::V4(c) => (
+                v5::Connect {
+                    keep_alive: c.keep_alive,
+                    client_id: c.client_id.clone(),
+                    clean_start: c.clean_session,
+                    properties: None,
+                },
+                c.last_will.as_ref().map(|w| v5::LastWill {
+                    topic: Bytes::from(w.topic.clone()),
+                    message: w.message.clone(),
+                    qos: qos5(w.qos as u8),
+                    retain: w.retain,
+                    properties: None,
+                }),
+            ),
+            Connect::V5(b) => (b.0.clone(), b.1.clone()),
+        };
+        if c.keep_alive == 0 {
+            c.keep_alive = keepalive_off;
+        }
+        c.clean_start = clean_start;
+        c.client_id = upstream_client_id(&c.client_id).into_owned();
+        if let Some(p) = c.properties.as_mut() {
+            p.authentication_method = None;
+            p.authentication_data = None;
+            // The gate keeps the session's clock; rumqttd keeps a session iff clean_start is 0.
+            p.session_expiry_interval = None;
+        }
+        if let Some(w) = will.as_mut() {
+            let props = w.properties.get_or_insert_with(|| v5::LastWillProperties {
+                delay_interval: None,
+                payload_format_indicator: None,
+                message_expiry_interval: None,
+                content_type: None,
+                response_topic: None,
+                correlation_data: None,
+                user_properties: Vec::new(),
+            });
+            crate::origin::Origin {
+                qos: w.qos as u8,
+                retain: w.retain,
+                conn,
+                // Counted from when the will is published, which only the broker knows.
+                expires_at_ms: None,
+            }
+            .attach(&mut props.user_properties);
+        }
+        let login = login.map(|(u, p)| v5::Login::new(u.as_str(), p.as_str()));
+        c.write(&will, &login, &mut out).map_err(m5_err)?;
+        Ok(out.freeze())
+    }
+
+    /// Whether the client asked to start without its old session (3.1.1 `clean_session`,
+    /// MQTT 5 `clean_start`).
+    pub fn clean_start(&self) -> bool {
+        match self {
+            Connect::V4(c) => c.clean_session,
+            Connect::V5(b) => b.0.clean_start,
+        }
+    }
+
+    /// How long the session outlives the connection, in seconds (`u32::MAX`: never ends):
+    /// 3.1.1 `clean_session` 0 keeps it for good, 1 not at all; MQTT 5 says it in Session
+    /// Expiry Interval (absent: 0).
+    pub fn session_expiry(&self) -> u32 {
         match self {
             Connect::V4(c) => {
-                let mut c = c.clone();
-                c.login = login.map(|(u, p)| v4::Login::new(u.as_str(), p.as_str()));
-                if c.keep_alive == 0 {
-                    c.keep_alive = keepalive_off;
+                if c.clean_session {
+                    0
+                } else {
+                    u32::MAX
                 }
-                c.client_id = upstream_client_id(&c.client_id).into_owned();
-                c.write(&mut out).map_err(m4_err)?;
             }
             Connect::V5(b) => {
-                let (c, will, _) = b.as_ref();
-                let mut c = c.clone();
-                if c.keep_alive == 0 {
-                    c.keep_alive = keepalive_off;
-                }
-                c.client_id = upstream_client_id(&c.client_id).into_owned();
-                if let Some(p) = c.properties.as_mut() {
-                    p.authentication_method = None;
-                    p.authentication_data = None;
-                }
-                let login = login.map(|(u, p)| v5::Login::new(u.as_str(), p.as_str()));
-                c.write(will, &login, &mut out).map_err(m5_err)?;
+                b.0.properties
+                    .as_ref()
+                    .and_then(|p| p.session_expiry_interval)
+                    .unwrap_or(0)
             }
         }
-        Ok(out.freeze())
     }
 }
 
@@ -520,6 +714,27 @@ pub fn upstream_client_id(id: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// The MQTT 5 CONNECT that ends the broker's session of `client_id` (the upstream id): a clean
+/// start, which the broker answers by dropping the old session; a DISCONNECT follows at once.
+pub fn clear_session_connect(
+    client_id: &str,
+    login: Option<&(String, String)>,
+) -> Result<Bytes, PacketError> {
+    let c = v5::Connect {
+        keep_alive: 10,
+        client_id: client_id.to_string(),
+        clean_start: true,
+        properties: None,
+    };
+    let login = login.map(|(u, p)| v5::Login::new(u.as_str(), p.as_str()));
+    let mut out = BytesMut::new();
+    c.write(&None, &login, &mut out).map_err(m5_err)?;
+    Ok(out.freeze())
+}
+
+/// A normal MQTT 5 DISCONNECT (the will is not sent), as rumqttd reads it.
+pub const DISCONNECT_NORMAL: [u8; 2] = [0xE0, 0x00];
+
 /// A PINGREQ (the same bytes in MQTT 3.1.1 and 5).
 pub const PINGREQ: [u8; 2] = [0xC0, 0x00];
 
@@ -536,6 +751,8 @@ pub enum Refusal {
     Unavailable,
     /// The client id belongs to another identity (v4 0x02, v5 0x85).
     ClientIdTaken,
+    /// A 3.1.1 client without a client id asked to keep its session (v4 0x02, v5 0x85).
+    ClientIdRejected,
 }
 
 /// A CONNACK refusing the connection.
@@ -555,7 +772,7 @@ pub fn connack_refused_explained(version: Version, why: Refusal, why_text: Optio
                 Refusal::NotAuthorized => C::NotAuthorized,
                 Refusal::UnsupportedVersion => C::RefusedProtocolVersion,
                 Refusal::Unavailable => C::ServiceUnavailable,
-                Refusal::ClientIdTaken => C::BadClientId,
+                Refusal::ClientIdTaken | Refusal::ClientIdRejected => C::BadClientId,
             };
             v4::ConnAck::new(code, false)
                 .write(&mut out)
@@ -568,7 +785,7 @@ pub fn connack_refused_explained(version: Version, why: Refusal, why_text: Optio
                 Refusal::NotAuthorized => C::NotAuthorized,
                 Refusal::UnsupportedVersion => C::UnsupportedProtocolVersion,
                 Refusal::Unavailable => C::ServerUnavailable,
-                Refusal::ClientIdTaken => C::ClientIdentifierNotValid,
+                Refusal::ClientIdTaken | Refusal::ClientIdRejected => C::ClientIdentifierNotValid,
             };
             v5::ConnAck {
                 session_present: false,
@@ -741,12 +958,17 @@ mod tests {
         let got = Connect::read(&mut b, 1 << 20).unwrap().unwrap();
         assert_eq!(got.version(), Version::V4);
         assert_eq!(got.login(), Some(("u", "p")));
-        let mut up = BytesMut::from(&got.encode_for_upstream(60, None).unwrap()[..]);
+        let mut up = BytesMut::from(&got.encode_for_upstream(60, None, true, 1).unwrap()[..]);
         let again = Connect::read(&mut up, 1 << 20).unwrap().unwrap();
         assert_eq!(again.login(), None);
         assert_eq!(again.client_id(), "c1");
+        // The broker is spoken to in MQTT 5 whatever the client speaks.
+        assert_eq!(again.version(), Version::V5);
         let internal = ("front-door".to_string(), "s3cret".to_string());
-        let mut up = BytesMut::from(&got.encode_for_upstream(60, Some(&internal)).unwrap()[..]);
+        let mut up = BytesMut::from(
+            &got.encode_for_upstream(60, Some(&internal), true, 1)
+                .unwrap()[..],
+        );
         let again = Connect::read(&mut up, 1 << 20).unwrap().unwrap();
         assert_eq!(again.login(), Some(("front-door", "s3cret")));
 
@@ -765,9 +987,73 @@ mod tests {
         let got = Connect::read(&mut b, 1 << 20).unwrap().unwrap();
         assert_eq!(got.version(), Version::V5);
         assert_eq!(got.login(), Some(("u", "p")));
-        let mut up = BytesMut::from(&got.encode_for_upstream(60, Some(&internal)).unwrap()[..]);
+        let mut up = BytesMut::from(
+            &got.encode_for_upstream(60, Some(&internal), false, 1)
+                .unwrap()[..],
+        );
         let again = Connect::read(&mut up, 1 << 20).unwrap().unwrap();
         assert_eq!(again.login(), Some(("front-door", "s3cret")));
+        assert!(!again.clean_start());
+    }
+
+    #[test]
+    fn packet_a_v4_publish_and_subscribe_become_mqtt5_and_deliveries_go_back_in_the_clients_version(
+    ) {
+        let mut p = v4::Publish::new("a/b", m4::QoS::ExactlyOnce, b"x".to_vec());
+        p.pkid = 7;
+        p.retain = true;
+        let mut b = v4_bytes(v4::Packet::Publish(p));
+        let f = next_frame(&mut b, Version::V4, 1 << 20).unwrap().unwrap();
+        let p5 = f.publish_v5().unwrap();
+        assert_eq!((p5.qos as u8, p5.pkid, p5.retain), (2, 7, true));
+        let back = write_publish(Version::V4, &p5).unwrap();
+        let mut bb = BytesMut::from(&back[..]);
+        let f4 = next_frame(&mut bb, Version::V4, 1 << 20).unwrap().unwrap();
+        assert_eq!(f4.publish().unwrap().topic, "a/b");
+
+        let s = v4::Subscribe::new("a/#", m4::QoS::AtLeastOnce);
+        let mut b = v4_bytes(v4::Packet::Subscribe(s));
+        let f = next_frame(&mut b, Version::V4, 1 << 20).unwrap().unwrap();
+        let s5 = f.subscribe_v5().unwrap();
+        assert_eq!(s5.filters[0].path, "a/#");
+        assert_eq!(s5.filters[0].qos as u8, 1);
+
+        // An MQTT 5 SUBACK for a 3.1.1 client: failures become 0x80.
+        let ack = v5::SubAck {
+            pkid: 3,
+            return_codes: vec![
+                v5::SubscribeReasonCode::Success(m5::QoS::AtLeastOnce),
+                v5::SubscribeReasonCode::QuotaExceeded,
+            ],
+            properties: None,
+        };
+        let four = suback_for(Version::V4, ack, None).unwrap();
+        assert_eq!(&four[..], &[0x90, 4, 0, 3, 1, 0x80]);
+    }
+
+    #[test]
+    fn packet_a_disconnect_says_its_session_expiry_in_any_valid_form() {
+        for short in [&[0xE0u8, 0x00][..], &[0xE0, 0x01, 0x00]] {
+            let mut b = BytesMut::from(short);
+            let f = next_frame(&mut b, Version::V5, 1 << 20).unwrap().unwrap();
+            assert_eq!(f.disconnect_session_expiry(), Ok(None));
+        }
+        // Reason 0, properties: Session Expiry Interval (0x11) = 5.
+        let mut b = BytesMut::from(&[0xE0u8, 0x07, 0x00, 0x05, 0x11, 0, 0, 0, 5][..]);
+        let f = next_frame(&mut b, Version::V5, 1 << 20).unwrap().unwrap();
+        assert_eq!(f.disconnect_session_expiry(), Ok(Some(5)));
+    }
+
+    #[test]
+    fn packet_mqtt5_acks_lose_reason_and_properties_for_a_v4_client() {
+        // PUBACK pkid 9, reason 0x10 (no matching subscribers).
+        let mut b = BytesMut::from(&[0x40u8, 3, 0, 9, 0x10][..]);
+        let f = next_frame(&mut b, Version::V5, 1 << 20).unwrap().unwrap();
+        assert_eq!(&f.ack_for(Version::V4).unwrap()[..], &[0x40, 2, 0, 9]);
+        assert_eq!(&f.ack_for(Version::V5).unwrap()[..], &[0x40, 3, 0, 9, 0x10]);
+        let mut b = BytesMut::from(&[0x62u8, 3, 0, 9, 0][..]);
+        let f = next_frame(&mut b, Version::V5, 1 << 20).unwrap().unwrap();
+        assert_eq!(&f.ack_for(Version::V4).unwrap()[..], &[0x62, 2, 0, 9]);
     }
 
     #[test]
@@ -794,13 +1080,12 @@ mod tests {
 
     #[test]
     fn packet_suback_merge_puts_failures_where_filters_were_denied() {
-        let s = v4::SubAck::new(
-            7,
-            vec![v4::SubscribeReasonCode::Success(m4::QoS::AtLeastOnce)],
-        );
-        let mut b = v4_bytes(v4::Packet::SubAck(s));
-        let f = next_frame(&mut b, Version::V4, 1 << 20).unwrap().unwrap();
-        let merged = f.suback_merged(&[false, true, false]).unwrap();
+        let s = v5::SubAck {
+            pkid: 7,
+            return_codes: vec![v5::SubscribeReasonCode::Success(m5::QoS::AtLeastOnce)],
+            properties: None,
+        };
+        let merged = suback_for(Version::V4, s, Some(&[false, true, false])).unwrap();
         let mut mb = BytesMut::from(&merged[..]);
         let v4::Packet::SubAck(s) = v4::Packet::read(&mut mb, 1 << 20).unwrap() else {
             panic!()
@@ -827,7 +1112,7 @@ mod tests {
             let mut b = BytesMut::from(bytes);
             if let Ok(Some(f)) = next_frame(&mut b, Version::V4, 1 << 20) {
                 let _ = f.publish();
-                let _ = f.subscribe();
+                let _ = f.subscribe_v5();
             }
             let mut b = BytesMut::from(bytes);
             let _ = Connect::read(&mut b, 1 << 20);

@@ -22,13 +22,16 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::acks::{AckOrder, Phase};
 use crate::acl::{self, DeviceDirectory, Role};
 use crate::config::GateConfig;
 use crate::credentials::{role_of, Credentials};
 use crate::intake::{Commit, Intake};
 use crate::logins::{Logins, Turn};
 use crate::metrics::{ConnectionLabels, GateMetrics};
+use crate::origin::{Options, Origin, Subscriptions, Verdict};
 use crate::packet::{self, Connect, Kind, PacketError, Refusal, Version};
+use crate::sessions::Sessions;
 use crate::tls::cert_identity;
 
 /// Everything the connections share.
@@ -51,6 +54,10 @@ pub(crate) struct Shared {
     pub logins: Mutex<Logins>,
     /// Which identity holds which client id.
     pub client_ids: Mutex<crate::client_ids::ClientIds>,
+    /// The sessions the broker keeps for clients, and until when.
+    pub sessions: Mutex<Sessions>,
+    /// The next connection's number (for [`Origin::conn`]).
+    pub next_conn: std::sync::atomic::AtomicU64,
 }
 
 /// A node-wide budget of distinct names (filters or topics) that the broker keeps state for as
@@ -215,6 +222,15 @@ pub(crate) async fn serve(
     };
     let version = connect.version();
     let client_id = connect.client_id().to_string();
+    if version == Version::V4 && client_id.is_empty() && !connect.clean_start() {
+        // [MQTT-3.1.3-8]: a session needs a client id to come back to.
+        shared.metrics.auth_failure("client_id_rejected");
+        info!(%peer, "CONNECT refused: no client id, and a session asked for");
+        let _ = client
+            .write_all(&packet::connack_refused(version, Refusal::ClientIdRejected))
+            .await;
+        return;
+    }
 
     let user = connect.login().map(|l| l.0.to_string());
     let turn = shared
@@ -298,27 +314,44 @@ pub(crate) async fn serve(
         client_id: &client_id,
     };
 
-    let upstream_addr = match version {
-        Version::V4 => Some(shared.upstream.v4),
-        Version::V5 => shared.upstream.v5,
+    let conn_id = shared
+        .next_conn
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let upstream_id = packet::upstream_client_id(&client_id).into_owned();
+    // An empty client id has no session to come back to (MQTT 5 assigns one per connection).
+    let opened = if client_id.is_empty() {
+        None
+    } else {
+        loop {
+            let o = lock(&shared.sessions).open(
+                &upstream_id,
+                connect.clean_start(),
+                connect.session_expiry(),
+                conn_id,
+                std::time::Instant::now(),
+            );
+            match o {
+                Some(o) => break Some(o),
+                // The sweep is ending this client id's expired session at the broker.
+                None if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                None => return,
+            }
+        }
     };
-    let Some(upstream_addr) = upstream_addr else {
-        shared.metrics.auth_failure("unsupported_version");
-        info!(%peer, client = %client_id, "MQTT 5 refused: no upstream v5 listener");
-        let _ = client
-            .write_all(&packet::connack_refused(
-                version,
-                Refusal::UnsupportedVersion,
-            ))
-            .await;
-        return;
-    };
+    if opened.as_ref().is_some_and(|o| o.clear_first) {
+        end_at_broker(&shared, &upstream_id).await;
+    }
+    let upstream_addr = shared.upstream.broker;
     let upstream = match dial(
         upstream_addr,
         deadline,
         &connect,
         limits.keepalive_off_upstream_s,
         shared.upstream.login.as_ref(),
+        opened.as_ref().is_none_or(|o| o.clean_start),
+        conn_id,
     )
     .await
     {
@@ -329,6 +362,15 @@ pub(crate) async fn serve(
             let _ = client
                 .write_all(&packet::connack_refused(version, Refusal::Unavailable))
                 .await;
+            if !client_id.is_empty() {
+                lock(&shared.sessions).close(
+                    &upstream_id,
+                    conn_id,
+                    connect.session_expiry(),
+                    Subscriptions::default(),
+                    std::time::Instant::now(),
+                );
+            }
             return;
         }
     };
@@ -349,6 +391,15 @@ pub(crate) async fn serve(
         role,
         version,
         client_id: &client_id,
+        session_id: (!client_id.is_empty()).then(|| upstream_id.clone()),
+        session_closed: std::sync::atomic::AtomicBool::new(false),
+        conn_id,
+        session_present: opened.as_ref().is_some_and(|o| o.present),
+        subs: Mutex::new(opened.map(|o| o.subs).unwrap_or_default()),
+        expiry: std::sync::atomic::AtomicU32::new(connect.session_expiry()),
+        qos2_as_qos1: Mutex::new(HashSet::new()),
+        withheld_qos2: Mutex::new(HashSet::new()),
+        acks: tokio::sync::Mutex::new(AckOrder::default()),
         pending_subacks: Mutex::new(HashMap::new()),
         keepalive_off: connect.keep_alive() == 0,
         client_max_packet: connect.max_packet_size(),
@@ -360,6 +411,8 @@ pub(crate) async fn serve(
     };
     let end = conn.relay(client, buf, upstream, &shutdown).await;
     shared.metrics.active.dec();
+    // Unless its DISCONNECT did already, the session's clock starts now.
+    conn.close_session();
     match end {
         End::Closed => debug!(client = %client_id, "connection closed"),
         End::Shutdown => debug!(client = %client_id, "connection closed for shutdown"),
@@ -495,22 +548,71 @@ fn ack_unforwarded(
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 async fn dial(
     addr: SocketAddr,
     deadline: tokio::time::Instant,
     connect: &Connect,
     keepalive_off: u16,
     login: Option<&(String, String)>,
+    clean_start: bool,
+    conn: u64,
 ) -> std::io::Result<TcpStream> {
     let mut s = tokio::time::timeout_at(deadline, TcpStream::connect(addr))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
     s.set_nodelay(true)?;
     let first = connect
-        .encode_for_upstream(keepalive_off, login)
+        .encode_for_upstream(keepalive_off, login, clean_start, conn)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
     s.write_all(&first).await?;
     Ok(s)
+}
+
+/// Ends the broker's session of `upstream_id` (a clean-start connect, then DISCONNECT). A
+/// failure is logged: the session then lasts until the next clean start of that client id.
+async fn end_at_broker(shared: &Shared, upstream_id: &str) {
+    let attempt = async {
+        let mut s = TcpStream::connect(shared.upstream.broker).await?;
+        let hello = packet::clear_session_connect(upstream_id, shared.upstream.login.as_ref())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+        s.write_all(&hello).await?;
+        // The CONNACK: the broker has dropped the old session by then.
+        let mut ack = [0u8; 4];
+        s.read_exact(&mut ack[..2]).await?;
+        let mut rest = vec![0u8; usize::from(ack[1])];
+        s.read_exact(&mut rest).await?;
+        s.write_all(&packet::DISCONNECT_NORMAL).await?;
+        // The broker closes after a DISCONNECT; waiting for that keeps its log quiet.
+        let mut sink = [0u8; 64];
+        while s.read(&mut sink).await? > 0 {}
+        std::io::Result::Ok(())
+    };
+    match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+        Ok(Ok(())) => debug!(client = %upstream_id, "session ended at the broker"),
+        Ok(Err(e)) => {
+            warn!(client = %upstream_id, error = %e, "could not end a session at the broker")
+        }
+        Err(_) => warn!(client = %upstream_id, "could not end a session at the broker: timed out"),
+    }
+}
+
+/// Ends, once a second, the sessions whose expiry ran out while nobody held them.
+pub(crate) async fn end_expired_sessions(shared: Arc<Shared>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let gone = lock(&shared.sessions).expired(std::time::Instant::now());
+        for id in gone {
+            end_at_broker(&shared, &id).await;
+            lock(&shared.sessions).cleared(&id);
+        }
+    }
 }
 
 struct Conn<'a> {
@@ -518,6 +620,29 @@ struct Conn<'a> {
     role: Role,
     version: Version,
     client_id: &'a str,
+    /// The client id the session table knows the session by (the upstream one); `None` for a
+    /// connection without a client id, which has no session to come back to.
+    session_id: Option<String>,
+    /// The session's clock has started (at DISCONNECT, or at the end).
+    session_closed: std::sync::atomic::AtomicBool,
+    /// This connection's number ([`Origin::conn`] of what it publishes).
+    conn_id: u64,
+    /// The CONNACK's Session Present, as the gate's session table says.
+    session_present: bool,
+    /// The client's subscriptions with their options (the broker knows only filter and QoS).
+    subs: Mutex<Subscriptions>,
+    /// Seconds the session outlives the connection (the CONNECT's; an MQTT 5 DISCONNECT may
+    /// change it).
+    expiry: std::sync::atomic::AtomicU32,
+    /// QoS 2 deliveries sent to the client at QoS 1 (its publish was QoS 1): the client's PUBACK
+    /// becomes the PUBREC the broker waits for.
+    qos2_as_qos1: Mutex<HashSet<u16>>,
+    /// QoS 2 deliveries whose PUBREC the gate sent for the client (withheld, or sent at a lower
+    /// QoS): the broker's PUBREL is answered here.
+    withheld_qos2: Mutex<HashSet<u16>>,
+    /// Acknowledgements to the broker, held to its order (see [`crate::acks`]); held while they
+    /// are written, so the two directions' acknowledgements do not overtake each other.
+    acks: tokio::sync::Mutex<AckOrder>,
     /// SUBSCRIBEs forwarded without some filters: packet id → which of the client's filters were
     /// allowed.
     pending_subacks: Mutex<HashMap<u16, Vec<bool>>>,
@@ -711,7 +836,7 @@ impl Conn<'_> {
         let uw = Writer::new(uw);
         let (to_broker, in_order) = InOrder::new(self.shared.cfg.limits.max_packet_bytes);
         let end = tokio::select! {
-            e = self.client_to_broker(cr, client_buf, to_broker, &cw) => e,
+            e = self.client_to_broker(cr, client_buf, to_broker, &cw, &uw) => e,
             e = forward_in_order(in_order, &uw, &self.client_disconnected) => e,
             e = self.broker_to_client(ur, &cw, &uw) => e,
             e = self.ping_for_client(&uw) => e,
@@ -758,20 +883,21 @@ impl Conn<'_> {
     /// Reads the client's packets, checks them, and queues them for the broker in their order
     /// (see [`forward_in_order`]). When the client's side ends, the queue is closed and the
     /// writer finishes what it holds before the connection ends.
-    async fn client_to_broker<R, C>(
+    async fn client_to_broker<R, C, U>(
         &self,
         mut reader: R,
         mut buf: BytesMut,
         to_broker: InOrder,
         client: &Writer<C>,
+        upstream: &Writer<U>,
     ) -> End
     where
         R: AsyncRead + Unpin,
         C: AsyncWrite + Unpin,
+        U: AsyncWrite + Unpin,
     {
         let limits = &self.shared.cfg.limits;
         let dir = self.shared.dir.as_ref();
-        let mut subs: HashSet<String> = HashSet::new();
         let mut aliases: HashMap<u16, String> = HashMap::new();
         let mut denied_qos2: HashSet<u16> = HashSet::new();
         // QoS 2 packet ids handed to the stores and not yet released: a redelivery (DUP) of one
@@ -782,6 +908,8 @@ impl Conn<'_> {
         loop {
             let mut out = BytesMut::new();
             let mut back = BytesMut::new();
+            // The client's acknowledgements of deliveries, for the broker in its order.
+            let mut acks: Vec<(Phase, u16, Bytes)> = Vec::new();
             loop {
                 let frame =
                     match packet::next_frame(&mut buf, self.version, limits.max_packet_bytes) {
@@ -841,6 +969,10 @@ impl Conn<'_> {
                             if let (Some(a), false) = (p.topic_alias, p.topic.is_empty()) {
                                 aliases.insert(a, p.topic.clone());
                             }
+                            let up = match self.for_broker(&frame) {
+                                Ok(b) => b,
+                                Err(e) => return End::Cut(Cut::packet(e)),
+                            };
                             let redelivered = p.qos == 2 && stored_qos2.contains(&p.pkid);
                             let commit = if redelivered {
                                 None
@@ -851,7 +983,7 @@ impl Conn<'_> {
                                     .await
                             };
                             match commit {
-                                None => out.extend_from_slice(&frame.raw),
+                                None => out.extend_from_slice(&up),
                                 Some(commit) => {
                                     if p.qos == 2 {
                                         stored_qos2.insert(p.pkid);
@@ -862,8 +994,7 @@ impl Conn<'_> {
                                     {
                                         return End::Closed;
                                     }
-                                    let item =
-                                        ToBroker::Committed(commit, frame.raw.clone(), p.qos);
+                                    let item = ToBroker::Committed(commit, up, p.qos);
                                     if to_broker.send(item).await.is_err() {
                                         return End::Closed;
                                     }
@@ -898,10 +1029,13 @@ impl Conn<'_> {
                         }
                     }
                     Kind::Subscribe => {
-                        let (pkid, filters) = match frame.subscribe() {
+                        let mut sub = match frame.subscribe_v5() {
                             Ok(s) => s,
                             Err(e) => return End::Cut(Cut::packet(e)),
                         };
+                        let pkid = sub.pkid;
+                        let filters: Vec<String> =
+                            sub.filters.iter().map(|f| f.path.clone()).collect();
                         if let Some(f) = filters.iter().find(|f| f.len() > limits.max_topic_len) {
                             return End::Cut(Cut::topic_too_long(f.len(), limits.max_topic_len));
                         }
@@ -916,66 +1050,75 @@ impl Conn<'_> {
                                 *p && self.shared.filters.admit(acl::strip_share(f).unwrap_or(f))
                             })
                             .collect();
-                        let new = filters
-                            .iter()
-                            .zip(&allowed)
-                            .filter(|(f, a)| **a && !subs.contains(*f))
-                            .count();
-                        if subs.len() + new > limits.max_subscriptions_per_client {
-                            return End::Cut(Cut {
-                                reason: "too_many_subscriptions",
-                                detail: format!(
-                                    "more than limits.max_subscriptions_per_client {}",
-                                    limits.max_subscriptions_per_client
-                                ),
-                                v5: DisconnectReasonCode::QuotaExceeded,
-                            });
-                        }
-                        for ((f, a), p) in filters.iter().zip(&allowed).zip(&permitted) {
-                            if *a {
-                                subs.insert(f.clone());
-                            } else if *p {
-                                self.shared.metrics.deny(self.role.label(), "filter_budget");
-                                warn!(client = %self.client_id, filter = %f, max = self.shared.filters.max, "SUBSCRIBE refused: the node's budget of distinct filters (gate.limits.max_distinct_filters) is spent");
-                            } else {
-                                self.shared.metrics.deny(self.role.label(), "subscribe");
-                                if !logged_sub {
-                                    logged_sub = true;
-                                    warn!(client = %self.client_id, role = self.role.label(), filter = %f, "SUBSCRIBE denied (further denials for this client are only counted)");
+                        {
+                            let mut subs = lock(&self.subs);
+                            let new = filters
+                                .iter()
+                                .zip(&allowed)
+                                .filter(|(f, a)| **a && !subs.contains(f))
+                                .count();
+                            if subs.len() + new > limits.max_subscriptions_per_client {
+                                return End::Cut(Cut {
+                                    reason: "too_many_subscriptions",
+                                    detail: format!(
+                                        "more than limits.max_subscriptions_per_client {}",
+                                        limits.max_subscriptions_per_client
+                                    ),
+                                    v5: DisconnectReasonCode::QuotaExceeded,
+                                });
+                            }
+                            for ((fl, a), p) in sub.filters.iter().zip(&allowed).zip(&permitted) {
+                                let f = &fl.path;
+                                if *a {
+                                    subs.subscribe(f, options_of(fl), retain_handling_of(fl));
+                                } else if *p {
+                                    self.shared.metrics.deny(self.role.label(), "filter_budget");
+                                    warn!(client = %self.client_id, filter = %f, max = self.shared.filters.max, "SUBSCRIBE refused: the node's budget of distinct filters (gate.limits.max_distinct_filters) is spent");
                                 } else {
-                                    debug!(client = %self.client_id, filter = %f, "SUBSCRIBE denied");
+                                    self.shared.metrics.deny(self.role.label(), "subscribe");
+                                    if !logged_sub {
+                                        logged_sub = true;
+                                        warn!(client = %self.client_id, role = self.role.label(), filter = %f, "SUBSCRIBE denied (further denials for this client are only counted)");
+                                    } else {
+                                        debug!(client = %self.client_id, filter = %f, "SUBSCRIBE denied");
+                                    }
                                 }
                             }
                         }
-                        if allowed.iter().all(|a| *a) {
-                            out.extend_from_slice(&frame.raw);
-                        } else if !allowed.iter().any(|a| *a) {
+                        if !allowed.iter().any(|a| *a) {
                             back.extend_from_slice(&packet::suback_all_denied(
                                 self.version,
                                 pkid,
                                 filters.len(),
                             ));
                         } else {
-                            let narrowed = match frame.subscribe_keeping(&allowed) {
-                                Ok(b) => b,
-                                Err(e) => return End::Cut(Cut::packet(e)),
-                            };
-                            if let Ok(mut p) = self.pending_subacks.lock() {
-                                p.insert(pkid, allowed);
+                            if !allowed.iter().all(|a| *a) {
+                                lock(&self.pending_subacks).insert(pkid, allowed.clone());
+                                let mut keep = allowed.iter();
+                                sub.filters
+                                    .retain(|_| keep.next().copied().unwrap_or(false));
                             }
-                            out.extend_from_slice(&narrowed);
+                            match packet::write_v5_subscribe(&sub) {
+                                Ok(b) => out.extend_from_slice(&b),
+                                Err(e) => return End::Cut(Cut::packet(e)),
+                            }
                         }
                     }
                     Kind::Unsubscribe => {
-                        match frame.unsubscribe() {
-                            Ok((_, filters)) => {
-                                for f in filters {
-                                    subs.remove(&f);
-                                }
+                        let uns = match frame.unsubscribe_v5() {
+                            Ok(u) => u,
+                            Err(e) => return End::Cut(Cut::packet(e)),
+                        };
+                        {
+                            let mut subs = lock(&self.subs);
+                            for f in &uns.filters {
+                                subs.unsubscribe(f);
                             }
+                        }
+                        match packet::write_v5_unsubscribe(&uns) {
+                            Ok(b) => out.extend_from_slice(&b),
                             Err(e) => return End::Cut(Cut::packet(e)),
                         }
-                        out.extend_from_slice(&frame.raw);
                     }
                     Kind::Connect => return End::Cut(Cut::protocol("second CONNECT")),
                     Kind::Auth => {
@@ -989,41 +1132,78 @@ impl Conn<'_> {
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         out.extend_from_slice(&frame.raw);
                     }
-                    Kind::Disconnect
-                        if self.version == Version::V5 && frame.raw[..] == [0xE0, 0x01, 0x00] =>
-                    {
+                    Kind::Disconnect => {
                         self.client_disconnected
                             .store(true, std::sync::atomic::Ordering::Relaxed);
-                        // [MQTT-3.14.2.1]: reason 0x00 (normal disconnection, the will is not
-                        // sent) may come as one byte with the properties left out; rumqttd
-                        // takes that form for a broken connection and publishes the will. The
-                        // same disconnect in the form it reads:
-                        out.extend_from_slice(&[0xE0, 0x00]);
+                        match frame.disconnect_session_expiry() {
+                            // [MQTT-3.14.2-2]: a session that was to end with the connection
+                            // cannot be given an expiry at DISCONNECT; that one is ignored.
+                            Ok(Some(e))
+                                if self.expiry.load(std::sync::atomic::Ordering::Relaxed) > 0 =>
+                            {
+                                self.expiry.store(e, std::sync::atomic::Ordering::Relaxed)
+                            }
+                            Ok(_) => {}
+                            Err(e) => return End::Cut(Cut::packet(e)),
+                        }
+                        // At once, not when the broker has closed: a client that reconnects
+                        // right after its DISCONNECT finds the session as that left it.
+                        self.close_session();
+                        if frame.raw[..] == [0xE0, 0x01, 0x00] {
+                            // [MQTT-3.14.2.1]: reason 0x00 (normal disconnection, the will is
+                            // not sent) may come as one byte with the properties left out;
+                            // rumqttd takes that form for a broken connection and publishes the
+                            // will. The same disconnect in the form it reads:
+                            out.extend_from_slice(&packet::DISCONNECT_NORMAL);
+                        } else {
+                            out.extend_from_slice(&frame.raw);
+                        }
                     }
-                    Kind::PubAck | Kind::PubComp if self.window.is_some() => {
-                        out.extend_from_slice(&frame.raw);
+                    Kind::PubAck | Kind::PubComp => {
                         let pkid = match frame.ack_pkid() {
                             Ok(p) => p,
                             Err(e) => return End::Cut(Cut::packet(e)),
                         };
+                        if frame.kind == Kind::PubComp {
+                            acks.push((Phase::Second, pkid, frame.raw.clone()));
+                        } else if lock(&self.qos2_as_qos1).remove(&pkid) {
+                            // A QoS 2 delivery the client got at QoS 1: its PUBACK is the
+                            // PUBREC the broker waits for, and the broker's PUBREL is ours.
+                            acks.push((
+                                Phase::First,
+                                pkid,
+                                packet::pubrec(Version::V5, pkid, None),
+                            ));
+                            lock(&self.withheld_qos2).insert(pkid);
+                        } else {
+                            acks.push((Phase::First, pkid, frame.raw.clone()));
+                        }
                         if let Some(w) = &self.window {
-                            let go = w
-                                .lock()
-                                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                                .acked(pkid);
-                            for raw in go {
+                            for raw in lock(w).acked(pkid) {
                                 back.extend_from_slice(&raw);
                             }
                         }
                     }
-                    Kind::Disconnect => {
-                        self.client_disconnected
-                            .store(true, std::sync::atomic::Ordering::Relaxed);
-                        out.extend_from_slice(&frame.raw)
+                    // 3.1.1 acknowledgements are valid MQTT 5 ones (success, no properties).
+                    Kind::PubRec => {
+                        let pkid = match frame.ack_pkid() {
+                            Ok(p) => p,
+                            Err(e) => return End::Cut(Cut::packet(e)),
+                        };
+                        acks.push((Phase::First, pkid, frame.raw.clone()));
                     }
-                    Kind::PubAck | Kind::PubRec | Kind::PubComp => {
-                        out.extend_from_slice(&frame.raw)
+                }
+            }
+            if !acks.is_empty() {
+                let mut order = self.acks.lock().await;
+                let mut up = BytesMut::new();
+                for (phase, pkid, ack) in acks {
+                    if !order.ready(phase, pkid, ack.clone(), &mut up) {
+                        up.extend_from_slice(&ack);
                     }
+                }
+                if write(upstream, up).await.is_err() {
+                    return End::Closed;
                 }
             }
             if !out.is_empty() && to_broker.send(ToBroker::Now(out)).await.is_err() {
@@ -1043,20 +1223,71 @@ impl Conn<'_> {
         }
     }
 
+    /// Starts the session's clock (once): from now it lasts its expiry, unless a CONNECT of the
+    /// client id takes it up again.
+    fn close_session(&self) {
+        let Some(id) = &self.session_id else {
+            return;
+        };
+        if self
+            .session_closed
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
+        let subs = lock(&self.subs).clone();
+        let expiry = self.expiry.load(std::sync::atomic::Ordering::Relaxed);
+        lock(&self.shared.sessions).close(
+            id,
+            self.conn_id,
+            expiry,
+            subs,
+            std::time::Instant::now(),
+        );
+    }
+
+    /// A client PUBLISH as the broker gets it: MQTT 5, marked with its [`Origin`].
+    fn for_broker(&self, frame: &packet::Frame) -> Result<Bytes, PacketError> {
+        let mut p = frame.publish_v5()?;
+        let props = p.properties.get_or_insert_with(Default::default);
+        Origin {
+            qos: p.qos as u8,
+            retain: p.retain,
+            conn: self.conn_id,
+            expires_at_ms: props
+                .message_expiry_interval
+                .map(|s| now_ms().saturating_add(u64::from(s) * 1000)),
+        }
+        .attach(&mut props.user_properties);
+        packet::write_publish(Version::V5, &p)
+    }
+
+    /// Acknowledges to the broker a delivery the client does not get: PUBACK for QoS 1; PUBREC
+    /// for QoS 2, whose PUBREL is then answered here.
+    fn ack_for_broker(&self, order: &mut AckOrder, qos: u8, pkid: u16, back: &mut BytesMut) {
+        let ack = match qos {
+            1 => packet::puback(Version::V5, pkid, None),
+            2 => {
+                lock(&self.withheld_qos2).insert(pkid);
+                packet::pubrec(Version::V5, pkid, None)
+            }
+            _ => return,
+        };
+        if !order.ready(Phase::First, pkid, ack.clone(), back) {
+            back.extend_from_slice(&ack);
+        }
+    }
+
     /// Puts a delivery the client may receive into `out`, or into the Receive Maximum window's
     /// wait when the client has as many unacknowledged as it asked for.
-    fn deliver(&self, p: &packet::PublishView, raw: &Bytes, out: &mut BytesMut) {
-        match (&self.window, p.qos) {
+    fn deliver(&self, qos: u8, pkid: u16, raw: Bytes, out: &mut BytesMut) {
+        match (&self.window, qos) {
             (Some(w), 1 | 2) => {
-                let now = w
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .offer(p.pkid, raw.clone());
-                if let Some(raw) = now {
+                if let Some(raw) = lock(w).offer(pkid, raw) {
                     out.extend_from_slice(&raw);
                 }
             }
-            _ => out.extend_from_slice(raw),
+            _ => out.extend_from_slice(&raw),
         }
     }
 
@@ -1072,8 +1303,10 @@ impl Conn<'_> {
     {
         let dir = self.shared.dir.as_ref();
         let mut buf = BytesMut::with_capacity(8192);
+        // The broker's topic aliases, and those the client has been told (a withheld delivery
+        // may have been the one that set an alias up).
         let mut aliases: HashMap<u16, String> = HashMap::new();
-        let mut withheld_qos2: HashSet<u16> = HashSet::new();
+        let mut told: HashSet<u16> = HashSet::new();
         let inspect = self.role != Role::Admin;
         loop {
             match reader.read_buf(&mut buf).await {
@@ -1087,8 +1320,9 @@ impl Conn<'_> {
             let _ = socket2::SockRef::from(reader.as_ref()).set_tcp_quickack(true);
             let mut out = BytesMut::new();
             let mut back = BytesMut::new();
+            let mut order = self.acks.lock().await;
             loop {
-                let frame = match packet::next_frame(&mut buf, self.version, UPSTREAM_MAX_PACKET) {
+                let frame = match packet::next_frame(&mut buf, Version::V5, UPSTREAM_MAX_PACKET) {
                     Ok(Some(f)) => f,
                     Ok(None) => break,
                     Err(e) => {
@@ -1096,75 +1330,127 @@ impl Conn<'_> {
                         return End::Closed;
                     }
                 };
-                match frame.kind {
-                    Kind::Publish
-                        if self
-                            .client_max_packet
-                            .is_some_and(|max| frame.raw.len() > max) =>
-                    {
-                        let Ok(p) = frame.publish() else {
+                let converted = match frame.kind {
+                    Kind::Publish => {
+                        let Ok(mut p) = frame.publish_v5() else {
                             return End::Closed;
                         };
-                        if let (Some(a), false) = (p.topic_alias, p.topic.is_empty()) {
-                            aliases.insert(a, p.topic.clone());
-                        }
-                        self.shared
-                            .metrics
-                            .deny(self.role.label(), "oversize_delivery");
-                        debug!(client = %self.client_id, topic = %p.topic, bytes = frame.raw.len(), "delivery larger than the client's Maximum Packet Size discarded");
-                        // Acknowledged for the client, so the broker does not send it again.
-                        ack_unforwarded(self.version, &p, None, &mut back, &mut withheld_qos2);
-                    }
-                    Kind::Publish if inspect => {
-                        let Ok(p) = frame.publish() else {
-                            return End::Closed;
-                        };
+                        let alias = p.properties.as_ref().and_then(|pr| pr.topic_alias);
                         let topic = if p.topic.is_empty() {
-                            p.topic_alias.and_then(|a| aliases.get(&a)).cloned()
+                            alias.and_then(|a| aliases.get(&a)).cloned()
                         } else {
-                            if let Some(a) = p.topic_alias {
-                                aliases.insert(a, p.topic.clone());
+                            let t = String::from_utf8(p.topic.to_vec()).ok();
+                            if let (Some(a), Some(t)) = (alias, &t) {
+                                aliases.insert(a, t.clone());
                             }
-                            Some(p.topic.clone())
+                            t
                         };
                         let Some(topic) = topic else {
                             return End::Closed;
                         };
-                        if acl::may_receive(&self.role, &topic, dir) {
-                            self.deliver(&p, &frame.raw, &mut out);
-                        } else {
+                        let origin = p
+                            .properties
+                            .as_mut()
+                            .and_then(|pr| Origin::take(&mut pr.user_properties));
+                        let (broker_qos, pkid) = (p.qos as u8, p.pkid);
+                        if broker_qos > 0 {
+                            order.sent(Phase::First, pkid);
+                        }
+                        if inspect && !acl::may_receive(&self.role, &topic, dir) {
                             self.shared.metrics.deny(self.role.label(), "deliver");
                             debug!(client = %self.client_id, topic = %topic, "delivery withheld");
-                            ack_unforwarded(self.version, &p, None, &mut back, &mut withheld_qos2);
+                            self.ack_for_broker(&mut order, broker_qos, pkid, &mut back);
+                            continue;
                         }
+                        let verdict = lock(&self.subs).verdict(
+                            self.conn_id,
+                            &topic,
+                            broker_qos,
+                            p.retain,
+                            origin,
+                            now_ms(),
+                        );
+                        let (qos, retain, left) = match verdict {
+                            Verdict::Deliver {
+                                qos,
+                                retain,
+                                expiry_left_s,
+                            } => (qos, retain, expiry_left_s),
+                            Verdict::Withhold | Verdict::Expired => {
+                                debug!(client = %self.client_id, topic = %topic, ?verdict, "delivery not for this client");
+                                self.ack_for_broker(&mut order, broker_qos, pkid, &mut back);
+                                continue;
+                            }
+                        };
+                        p.retain = retain;
+                        p.qos = packet::qos5(qos);
+                        if qos == 0 {
+                            p.pkid = 0;
+                        }
+                        if let Some(pr) = p.properties.as_mut() {
+                            if left.is_some() {
+                                pr.message_expiry_interval = left;
+                            }
+                        }
+                        if let Some(a) = alias {
+                            if p.topic.is_empty() && !told.contains(&a) {
+                                p.topic = Bytes::from(topic.clone());
+                            }
+                            if !p.topic.is_empty() {
+                                told.insert(a);
+                            }
+                        }
+                        let Ok(bytes) = packet::write_publish(self.version, &p) else {
+                            return End::Closed;
+                        };
+                        if self.client_max_packet.is_some_and(|max| bytes.len() > max) {
+                            self.shared
+                                .metrics
+                                .deny(self.role.label(), "oversize_delivery");
+                            debug!(client = %self.client_id, topic = %topic, bytes = bytes.len(), "delivery larger than the client's Maximum Packet Size discarded");
+                            // Acknowledged for the client, so the broker does not send it again.
+                            self.ack_for_broker(&mut order, broker_qos, pkid, &mut back);
+                            continue;
+                        }
+                        // Sent at a lower QoS than the broker's: the gate finishes the broker's
+                        // side of the exchange.
+                        match (broker_qos, qos) {
+                            (1, 0) | (2, 0) => {
+                                self.ack_for_broker(&mut order, broker_qos, pkid, &mut back)
+                            }
+                            (2, 1) => {
+                                lock(&self.qos2_as_qos1).insert(pkid);
+                            }
+                            _ => {}
+                        }
+                        self.deliver(qos, p.pkid, bytes, &mut out);
+                        continue;
                     }
-                    Kind::PubRel if inspect || !withheld_qos2.is_empty() => {
+                    Kind::PubRel => {
                         let Ok(pkid) = frame.pubrel_pkid() else {
                             return End::Closed;
                         };
-                        if withheld_qos2.remove(&pkid) {
-                            back.extend_from_slice(&packet::pubcomp(self.version, pkid));
-                        } else {
-                            out.extend_from_slice(&frame.raw);
+                        order.sent(Phase::Second, pkid);
+                        if lock(&self.withheld_qos2).remove(&pkid) {
+                            let comp = packet::pubcomp(Version::V5, pkid);
+                            if !order.ready(Phase::Second, pkid, comp.clone(), &mut back) {
+                                back.extend_from_slice(&comp);
+                            }
+                            continue;
                         }
+                        frame.ack_for(self.version)
+                    }
+                    Kind::PubAck | Kind::PubRec | Kind::PubComp | Kind::UnsubAck => {
+                        frame.ack_for(self.version)
                     }
                     Kind::SubAck => {
-                        let Ok(pkid) = frame.suback_pkid() else {
+                        let Ok(s) = frame.suback_v5() else {
                             return End::Closed;
                         };
-                        let pending = self
-                            .pending_subacks
-                            .lock()
-                            .ok()
-                            .and_then(|mut p| p.remove(&pkid));
-                        match pending {
-                            None => out.extend_from_slice(&frame.raw),
-                            Some(allowed) => match frame.suback_merged(&allowed) {
-                                Ok(b) => out.extend_from_slice(&b),
-                                Err(_) => return End::Closed,
-                            },
-                        }
+                        let pending = lock(&self.pending_subacks).remove(&s.pkid);
+                        packet::suback_for(self.version, s, pending.as_deref())
                     }
+                    Kind::ConnAck => frame.connack_for(self.version, self.session_present),
                     Kind::PingResp if self.keepalive_off => {
                         // Ours unless the client has a ping of its own outstanding.
                         let theirs = self
@@ -1175,23 +1461,60 @@ impl Conn<'_> {
                                 |n| n.checked_sub(1),
                             )
                             .is_ok();
-                        if theirs {
-                            out.extend_from_slice(&frame.raw);
+                        if !theirs {
+                            continue;
                         }
+                        Ok(frame.raw.clone())
                     }
-                    Kind::Publish if self.window.is_some() => {
-                        let Ok(p) = frame.publish() else {
-                            return End::Closed;
-                        };
-                        self.deliver(&p, &frame.raw, &mut out);
+                    // 3.1.1 has no server DISCONNECT (or AUTH): the broker closes next.
+                    Kind::Disconnect | Kind::Auth if self.version == Version::V4 => continue,
+                    _ => Ok(frame.raw.clone()),
+                };
+                match converted {
+                    Ok(b) => out.extend_from_slice(&b),
+                    Err(e) => {
+                        warn!(client = %self.client_id, error = %e, "bad packet from the upstream broker");
+                        return End::Closed;
                     }
-                    _ => out.extend_from_slice(&frame.raw),
                 }
             }
-            if write(client, out).await.is_err() || write(upstream, back).await.is_err() {
+            // The broker's acknowledgements first, while their order is held; a slow client
+            // then holds up only its own deliveries.
+            if write(upstream, back).await.is_err() {
+                return End::Closed;
+            }
+            drop(order);
+            if write(client, out).await.is_err() {
                 return End::Closed;
             }
         }
+    }
+}
+
+/// Milliseconds since the Unix epoch (message expiry deadlines).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A subscription's options as the gate keeps them.
+fn options_of(f: &rumqttc::v5::mqttbytes::v5::Filter) -> Options {
+    Options {
+        qos: f.qos as u8,
+        no_local: f.nolocal,
+        retain_as_published: f.preserve_retain,
+        no_retained: false,
+    }
+}
+
+/// MQTT 5 Retain Handling: 0 send retained messages, 1 only for a new subscription, 2 never.
+fn retain_handling_of(f: &rumqttc::v5::mqttbytes::v5::Filter) -> u8 {
+    use rumqttc::v5::mqttbytes::v5::RetainForwardRule as R;
+    match f.retain_forward_rule {
+        R::OnEverySubscribe => 0,
+        R::OnNewSubscribe => 1,
+        R::Never => 2,
     }
 }
 

@@ -77,8 +77,7 @@ impl TestGate {
             .block_on(Gate::bind(
                 cfg,
                 edgetwin_gate::Upstream {
-                    v4: up,
-                    v5: Some(up),
+                    broker: up,
                     login: None,
                 },
                 directory(),

@@ -362,8 +362,7 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
     let gate = edgetwin_gate::Gate::bind(
         front,
         edgetwin_gate::Upstream {
-            v4: internal.v4,
-            v5: Some(internal.v5),
+            broker: internal.v5,
             login: Some(internal.login.clone()),
         },
         directory.clone(),

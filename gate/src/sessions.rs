@@ -1,0 +1,264 @@
+//! Which client sessions the broker keeps, and until when: MQTT 5 Session Expiry, which rumqttd
+//! does not have.
+//!
+//! rumqttd keeps a session exactly when the CONNECT had `clean_start` 0, and keeps it for good.
+//! The gate therefore keeps the clock: it tells the broker to keep a session only when the
+//! client asked for one (3.1.1 `clean_session` 0, MQTT 5 Session Expiry Interval above 0),
+//! remembers when each kept session ends (its expiry counts from the disconnect, and a v5
+//! DISCONNECT may change it), and ends it at the broker when that time comes (a clean-start
+//! connect of the same client id, [`Sessions::expired`]). The table also keeps what the broker
+//! cannot: each session's subscription options (No Local, Retain As Published), which the
+//! connection that resumes the session gets back.
+//!
+//! Pure: the relay asks [`Sessions::open`] at CONNECT and [`Sessions::close`] at the end.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crate::origin::Subscriptions;
+
+/// Seconds that mean "never ends" (MQTT 5 §3.1.2.11.2).
+pub const FOREVER: u32 = u32::MAX;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// A connection (this gate number) has it.
+    By(u64),
+    /// Nobody; it ends then.
+    Until(Instant),
+    /// Nobody; it never ends.
+    Forever,
+    /// Its time ran out and the broker's copy is being ended ([`Sessions::expired`]); a CONNECT
+    /// of the client id waits for [`Sessions::cleared`].
+    Clearing,
+}
+
+#[derive(Debug, Clone)]
+struct Kept {
+    held: Held,
+    subs: Subscriptions,
+}
+
+/// What a CONNECT gets.
+#[derive(Debug, Clone)]
+pub struct Opened {
+    /// The broker holds an old session of this client id that has to go first (clean start,
+    /// or it expired): connect with clean start and disconnect before the real upstream connect.
+    pub clear_first: bool,
+    /// What the upstream CONNECT says: 0 keeps the session at the broker.
+    pub clean_start: bool,
+    /// The CONNACK's Session Present.
+    pub present: bool,
+    /// The resumed session's subscription options (empty for a new session).
+    pub subs: Subscriptions,
+}
+
+/// The kept sessions of every client id.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    kept: HashMap<String, Kept>,
+}
+
+impl Sessions {
+    /// A CONNECT of `client` on gate connection `conn`, asking for a clean start or not, with
+    /// `expiry` seconds of session after it ends. `None`: the broker's copy of an expired
+    /// session is being ended right now; ask again shortly.
+    pub fn open(
+        &mut self,
+        client: &str,
+        clean_start: bool,
+        expiry: u32,
+        conn: u64,
+        now: Instant,
+    ) -> Option<Opened> {
+        if self
+            .kept
+            .get(client)
+            .is_some_and(|k| k.held == Held::Clearing)
+        {
+            return None;
+        }
+        let old = self.kept.remove(client);
+        let alive = old.as_ref().is_some_and(|k| match k.held {
+            Held::Until(at) => at > now,
+            Held::By(_) | Held::Forever => true,
+            Held::Clearing => false,
+        });
+        let resume = alive && !clean_start;
+        let subs = match (resume, old.as_ref()) {
+            (true, Some(k)) => k.subs.clone(),
+            _ => Subscriptions::default(),
+        };
+        let keep = expiry > 0;
+        let opened = Opened {
+            // A clean-start connect ends the old session by itself; a kept new one cannot be a
+            // clean start at the broker, so the old one is ended first.
+            clear_first: old.is_some() && !resume && keep,
+            clean_start: !keep && !resume,
+            present: resume,
+            subs: subs.clone(),
+        };
+        if keep || resume {
+            self.kept.insert(
+                client.to_string(),
+                Kept {
+                    held: Held::By(conn),
+                    subs,
+                },
+            );
+        }
+        Some(opened)
+    }
+
+    /// Connection `conn` of `client` ended (or sent DISCONNECT) with `expiry` seconds of session
+    /// to run (the CONNECT's, or its DISCONNECT's) and `subs`. A session with no time left stays
+    /// in the table as expired until the broker's copy is ended: by the next CONNECT of the
+    /// client id or by the sweep, whichever comes first.
+    pub fn close(
+        &mut self,
+        client: &str,
+        conn: u64,
+        expiry: u32,
+        subs: Subscriptions,
+        now: Instant,
+    ) {
+        let Some(k) = self.kept.get_mut(client) else {
+            return;
+        };
+        if k.held != Held::By(conn) {
+            // Taken over by a newer connection: the session is that one's now.
+            return;
+        }
+        k.subs = subs;
+        k.held = match expiry {
+            FOREVER => Held::Forever,
+            s => Held::Until(now + Duration::from_secs(u64::from(s))),
+        };
+    }
+
+    /// Sessions whose time ran out: marked as being ended, for the caller to end the broker's
+    /// copies and then call [`Sessions::cleared`] for each.
+    pub fn expired(&mut self, now: Instant) -> Vec<String> {
+        let mut gone = Vec::new();
+        for (c, k) in &mut self.kept {
+            if matches!(k.held, Held::Until(at) if at <= now) {
+                k.held = Held::Clearing;
+                gone.push(c.clone());
+            }
+        }
+        gone
+    }
+
+    /// The broker's copy of `client`'s expired session is gone.
+    pub fn cleared(&mut self, client: &str) {
+        if self
+            .kept
+            .get(client)
+            .is_some_and(|k| k.held == Held::Clearing)
+        {
+            self.kept.remove(client);
+        }
+    }
+
+    /// How many sessions are kept (connected or not).
+    pub fn len(&self) -> usize {
+        self.kept.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.kept.is_empty()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn none() -> Subscriptions {
+        Subscriptions::default()
+    }
+
+    #[test]
+    fn no_expiry_means_no_session_after_the_connection() {
+        let mut s = Sessions::default();
+        let t = Instant::now();
+        let o = s.open("a", true, 0, 1, t).unwrap();
+        assert!(o.clean_start && !o.present && !o.clear_first);
+        s.close("a", 1, 0, none(), t);
+        assert!(s.is_empty());
+        let o = s.open("a", false, 0, 2, t).unwrap();
+        assert!(o.clean_start && !o.present);
+    }
+
+    #[test]
+    fn a_kept_session_resumes_within_its_expiry_and_not_after() {
+        let mut s = Sessions::default();
+        let t = Instant::now();
+        let o = s.open("a", true, 5, 1, t).unwrap();
+        assert!(!o.clean_start && !o.present && !o.clear_first);
+        s.close("a", 1, 5, none(), t);
+        let o = s
+            .open("a", false, 5, 2, t + Duration::from_secs(2))
+            .unwrap();
+        assert!(o.present && !o.clean_start && !o.clear_first);
+        s.close("a", 2, 5, none(), t + Duration::from_secs(2));
+        // Expired: not present, and the broker's old copy goes first.
+        let o = s
+            .open("a", false, 5, 3, t + Duration::from_secs(8))
+            .unwrap();
+        assert!(!o.present && o.clear_first && !o.clean_start);
+    }
+
+    #[test]
+    fn clean_start_with_expiry_ends_the_old_session_first_and_keeps_the_new_one() {
+        let mut s = Sessions::default();
+        let t = Instant::now();
+        s.open("a", true, 60, 1, t);
+        s.close("a", 1, 60, none(), t);
+        let o = s.open("a", true, 60, 2, t).unwrap();
+        assert!(o.clear_first && !o.clean_start && !o.present);
+    }
+
+    #[test]
+    fn a_disconnect_with_expiry_zero_ends_a_kept_session_at_once() {
+        let mut s = Sessions::default();
+        let t = Instant::now();
+        s.open("a", true, 60, 1, t);
+        s.close("a", 1, 0, none(), t);
+        // Reconnecting at once finds no session, and the broker's copy is ended first.
+        let o = s.open("a", false, 60, 2, t).unwrap();
+        assert!(!o.present && o.clear_first);
+    }
+
+    #[test]
+    fn the_sweep_ends_sessions_whose_time_ran_out_but_not_held_or_endless_ones() {
+        let mut s = Sessions::default();
+        let t = Instant::now();
+        s.open("short", true, 1, 1, t);
+        s.close("short", 1, 1, none(), t);
+        s.open("forever", false, FOREVER, 2, t);
+        s.close("forever", 2, FOREVER, none(), t);
+        s.open("held", true, 1, 3, t);
+        let later = t + Duration::from_secs(2);
+        assert_eq!(s.expired(later), vec!["short".to_string()]);
+        // While its broker copy is ended, a CONNECT of that id waits.
+        assert!(s.open("short", false, 1, 4, later).is_none());
+        s.cleared("short");
+        assert!(!s.open("short", false, 1, 4, later).unwrap().present);
+        assert_eq!(s.len(), 3);
+    }
+
+    #[test]
+    fn a_taken_over_session_belongs_to_the_newer_connection() {
+        let mut s = Sessions::default();
+        let t = Instant::now();
+        s.open("a", true, 60, 1, t);
+        let o = s.open("a", false, 60, 2, t).unwrap();
+        assert!(o.present);
+        // The old connection's end changes nothing.
+        s.close("a", 1, 0, none(), t);
+        assert!(s.open("a", false, 60, 3, t).unwrap().present);
+    }
+}

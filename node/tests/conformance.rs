@@ -1,0 +1,113 @@
+//! Standard MQTT through the node's front door, as a third-party paho-mqtt client sees it
+//! (`testkit/clients/conformance.py`; each scenario runs unchanged against Mosquitto, which is
+//! how the scenarios themselves were checked). The behaviours rumqttd alone gets wrong and the
+//! front door answers for: delivery QoS, No Local, the retain flags and Retain Handling,
+//! properties passed on, MQTT 5 session and message expiry, 3.1.1 persistent sessions.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::Command;
+
+use edgetwin_testkit::*;
+use serde_json::{json, Value};
+
+/// Runs one scenario of `conformance.py` against the node's front door.
+fn scenario(node: &Node, name: &str) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testkit/clients/conformance.py");
+    let out =
+        run(Command::new(python())
+            .arg(script)
+            .args(["--port", &node.port.to_string(), name]));
+    assert!(
+        out.status.success(),
+        "scenario {name} failed: {}\n{}\nnode log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        node.log()
+    );
+    let last = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or("")
+        .to_string();
+    serde_json::from_str(&last).unwrap_or_else(|e| panic!("scenario {name} printed {last}: {e}"))
+}
+
+#[test]
+fn mqtt_a_delivery_goes_at_the_lower_of_publish_and_subscription_qos_in_either_version() {
+    let node = Node::start(&[]);
+    let got = scenario(&node, "delivery_qos");
+    let each = json!([[0, 0], [1, 1], [2, 2]]);
+    assert_eq!(
+        got,
+        json!({"sub5-pub5": each, "sub4-pub4": each, "sub5-pub4": each, "sub4-pub5": each})
+    );
+}
+
+#[test]
+fn mqtt_lower_qos_deliveries_to_a_qos2_subscriber_never_stall_the_broker() {
+    let node = Node::start(&[]);
+    let got = scenario(&node, "downgraded_flows_complete");
+    assert_eq!(got, json!({"sent": 300, "received": 300, "qos": [0, 1]}));
+}
+
+#[test]
+fn mqtt_no_local_keeps_a_clients_own_publishes_from_it() {
+    let node = Node::start(&[]);
+    assert_eq!(scenario(&node, "no_local"), json!({"a": 0, "b": 1}));
+}
+
+#[test]
+fn mqtt_retain_as_published_and_retain_handling_are_honoured() {
+    let node = Node::start(&[]);
+    assert_eq!(
+        scenario(&node, "retain_flags"),
+        json!({"flags": [["norap", "kept", false], ["rap", "kept", true], ["rap", "live", false]]})
+    );
+    assert_eq!(
+        scenario(&node, "retain_handling"),
+        json!({"rh2": 0, "rh1_new": 1, "rh1_again": 0})
+    );
+}
+
+#[test]
+fn mqtt_publish_properties_reach_the_subscriber_and_the_internal_marker_never_does() {
+    let node = Node::start(&[]);
+    // A client's own `$edgetwin` user property is dropped (it could pose as another
+    // connection); everything else the publisher set arrives.
+    assert_eq!(
+        scenario(&node, "properties_pass_through"),
+        json!({"user": [["a", "2"]], "format": 1, "content_type": "text/plain",
+               "response_topic": "reply", "correlation": [1, 2], "qos": 1})
+    );
+}
+
+#[test]
+fn mqtt5_a_session_lasts_its_expiry_interval_and_not_longer() {
+    let node = Node::start(&[]);
+    assert_eq!(
+        scenario(&node, "session_expiry"),
+        json!({"first": false, "resumed": true, "queued": ["while away"], "after_expiry": false,
+               "after_expiry_msgs": 0, "after_disconnect_0": false, "clean_start_present": false})
+    );
+}
+
+#[test]
+fn mqtt5_a_queued_message_past_its_expiry_is_dropped_and_the_rest_count_down() {
+    let node = Node::start(&[]);
+    let got = scenario(&node, "message_expiry");
+    let got = got["got"].as_array().unwrap();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0][0], "long");
+    let left = got[0][1].as_u64().unwrap();
+    assert!((1..30).contains(&left), "expiry left {left}");
+}
+
+#[test]
+fn mqtt311_a_persistent_session_keeps_subscriptions_and_queued_messages_until_a_clean_session() {
+    let node = Node::start(&[]);
+    assert_eq!(
+        scenario(&node, "v4_persistent_session"),
+        json!({"present": true, "queued": ["queued"], "present_after_clean": false})
+    );
+}

@@ -1,0 +1,308 @@
+#!/usr/bin/env python3
+"""MQTT behaviours the spec is clear about, as a third-party paho-mqtt client sees them.
+
+    conformance.py --port P SCENARIO
+
+Runs one scenario against the broker on 127.0.0.1:P and prints one JSON object with what it
+observed; the caller asserts on it (so the same scenario can be pointed at Mosquitto to check
+the scenario itself). Topics carry a random prefix, so runs do not meet.
+"""
+import argparse
+import json
+import queue
+import random
+import sys
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+PORT = 0
+PREFIX = "cf%06d/" % random.randrange(10**6)
+
+
+class Client:
+    """A paho client with its deliveries in a queue and its acks waited for."""
+
+    def __init__(self, cid, v5=True, clean=True, expiry=None, receive_max=None):
+        self.v5 = v5
+        self.msgs = queue.Queue()
+        self.subacks = queue.Queue()
+        self.connacks = queue.Queue()
+        proto = mqtt.MQTTv5 if v5 else mqtt.MQTTv311
+        kw = {} if v5 else {"clean_session": clean}
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=proto, **kw)
+        self.c.on_message = lambda c, u, m: self.msgs.put(m)
+        self.c.on_subscribe = lambda c, u, mid, rc, p: self.subacks.put(rc)
+        self.c.on_connect = lambda c, u, f, rc, p: self.connacks.put((f.session_present, rc))
+        self.clean, self.expiry, self.receive_max = clean, expiry, receive_max
+
+    def connect(self):
+        if self.v5:
+            props = Properties(PacketTypes.CONNECT)
+            if self.expiry is not None:
+                props.SessionExpiryInterval = self.expiry
+            if self.receive_max is not None:
+                props.ReceiveMaximum = self.receive_max
+            self.c.connect("127.0.0.1", PORT, keepalive=30, clean_start=self.clean, properties=props)
+        else:
+            self.c.connect("127.0.0.1", PORT, keepalive=30)
+        self.c.loop_start()
+        present, rc = self.connacks.get(timeout=10)
+        return bool(present)
+
+    def sub(self, topic, qos=2, **opts):
+        if self.v5:
+            self.c.subscribe(PREFIX + topic, options=SubscribeOptions(qos=qos, **opts))
+        else:
+            self.c.subscribe(PREFIX + topic, qos)
+        self.subacks.get(timeout=10)
+
+    def pub(self, topic, payload, qos, retain=False, props=None):
+        info = self.c.publish(PREFIX + topic, payload, qos, retain, properties=props)
+        if qos > 0:
+            info.wait_for_publish(timeout=10)
+
+    def take(self, n, within=5.0):
+        """Up to n deliveries, waiting at most `within` seconds for them."""
+        got, end = [], time.time() + within
+        while len(got) < n:
+            left = end - time.time()
+            if left <= 0:
+                break
+            try:
+                got.append(self.msgs.get(timeout=left))
+            except queue.Empty:
+                break
+        return got
+
+    def quiet(self, within=1.0):
+        """Deliveries that arrive within `within` seconds (expected: none)."""
+        return self.take(10**9, within)
+
+    def close(self, expiry=None):
+        props = None
+        if self.v5 and expiry is not None:
+            props = Properties(PacketTypes.DISCONNECT)
+            props.SessionExpiryInterval = expiry
+        self.c.disconnect(properties=props)
+        self.c.loop_stop()
+
+
+def user_props(m):
+    p = getattr(m, "properties", None)
+    return [list(kv) for kv in getattr(p, "UserProperty", [])] if p else []
+
+
+def delivery_qos():
+    """A QoS 2 subscription gets each message at the publisher's QoS (v5 and 3.1.1, both ways)."""
+    out = {}
+    for sub_v5, pub_v5 in ((True, True), (False, False), (True, False), (False, True)):
+        s = Client("cf-s%d%d" % (sub_v5, pub_v5), v5=sub_v5)
+        s.connect()
+        s.sub("q", 2)
+        p = Client("cf-p%d%d" % (sub_v5, pub_v5), v5=pub_v5)
+        p.connect()
+        for q in (0, 1, 2):
+            p.pub("q", b"%d" % q, q)
+        got = s.take(3)
+        out["sub%s-pub%s" % ("5" if sub_v5 else "4", "5" if pub_v5 else "4")] = sorted(
+            [int(m.payload), m.qos] for m in got)
+        p.close()
+        s.close()
+    return out
+
+
+def downgraded_flows_complete(n=300):
+    """Many messages published at QoS 0 and 1 to a QoS 2 subscriber all arrive: the gate closes
+    the broker's QoS 2 exchanges it did not forward as such, so the broker's window never fills."""
+    s = Client("cf-dg-s")
+    s.connect()
+    s.sub("dg", 2)
+    p = Client("cf-dg-p")
+    p.connect()
+    for i in range(n):
+        p.pub("dg", b"%d" % i, i % 2)
+    got = s.take(n, within=20)
+    p.close()
+    s.close()
+    return {"sent": n, "received": len(got), "qos": sorted({m.qos for m in got})}
+
+
+def no_local():
+    a, b = Client("cf-nl-a"), Client("cf-nl-b")
+    a.connect()
+    b.connect()
+    a.sub("nl", 1, noLocal=True)
+    b.sub("nl", 1, noLocal=True)
+    a.pub("nl", b"from a", 1)
+    got_b = b.take(1)
+    got_a = a.quiet(1.0)
+    a.close()
+    b.close()
+    return {"a": len(got_a), "b": len(got_b)}
+
+
+def retain_flags():
+    a = Client("cf-rf")
+    a.connect()
+    a.sub("rap", 1, retainAsPublished=True)
+    a.sub("norap", 1)
+    a.pub("rap", b"live", 1, retain=False)
+    a.pub("rap", b"kept", 1, retain=True)
+    a.pub("norap", b"kept", 1, retain=True)
+    got = a.take(3)
+    a.pub("rap", b"", 1, retain=True)
+    a.pub("norap", b"", 1, retain=True)
+    a.close()
+    return {"flags": sorted([m.topic[len(PREFIX):], m.payload.decode(), bool(m.retain)] for m in got)}
+
+
+def retain_handling():
+    a = Client("cf-rh")
+    a.connect()
+    a.pub("rh/x", b"kept", 1, retain=True)
+    out = {}
+    a.sub("rh/+", 1, retainHandling=2)
+    out["rh2"] = len(a.quiet(1.0))
+    a.c.unsubscribe(PREFIX + "rh/+")
+    time.sleep(0.3)
+    a.sub("rh/+", 1, retainHandling=1)
+    out["rh1_new"] = len(a.take(1, 3.0))
+    a.sub("rh/+", 1, retainHandling=1)
+    out["rh1_again"] = len(a.quiet(1.0))
+    a.pub("rh/x", b"", 1, retain=True)
+    a.close()
+    return out
+
+
+def properties_pass_through():
+    a = Client("cf-pp")
+    a.connect()
+    a.sub("pp", 2)
+    props = Properties(PacketTypes.PUBLISH)
+    props.UserProperty = ("a", "2")
+    props.UserProperty = ("$edgetwin", "2199")  # a forgery of the gate's internal property
+    props.PayloadFormatIndicator = 1
+    props.ContentType = "text/plain"
+    props.ResponseTopic = PREFIX + "reply"
+    props.CorrelationData = b"\x01\x02"
+    a.pub("pp", b"hello", 1, props=props)
+    got = a.take(1)
+    a.close()
+    m = got[0]
+    p = m.properties
+    return {
+        "user": user_props(m),
+        "format": getattr(p, "PayloadFormatIndicator", None),
+        "content_type": getattr(p, "ContentType", None),
+        "response_topic": getattr(p, "ResponseTopic", "")[len(PREFIX):],
+        "correlation": list(getattr(p, "CorrelationData", b"")),
+        "qos": m.qos,
+    }
+
+
+def session_expiry():
+    out = {}
+    a = Client("cf-se", clean=True, expiry=2)
+    out["first"] = a.connect()
+    a.sub("se", 1)
+    a.close()
+    p = Client("cf-se-p")
+    p.connect()
+    p.pub("se", b"while away", 1)
+    a = Client("cf-se", clean=False, expiry=2)
+    out["resumed"] = a.connect()
+    out["queued"] = [m.payload.decode() for m in a.take(1)]
+    a.close()
+    time.sleep(3.5)
+    p.pub("se", b"after expiry", 1)
+    a = Client("cf-se", clean=False, expiry=2)
+    out["after_expiry"] = a.connect()
+    out["after_expiry_msgs"] = len(a.quiet(1.0))
+    # Expiry 0 at DISCONNECT ends a kept session at once.
+    a.close(expiry=0)
+    a = Client("cf-se", clean=False, expiry=60)
+    out["after_disconnect_0"] = a.connect()
+    a.close(expiry=0)
+    # clean_start with an expiry: a fresh session, kept afterwards.
+    a = Client("cf-se", clean=True, expiry=60)
+    a.connect()
+    a.sub("se", 1)
+    a.close()
+    a = Client("cf-se", clean=True, expiry=60)
+    out["clean_start_present"] = a.connect()
+    a.close(expiry=0)
+    p.close()
+    return out
+
+
+def message_expiry():
+    a = Client("cf-me", clean=True, expiry=60)
+    a.connect()
+    a.sub("me", 1)
+    a.close()
+    p = Client("cf-me-p")
+    p.connect()
+    for secs, text in ((1, "short"), (30, "long")):
+        props = Properties(PacketTypes.PUBLISH)
+        props.MessageExpiryInterval = secs
+        p.pub("me", text.encode(), 1, props=props)
+    time.sleep(2.5)
+    a = Client("cf-me", clean=False, expiry=60)
+    a.connect()
+    got = a.take(2, 3.0)
+    a.close(expiry=0)
+    p.close()
+    return {"got": [[m.payload.decode(), getattr(m.properties, "MessageExpiryInterval", None)]
+                    for m in got]}
+
+
+def v4_persistent_session():
+    a = Client("cf-v4ps", v5=False, clean=False)
+    a.connect()
+    a.sub("ps", 1)
+    a.close()
+    p = Client("cf-v4ps-p", v5=False)
+    p.connect()
+    p.pub("ps", b"queued", 1)
+    a = Client("cf-v4ps", v5=False, clean=False)
+    present = a.connect()
+    got = a.take(1)
+    a.close()
+    # And a clean session ends it.
+    a = Client("cf-v4ps", v5=False, clean=True)
+    a.connect()
+    a.close()
+    a = Client("cf-v4ps", v5=False, clean=False)
+    present_after_clean = a.connect()
+    a.close()
+    a = Client("cf-v4ps", v5=False, clean=True)
+    a.connect()
+    a.close()
+    p.close()
+    return {"present": present, "queued": [m.payload.decode() for m in got],
+            "present_after_clean": present_after_clean}
+
+
+SCENARIOS = {f.__name__: f for f in (delivery_qos, downgraded_flows_complete, no_local, retain_flags,
+                                     retain_handling, properties_pass_through, session_expiry,
+                                     message_expiry, v4_persistent_session)}
+
+
+def main():
+    global PORT
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("scenario", choices=sorted(SCENARIOS))
+    a = ap.parse_args()
+    PORT = a.port
+    print(json.dumps(SCENARIOS[a.scenario]()), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
