@@ -38,6 +38,7 @@ pub mod origin;
 pub mod packet;
 mod relay;
 pub mod sessions;
+pub mod subscribing;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -54,6 +55,7 @@ pub use config::{GateConfig, LimitsConfig, ListenerConfig, TlsConfig};
 pub use credentials::{add_user, hash_password, CredentialsError, RoleName};
 pub use intake::{Commit, Intake, NotStored, NothingStored, Submitted};
 pub use metrics::GateMetrics;
+pub use sessions::{NoSessionStore, SessionStore, StoredSession};
 
 use credentials::Credentials;
 use relay::Shared;
@@ -186,6 +188,8 @@ impl Gate {
                 logins,
                 client_ids: std::sync::Mutex::new(client_ids::ClientIds::new(MAX_CLIENT_IDS)),
                 sessions: std::sync::Mutex::new(sessions::Sessions::default()),
+                session_store: std::sync::OnceLock::new(),
+                subscribing: subscribing::Subscribing::default(),
                 next_conn: std::sync::atomic::AtomicU64::new(1),
             }),
         })
@@ -199,6 +203,12 @@ impl Gate {
             .collect()
     }
 
+    /// Keeps the session table in `store` across restarts (without it, sessions end with the
+    /// process). Set once, before [`run`](Gate::run).
+    pub fn keep_sessions_in(&self, store: Arc<dyn sessions::SessionStore>) {
+        let _ = self.shared.session_store.set(store);
+    }
+
     /// A handle that reloads the credentials file while the gate runs (SIGHUP).
     pub fn reloader(&self) -> CredentialsReloader {
         CredentialsReloader(self.shared.clone())
@@ -209,9 +219,11 @@ impl Gate {
         self.shared.metrics.clone()
     }
 
-    /// Accepts and relays clients until `shutdown` fires; then closes every connection and
-    /// returns once all of them have ended.
+    /// Restores the kept sessions at the broker (before any client is taken), then accepts and
+    /// relays clients until `shutdown` fires; then closes every connection and returns once all
+    /// of them have ended.
     pub async fn run(self, shutdown: CancellationToken) {
+        relay::restore_sessions(&self.shared).await;
         let tracker = TaskTracker::new();
         tracker.spawn(relay::end_expired_sessions(
             self.shared.clone(),

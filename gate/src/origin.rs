@@ -88,7 +88,7 @@ impl Origin {
 }
 
 /// A subscription's options, as the client gave them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Options {
     /// Maximum QoS.
     pub qos: u8,

@@ -714,16 +714,18 @@ pub fn upstream_client_id(id: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
-/// The MQTT 5 CONNECT that ends the broker's session of `client_id` (the upstream id): a clean
-/// start, which the broker answers by dropping the old session; a DISCONNECT follows at once.
-pub fn clear_session_connect(
+/// The gate's own MQTT 5 CONNECT for the broker's session of `client_id` (the upstream id):
+/// `clean_start` 1 ends the session the broker holds (a DISCONNECT follows at once), 0 makes the
+/// broker keep one (to put a stored session back after a restart).
+pub fn session_connect(
     client_id: &str,
     login: Option<&(String, String)>,
+    clean_start: bool,
 ) -> Result<Bytes, PacketError> {
     let c = v5::Connect {
         keep_alive: 10,
         client_id: client_id.to_string(),
-        clean_start: true,
+        clean_start,
         properties: None,
     };
     let login = login.map(|(u, p)| v5::Login::new(u.as_str(), p.as_str()));

@@ -31,7 +31,7 @@ use crate::logins::{Logins, Turn};
 use crate::metrics::{ConnectionLabels, GateMetrics};
 use crate::origin::{Options, Origin, Subscriptions, Verdict};
 use crate::packet::{self, Connect, Kind, PacketError, Refusal, Version};
-use crate::sessions::Sessions;
+use crate::sessions::{SessionStore, Sessions};
 use crate::tls::cert_identity;
 
 /// Everything the connections share.
@@ -56,6 +56,10 @@ pub(crate) struct Shared {
     pub client_ids: Mutex<crate::client_ids::ClientIds>,
     /// The sessions the broker keeps for clients, and until when.
     pub sessions: Mutex<Sessions>,
+    /// Where the session table outlives the process ([`crate::Gate::keep_sessions_in`]).
+    pub session_store: std::sync::OnceLock<Arc<dyn SessionStore>>,
+    /// SUBSCRIBEs the broker has not answered yet (publishes they match wait for them).
+    pub subscribing: crate::subscribing::Subscribing,
     /// The next connection's number (for [`Origin::conn`]).
     pub next_conn: std::sync::atomic::AtomicU64,
 }
@@ -343,6 +347,9 @@ pub(crate) async fn serve(
     if opened.as_ref().is_some_and(|o| o.clear_first) {
         end_at_broker(&shared, &upstream_id).await;
     }
+    if opened.is_some() {
+        shared.persist(&upstream_id);
+    }
     let upstream_addr = shared.upstream.broker;
     let upstream = match dial(
         upstream_addr,
@@ -411,6 +418,7 @@ pub(crate) async fn serve(
     };
     let end = conn.relay(client, buf, upstream, &shutdown).await;
     shared.metrics.active.dec();
+    shared.subscribing.ended(conn_id);
     // Unless its DISCONNECT did already, the session's clock starts now.
     conn.close_session();
     match end {
@@ -577,7 +585,7 @@ async fn dial(
 async fn end_at_broker(shared: &Shared, upstream_id: &str) {
     let attempt = async {
         let mut s = TcpStream::connect(shared.upstream.broker).await?;
-        let hello = packet::clear_session_connect(upstream_id, shared.upstream.login.as_ref())
+        let hello = packet::session_connect(upstream_id, shared.upstream.login.as_ref(), true)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
         s.write_all(&hello).await?;
         // The CONNACK: the broker has dropped the old session by then.
@@ -600,6 +608,153 @@ async fn end_at_broker(shared: &Shared, upstream_id: &str) {
     }
 }
 
+impl Shared {
+    /// Stores `client`'s session as the table has it now (or forgets it).
+    fn persist(&self, client: &str) {
+        let Some(store) = self.session_store.get() else {
+            return;
+        };
+        let s = lock(&self.sessions).stored(client, std::time::Instant::now(), now_ms());
+        match s {
+            Some(s) => store.put(client, &s),
+            None => store.remove(client),
+        }
+    }
+}
+
+/// Puts the stored sessions back: into the table, and at the broker (each client id's session
+/// with its filters subscribed), so what is published from now on is queued for them.
+pub(crate) async fn restore_sessions(shared: &Arc<Shared>) {
+    let Some(store) = shared.session_store.get().cloned() else {
+        return;
+    };
+    let stored = store.load();
+    let (now, ms) = (std::time::Instant::now(), now_ms());
+    let mut back = Vec::new();
+    {
+        let mut table = lock(&shared.sessions);
+        for (id, s) in stored {
+            if table.restore(&id, &s, now, ms) {
+                back.push((id, s.subs));
+            } else {
+                store.remove(&id);
+            }
+        }
+    }
+    let total = back.len();
+    let mut failed = 0usize;
+    let mut tasks = tokio::task::JoinSet::new();
+    for (id, subs) in back {
+        // A few at a time: each is one short connection to the broker.
+        while tasks.len() >= 16 {
+            if !matches!(tasks.join_next().await, Some(Ok(true))) {
+                failed += 1;
+            }
+        }
+        let shared = shared.clone();
+        tasks.spawn(async move { recreate_at_broker(&shared, &id, &subs).await });
+    }
+    while let Some(r) = tasks.join_next().await {
+        if !matches!(r, Ok(true)) {
+            failed += 1;
+        }
+    }
+    if total > 0 {
+        info!(sessions = total, failed, "kept client sessions restored");
+    }
+}
+
+/// Makes the broker hold `upstream_id`'s session with `subs` subscribed: a connect that keeps
+/// the session, a SUBSCRIBE, then DISCONNECT. The retained messages the broker sends for the new
+/// subscriptions are acknowledged here (a resumed session does not get them again). `false`:
+/// it failed (logged).
+async fn recreate_at_broker(
+    shared: &Shared,
+    upstream_id: &str,
+    subs: &[(String, Options)],
+) -> bool {
+    use rumqttc::v5::mqttbytes::v5 as m5;
+    let attempt = async {
+        let bad =
+            |e: PacketError| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string());
+        let mut s = TcpStream::connect(shared.upstream.broker).await?;
+        s.set_nodelay(true)?;
+        let hello = packet::session_connect(upstream_id, shared.upstream.login.as_ref(), false)
+            .map_err(bad)?;
+        s.write_all(&hello).await?;
+        if !subs.is_empty() {
+            let sub = m5::Subscribe {
+                pkid: 1,
+                filters: subs
+                    .iter()
+                    .map(|(f, o)| {
+                        let mut fl = m5::Filter::new(f.clone(), packet::qos5(o.qos));
+                        fl.nolocal = o.no_local;
+                        fl.preserve_retain = o.retain_as_published;
+                        fl
+                    })
+                    .collect(),
+                properties: None,
+            };
+            s.write_all(&packet::write_v5_subscribe(&sub).map_err(bad)?)
+                .await?;
+        }
+        let mut buf = BytesMut::with_capacity(4096);
+        let mut subscribed = subs.is_empty();
+        // What arrives shortly after the SUBACK (the retained messages) is answered too.
+        let quiet = tokio::time::sleep(Duration::from_millis(200));
+        tokio::pin!(quiet);
+        loop {
+            tokio::select! {
+                r = s.read_buf(&mut buf) => {
+                    if r? == 0 {
+                        return Err(std::io::Error::other("the broker closed"));
+                    }
+                }
+                _ = &mut quiet, if subscribed => break,
+            }
+            let mut back = BytesMut::new();
+            while let Some(f) =
+                packet::next_frame(&mut buf, Version::V5, UPSTREAM_MAX_PACKET).map_err(bad)?
+            {
+                match f.kind {
+                    Kind::SubAck => subscribed = true,
+                    // Answered as they come, which is the broker's order.
+                    Kind::Publish => {
+                        let p = f.publish_v5().map_err(bad)?;
+                        match p.qos as u8 {
+                            1 => back.extend_from_slice(&packet::puback(Version::V5, p.pkid, None)),
+                            2 => back.extend_from_slice(&packet::pubrec(Version::V5, p.pkid, None)),
+                            _ => {}
+                        }
+                    }
+                    Kind::PubRel => {
+                        let pkid = f.pubrel_pkid().map_err(bad)?;
+                        back.extend_from_slice(&packet::pubcomp(Version::V5, pkid));
+                    }
+                    _ => {}
+                }
+            }
+            s.write_all(&back).await?;
+        }
+        s.write_all(&packet::DISCONNECT_NORMAL).await?;
+        let mut sink = [0u8; 256];
+        while s.read(&mut sink).await? > 0 {}
+        std::io::Result::Ok(())
+    };
+    match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            warn!(client = %upstream_id, error = %e, "could not restore a kept session at the broker");
+            false
+        }
+        Err(_) => {
+            warn!(client = %upstream_id, "could not restore a kept session at the broker: timed out");
+            false
+        }
+    }
+}
+
 /// Ends, once a second, the sessions whose expiry ran out while nobody held them.
 pub(crate) async fn end_expired_sessions(shared: Arc<Shared>, shutdown: CancellationToken) {
     loop {
@@ -611,6 +766,7 @@ pub(crate) async fn end_expired_sessions(shared: Arc<Shared>, shutdown: Cancella
         for id in gone {
             end_at_broker(&shared, &id).await;
             lock(&shared.sessions).cleared(&id);
+            shared.persist(&id);
         }
     }
 }
@@ -969,6 +1125,12 @@ impl Conn<'_> {
                             if let (Some(a), false) = (p.topic_alias, p.topic.is_empty()) {
                                 aliases.insert(a, p.topic.clone());
                             }
+                            // A SUBSCRIBE another client sent before this publish takes effect
+                            // first (see `subscribing`).
+                            self.shared
+                                .subscribing
+                                .before_publish(self.conn_id, &topic)
+                                .await;
                             let up = match self.for_broker(&frame) {
                                 Ok(b) => b,
                                 Err(e) => return End::Cut(Cut::packet(e)),
@@ -1085,6 +1247,7 @@ impl Conn<'_> {
                                 }
                             }
                         }
+                        self.subscriptions_changed();
                         if !allowed.iter().any(|a| *a) {
                             back.extend_from_slice(&packet::suback_all_denied(
                                 self.version,
@@ -1102,6 +1265,11 @@ impl Conn<'_> {
                                 Ok(b) => out.extend_from_slice(&b),
                                 Err(e) => return End::Cut(Cut::packet(e)),
                             }
+                            self.shared.subscribing.sent(
+                                self.conn_id,
+                                pkid,
+                                sub.filters.iter().map(|f| f.path.clone()).collect(),
+                            );
                         }
                     }
                     Kind::Unsubscribe => {
@@ -1115,6 +1283,7 @@ impl Conn<'_> {
                                 subs.unsubscribe(f);
                             }
                         }
+                        self.subscriptions_changed();
                         match packet::write_v5_unsubscribe(&uns) {
                             Ok(b) => out.extend_from_slice(&b),
                             Err(e) => return End::Cut(Cut::packet(e)),
@@ -1244,6 +1413,19 @@ impl Conn<'_> {
             subs,
             std::time::Instant::now(),
         );
+        self.shared.persist(id);
+    }
+
+    /// Keeps a kept session's subscriptions in the session table (and its store) as they are
+    /// now.
+    fn subscriptions_changed(&self) {
+        let Some(id) = &self.session_id else {
+            return;
+        };
+        let subs = lock(&self.subs).clone();
+        if lock(&self.shared.sessions).update_subs(id, self.conn_id, &subs) {
+            self.shared.persist(id);
+        }
     }
 
     /// A client PUBLISH as the broker gets it: MQTT 5, marked with its [`Origin`].
@@ -1447,6 +1629,7 @@ impl Conn<'_> {
                         let Ok(s) = frame.suback_v5() else {
                             return End::Closed;
                         };
+                        self.shared.subscribing.answered(self.conn_id, s.pkid);
                         let pending = lock(&self.pending_subacks).remove(&s.pkid);
                         packet::suback_for(self.version, s, pending.as_deref())
                     }

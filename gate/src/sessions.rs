@@ -10,12 +10,17 @@
 //! cannot: each session's subscription options (No Local, Retain As Published), which the
 //! connection that resumes the session gets back.
 //!
+//! The table survives a restart through a [`SessionStore`] (the node's `sessions.redb`): at start
+//! the gate restores every session whose time has not run out and subscribes its filters at the
+//! broker again, so what is published from then on is queued for it. Messages that were queued
+//! at the broker when the node stopped are not kept (rumqttd holds them in memory).
+//!
 //! Pure: the relay asks [`Sessions::open`] at CONNECT and [`Sessions::close`] at the end.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crate::origin::Subscriptions;
+use crate::origin::{Options, Subscriptions};
 
 /// Seconds that mean "never ends" (MQTT 5 §3.1.2.11.2).
 pub const FOREVER: u32 = u32::MAX;
@@ -36,7 +41,43 @@ enum Held {
 #[derive(Debug, Clone)]
 struct Kept {
     held: Held,
+    /// Seconds after the disconnect (the CONNECT's, or its DISCONNECT's).
+    expiry: u32,
     subs: Subscriptions,
+}
+
+/// A kept session as it is stored across restarts.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoredSession {
+    /// Seconds after the disconnect ([`FOREVER`]: never ends).
+    pub expiry_s: u32,
+    /// When it ends, in milliseconds since the Unix epoch; `None` when it never ends or a
+    /// connection held it (then it ends `expiry_s` after the node is back).
+    pub ends_at_ms: Option<u64>,
+    /// Its filters with their options.
+    pub subs: Vec<(String, Options)>,
+}
+
+/// Where the session table is kept across restarts.
+pub trait SessionStore: Send + Sync {
+    /// Every stored session by (upstream) client id, once, at start.
+    fn load(&self) -> Vec<(String, StoredSession)>;
+    /// Stores (or replaces) a session. May return before it is on disk.
+    fn put(&self, client: &str, session: &StoredSession);
+    /// Forgets a session.
+    fn remove(&self, client: &str);
+}
+
+/// Keeps nothing: sessions end with the process (a gate without the node).
+#[derive(Debug, Default)]
+pub struct NoSessionStore;
+
+impl SessionStore for NoSessionStore {
+    fn load(&self) -> Vec<(String, StoredSession)> {
+        Vec::new()
+    }
+    fn put(&self, _: &str, _: &StoredSession) {}
+    fn remove(&self, _: &str) {}
 }
 
 /// What a CONNECT gets.
@@ -103,6 +144,7 @@ impl Sessions {
                 client.to_string(),
                 Kept {
                     held: Held::By(conn),
+                    expiry,
                     subs,
                 },
             );
@@ -130,6 +172,7 @@ impl Sessions {
             return;
         }
         k.subs = subs;
+        k.expiry = expiry;
         k.held = match expiry {
             FOREVER => Held::Forever,
             s => Held::Until(now + Duration::from_secs(u64::from(s))),
@@ -158,6 +201,65 @@ impl Sessions {
         {
             self.kept.remove(client);
         }
+    }
+
+    /// Connection `conn`'s subscriptions changed (kept with the session, so a restart finds
+    /// them).
+    pub fn update_subs(&mut self, client: &str, conn: u64, subs: &Subscriptions) -> bool {
+        match self.kept.get_mut(client) {
+            Some(k) if k.held == Held::By(conn) => {
+                k.subs = subs.clone();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// `client`'s session as it is to be stored; `None`: nothing to store (no session, or its
+    /// broker copy is being ended).
+    pub fn stored(&self, client: &str, now: Instant, now_ms: u64) -> Option<StoredSession> {
+        let k = self.kept.get(client)?;
+        let ends_at_ms = match k.held {
+            Held::Clearing => return None,
+            Held::By(_) | Held::Forever => None,
+            Held::Until(at) => Some(now_ms.saturating_add(
+                u64::try_from(at.saturating_duration_since(now).as_millis()).unwrap_or(u64::MAX),
+            )),
+        };
+        Some(StoredSession {
+            expiry_s: k.expiry,
+            ends_at_ms,
+            subs: k.subs.iter().map(|(f, o)| (f.clone(), *o)).collect(),
+        })
+    }
+
+    /// Puts back a session stored before a restart (nobody holds it now). `false`: its time ran
+    /// out meanwhile; it is not restored.
+    pub fn restore(&mut self, client: &str, s: &StoredSession, now: Instant, now_ms: u64) -> bool {
+        let held = if s.expiry_s == FOREVER {
+            Held::Forever
+        } else {
+            let ends = s
+                .ends_at_ms
+                .unwrap_or_else(|| now_ms.saturating_add(u64::from(s.expiry_s) * 1000));
+            if ends <= now_ms {
+                return false;
+            }
+            Held::Until(now + Duration::from_millis(ends - now_ms))
+        };
+        let mut subs = Subscriptions::default();
+        for (f, o) in &s.subs {
+            subs.subscribe(f, *o, 0);
+        }
+        self.kept.insert(
+            client.to_string(),
+            Kept {
+                held,
+                expiry: s.expiry_s,
+                subs,
+            },
+        );
+        true
     }
 
     /// How many sessions are kept (connected or not).
@@ -248,6 +350,48 @@ mod tests {
         s.cleared("short");
         assert!(!s.open("short", false, 1, 4, later).unwrap().present);
         assert_eq!(s.len(), 3);
+    }
+
+    #[test]
+    fn a_stored_session_comes_back_after_a_restart_with_its_time_and_subscriptions() {
+        let mut s = Sessions::default();
+        let t = Instant::now();
+        let ms = 1_000_000;
+        s.open("held", true, 60, 1, t);
+        let mut subs = none();
+        subs.subscribe(
+            "a/#",
+            Options {
+                qos: 1,
+                no_local: true,
+                retain_as_published: false,
+                no_retained: false,
+            },
+            0,
+        );
+        assert!(s.update_subs("held", 1, &subs));
+        s.open("left", true, 10, 2, t);
+        s.close("left", 2, 10, none(), t);
+        let held = s.stored("held", t, ms).unwrap();
+        assert_eq!(
+            (held.expiry_s, held.ends_at_ms, held.subs.len()),
+            (60, None, 1)
+        );
+        let left = s
+            .stored("left", t + Duration::from_secs(4), ms + 4000)
+            .unwrap();
+        assert_eq!(left.ends_at_ms, Some(ms + 10_000));
+
+        // The node is back 5 s later.
+        let mut back = Sessions::default();
+        let t2 = Instant::now();
+        assert!(back.restore("held", &held, t2, ms + 5000));
+        assert!(back.restore("left", &left, t2, ms + 5000));
+        let o = back.open("held", false, 60, 9, t2).unwrap();
+        assert!(o.present && o.subs.contains("a/#"));
+        // 20 s later "left" has run out.
+        let mut late = Sessions::default();
+        assert!(!late.restore("left", &left, t2, ms + 20_000));
     }
 
     #[test]

@@ -20,6 +20,7 @@ mod node_tests;
 mod registry;
 mod retained;
 pub mod serve;
+mod sessions;
 mod twin_service;
 
 pub use config::NodeConfig;

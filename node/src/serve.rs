@@ -370,6 +370,10 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
     )
     .await
     .context("MQTT front door")?;
+    let sessions_path = cfg.data_dir.join("sessions.redb");
+    let sessions = crate::sessions::DurableSessions::open(&sessions_path)
+        .with_context(|| format!("session table {}", sessions_path.display()))?;
+    gate.keep_sessions_in(std::sync::Arc::new(sessions));
     let gate_metrics = gate.metrics();
     metrics.register_with(|r| gate_metrics.register(r));
     let gate_reloader = Some(gate.reloader());

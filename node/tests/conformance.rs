@@ -2,7 +2,8 @@
 //! (`testkit/clients/conformance.py`; each scenario runs unchanged against Mosquitto, which is
 //! how the scenarios themselves were checked). The behaviours rumqttd alone gets wrong and the
 //! front door answers for: delivery QoS, No Local, the retain flags and Retain Handling,
-//! properties passed on, MQTT 5 session and message expiry, 3.1.1 persistent sessions.
+//! properties passed on, MQTT 5 session and message expiry, 3.1.1 persistent sessions, kept
+//! sessions across a restart of the node.
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
@@ -13,11 +14,17 @@ use serde_json::{json, Value};
 
 /// Runs one scenario of `conformance.py` against the node's front door.
 fn scenario(node: &Node, name: &str) -> Value {
+    scenario_with(node, name, &[])
+}
+
+/// [`scenario`] with more arguments for the script.
+fn scenario_with(node: &Node, name: &str, args: &[&str]) -> Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testkit/clients/conformance.py");
-    let out =
-        run(Command::new(python())
-            .arg(script)
-            .args(["--port", &node.port.to_string(), name]));
+    let out = run(Command::new(python())
+        .arg(script)
+        .args(["--port", &node.port.to_string()])
+        .args(args)
+        .arg(name));
     assert!(
         out.status.success(),
         "scenario {name} failed: {}\n{}\nnode log:\n{}",
@@ -109,5 +116,21 @@ fn mqtt311_a_persistent_session_keeps_subscriptions_and_queued_messages_until_a_
     assert_eq!(
         scenario(&node, "v4_persistent_session"),
         json!({"present": true, "queued": ["queued"], "present_after_clean": false})
+    );
+}
+
+#[test]
+fn mqtt_kept_sessions_and_their_subscription_options_survive_a_restart_of_the_node() {
+    let mut node = Node::start(&[]);
+    let prefix = ["--prefix", "restart/"];
+    scenario_with(&node, "persist_setup", &prefix);
+    node.stop();
+    node.restart();
+    // Published after the restart, before the clients come back: queued for their sessions.
+    assert_eq!(
+        scenario_with(&node, "persist_check", &prefix),
+        json!({"v4_present": true, "v4_msgs": ["after restart keep4"],
+               "v5_present": true, "v5_msgs": ["after restart keep5"], "v5_own": 0,
+               "short_present": false})
     );
 }

@@ -288,7 +288,53 @@ def v4_persistent_session():
             "present_after_clean": present_after_clean}
 
 
-SCENARIOS = {f.__name__: f for f in (delivery_qos, downgraded_flows_complete, no_local, retain_flags,
+def persist_setup():
+    """Kept sessions of both versions, and one that will have expired, before a node restart."""
+    a = Client("cf-keep4", v5=False, clean=False)
+    a.connect()
+    a.sub("keep4", 1)
+    a.close()
+    b = Client("cf-keep5", clean=True, expiry=300)
+    b.connect()
+    b.sub("keep5", 1, noLocal=True)
+    b.close()
+    c = Client("cf-short", clean=True, expiry=1)
+    c.connect()
+    c.sub("short", 1)
+    c.close()
+    return {}
+
+
+def persist_check():
+    """After the restart: publish, then resume each session."""
+    p = Client("cf-keep-p")
+    p.connect()
+    for t in ("keep4", "keep5", "short"):
+        p.pub(t, ("after restart " + t).encode(), 1)
+    out = {}
+    a = Client("cf-keep4", v5=False, clean=False)
+    out["v4_present"] = a.connect()
+    out["v4_msgs"] = [m.payload.decode() for m in a.take(1)]
+    a.close()
+    b = Client("cf-keep5", clean=False, expiry=300)
+    out["v5_present"] = b.connect()
+    out["v5_msgs"] = [m.payload.decode() for m in b.take(1)]
+    # Its No Local option came back with it: its own publish is not sent to it.
+    b.pub("keep5", b"own", 1)
+    out["v5_own"] = len(b.quiet(1.0))
+    b.close(expiry=0)
+    time.sleep(1.2)
+    c = Client("cf-short", clean=False, expiry=1)
+    out["short_present"] = c.connect()
+    c.close(expiry=0)
+    a = Client("cf-keep4", v5=False, clean=True)
+    a.connect()
+    a.close()
+    p.close()
+    return out
+
+
+SCENARIOS = {f.__name__: f for f in (persist_setup, persist_check, delivery_qos, downgraded_flows_complete, no_local, retain_flags,
                                      retain_handling, properties_pass_through, session_expiry,
                                      message_expiry, v4_persistent_session)}
 
@@ -297,9 +343,13 @@ def main():
     global PORT
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--prefix", help="topic prefix (default: random), to meet an earlier run")
     ap.add_argument("scenario", choices=sorted(SCENARIOS))
     a = ap.parse_args()
     PORT = a.port
+    if a.prefix:
+        global PREFIX
+        PREFIX = a.prefix
     print(json.dumps(SCENARIOS[a.scenario]()), flush=True)
     return 0
 
