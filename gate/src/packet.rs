@@ -886,6 +886,16 @@ pub fn pubcomp(version: Version, pkid: u16) -> Bytes {
     ack_bytes(r, out)
 }
 
+/// A PUBREL.
+pub fn pubrel(version: Version, pkid: u16) -> Bytes {
+    let mut out = BytesMut::new();
+    let r = match version {
+        Version::V4 => v4::PubRel::new(pkid).write(&mut out).map_err(m4_err),
+        Version::V5 => v5::PubRel::new(pkid, None).write(&mut out).map_err(m5_err),
+    };
+    ack_bytes(r, out)
+}
+
 /// A SUBACK refusing every one of `count` filters (v4 0x80, v5 0x87).
 pub fn suback_all_denied(version: Version, pkid: u16, count: usize) -> Bytes {
     let mut out = BytesMut::new();

@@ -407,6 +407,7 @@ pub(crate) async fn serve(
         qos2_as_qos1: Mutex::new(HashSet::new()),
         withheld_qos2: Mutex::new(HashSet::new()),
         acks: tokio::sync::Mutex::new(AckOrder::default()),
+        own_deliveries: Mutex::new(OwnDeliveries::default()),
         pending_subacks: Mutex::new(HashMap::new()),
         keepalive_off: connect.keep_alive() == 0,
         client_max_packet: connect.max_packet_size(),
@@ -682,61 +683,18 @@ async fn recreate_at_broker(
         let hello = packet::session_connect(upstream_id, shared.upstream.login.as_ref(), false)
             .map_err(bad)?;
         s.write_all(&hello).await?;
-        if !subs.is_empty() {
-            let sub = m5::Subscribe {
-                pkid: 1,
-                filters: subs
-                    .iter()
-                    .map(|(f, o)| {
-                        let mut fl = m5::Filter::new(f.clone(), packet::qos5(o.qos));
-                        fl.nolocal = o.no_local;
-                        fl.preserve_retain = o.retain_as_published;
-                        fl
-                    })
-                    .collect(),
-                properties: None,
-            };
-            s.write_all(&packet::write_v5_subscribe(&sub).map_err(bad)?)
-                .await?;
-        }
-        let mut buf = BytesMut::with_capacity(4096);
-        let mut subscribed = subs.is_empty();
-        // What arrives shortly after the SUBACK (the retained messages) is answered too.
-        let quiet = tokio::time::sleep(Duration::from_millis(200));
-        tokio::pin!(quiet);
-        loop {
-            tokio::select! {
-                r = s.read_buf(&mut buf) => {
-                    if r? == 0 {
-                        return Err(std::io::Error::other("the broker closed"));
-                    }
-                }
-                _ = &mut quiet, if subscribed => break,
-            }
-            let mut back = BytesMut::new();
-            while let Some(f) =
-                packet::next_frame(&mut buf, Version::V5, UPSTREAM_MAX_PACKET).map_err(bad)?
-            {
-                match f.kind {
-                    Kind::SubAck => subscribed = true,
-                    // Answered as they come, which is the broker's order.
-                    Kind::Publish => {
-                        let p = f.publish_v5().map_err(bad)?;
-                        match p.qos as u8 {
-                            1 => back.extend_from_slice(&packet::puback(Version::V5, p.pkid, None)),
-                            2 => back.extend_from_slice(&packet::pubrec(Version::V5, p.pkid, None)),
-                            _ => {}
-                        }
-                    }
-                    Kind::PubRel => {
-                        let pkid = f.pubrel_pkid().map_err(bad)?;
-                        back.extend_from_slice(&packet::pubcomp(Version::V5, pkid));
-                    }
-                    _ => {}
-                }
-            }
-            s.write_all(&back).await?;
-        }
+        let filters = subs
+            .iter()
+            .map(|(f, o)| {
+                let mut fl = m5::Filter::new(f.clone(), packet::qos5(o.qos));
+                fl.nolocal = o.no_local;
+                fl.preserve_retain = o.retain_as_published;
+                fl
+            })
+            .collect();
+        // The retained messages the broker sends for the new subscriptions are answered and
+        // dropped (a resumed session does not get them again).
+        subscribe_and_drain(&mut s, filters, Duration::from_millis(200)).await?;
         s.write_all(&packet::DISCONNECT_NORMAL).await?;
         let mut sink = [0u8; 256];
         while s.read(&mut sink).await? > 0 {}
@@ -751,6 +709,165 @@ async fn recreate_at_broker(
         Err(_) => {
             warn!(client = %upstream_id, "could not restore a kept session at the broker: timed out");
             false
+        }
+    }
+}
+
+/// On a connection of the gate's own to the broker: SUBSCRIBEs `filters` (none: nothing to
+/// send), then answers every delivery as it comes (the broker's order) until the SUBACK and
+/// `quiet` without traffic after it. Returns the retained messages among them.
+async fn subscribe_and_drain(
+    s: &mut TcpStream,
+    filters: Vec<rumqttc::v5::mqttbytes::v5::Filter>,
+    quiet: Duration,
+) -> std::io::Result<Vec<rumqttc::v5::mqttbytes::v5::Publish>> {
+    let bad = |e: PacketError| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string());
+    let mut subscribed = filters.is_empty();
+    if !subscribed {
+        let sub = rumqttc::v5::mqttbytes::v5::Subscribe {
+            pkid: 1,
+            filters,
+            properties: None,
+        };
+        s.write_all(&packet::write_v5_subscribe(&sub).map_err(bad)?)
+            .await?;
+    }
+    let mut got = Vec::new();
+    let mut buf = BytesMut::with_capacity(4096);
+    loop {
+        let wait = if subscribed {
+            quiet
+        } else {
+            Duration::from_secs(2)
+        };
+        match tokio::time::timeout(wait, s.read_buf(&mut buf)).await {
+            Err(_) if subscribed => return Ok(got),
+            Err(_) => return Err(std::io::Error::other("no SUBACK from the broker")),
+            Ok(r) => {
+                if r? == 0 {
+                    return Err(std::io::Error::other("the broker closed"));
+                }
+            }
+        }
+        let mut back = BytesMut::new();
+        while let Some(f) =
+            packet::next_frame(&mut buf, Version::V5, UPSTREAM_MAX_PACKET).map_err(bad)?
+        {
+            match f.kind {
+                Kind::SubAck => subscribed = true,
+                Kind::Publish => {
+                    let p = f.publish_v5().map_err(bad)?;
+                    match p.qos as u8 {
+                        1 => back.extend_from_slice(&packet::puback(Version::V5, p.pkid, None)),
+                        2 => back.extend_from_slice(&packet::pubrec(Version::V5, p.pkid, None)),
+                        _ => {}
+                    }
+                    if p.retain {
+                        got.push(p);
+                    }
+                }
+                Kind::PubRel => {
+                    let pkid = f.pubrel_pkid().map_err(bad)?;
+                    back.extend_from_slice(&packet::pubcomp(Version::V5, pkid));
+                }
+                _ => {}
+            }
+        }
+        s.write_all(&back).await?;
+    }
+}
+
+/// The gate's own deliveries to one client, outstanding: packet ids above the broker's (rumqttd
+/// numbers its deliveries 1 to 100), with the QoS 2 ones' state.
+#[derive(Debug, Default)]
+struct OwnDeliveries {
+    next: u16,
+    /// Packet id → (QoS, PUBREC received).
+    out: HashMap<u16, (u8, bool)>,
+}
+
+/// The first packet id the gate uses for its own deliveries.
+const OWN_PKIDS: u16 = 1000;
+
+impl OwnDeliveries {
+    /// A free packet id for a delivery at `qos` (`None`: every one is in use).
+    fn next(&mut self, qos: u8) -> Option<u16> {
+        for _ in OWN_PKIDS..=u16::MAX {
+            self.next = if self.next < OWN_PKIDS || self.next == u16::MAX {
+                OWN_PKIDS
+            } else {
+                self.next + 1
+            };
+            if !self.out.contains_key(&self.next) {
+                self.out.insert(self.next, (qos, false));
+                return Some(self.next);
+            }
+        }
+        None
+    }
+
+    /// The client's PUBREC for `pkid`: `true` when it is one of ours (a PUBREL goes back).
+    fn received(&mut self, pkid: u16) -> bool {
+        match self.out.get_mut(&pkid) {
+            Some((2, rec)) => {
+                *rec = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The client's PUBACK or PUBCOMP (`kind`) for `pkid`: `true` when it ends one of ours.
+    fn done(&mut self, pkid: u16, kind: Kind) -> bool {
+        let ends = matches!(
+            (self.out.get(&pkid), kind),
+            (Some((1, _)), Kind::PubAck) | (Some((2, _)), Kind::PubComp)
+        );
+        if ends {
+            self.out.remove(&pkid);
+        }
+        ends
+    }
+}
+
+/// The retained messages matching `filter`, fetched from the broker on a connection of the
+/// gate's own (a clean session subscribing the filter; rumqttd sends a new subscription the
+/// retained messages, at most its in-flight window of them). Empty when that fails (logged).
+async fn fetch_retained(
+    shared: &Shared,
+    conn: u64,
+    filter: &str,
+) -> Vec<rumqttc::v5::mqttbytes::v5::Publish> {
+    use rumqttc::v5::mqttbytes::v5 as m5;
+    // No client id encodes to this (the gate's encoding writes `%` only before two hex digits).
+    let id = format!("%retained-{conn}");
+    let attempt = async {
+        let bad =
+            |e: PacketError| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string());
+        let mut s = TcpStream::connect(shared.upstream.broker).await?;
+        s.set_nodelay(true)?;
+        s.write_all(
+            &packet::session_connect(&id, shared.upstream.login.as_ref(), true).map_err(bad)?,
+        )
+        .await?;
+        // The retained messages follow the SUBACK at once; a short quiet ends the fetch.
+        let filters = vec![m5::Filter::new(filter.to_string(), packet::qos5(2))];
+        let got = subscribe_and_drain(&mut s, filters, Duration::from_millis(50)).await?;
+        s.write_all(&packet::DISCONNECT_NORMAL).await?;
+        std::io::Result::Ok(got)
+    };
+    match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+        Ok(Ok(got)) => got,
+        Ok(Err(e)) => {
+            warn!(filter, error = %e, "could not fetch retained messages for a re-subscription");
+            Vec::new()
+        }
+        Err(_) => {
+            warn!(
+                filter,
+                "could not fetch retained messages for a re-subscription: timed out"
+            );
+            Vec::new()
         }
     }
 }
@@ -799,6 +916,9 @@ struct Conn<'a> {
     /// Acknowledgements to the broker, held to its order (see [`crate::acks`]); held while they
     /// are written, so the two directions' acknowledgements do not overtake each other.
     acks: tokio::sync::Mutex<AckOrder>,
+    /// Deliveries the gate sends the client itself (retained messages again for a
+    /// re-subscription), under packet ids the broker never uses.
+    own_deliveries: Mutex<OwnDeliveries>,
     /// SUBSCRIBEs forwarded without some filters: packet id → which of the client's filters were
     /// allowed.
     pending_subacks: Mutex<HashMap<u16, Vec<bool>>>,
@@ -1066,6 +1186,9 @@ impl Conn<'_> {
             let mut back = BytesMut::new();
             // The client's acknowledgements of deliveries, for the broker in its order.
             let mut acks: Vec<(Phase, u16, Bytes)> = Vec::new();
+            // Filters subscribed again with Retain Handling 0: their retained messages are sent
+            // once more, by the gate.
+            let mut resend: Vec<(String, u8)> = Vec::new();
             loop {
                 let frame =
                     match packet::next_frame(&mut buf, self.version, limits.max_packet_bytes) {
@@ -1232,6 +1355,13 @@ impl Conn<'_> {
                             for ((fl, a), p) in sub.filters.iter().zip(&allowed).zip(&permitted) {
                                 let f = &fl.path;
                                 if *a {
+                                    // rumqttd sends retained messages only for a new filter.
+                                    if subs.contains(f)
+                                        && retain_handling_of(fl) == 0
+                                        && !f.starts_with("$share/")
+                                    {
+                                        resend.push((f.clone(), fl.qos as u8));
+                                    }
                                     subs.subscribe(f, options_of(fl), retain_handling_of(fl));
                                 } else if *p {
                                     self.shared.metrics.deny(self.role.label(), "filter_budget");
@@ -1333,7 +1463,9 @@ impl Conn<'_> {
                             Ok(p) => p,
                             Err(e) => return End::Cut(Cut::packet(e)),
                         };
-                        if frame.kind == Kind::PubComp {
+                        if lock(&self.own_deliveries).done(pkid, frame.kind) {
+                            // One of the gate's own deliveries: nothing for the broker.
+                        } else if frame.kind == Kind::PubComp {
                             acks.push((Phase::Second, pkid, frame.raw.clone()));
                         } else if lock(&self.qos2_as_qos1).remove(&pkid) {
                             // A QoS 2 delivery the client got at QoS 1: its PUBACK is the
@@ -1359,7 +1491,28 @@ impl Conn<'_> {
                             Ok(p) => p,
                             Err(e) => return End::Cut(Cut::packet(e)),
                         };
-                        acks.push((Phase::First, pkid, frame.raw.clone()));
+                        if lock(&self.own_deliveries).received(pkid) {
+                            back.extend_from_slice(&packet::pubrel(self.version, pkid));
+                        } else {
+                            acks.push((Phase::First, pkid, frame.raw.clone()));
+                        }
+                    }
+                }
+            }
+            if !resend.is_empty() {
+                // After the SUBSCRIBE itself, so the SUBACK comes first.
+                if !out.is_empty()
+                    && to_broker
+                        .send(ToBroker::Now(std::mem::take(&mut out)))
+                        .await
+                        .is_err()
+                {
+                    return End::Closed;
+                }
+                for (filter, max_qos) in resend {
+                    let retained = fetch_retained(self.shared, self.conn_id, &filter).await;
+                    for p in retained {
+                        self.deliver_own(p, max_qos, &mut back);
                     }
                 }
             }
@@ -1426,6 +1579,57 @@ impl Conn<'_> {
         if lock(&self.shared.sessions).update_subs(id, self.conn_id, &subs) {
             self.shared.persist(id);
         }
+    }
+
+    /// Sends the client a retained message the gate fetched itself, at min(publish QoS,
+    /// `max_qos`) under one of the gate's own packet ids.
+    fn deliver_own(
+        &self,
+        mut p: rumqttc::v5::mqttbytes::v5::Publish,
+        max_qos: u8,
+        out: &mut BytesMut,
+    ) {
+        let origin = p
+            .properties
+            .as_mut()
+            .and_then(|pr| Origin::take(&mut pr.user_properties));
+        let topic = String::from_utf8_lossy(&p.topic).into_owned();
+        if self.role != Role::Admin
+            && !acl::may_receive(&self.role, &topic, self.shared.dir.as_ref())
+        {
+            return;
+        }
+        let qos = (p.qos as u8).min(max_qos).min(origin.map_or(2, |o| o.qos));
+        p.qos = packet::qos5(qos);
+        p.retain = true;
+        p.dup = false;
+        if let Some(pr) = p.properties.as_mut() {
+            pr.topic_alias = None;
+            pr.subscription_identifiers.clear();
+        }
+        p.pkid = if qos == 0 {
+            0
+        } else {
+            match lock(&self.own_deliveries).next(qos) {
+                Some(id) => id,
+                None => return,
+            }
+        };
+        let Ok(bytes) = packet::write_publish(self.version, &p) else {
+            return;
+        };
+        if self.client_max_packet.is_some_and(|max| bytes.len() > max) {
+            lock(&self.own_deliveries).done(
+                p.pkid,
+                if qos == 1 {
+                    Kind::PubAck
+                } else {
+                    Kind::PubComp
+                },
+            );
+            return;
+        }
+        self.deliver(qos, p.pkid, bytes, out);
     }
 
     /// A client PUBLISH as the broker gets it: MQTT 5, marked with its [`Origin`].
@@ -1707,6 +1911,27 @@ async fn write<W: AsyncWrite + Unpin>(w: &Writer<W>, bytes: BytesMut) -> std::io
     }
     let bytes: Bytes = bytes.freeze();
     w.lock().await.write_all(&bytes).await
+}
+
+#[cfg(test)]
+mod own_delivery_tests {
+    use super::*;
+
+    #[test]
+    fn own_deliveries_use_packet_ids_the_broker_never_does_and_end_with_the_right_ack() {
+        let mut o = OwnDeliveries::default();
+        let one = o.next(1).unwrap_or(0);
+        let two = o.next(2).unwrap_or(0);
+        assert!(one >= OWN_PKIDS && two >= OWN_PKIDS && one != two);
+        // A broker delivery's packet id is not ours.
+        assert!(!o.done(7, Kind::PubAck));
+        // QoS 1 ends with PUBACK; QoS 2 with PUBREC, then PUBCOMP (a PUBACK does not end it).
+        assert!(o.done(one, Kind::PubAck));
+        assert!(!o.done(two, Kind::PubAck));
+        assert!(o.received(two));
+        assert!(o.done(two, Kind::PubComp));
+        assert!(o.out.is_empty());
+    }
 }
 
 #[cfg(test)]

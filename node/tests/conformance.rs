@@ -73,7 +73,7 @@ fn mqtt_retain_as_published_and_retain_handling_are_honoured() {
     );
     assert_eq!(
         scenario(&node, "retain_handling"),
-        json!({"rh2": 0, "rh1_new": 1, "rh1_again": 0})
+        json!({"rh2": 0, "rh1_new": 1, "rh1_again": 0, "rh0_again": [["kept", true, 1]]})
     );
 }
 

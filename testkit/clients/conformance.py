@@ -174,6 +174,10 @@ def retain_handling():
     out["rh1_new"] = len(a.take(1, 3.0))
     a.sub("rh/+", 1, retainHandling=1)
     out["rh1_again"] = len(a.quiet(1.0))
+    # Retain Handling 0 on a filter already subscribed: the retained message again.
+    a.sub("rh/+", 2, retainHandling=0)
+    again = a.take(1, 3.0)
+    out["rh0_again"] = [[m.payload.decode(), bool(m.retain), m.qos] for m in again]
     a.pub("rh/x", b"", 1, retain=True)
     a.close()
     return out
