@@ -4,7 +4,8 @@
 //! mapper kick another protocol's mapper off the node, or read a persistent session's queue. The
 //! gate lets an id be used only by the identity (user, certificate name, `anonymous`) that holds
 //! it: while it is connected, and for a session the broker keeps after the disconnect, from then
-//! on (that session lives as long as the node runs). A different identity is refused with MQTT's
+//! on, across restarts of the node too (the kept sessions the gate restores name their identity,
+//! [`ClientIds::hold_kept`]). A different identity is refused with MQTT's
 //! "client identifier not valid". The same identity takes its own session over as MQTT says.
 //!
 //! Pure: the relay calls [`ClientIds::claim`] after authentication and [`ClientIds::release`]
@@ -81,6 +82,25 @@ impl ClientIds {
         Ok(())
     }
 
+    /// `identity` held `client_id` with a kept session before the node restarted: it is still
+    /// theirs (unless someone holds it already).
+    pub fn hold_kept(&mut self, client_id: &str, identity: &str) {
+        if client_id.is_empty() || self.held.contains_key(client_id) {
+            return;
+        }
+        if self.held.len() >= self.max {
+            self.forget_one_idle();
+        }
+        self.held.insert(
+            client_id.to_string(),
+            Holder {
+                identity: identity.to_string(),
+                live: 0,
+                kept: true,
+            },
+        );
+    }
+
     /// A connection that claimed `client_id` ended.
     pub fn release(&mut self, client_id: &str) {
         if let Some(h) = self.held.get_mut(client_id) {
@@ -109,6 +129,14 @@ impl ClientIds {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_ids_a_kept_session_restored_after_a_restart_stays_its_identitys() {
+        let mut ids = ClientIds::new(10);
+        ids.hold_kept("app-1", "app");
+        assert!(ids.claim("app-1", "mapper", true).is_err());
+        assert_eq!(ids.claim("app-1", "app", true), Ok(()));
+    }
 
     #[test]
     fn client_ids_another_identity_cannot_take_a_connected_id() {

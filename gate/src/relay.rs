@@ -348,6 +348,7 @@ pub(crate) async fn serve(
         end_at_broker(&shared, &upstream_id).await;
     }
     if opened.is_some() {
+        lock(&shared.sessions).set_owner(&upstream_id, &client_id, &identity);
         shared.persist(&upstream_id);
     }
     let upstream_addr = shared.upstream.broker;
@@ -636,6 +637,7 @@ pub(crate) async fn restore_sessions(shared: &Arc<Shared>) {
         let mut table = lock(&shared.sessions);
         for (id, s) in stored {
             if table.restore(&id, &s, now, ms) {
+                lock(&shared.client_ids).hold_kept(&s.client_id, &s.identity);
                 back.push((id, s.subs));
             } else {
                 store.remove(&id);

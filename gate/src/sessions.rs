@@ -44,6 +44,8 @@ struct Kept {
     /// Seconds after the disconnect (the CONNECT's, or its DISCONNECT's).
     expiry: u32,
     subs: Subscriptions,
+    /// The client id as the client wrote it, and the identity holding it.
+    owner: Option<(String, String)>,
 }
 
 /// A kept session as it is stored across restarts.
@@ -56,6 +58,13 @@ pub struct StoredSession {
     pub ends_at_ms: Option<u64>,
     /// Its filters with their options.
     pub subs: Vec<(String, Options)>,
+    /// The client id as the client wrote it (the key is the broker's form of it).
+    #[serde(default)]
+    pub client_id: String,
+    /// The identity (user, certificate name, `anonymous`) holding it: after a restart, the
+    /// client id is still that identity's (see [`crate::client_ids`]).
+    #[serde(default)]
+    pub identity: String,
 }
 
 /// Where the session table is kept across restarts.
@@ -146,6 +155,7 @@ impl Sessions {
                     held: Held::By(conn),
                     expiry,
                     subs,
+                    owner: old.and_then(|k| k.owner),
                 },
             );
         }
@@ -215,6 +225,13 @@ impl Sessions {
         }
     }
 
+    /// Who holds `client`'s session: the client id as written and the identity.
+    pub fn set_owner(&mut self, client: &str, client_id: &str, identity: &str) {
+        if let Some(k) = self.kept.get_mut(client) {
+            k.owner = Some((client_id.to_string(), identity.to_string()));
+        }
+    }
+
     /// `client`'s session as it is to be stored; `None`: nothing to store (no session, or its
     /// broker copy is being ended).
     pub fn stored(&self, client: &str, now: Instant, now_ms: u64) -> Option<StoredSession> {
@@ -226,10 +243,13 @@ impl Sessions {
                 u64::try_from(at.saturating_duration_since(now).as_millis()).unwrap_or(u64::MAX),
             )),
         };
+        let (client_id, identity) = k.owner.clone().unwrap_or_default();
         Some(StoredSession {
             expiry_s: k.expiry,
             ends_at_ms,
             subs: k.subs.iter().map(|(f, o)| (f.clone(), *o)).collect(),
+            client_id,
+            identity,
         })
     }
 
@@ -257,6 +277,7 @@ impl Sessions {
                 held,
                 expiry: s.expiry_s,
                 subs,
+                owner: (!s.identity.is_empty()).then(|| (s.client_id.clone(), s.identity.clone())),
             },
         );
         true
@@ -370,9 +391,14 @@ mod tests {
             0,
         );
         assert!(s.update_subs("held", 1, &subs));
+        s.set_owner("held", "plant/held", "app");
         s.open("left", true, 10, 2, t);
         s.close("left", 2, 10, none(), t);
         let held = s.stored("held", t, ms).unwrap();
+        assert_eq!(
+            (held.client_id.as_str(), held.identity.as_str()),
+            ("plant/held", "app")
+        );
         assert_eq!(
             (held.expiry_s, held.ends_at_ms, held.subs.len()),
             (60, None, 1)

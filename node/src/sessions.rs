@@ -199,6 +199,8 @@ mod tests {
             expiry_s: 60,
             ends_at_ms: Some(123),
             subs: Vec::new(),
+            client_id: "plant/a".into(),
+            identity: "app".into(),
         };
         s.put("a", &kept);
         s.put("b", &kept);
