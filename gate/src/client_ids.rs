@@ -68,11 +68,8 @@ impl ClientIds {
             h.kept = keeps_session;
             return Ok(());
         }
-        if self.held.len() >= self.max {
-            self.forget_one_idle();
-        }
-        self.held.insert(
-            client_id.to_string(),
+        self.insert(
+            client_id,
             Holder {
                 identity: identity.to_string(),
                 live: 1,
@@ -82,17 +79,22 @@ impl ClientIds {
         Ok(())
     }
 
+    /// A new holder, making room first when the table is full.
+    fn insert(&mut self, client_id: &str, holder: Holder) {
+        if self.held.len() >= self.max {
+            self.forget_one_idle();
+        }
+        self.held.insert(client_id.to_string(), holder);
+    }
+
     /// `identity` held `client_id` with a kept session before the node restarted: it is still
     /// theirs (unless someone holds it already).
     pub fn hold_kept(&mut self, client_id: &str, identity: &str) {
         if client_id.is_empty() || self.held.contains_key(client_id) {
             return;
         }
-        if self.held.len() >= self.max {
-            self.forget_one_idle();
-        }
-        self.held.insert(
-            client_id.to_string(),
+        self.insert(
+            client_id,
             Holder {
                 identity: identity.to_string(),
                 live: 0,
