@@ -135,6 +135,13 @@ impl Subscriptions {
         self.by_filter.insert(filter.to_string(), opts);
     }
 
+    /// The gate sends `filter`'s retained messages itself: the broker's are withheld.
+    pub fn retained_from_gate(&mut self, filter: &str) {
+        if let Some(o) = self.by_filter.get_mut(filter) {
+            o.no_retained = true;
+        }
+    }
+
     /// Forgets `filter`.
     pub fn unsubscribe(&mut self, filter: &str) {
         self.by_filter.remove(filter);

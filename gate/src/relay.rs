@@ -833,8 +833,8 @@ impl OwnDeliveries {
 }
 
 /// The retained messages matching `filter`, fetched from the broker on a connection of the
-/// gate's own (a clean session subscribing the filter; rumqttd sends a new subscription the
-/// retained messages, at most its in-flight window of them). Empty when that fails (logged).
+/// gate's own (a clean session subscribing the filter at QoS 0, to which rumqttd sends up to
+/// `max_outgoing_packet_count`, 10,000, of them). Empty when that fails (logged).
 async fn fetch_retained(
     shared: &Shared,
     conn: u64,
@@ -853,7 +853,9 @@ async fn fetch_retained(
         )
         .await?;
         // The retained messages follow the SUBACK at once; a short quiet ends the fetch.
-        let filters = vec![m5::Filter::new(filter.to_string(), packet::qos5(2))];
+        // QoS 0: rumqttd sends a QoS 0 subscription up to 10,000 retained messages, a QoS 1/2
+        // one no more than its free in-flight slots.
+        let filters = vec![m5::Filter::new(filter.to_string(), packet::qos5(0))];
         let got = subscribe_and_drain(&mut s, filters, Duration::from_millis(50)).await?;
         s.write_all(&packet::DISCONNECT_NORMAL).await?;
         std::io::Result::Ok(got)
@@ -1188,8 +1190,7 @@ impl Conn<'_> {
             let mut back = BytesMut::new();
             // The client's acknowledgements of deliveries, for the broker in its order.
             let mut acks: Vec<(Phase, u16, Bytes)> = Vec::new();
-            // Filters subscribed again with Retain Handling 0: their retained messages are sent
-            // once more, by the gate.
+            // Filters whose retained messages the gate sends itself (fetched from the broker).
             let mut resend: Vec<(String, u8)> = Vec::new();
             loop {
                 let frame =
@@ -1357,14 +1358,22 @@ impl Conn<'_> {
                             for ((fl, a), p) in sub.filters.iter().zip(&allowed).zip(&permitted) {
                                 let f = &fl.path;
                                 if *a {
-                                    // rumqttd sends retained messages only for a new filter.
-                                    if subs.contains(f)
-                                        && retain_handling_of(fl) == 0
-                                        && !f.starts_with("$share/")
-                                    {
-                                        resend.push((f.clone(), fl.qos as u8));
+                                    let (rh, qos) = (retain_handling_of(fl), fl.qos as u8);
+                                    let existed = subs.contains(f);
+                                    // rumqttd sends retained messages only for a new filter, and
+                                    // a QoS 1/2 one at most its in-flight window (100) of them;
+                                    // those the gate sends itself, all of them.
+                                    let gate_sends = !f.starts_with("$share/")
+                                        && ((existed && rh == 0)
+                                            || (!existed
+                                                && rh != 2
+                                                && qos > 0
+                                                && f.contains(['+', '#'])));
+                                    subs.subscribe(f, options_of(fl), rh);
+                                    if gate_sends {
+                                        subs.retained_from_gate(f);
+                                        resend.push((f.clone(), qos));
                                     }
-                                    subs.subscribe(f, options_of(fl), retain_handling_of(fl));
                                 } else if *p {
                                     self.shared.metrics.deny(self.role.label(), "filter_budget");
                                     warn!(client = %self.client_id, filter = %f, max = self.shared.filters.max, "SUBSCRIBE refused: the node's budget of distinct filters (gate.limits.max_distinct_filters) is spent");
@@ -1584,7 +1593,8 @@ impl Conn<'_> {
     }
 
     /// Sends the client a retained message the gate fetched itself, at min(publish QoS,
-    /// `max_qos`) under one of the gate's own packet ids.
+    /// `max_qos`) under one of the gate's own packet ids (rumqttd's copies of the retained
+    /// messages for that subscription are withheld, see [`Subscriptions::retained_from_gate`]).
     fn deliver_own(
         &self,
         mut p: rumqttc::v5::mqttbytes::v5::Publish,
@@ -1601,7 +1611,9 @@ impl Conn<'_> {
         {
             return;
         }
-        let qos = (p.qos as u8).min(max_qos).min(origin.map_or(2, |o| o.qos));
+        // The fetch subscribed at QoS 0 (so the broker sends them all): the publish's own QoS
+        // is in its origin; the node's own publications go at the subscription's.
+        let qos = max_qos.min(origin.map_or(max_qos, |o| o.qos));
         p.qos = packet::qos5(qos);
         p.retain = true;
         p.dup = false;

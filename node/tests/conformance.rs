@@ -134,3 +134,13 @@ fn mqtt_kept_sessions_and_their_subscription_options_survive_a_restart_of_the_no
                "short_present": false})
     );
 }
+
+#[test]
+fn mqtt_a_qos1_wildcard_subscription_gets_every_retained_message_not_only_the_first_hundred() {
+    let node = Node::start(&[]);
+    // rumqttd alone sends a QoS 1/2 subscription at most its in-flight window (100).
+    assert_eq!(
+        scenario(&node, "many_retained"),
+        json!({"got": 150, "copies": 150, "retain": [true], "qos": [1]})
+    );
+}

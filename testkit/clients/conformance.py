@@ -183,6 +183,26 @@ def retain_handling():
     return out
 
 
+def many_retained(n=150):
+    """More retained messages than rumqttd's in-flight window (100), to a QoS 1 wildcard
+    subscription: all of them arrive, each at its own QoS."""
+    a = Client("cf-mr")
+    a.connect()
+    for i in range(n):
+        a.pub("mr/%d" % i, b"v", 1, retain=True)
+    b = Client("cf-mr-sub")
+    b.connect()
+    b.sub("mr/+", 1)
+    got = b.take(n, 10.0)
+    extra = b.quiet(0.5)
+    b.close()
+    for i in range(n):
+        a.pub("mr/%d" % i, b"", 1, retain=True)
+    a.close()
+    return {"got": len({m.topic for m in got}), "copies": len(got) + len(extra),
+            "retain": sorted({bool(m.retain) for m in got}), "qos": sorted({m.qos for m in got})}
+
+
 def properties_pass_through():
     a = Client("cf-pp")
     a.connect()
@@ -338,7 +358,7 @@ def persist_check():
     return out
 
 
-SCENARIOS = {f.__name__: f for f in (persist_setup, persist_check, delivery_qos, downgraded_flows_complete, no_local, retain_flags,
+SCENARIOS = {f.__name__: f for f in (many_retained, persist_setup, persist_check, delivery_qos, downgraded_flows_complete, no_local, retain_flags,
                                      retain_handling, properties_pass_through, session_expiry,
                                      message_expiry, v4_persistent_session)}
 
