@@ -13,7 +13,7 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Mutex;
 
 use edgetwin_gate::{SessionStore, StoredSession};
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use redb::TableDefinition;
 use tracing::{error, warn};
 
 const TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
@@ -37,20 +37,8 @@ pub struct DurableSessions {
 impl DurableSessions {
     /// Opens (or creates) the table at `path` and starts its writer.
     pub fn open(path: &Path) -> anyhow::Result<DurableSessions> {
-        let mut builder = redb::Database::builder();
-        builder.set_cache_size(edgetwin_redbfile::CACHE_BYTES);
-        let (db, salvaged) = match builder.create(path) {
-            Ok(db) => (db, Vec::new()),
-            Err(e) if edgetwin_redbfile::is_corruption(&e) => {
-                let aside = edgetwin_redbfile::move_aside(path)?;
-                warn!(path = %path.display(), moved_to = %aside.display(), error = %e, "damaged session table moved aside");
-                let salvaged = edgetwin_redbfile::salvage(&aside, |db, out| {
-                    let _ = read_all(db, out);
-                });
-                (builder.create(path)?, salvaged)
-            }
-            Err(e) => return Err(anyhow::anyhow!("session table {}: {e}", path.display())),
-        };
+        let (db, salvaged) = edgetwin_redbfile::create_salvaging(path, TABLE, "session table")
+            .map_err(|e| anyhow::anyhow!("session table {}: {e}", path.display()))?;
         if !salvaged.is_empty() {
             write(
                 &db,
@@ -61,7 +49,7 @@ impl DurableSessions {
             )?;
         }
         let mut raw = Vec::new();
-        read_all(&db, &mut raw)?;
+        edgetwin_redbfile::read_str_bytes(&db, TABLE, &mut raw)?;
         let mut loaded = Vec::with_capacity(raw.len());
         for (client, bytes) in raw {
             match serde_json::from_slice::<StoredSession>(&bytes) {
@@ -167,20 +155,6 @@ fn write(db: &redb::Database, batch: Vec<Change>) -> Result<(), redb::Error> {
         }
     }
     tx.commit()?;
-    Ok(())
-}
-
-fn read_all(db: &redb::Database, out: &mut Vec<(String, Vec<u8>)>) -> Result<(), redb::Error> {
-    let tx = db.begin_read()?;
-    let table = match tx.open_table(TABLE) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
-        Err(e) => return Err(e.into()),
-    };
-    for entry in table.iter()? {
-        let (k, v) = entry?;
-        out.push((k.value().to_string(), v.value().to_vec()));
-    }
     Ok(())
 }
 

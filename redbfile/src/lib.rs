@@ -116,6 +116,75 @@ pub fn salvage<T>(damaged: &Path, read: impl FnOnce(&redb::Database, &mut Vec<T>
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Every entry of a `&str -> &[u8]` table, the shape of the node's small key-value files
+/// (clients' retained messages, kept sessions); none when the table does not exist yet.
+pub fn read_str_bytes(
+    db: &redb::Database,
+    table: redb::TableDefinition<&str, &[u8]>,
+    out: &mut Entries,
+) -> Result<(), redb::Error> {
+    use redb::{ReadableDatabase, ReadableTable};
+    let tx = db.begin_read()?;
+    let t = match tx.open_table(table) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    for entry in t.iter()? {
+        let (k, v) = entry?;
+        out.push((k.value().to_string(), v.value().to_vec()));
+    }
+    Ok(())
+}
+
+/// The entries of a `&str -> &[u8]` table, key and value.
+pub type Entries = Vec<(String, Vec<u8>)>;
+
+/// Why [`create_salvaging`] could not open a file.
+#[derive(Debug)]
+pub enum SalvagingError {
+    /// redb cannot create or open it.
+    Open(redb::DatabaseError),
+    /// It was damaged and could not be moved aside.
+    MoveAside(MoveAsideError),
+}
+
+impl std::fmt::Display for SalvagingError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SalvagingError::Open(e) => e.fmt(f),
+            SalvagingError::MoveAside(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for SalvagingError {}
+
+/// Opens (or creates) a small key-value file at `path`. One that does not open as a database is
+/// moved aside (logged as `what`) and the entries of `table` that still read in it come back
+/// with the fresh database, for the caller to write into it.
+pub fn create_salvaging(
+    path: &Path,
+    table: redb::TableDefinition<&str, &[u8]>,
+    what: &str,
+) -> Result<(redb::Database, Entries), SalvagingError> {
+    let mut builder = redb::Database::builder();
+    builder.set_cache_size(CACHE_BYTES);
+    match builder.create(path) {
+        Ok(db) => Ok((db, Vec::new())),
+        Err(e) if is_corruption(&e) => {
+            let aside = move_aside(path).map_err(SalvagingError::MoveAside)?;
+            tracing::warn!(path = %path.display(), moved_to = %aside.display(), error = %e, "damaged {what} moved aside");
+            let salvaged = salvage(&aside, |db, out| {
+                let _ = read_str_bytes(db, table, out);
+            });
+            let db = builder.create(path).map_err(SalvagingError::Open)?;
+            Ok((db, salvaged))
+        }
+        Err(e) => Err(SalvagingError::Open(e)),
+    }
+}
+
 /// Renames a corrupt file aside (see [`corrupt_name`]) and returns where it went.
 pub fn move_aside(path: &Path) -> Result<PathBuf, MoveAsideError> {
     let to = corrupt_name(path, edgetwin_contract::now_ms());

@@ -14,7 +14,7 @@
 
 use std::path::Path;
 
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableTable, TableDefinition};
 
 const TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
 
@@ -77,20 +77,8 @@ impl RetainedStore {
             path: path.display().to_string(),
             message: e.to_string(),
         };
-        let mut builder = redb::Database::builder();
-        builder.set_cache_size(edgetwin_redbfile::CACHE_BYTES);
-        let (db, salvaged) = match builder.create(path) {
-            Ok(db) => (db, Vec::new()),
-            Err(e) if edgetwin_redbfile::is_corruption(&e) => {
-                let aside = edgetwin_redbfile::move_aside(path).map_err(|e| err(&e))?;
-                tracing::warn!(path = %path.display(), moved_to = %aside.display(), error = %e, "damaged retained store moved aside");
-                let salvaged = edgetwin_redbfile::salvage(&aside, |db, out| {
-                    let _ = read_all(db, out);
-                });
-                (builder.create(path).map_err(|e| err(&e))?, salvaged)
-            }
-            Err(e) => return Err(err(&e)),
-        };
+        let (db, salvaged) = edgetwin_redbfile::create_salvaging(path, TABLE, "retained store")
+            .map_err(|e| err(&e))?;
         let mut store = RetainedStore {
             db,
             path: path.display().to_string(),
@@ -103,7 +91,7 @@ impl RetainedStore {
             store.apply(batch.iter().map(|(t, p)| (t.as_str(), p.as_slice())))?;
         }
         let mut all = Vec::new();
-        read_all(&store.db, &mut all).map_err(|e| err(&e))?;
+        edgetwin_redbfile::read_str_bytes(&store.db, TABLE, &mut all).map_err(|e| err(&e))?;
         store.topics = all.len();
         store.bytes = all.iter().map(|(t, p)| t.len() + p.len()).sum();
         Ok((store, all))
@@ -165,20 +153,6 @@ impl RetainedStore {
     pub fn is_empty(&self) -> bool {
         self.topics == 0
     }
-}
-
-fn read_all(db: &redb::Database, out: &mut Vec<(String, Vec<u8>)>) -> Result<(), redb::Error> {
-    let tx = db.begin_read()?;
-    let table = match tx.open_table(TABLE) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
-        Err(e) => return Err(e.into()),
-    };
-    for entry in table.iter()? {
-        let (k, v) = entry?;
-        out.push((k.value().to_string(), v.value().to_vec()));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
