@@ -180,41 +180,31 @@ pub struct PublishView {
     pub retain: bool,
 }
 
+impl PublishView {
+    /// The parts of a decoded PUBLISH (either version's, in its MQTT 5 form).
+    pub fn of(p: &v5::Publish) -> Result<PublishView, PacketError> {
+        let topic = String::from_utf8(p.topic.to_vec())
+            .map_err(|_| PacketError::Malformed("topic is not UTF-8".into()))?;
+        let (topic_alias, response_topic) = match &p.properties {
+            Some(pr) => (pr.topic_alias, pr.response_topic.clone()),
+            None => (None, None),
+        };
+        Ok(PublishView {
+            topic,
+            qos: p.qos as u8,
+            pkid: p.pkid,
+            topic_alias,
+            response_topic,
+            payload: p.payload.clone(),
+            retain: p.retain,
+        })
+    }
+}
+
 impl Frame {
     /// Decodes a PUBLISH.
     pub fn publish(&self) -> Result<PublishView, PacketError> {
-        match self.header {
-            Header::V4(h) => {
-                let p = v4::Publish::read(h, self.raw.clone()).map_err(m4_err)?;
-                Ok(PublishView {
-                    topic: p.topic,
-                    qos: p.qos as u8,
-                    pkid: p.pkid,
-                    topic_alias: None,
-                    response_topic: None,
-                    payload: p.payload,
-                    retain: p.retain,
-                })
-            }
-            Header::V5(h) => {
-                let p = v5::Publish::read(h, self.raw.clone()).map_err(m5_err)?;
-                let topic = String::from_utf8(p.topic.to_vec())
-                    .map_err(|_| PacketError::Malformed("topic is not UTF-8".into()))?;
-                let (topic_alias, response_topic) = match p.properties {
-                    Some(pr) => (pr.topic_alias, pr.response_topic),
-                    None => (None, None),
-                };
-                Ok(PublishView {
-                    topic,
-                    qos: p.qos as u8,
-                    pkid: p.pkid,
-                    topic_alias,
-                    response_topic,
-                    payload: p.payload,
-                    retain: p.retain,
-                })
-            }
-        }
+        PublishView::of(&self.publish_v5()?)
     }
 
     /// A PUBLISH in its MQTT 5 form, whatever the client's version (the broker is always spoken

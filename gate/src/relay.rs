@@ -1201,7 +1201,12 @@ impl Conn<'_> {
                     };
                 match frame.kind {
                     Kind::Publish => {
-                        let p = match frame.publish() {
+                        // Decoded once: the view for the checks, the whole packet for the broker.
+                        let decoded = match frame.publish_v5() {
+                            Ok(p) => p,
+                            Err(e) => return End::Cut(Cut::packet(e)),
+                        };
+                        let p = match packet::PublishView::of(&decoded) {
                             Ok(p) => p,
                             Err(e) => return End::Cut(Cut::packet(e)),
                         };
@@ -1257,7 +1262,7 @@ impl Conn<'_> {
                                 .subscribing
                                 .before_publish(self.conn_id, &topic)
                                 .await;
-                            let up = match self.for_broker(&frame) {
+                            let up = match self.for_broker(decoded) {
                                 Ok(b) => b,
                                 Err(e) => return End::Cut(Cut::packet(e)),
                             };
@@ -1647,8 +1652,7 @@ impl Conn<'_> {
     }
 
     /// A client PUBLISH as the broker gets it: MQTT 5, marked with its [`Origin`].
-    fn for_broker(&self, frame: &packet::Frame) -> Result<Bytes, PacketError> {
-        let mut p = frame.publish_v5()?;
+    fn for_broker(&self, mut p: rumqttc::v5::mqttbytes::v5::Publish) -> Result<Bytes, PacketError> {
         let props = p.properties.get_or_insert_with(Default::default);
         Origin {
             qos: p.qos as u8,
