@@ -17,6 +17,8 @@
 //!   max_topic_len: 512                # bytes, topic names and filters
 //!   max_subscriptions_per_client: 100 # active filters per connection
 //!   connect_timeout_ms: 10000         # TLS handshake + CONNECT, and the upstream dial
+//!   max_queued_messages: 1000         # per kept session while its client is away
+//!   max_queued_bytes: 16777216        # the same, in bytes
 //! ```
 //!
 //! Without a credentials file and with the defaults, the gate is as open as the bare broker
@@ -127,6 +129,15 @@ pub struct LimitsConfig {
     /// Time allowed for the TLS handshake plus CONNECT, and for dialling the upstream broker.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+    /// Most QoS 1/2 messages queued on disk for one kept session while its client is away
+    /// (Mosquitto's `max_queued_messages`); past it new ones are dropped and counted
+    /// (`edgetwin_gate_queue_dropped_total`). Default 1000.
+    #[serde(default = "default_max_queued_messages")]
+    pub max_queued_messages: usize,
+    /// Most bytes queued for one kept session (the queue is read into memory when the client
+    /// comes back). Default 16 MiB.
+    #[serde(default = "default_max_queued_bytes")]
+    pub max_queued_bytes: usize,
 }
 
 fn default_max_packet_bytes() -> usize {
@@ -156,6 +167,12 @@ fn default_keepalive_off_upstream_s() -> u16 {
 fn default_connect_timeout_ms() -> u64 {
     10_000
 }
+fn default_max_queued_messages() -> usize {
+    1000
+}
+fn default_max_queued_bytes() -> usize {
+    16 * 1024 * 1024
+}
 
 impl Default for LimitsConfig {
     fn default() -> Self {
@@ -169,6 +186,8 @@ impl Default for LimitsConfig {
             login_max_delay_ms: default_login_max_delay_ms(),
             keepalive_off_upstream_s: default_keepalive_off_upstream_s(),
             connect_timeout_ms: default_connect_timeout_ms(),
+            max_queued_messages: default_max_queued_messages(),
+            max_queued_bytes: default_max_queued_bytes(),
         }
     }
 }

@@ -32,6 +32,7 @@ pub mod client_ids;
 pub mod config;
 pub mod credentials;
 pub mod intake;
+mod keeper;
 pub mod logins;
 pub mod metrics;
 pub mod origin;
@@ -55,7 +56,7 @@ pub use config::{GateConfig, LimitsConfig, ListenerConfig, TlsConfig};
 pub use credentials::{add_user, hash_password, CredentialsError, RoleName};
 pub use intake::{Commit, Intake, NotStored, NothingStored, Submitted};
 pub use metrics::GateMetrics;
-pub use sessions::{NoSessionStore, SessionStore, StoredSession};
+pub use sessions::{NoSessionStore, Queued, SessionStore, StoredSession, ToQueue, Written};
 
 use credentials::Credentials;
 use relay::Shared;
@@ -191,6 +192,7 @@ impl Gate {
                 session_store: std::sync::OnceLock::new(),
                 subscribing: subscribing::Subscribing::default(),
                 next_conn: std::sync::atomic::AtomicU64::new(1),
+                keepers: keeper::Keepers::default(),
             }),
         })
     }
@@ -220,7 +222,8 @@ impl Gate {
     }
 
     /// Restores the kept sessions at the broker (before any client is taken), then accepts and
-    /// relays clients until `shutdown` fires; then closes every connection and returns once all
+    /// relays clients until `shutdown` fires; then closes every connection, lets the keepers of
+    /// absent clients' sessions queue what the broker still has for them, and returns once all
     /// of them have ended.
     pub async fn run(self, shutdown: CancellationToken) {
         relay::restore_sessions(&self.shared).await;
@@ -260,7 +263,17 @@ impl Gate {
                 }
             });
         }
+        // Connections that end for the shutdown leave their sessions to the broker: no keeper
+        // starts from here on.
+        let keepers = self.shared.clone();
+        let closing = shutdown.clone();
+        tracker.spawn(async move {
+            closing.cancelled().await;
+            keepers.keepers.refuse_new();
+        });
         tracker.close();
         tracker.wait().await;
+        // Then the keepers acknowledge what they read and leave the broker.
+        self.shared.keepers.close().await;
     }
 }

@@ -7,6 +7,8 @@
 //! | `edgetwin_gate_connections_active` | | clients relayed right now |
 //! | `edgetwin_gate_auth_failures_total` | `reason` | refused CONNECTs: `bad_password`, `unknown_user`, `no_credentials`, `unknown_certificate`, `will_denied`, `tls_handshake`, `unsupported_version`, `upstream_unavailable` |
 //! | `edgetwin_gate_denied_total` | `role`, `kind` (publish, subscribe, deliver) | packets refused by the ACL (`deliver`: a broker message withheld from a client, e.g. another protocol's delta to a mapper) |
+//! | `edgetwin_gate_queued_total` | | messages written to a kept session's durable queue while its client was away |
+//! | `edgetwin_gate_queue_dropped_total` | | messages for a kept session dropped: its queue was full |
 //! | `edgetwin_gate_disconnects_total` | `reason` | clients cut by the gate: `packet_too_large`, `topic_too_long`, `too_many_subscriptions`, `malformed`, `protocol_error`, `topic_alias_invalid`, `store_failed` (a publish that could not be stored is not acknowledged) |
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -55,6 +57,10 @@ pub struct GateMetrics {
     pub disconnects: Family<ReasonLabels, Counter>,
     /// Login attempts held back by the failed-login back-off.
     pub login_delayed: Counter,
+    /// Messages written to a kept session's queue while its client was away.
+    pub queued: Counter,
+    /// Messages for a kept session dropped because its queue was full.
+    pub queue_dropped: Counter,
 }
 
 impl GateMetrics {
@@ -90,6 +96,16 @@ impl GateMetrics {
             "login_delayed",
             "Login attempts held back after failed logins from their address or for their user",
             self.login_delayed.clone(),
+        );
+        r.register(
+            "queued",
+            "Messages written to the durable queue of a kept session while its client was away",
+            self.queued.clone(),
+        );
+        r.register(
+            "queue_dropped",
+            "Messages for a kept session dropped because its queue was full (limits.max_queued_messages, max_queued_bytes)",
+            self.queue_dropped.clone(),
         );
     }
 

@@ -711,9 +711,10 @@ pub fn session_connect(
     client_id: &str,
     login: Option<&(String, String)>,
     clean_start: bool,
+    keep_alive: u16,
 ) -> Result<Bytes, PacketError> {
     let c = v5::Connect {
-        keep_alive: 10,
+        keep_alive,
         client_id: client_id.to_string(),
         clean_start,
         properties: None,

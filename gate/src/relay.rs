@@ -31,7 +31,7 @@ use crate::logins::{Logins, Turn};
 use crate::metrics::{ConnectionLabels, GateMetrics};
 use crate::origin::{Options, Origin, Subscriptions, Verdict};
 use crate::packet::{self, Connect, Kind, PacketError, Refusal, Version};
-use crate::sessions::{SessionStore, Sessions};
+use crate::sessions::{Queued, SessionStore, Sessions};
 use crate::tls::cert_identity;
 
 /// Everything the connections share.
@@ -62,6 +62,8 @@ pub(crate) struct Shared {
     pub subscribing: crate::subscribing::Subscribing,
     /// The next connection's number (for [`Origin::conn`]).
     pub next_conn: std::sync::atomic::AtomicU64,
+    /// The kept sessions nobody is connected to, held at the broker by the gate.
+    pub keepers: crate::keeper::Keepers,
 }
 
 /// A node-wide budget of distinct names (filters or topics) that the broker keeps state for as
@@ -344,6 +346,22 @@ pub(crate) async fn serve(
             }
         }
     };
+    // The gate's own hold of the session ends before the client's: what it read is in the
+    // queue, what it did not the broker sends to this connection.
+    if opened.is_some() {
+        shared.keepers.stop(&upstream_id).await;
+    }
+    let queued = match (&opened, shared.session_store.get()) {
+        (Some(o), Some(store)) if store.keeps_queues() => {
+            if o.present {
+                store.queued(&upstream_id).await.unwrap_or_default()
+            } else {
+                store.clear_queue(&upstream_id);
+                Vec::new()
+            }
+        }
+        _ => Vec::new(),
+    };
     if opened.as_ref().is_some_and(|o| o.clear_first) {
         end_at_broker(&shared, &upstream_id).await;
     }
@@ -417,12 +435,16 @@ pub(crate) async fn serve(
             .map(|m| Mutex::new(Window::new(m))),
         client_pings: std::sync::atomic::AtomicU32::new(0),
         client_disconnected: std::sync::atomic::AtomicBool::new(false),
+        queued: Mutex::new(queued),
     };
     let end = conn.relay(client, buf, upstream, &shutdown).await;
     shared.metrics.active.dec();
     shared.subscribing.ended(conn_id);
     // Unless its DISCONNECT did already, the session's clock starts now.
     conn.close_session();
+    if let Some(id) = &conn.session_id {
+        keep_while_away(&shared, id, conn_id);
+    }
     match end {
         End::Closed => debug!(client = %client_id, "connection closed"),
         End::Shutdown => debug!(client = %client_id, "connection closed for shutdown"),
@@ -587,7 +609,7 @@ async fn dial(
 async fn end_at_broker(shared: &Shared, upstream_id: &str) {
     let attempt = async {
         let mut s = TcpStream::connect(shared.upstream.broker).await?;
-        let hello = packet::session_connect(upstream_id, shared.upstream.login.as_ref(), true)
+        let hello = packet::session_connect(upstream_id, shared.upstream.login.as_ref(), true, 10)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
         s.write_all(&hello).await?;
         // The CONNACK: the broker has dropped the old session by then.
@@ -625,7 +647,8 @@ impl Shared {
 }
 
 /// Puts the stored sessions back: into the table, and at the broker (each client id's session
-/// with its filters subscribed), so what is published from now on is queued for them.
+/// with its filters subscribed, by its keeper), so what is published from now on is queued for
+/// them.
 pub(crate) async fn restore_sessions(shared: &Arc<Shared>) {
     let Some(store) = shared.session_store.get().cloned() else {
         return;
@@ -638,80 +661,29 @@ pub(crate) async fn restore_sessions(shared: &Arc<Shared>) {
         for (id, s) in stored {
             if table.restore(&id, &s, now, ms) {
                 lock(&shared.client_ids).hold_kept(&s.client_id, &s.identity);
-                back.push((id, s.subs));
+                let subs = table.unheld(&id).cloned().unwrap_or_default();
+                back.push((id, subs));
             } else {
                 store.remove(&id);
             }
         }
     }
-    let total = back.len();
-    let mut failed = 0usize;
-    let mut tasks = tokio::task::JoinSet::new();
-    for (id, subs) in back {
-        // A few at a time: each is one short connection to the broker.
-        while tasks.len() >= 16 {
-            if !matches!(tasks.join_next().await, Some(Ok(true))) {
-                failed += 1;
-            }
-        }
-        let shared = shared.clone();
-        tasks.spawn(async move { recreate_at_broker(&shared, &id, &subs).await });
-    }
-    while let Some(r) = tasks.join_next().await {
-        if !matches!(r, Ok(true)) {
-            failed += 1;
-        }
-    }
-    if total > 0 {
-        info!(sessions = total, failed, "kept client sessions restored");
-    }
+    crate::keeper::restore(shared, back).await;
 }
 
-/// Makes the broker hold `upstream_id`'s session with `subs` subscribed: a connect that keeps
-/// the session, a SUBSCRIBE, then DISCONNECT. The retained messages the broker sends for the new
-/// subscriptions are acknowledged here (a resumed session does not get them again). `false`:
-/// it failed (logged).
-async fn recreate_at_broker(
-    shared: &Shared,
-    upstream_id: &str,
-    subs: &[(String, Options)],
-) -> bool {
-    use rumqttc::v5::mqttbytes::v5 as m5;
-    let attempt = async {
-        let bad =
-            |e: PacketError| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string());
-        let mut s = TcpStream::connect(shared.upstream.broker).await?;
-        s.set_nodelay(true)?;
-        let hello = packet::session_connect(upstream_id, shared.upstream.login.as_ref(), false)
-            .map_err(bad)?;
-        s.write_all(&hello).await?;
-        let filters = subs
-            .iter()
-            .map(|(f, o)| {
-                let mut fl = m5::Filter::new(f.clone(), packet::qos5(o.qos));
-                fl.nolocal = o.no_local;
-                fl.preserve_retain = o.retain_as_published;
-                fl
-            })
-            .collect();
-        // The retained messages the broker sends for the new subscriptions are answered and
-        // dropped (a resumed session does not get them again).
-        subscribe_and_drain(&mut s, filters, Duration::from_millis(200)).await?;
-        s.write_all(&packet::DISCONNECT_NORMAL).await?;
-        let mut sink = [0u8; 256];
-        while s.read(&mut sink).await? > 0 {}
-        std::io::Result::Ok(())
-    };
-    match tokio::time::timeout(Duration::from_secs(10), attempt).await {
-        Ok(Ok(())) => true,
-        Ok(Err(e)) => {
-            warn!(client = %upstream_id, error = %e, "could not restore a kept session at the broker");
-            false
-        }
-        Err(_) => {
-            warn!(client = %upstream_id, "could not restore a kept session at the broker: timed out");
-            false
-        }
+/// Starts the gate's hold of `client`'s session when it is kept and nobody holds it (its last
+/// connection, `conn`, has just ended).
+fn keep_while_away(shared: &Arc<Shared>, client: &str, conn: u64) {
+    let store_queues = shared.session_store.get().is_some_and(|s| s.keeps_queues());
+    if !store_queues {
+        // The broker keeps the messages in memory.
+        return;
+    }
+    let table = lock(&shared.sessions);
+    if let Some(subs) = table.unheld(client) {
+        shared
+            .keepers
+            .start(shared, client, conn, subs.clone(), false, None);
     }
 }
 
@@ -786,6 +758,8 @@ struct OwnDeliveries {
     next: u16,
     /// Packet id → (QoS, PUBREC received).
     out: HashMap<u16, (u8, bool)>,
+    /// Packet id → the queued message (its place in the session's queue) it delivers.
+    from_queue: HashMap<u16, u64>,
 }
 
 /// The first packet id the gate uses for its own deliveries.
@@ -819,16 +793,18 @@ impl OwnDeliveries {
         }
     }
 
-    /// The client's PUBACK or PUBCOMP (`kind`) for `pkid`: `true` when it ends one of ours.
-    fn done(&mut self, pkid: u16, kind: Kind) -> bool {
+    /// The client's PUBACK or PUBCOMP (`kind`) for `pkid`: `Some` when it ends one of ours,
+    /// with the queued message it delivered, if it was one.
+    fn done(&mut self, pkid: u16, kind: Kind) -> Option<Option<u64>> {
         let ends = matches!(
             (self.out.get(&pkid), kind),
             (Some((1, _)), Kind::PubAck) | (Some((2, _)), Kind::PubComp)
         );
-        if ends {
-            self.out.remove(&pkid);
+        if !ends {
+            return None;
         }
-        ends
+        self.out.remove(&pkid);
+        Some(self.from_queue.remove(&pkid))
     }
 }
 
@@ -849,7 +825,7 @@ async fn fetch_retained(
         let mut s = TcpStream::connect(shared.upstream.broker).await?;
         s.set_nodelay(true)?;
         s.write_all(
-            &packet::session_connect(&id, shared.upstream.login.as_ref(), true).map_err(bad)?,
+            &packet::session_connect(&id, shared.upstream.login.as_ref(), true, 10).map_err(bad)?,
         )
         .await?;
         // The retained messages follow the SUBACK at once; a short quiet ends the fetch.
@@ -885,6 +861,7 @@ pub(crate) async fn end_expired_sessions(shared: Arc<Shared>, shutdown: Cancella
         }
         let gone = lock(&shared.sessions).expired(std::time::Instant::now());
         for id in gone {
+            shared.keepers.stop(&id).await;
             end_at_broker(&shared, &id).await;
             lock(&shared.sessions).cleared(&id);
             shared.persist(&id);
@@ -939,6 +916,9 @@ struct Conn<'a> {
     client_max_packet: Option<usize>,
     /// The client's MQTT 5 Receive Maximum, when it set one.
     window: Option<Mutex<Window>>,
+    /// What was queued for the session while the client was away: sent right after the
+    /// CONNACK, before anything the broker sends.
+    queued: Mutex<Vec<Queued>>,
 }
 
 type Writer<W> = tokio::sync::Mutex<W>;
@@ -1479,8 +1459,14 @@ impl Conn<'_> {
                             Ok(p) => p,
                             Err(e) => return End::Cut(Cut::packet(e)),
                         };
-                        if lock(&self.own_deliveries).done(pkid, frame.kind) {
+                        let own = lock(&self.own_deliveries).done(pkid, frame.kind);
+                        if let Some(queued) = own {
                             // One of the gate's own deliveries: nothing for the broker.
+                            if let (Some(seq), Some(id), Some(store)) =
+                                (queued, &self.session_id, self.shared.session_store.get())
+                            {
+                                store.dequeue(id, seq);
+                            }
                         } else if frame.kind == Kind::PubComp {
                             acks.push((Phase::Second, pkid, frame.raw.clone()));
                         } else if lock(&self.qos2_as_qos1).remove(&pkid) {
@@ -1649,6 +1635,78 @@ impl Conn<'_> {
             return;
         }
         self.deliver(qos, p.pkid, bytes, out);
+    }
+
+    /// Sends the client what was queued for its session while it was away, oldest first,
+    /// under the gate's own packet ids; each leaves the queue when the client acknowledges it.
+    fn deliver_queued(&self, out: &mut BytesMut) {
+        let queued = std::mem::take(&mut *lock(&self.queued));
+        if queued.is_empty() {
+            return;
+        }
+        let (Some(id), Some(store)) = (&self.session_id, self.shared.session_store.get()) else {
+            return;
+        };
+        let now = now_ms();
+        let (mut sent, mut gone) = (0usize, 0usize);
+        for q in queued {
+            let mut raw = BytesMut::from(&q.publish[..]);
+            let decoded = packet::next_frame(&mut raw, Version::V5, UPSTREAM_MAX_PACKET)
+                .ok()
+                .flatten()
+                .and_then(|f| f.publish_v5().ok());
+            let Some(mut p) = decoded else {
+                warn!(client = %self.client_id, seq = q.seq, "a queued message does not read; dropped");
+                store.dequeue(id, q.seq);
+                gone += 1;
+                continue;
+            };
+            let topic = String::from_utf8_lossy(&p.topic).into_owned();
+            let expired = q.expires_at_ms.is_some_and(|at| at <= now);
+            let denied = self.role != Role::Admin
+                && !acl::may_receive(&self.role, &topic, self.shared.dir.as_ref());
+            if expired || denied {
+                store.dequeue(id, q.seq);
+                gone += 1;
+                continue;
+            }
+            if let Some(at) = q.expires_at_ms {
+                let left = u32::try_from((at - now).div_ceil(1000)).unwrap_or(u32::MAX);
+                p.properties
+                    .get_or_insert_with(Default::default)
+                    .message_expiry_interval = Some(left);
+            }
+            let qos = p.qos as u8;
+            let pkid = {
+                let mut own = lock(&self.own_deliveries);
+                let Some(pkid) = own.next(qos) else {
+                    // Every packet id in use: the rest wait for the next connection.
+                    break;
+                };
+                own.from_queue.insert(pkid, q.seq);
+                pkid
+            };
+            p.pkid = pkid;
+            let Ok(bytes) = packet::write_publish(self.version, &p) else {
+                continue;
+            };
+            if self.client_max_packet.is_some_and(|max| bytes.len() > max) {
+                lock(&self.own_deliveries).done(
+                    pkid,
+                    if qos == 1 {
+                        Kind::PubAck
+                    } else {
+                        Kind::PubComp
+                    },
+                );
+                store.dequeue(id, q.seq);
+                gone += 1;
+                continue;
+            }
+            self.deliver(qos, pkid, bytes, out);
+            sent += 1;
+        }
+        debug!(client = %self.client_id, sent, dropped = gone, "queued messages sent to a resumed session");
     }
 
     /// A client PUBLISH as the broker gets it: MQTT 5, marked with its [`Origin`].
@@ -1855,7 +1913,15 @@ impl Conn<'_> {
                         let pending = lock(&self.pending_subacks).remove(&s.pkid);
                         packet::suback_for(self.version, s, pending.as_deref())
                     }
-                    Kind::ConnAck => frame.connack_for(self.version, self.session_present),
+                    Kind::ConnAck => {
+                        let ack = frame.connack_for(self.version, self.session_present);
+                        if let Ok(b) = &ack {
+                            out.extend_from_slice(b);
+                            self.deliver_queued(&mut out);
+                            continue;
+                        }
+                        ack
+                    }
                     Kind::PingResp if self.keepalive_off => {
                         // Ours unless the client has a ping of its own outstanding.
                         let theirs = self
@@ -1942,13 +2008,22 @@ mod own_delivery_tests {
         let two = o.next(2).unwrap_or(0);
         assert!(one >= OWN_PKIDS && two >= OWN_PKIDS && one != two);
         // A broker delivery's packet id is not ours.
-        assert!(!o.done(7, Kind::PubAck));
+        assert!(o.done(7, Kind::PubAck).is_none());
         // QoS 1 ends with PUBACK; QoS 2 with PUBREC, then PUBCOMP (a PUBACK does not end it).
-        assert!(o.done(one, Kind::PubAck));
-        assert!(!o.done(two, Kind::PubAck));
+        assert_eq!(o.done(one, Kind::PubAck), Some(None));
+        assert!(o.done(two, Kind::PubAck).is_none());
         assert!(o.received(two));
-        assert!(o.done(two, Kind::PubComp));
+        assert_eq!(o.done(two, Kind::PubComp), Some(None));
         assert!(o.out.is_empty());
+    }
+
+    #[test]
+    fn an_acknowledged_own_delivery_of_a_queued_message_names_its_place_in_the_queue() {
+        let mut o = OwnDeliveries::default();
+        let id = o.next(1).unwrap_or(0);
+        o.from_queue.insert(id, 42);
+        assert_eq!(o.done(id, Kind::PubAck), Some(Some(42)));
+        assert!(o.from_queue.is_empty());
     }
 }
 

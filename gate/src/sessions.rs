@@ -12,8 +12,12 @@
 //!
 //! The table survives a restart through a [`SessionStore`] (the node's `sessions.redb`): at start
 //! the gate restores every session whose time has not run out and subscribes its filters at the
-//! broker again, so what is published from then on is queued for it. Messages that were queued
-//! at the broker when the node stopped are not kept (rumqttd holds them in memory).
+//! broker again, so what is published from then on is queued for it.
+//!
+//! While nobody holds a kept session, the gate holds it at the broker itself (a "keeper",
+//! `keeper.rs`) and writes what the broker delivers to it into the store's queue of that
+//! session ([`SessionStore::enqueue`]), so queued messages outlive a restart as well. rumqttd
+//! alone keeps them in memory only.
 //!
 //! Pure: the relay asks [`Sessions::open`] at CONNECT and [`Sessions::close`] at the end.
 
@@ -67,14 +71,64 @@ pub struct StoredSession {
     pub identity: String,
 }
 
+/// A message queued for a kept session while nobody held it, as its client is to get it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued {
+    /// Its place in the session's queue (the store numbers them, rising).
+    pub seq: u64,
+    /// The delivery as an MQTT 5 PUBLISH (QoS, retain flag and properties as the client gets
+    /// them; the packet id is a placeholder).
+    pub publish: Vec<u8>,
+    /// When its Message Expiry runs out, in milliseconds since the Unix epoch.
+    pub expires_at_ms: Option<u64>,
+}
+
+/// A message for [`SessionStore::enqueue`]: the publish and its expiry, as in [`Queued`].
+pub type ToQueue = (Vec<u8>, Option<u64>);
+
+/// Resolves when what was handed to the store is on disk (`Err`: it is not, and why).
+pub type Written = tokio::sync::oneshot::Receiver<Result<(), String>>;
+
 /// Where the session table is kept across restarts.
 pub trait SessionStore: Send + Sync {
     /// Every stored session by (upstream) client id, once, at start.
     fn load(&self) -> Vec<(String, StoredSession)>;
     /// Stores (or replaces) a session. May return before it is on disk.
     fn put(&self, client: &str, session: &StoredSession);
-    /// Forgets a session.
+    /// Forgets a session (and its queue).
     fn remove(&self, client: &str);
+    /// Whether this store keeps queues. Without, messages for a session nobody holds stay in
+    /// the broker's memory (and end with the process).
+    fn keeps_queues(&self) -> bool {
+        false
+    }
+    /// Appends `messages` to `client`'s queue, in order.
+    fn enqueue(&self, client: &str, messages: Vec<ToQueue>) -> Written {
+        let _ = (client, messages);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let _ = tx.send(Err("this store keeps no queues".into()));
+        rx
+    }
+    /// `client`'s queue, oldest first, after every change handed to the store before.
+    fn queued(&self, client: &str) -> tokio::sync::oneshot::Receiver<Vec<Queued>> {
+        let _ = client;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let _ = tx.send(Vec::new());
+        rx
+    }
+    /// How many messages and bytes `client`'s queue holds (as last written).
+    fn queue_len(&self, client: &str) -> (usize, usize) {
+        let _ = client;
+        (0, 0)
+    }
+    /// The client got message `seq` of its queue: it goes.
+    fn dequeue(&self, client: &str, seq: u64) {
+        let _ = (client, seq);
+    }
+    /// Empties `client`'s queue (its session ended, or a clean start).
+    fn clear_queue(&self, client: &str) {
+        let _ = client;
+    }
 }
 
 /// Keeps nothing: sessions end with the process (a gate without the node).
@@ -281,6 +335,15 @@ impl Sessions {
             },
         );
         true
+    }
+
+    /// Whether `client`'s session is kept with no connection holding it (a keeper holds it
+    /// then), and its subscriptions.
+    pub fn unheld(&self, client: &str) -> Option<&Subscriptions> {
+        self.kept
+            .get(client)
+            .filter(|k| matches!(k.held, Held::Until(_) | Held::Forever))
+            .map(|k| &k.subs)
     }
 
     /// How many sessions are kept (connected or not).

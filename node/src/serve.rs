@@ -16,7 +16,8 @@
 //!    the readiness canary, which asks through the front door. Ready once every check passes.
 //!
 //! # Stop (SIGTERM/SIGINT), the reverse
-//! Not ready → intake stops (gate, registry, container agent, cloud relay, canary) → the twin
+//! Not ready → intake stops (gate, whose keepers first queue what the broker still holds for
+//! absent clients' kept sessions; registry, container agent, cloud relay, canary) → the twin
 //! service drains what it already received, commits it and writes its snapshot → bounded flush
 //! of the bridge (its outbox is durable, so nothing is lost when the flush is cut short) → exit
 //! (rumqttd's threads end with the process).

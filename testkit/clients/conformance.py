@@ -21,6 +21,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 PORT = 0
+ARGS = {}
 PREFIX = "cf%06d/" % random.randrange(10**6)
 
 
@@ -326,6 +327,13 @@ def persist_setup():
     c.connect()
     c.sub("short", 1)
     c.close()
+    # Queued while they are away, before the restart (QoS 0 is not queued).
+    p = Client("cf-keep-p0")
+    p.connect()
+    p.pub("keep4", b"before restart keep4", 1)
+    p.pub("keep4", b"qos0 not queued", 0)
+    p.pub("keep5", b"before restart keep5", 2)
+    p.close()
     return {}
 
 
@@ -338,11 +346,13 @@ def persist_check():
     out = {}
     a = Client("cf-keep4", v5=False, clean=False)
     out["v4_present"] = a.connect()
-    out["v4_msgs"] = [m.payload.decode() for m in a.take(1)]
+    out["v4_msgs"] = [m.payload.decode() for m in a.take(2) + a.quiet(0.5)]
     a.close()
     b = Client("cf-keep5", clean=False, expiry=300)
     out["v5_present"] = b.connect()
-    out["v5_msgs"] = [m.payload.decode() for m in b.take(1)]
+    got = b.take(2) + b.quiet(0.5)
+    out["v5_msgs"] = [m.payload.decode() for m in got]
+    out["v5_qos"] = [m.qos for m in got]
     # Its No Local option came back with it: its own publish is not sent to it.
     b.pub("keep5", b"own", 1)
     out["v5_own"] = len(b.quiet(1.0))
@@ -358,7 +368,50 @@ def persist_check():
     return out
 
 
-SCENARIOS = {f.__name__: f for f in (many_retained, persist_setup, persist_check, delivery_qos, downgraded_flows_complete, no_local, retain_flags,
+def queue_setup():
+    """A kept session of each version goes away; messages are published for it at QoS 1 and 2,
+    interleaved, and some at QoS 0."""
+    n = int(ARGS.get("n", 100))
+    for cid, v5 in (("cf-q4", False), ("cf-q5", True)):
+        c = Client(cid, v5=v5, clean=v5, expiry=3600 if v5 else None)
+        c.connect()
+        c.sub("q/" + cid, 2)
+        c.close()
+    p = Client("cf-q-p")
+    p.connect()
+    for i in range(n):
+        for cid in ("cf-q4", "cf-q5"):
+            p.pub("q/" + cid, b"%d" % i, 1 + i % 2)
+            p.pub("q/" + cid, b"qos0", 0)
+    p.close()
+    return {}
+
+
+def queue_check():
+    """Each session comes back: its queue, in order, once, at the publish QoS; then nothing."""
+    n = int(ARGS.get("n", 100))
+    out = {}
+    for cid, v5 in (("cf-q4", False), ("cf-q5", True)):
+        c = Client(cid, v5=v5, clean=False, expiry=3600 if v5 else None)
+        present = c.connect()
+        got = c.take(n, within=10) + c.quiet(0.5)
+        seen = [int(m.payload) for m in got]
+        # In order within each QoS (paho hands a QoS 2 message over at PUBREL, so the two
+        # interleave differently than they were sent).
+        by_qos = [[int(m.payload) for m in got if m.qos == q] for q in (1, 2)]
+        out[cid] = {"present": present, "count": len(got),
+                    "once": sorted(seen) == list(range(n)),
+                    "in_order": all(s == sorted(s) for s in by_qos),
+                    "qos": sorted({m.qos for m in got})}
+        c.close(expiry=0)
+        if not v5:
+            c = Client(cid, v5=False, clean=True)
+            c.connect()
+            c.close()
+    return out
+
+
+SCENARIOS = {f.__name__: f for f in (queue_setup, queue_check, many_retained, persist_setup, persist_check, delivery_qos, downgraded_flows_complete, no_local, retain_flags,
                                      retain_handling, properties_pass_through, session_expiry,
                                      message_expiry, v4_persistent_session)}
 
@@ -368,8 +421,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--prefix", help="topic prefix (default: random), to meet an earlier run")
+    ap.add_argument("--arg", action="append", default=[], help="key=value for the scenario")
     ap.add_argument("scenario", choices=sorted(SCENARIOS))
     a = ap.parse_args()
+    ARGS.update(kv.split("=", 1) for kv in a.arg)
     PORT = a.port
     if a.prefix:
         global PREFIX
