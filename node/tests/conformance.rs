@@ -190,6 +190,17 @@ fn mqtt_a_kept_sessions_queue_is_bounded_and_what_it_drops_is_counted() {
 }
 
 #[test]
+fn mqtt_a_qos1_wildcard_subscription_made_while_its_filter_is_busy_is_served_at_once() {
+    // The front door fetches the filter's retained messages first; that once waited for the
+    // filter to fall quiet, and the subscriber with it.
+    let node = Node::start(&[]);
+    assert_eq!(
+        scenario(&node, "busy_subscribe"),
+        json!({"served_while_busy": true})
+    );
+}
+
+#[test]
 fn mqtt_a_qos1_wildcard_subscription_gets_every_retained_message_not_only_the_first_hundred() {
     let node = Node::start(&[]);
     // rumqttd alone sends a QoS 1/2 subscription at most its in-flight window (100).

@@ -368,6 +368,42 @@ def persist_check():
     return out
 
 
+def busy_subscribe():
+    """A QoS 1 wildcard subscription made while a publisher keeps its filter busy is served
+    while the publisher goes on: more than the broker's in-flight window (100) of messages
+    arrive before the publisher stops (it stops after 4 s, or once 150 arrived)."""
+    running = threading.Event()
+    running.set()
+    enough = threading.Event()
+    p = Client("cf-busy-p")
+    p.connect()
+
+    def publish():
+        end = time.time() + 4.0
+        i = 0
+        while time.time() < end and not enough.is_set():
+            p.pub("busy/x", b"%d" % i, 1)
+            i += 1
+            time.sleep(0.002)
+        running.clear()
+
+    t = threading.Thread(target=publish)
+    t.start()
+    time.sleep(0.3)
+    s = Client("cf-busy-s")
+    s.connect()
+    s.sub("busy/#", 1)
+    got = 0
+    while running.is_set() and got < 150:
+        got += len(s.take(1, within=0.2))
+    during = got >= 150 and running.is_set()
+    enough.set()
+    t.join()
+    s.close()
+    p.close()
+    return {"served_while_busy": during}
+
+
 def queue_setup():
     """A kept session of each version goes away; messages are published for it at QoS 1 and 2,
     interleaved, and some at QoS 0."""
@@ -411,7 +447,7 @@ def queue_check():
     return out
 
 
-SCENARIOS = {f.__name__: f for f in (queue_setup, queue_check, many_retained, persist_setup, persist_check, delivery_qos, downgraded_flows_complete, no_local, retain_flags,
+SCENARIOS = {f.__name__: f for f in (busy_subscribe, queue_setup, queue_check, many_retained, persist_setup, persist_check, delivery_qos, downgraded_flows_complete, no_local, retain_flags,
                                      retain_handling, properties_pass_through, session_expiry,
                                      message_expiry, v4_persistent_session)}
 
