@@ -6,38 +6,17 @@
 //! sessions across a restart of the node.
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
-use std::process::Command;
-
 use edgetwin_testkit::*;
 use serde_json::{json, Value};
 
 /// Runs one scenario of `conformance.py` against the node's front door.
 fn scenario(node: &Node, name: &str) -> Value {
-    scenario_with(node, name, &[])
+    node.scenario(name, &[])
 }
 
 /// [`scenario`] with more arguments for the script.
 fn scenario_with(node: &Node, name: &str, args: &[&str]) -> Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testkit/clients/conformance.py");
-    let out = run(Command::new(python())
-        .arg(script)
-        .args(["--port", &node.port.to_string()])
-        .args(args)
-        .arg(name));
-    assert!(
-        out.status.success(),
-        "scenario {name} failed: {}\n{}\nnode log:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        node.log()
-    );
-    let last = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .unwrap_or("")
-        .to_string();
-    serde_json::from_str(&last).unwrap_or_else(|e| panic!("scenario {name} printed {last}: {e}"))
+    node.scenario(name, args)
 }
 
 #[test]
@@ -135,15 +114,6 @@ fn mqtt_kept_sessions_and_their_subscription_options_survive_a_restart_of_the_no
     );
 }
 
-/// The node's count of messages written to kept sessions' queues.
-fn queued_total(node: &Node) -> u64 {
-    node.metrics_until(std::time::Duration::from_secs(1), |_| true)
-        .lines()
-        .find_map(|l| l.strip_prefix("edgetwin_gate_queued_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn mqtt_messages_queued_for_a_kept_session_survive_kill9_in_order_and_once() {
     let mut node = Node::start(&[]);
@@ -152,12 +122,12 @@ fn mqtt_messages_queued_for_a_kept_session_survive_kill9_in_order_and_once() {
     // Acknowledged to the publisher by then; on disk once the gate's count says so (the broker
     // hands them to the session's keeper within milliseconds).
     assert!(
-        wait_for(std::time::Duration::from_secs(20), || (queued_total(&node)
+        wait_for(std::time::Duration::from_secs(20), || (node.queued_total()
             >= 200)
             .then_some(()))
         .is_some(),
         "queued: {}\n{}",
-        queued_total(&node),
+        node.queued_total(),
         node.log()
     );
     node.kill9();

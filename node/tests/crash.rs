@@ -2,7 +2,9 @@
 //! QoS 1 and 2, on twins' desired state and on telemetry the bridge carries to a real Mosquitto
 //! cloud, reconnecting from the first millisecond after every restart, while the node is killed
 //! with SIGKILL again and again (also while writers flood it). Nothing it acknowledged may be
-//! missing afterwards: not in the twin store, not at the cloud, and nothing out of order.
+//! missing afterwards: not in the twin store, not at the cloud, and nothing out of order; a
+//! client's retained message is there after every restart, and a client's kept session gets
+//! the messages queued for it while it was away, one queued before each kill.
 //!
 //! Seeded (`EDGETWIN_CRASH_SEED`, default 11) and bounded (`EDGETWIN_CRASH_KILLS`, default 8).
 #![allow(clippy::unwrap_used)]
@@ -127,6 +129,10 @@ fn crash_sigkill_loop_loses_no_acknowledged_message() {
     node.wait_bridge_connected();
     // A client's retained message: there after every restart.
     mosquitto_pub(node.port, "plant/crash/info", r#"{"kept":true}"#, &["-r"]);
+    // A client's kept session, away: one message is queued for it before each kill, and it
+    // gets every one when it comes back at the end.
+    let kept = ["--prefix", "crash/"];
+    node.scenario("kept_setup", &kept);
     let files = tempfile::tempdir().unwrap();
     // Two flood (no pacing, 20 in flight each), two paced at 300 msg/s.
     let mut writers = vec![
@@ -144,6 +150,17 @@ fn crash_sigkill_loop_loses_no_acknowledged_message() {
             .iter()
             .map(|w| w.acked().into_iter().max())
             .collect();
+        mosquitto_pub(node.port, "crash/queued", &k.to_string(), &["-q", "1"]);
+        // Acknowledged at once; on disk once the session's keeper has it (milliseconds).
+        if wait_for(Duration::from_secs(10), || {
+            (node.queued_total() >= 1).then_some(())
+        })
+        .is_none()
+        {
+            lost_desired.push(format!(
+                "kill {k}: message {k} for the kept session not queued"
+            ));
+        }
         node.kill9();
         node.restart();
         if node.retained("plant/crash/info").is_none() {
@@ -171,10 +188,32 @@ fn crash_sigkill_loop_loses_no_acknowledged_message() {
         w.stop();
     }
     node.assert_running();
+    let back = node.scenario(
+        "kept_check",
+        &["--prefix", "crash/", "--arg", &format!("n={kills}")],
+    );
+    let got: Vec<String> = back["got"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    let expected: Vec<String> = (0..kills).map(|k| k.to_string()).collect();
+    if back["present"] != true || got != expected {
+        lost_desired.push(format!(
+            "the kept session came back as {back}, expected its {kills} queued messages in order"
+        ));
+    }
+    let kept_lost = expected.iter().filter(|e| !got.contains(e)).count();
+    let numbers: Vec<u64> = got.iter().filter_map(|g| g.parse().ok()).collect();
+    let kept_reordered = numbers.windows(2).filter(|p| p[1] < p[0]).count();
 
-    let mut table = vec![format!(
-        "seed {seed}, {kills} kills: writer | QoS | acknowledged | lost | reordered"
-    )];
+    let mut table = vec![
+        format!("seed {seed}, {kills} kills: writer | QoS | acknowledged | lost | reordered"),
+        format!("kept session, queued while away | 1 | {kills} | {kept_lost} | {kept_reordered}"),
+    ];
     let mut failures = lost_desired.clone();
     for w in &writers {
         let acked = w.acked();

@@ -404,6 +404,25 @@ def busy_subscribe():
     return {"served_while_busy": during}
 
 
+def kept_setup():
+    """A 3.1.1 kept session subscribed to `queued` at QoS 1, then away (for the crash loop)."""
+    c = Client("cf-crash-kept", v5=False, clean=False)
+    c.connect()
+    c.sub("queued", 1)
+    c.close()
+    return {}
+
+
+def kept_check():
+    """The kept session comes back: what was queued for it (expected: `n` messages)."""
+    n = int(ARGS.get("n", 1))
+    c = Client("cf-crash-kept", v5=False, clean=False)
+    present = c.connect()
+    got = c.take(n, within=10) + c.quiet(0.5)
+    c.close()
+    return {"present": present, "got": [m.payload.decode() for m in got]}
+
+
 def queue_setup():
     """A kept session of each version goes away; messages are published for it at QoS 1 and 2,
     interleaved, and some at QoS 0."""
@@ -447,7 +466,7 @@ def queue_check():
     return out
 
 
-SCENARIOS = {f.__name__: f for f in (busy_subscribe, queue_setup, queue_check, many_retained, persist_setup, persist_check, delivery_qos, downgraded_flows_complete, no_local, retain_flags,
+SCENARIOS = {f.__name__: f for f in (kept_setup, kept_check, busy_subscribe, queue_setup, queue_check, many_retained, persist_setup, persist_check, delivery_qos, downgraded_flows_complete, no_local, retain_flags,
                                      retain_handling, properties_pass_through, session_expiry,
                                      message_expiry, v4_persistent_session)}
 

@@ -303,6 +303,40 @@ impl Node {
         std::fs::read_to_string(self.dir.path().join("node.log")).unwrap_or_default()
     }
 
+    /// Runs scenario `name` of `testkit/clients/conformance.py` (a paho-mqtt client) against
+    /// the node's front door with `args`, and returns the JSON object it printed.
+    pub fn scenario(&self, name: &str, args: &[&str]) -> Value {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/conformance.py");
+        let out = run(Command::new(python())
+            .arg(script)
+            .args(["--port", &self.port.to_string()])
+            .args(args)
+            .arg(name));
+        assert!(
+            out.status.success(),
+            "scenario {name} failed: {}\n{}\nnode log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        let last = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or("")
+            .to_string();
+        serde_json::from_str(&last)
+            .unwrap_or_else(|e| panic!("scenario {name} printed {last}: {e}"))
+    }
+
+    /// The node's count of messages written to kept sessions' queues since it started.
+    pub fn queued_total(&self) -> u64 {
+        self.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix("edgetwin_gate_queued_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
