@@ -1181,6 +1181,7 @@ impl Conn<'_> {
             let mut acks: Vec<(Phase, u16, Bytes)> = Vec::new();
             // Filters whose retained messages the gate sends itself (fetched from the broker).
             let mut resend: Vec<(String, u8)> = Vec::new();
+            let mut yielded = false;
             loop {
                 let frame =
                     match packet::next_frame(&mut buf, self.version, limits.max_packet_bytes) {
@@ -1246,7 +1247,13 @@ impl Conn<'_> {
                                 aliases.insert(a, p.topic.clone());
                             }
                             // A SUBSCRIBE another client sent before this publish takes effect
-                            // first (see `subscribing`).
+                            // first (see `subscribing`). Once per read, the other connections
+                            // that became readable with this one are read first: their
+                            // SUBSCRIBEs are then known here.
+                            if !yielded {
+                                yielded = true;
+                                tokio::task::yield_now().await;
+                            }
                             self.shared
                                 .subscribing
                                 .before_publish(self.conn_id, &topic)

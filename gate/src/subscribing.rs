@@ -7,6 +7,15 @@
 //! (Mosquitto) never does that. So while a SUBSCRIBE is with the broker (sent, no SUBACK yet), a
 //! publish from another connection on a topic it matches waits for that SUBACK (at most
 //! [`MAX_WAIT`]); publishes on other topics, and the subscriber's own, do not wait.
+//!
+//! That covers a SUBSCRIBE the gate has read. One sent a few microseconds before the PUBLISH
+//! may still be unread on its socket when the PUBLISH is handled (each connection is a task of
+//! its own), so the relay yields once per read that holds a publish before handling it: the
+//! connections that became readable with it are read first (tokio runs a yielded task after
+//! polling the I/O driver). Measured with the Paho suite, whose `test_subscribe_options` and
+//! `test_request_response` publish right after another client's SUBSCRIBE without waiting for
+//! its SUBACK: without the yield the first failed in 3 of 4 runs and the second in 1 of 3;
+//! with it both passed in each of 4 runs.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
