@@ -19,6 +19,7 @@
 //!   connect_timeout_ms: 10000         # TLS handshake + CONNECT, and the upstream dial
 //!   max_queued_messages: 1000         # per kept session while its client is away
 //!   max_queued_bytes: 16777216        # the same, in bytes
+//!   max_held_sessions: 256            # away sessions whose queues are kept on disk
 //! ```
 //!
 //! Without a credentials file and with the defaults, the gate is as open as the bare broker
@@ -138,6 +139,12 @@ pub struct LimitsConfig {
     /// comes back). Default 16 MiB.
     #[serde(default = "default_max_queued_bytes")]
     pub max_queued_bytes: usize,
+    /// Most kept sessions whose queue the gate keeps on disk while their clients are away. Each
+    /// costs a connection to the broker (two file descriptors, about 60 KiB measured); past it
+    /// an away session's messages stay in the broker's memory only (not kept across a restart),
+    /// counted in `edgetwin_gate_sessions_not_held_total`. Default 256.
+    #[serde(default = "default_max_held_sessions")]
+    pub max_held_sessions: usize,
 }
 
 fn default_max_packet_bytes() -> usize {
@@ -173,6 +180,9 @@ fn default_max_queued_messages() -> usize {
 fn default_max_queued_bytes() -> usize {
     16 * 1024 * 1024
 }
+fn default_max_held_sessions() -> usize {
+    256
+}
 
 impl Default for LimitsConfig {
     fn default() -> Self {
@@ -188,6 +198,7 @@ impl Default for LimitsConfig {
             connect_timeout_ms: default_connect_timeout_ms(),
             max_queued_messages: default_max_queued_messages(),
             max_queued_bytes: default_max_queued_bytes(),
+            max_held_sessions: default_max_held_sessions(),
         }
     }
 }

@@ -124,6 +124,8 @@ pub(crate) struct Keepers {
     /// Keepers told to stop take what the broker still has for them first (shutdown: nobody
     /// else will).
     draining: Arc<std::sync::atomic::AtomicBool>,
+    /// The warning about `max_held_sessions` was logged.
+    logged_cap: std::sync::atomic::AtomicBool,
 }
 
 impl Keepers {
@@ -141,6 +143,25 @@ impl Keepers {
         ready: Option<tokio::sync::oneshot::Sender<bool>>,
     ) {
         if self.closing.is_cancelled() {
+            return;
+        }
+        let max = shared.cfg.limits.max_held_sessions;
+        let (held, known) = {
+            let running = lock(&self.running);
+            (running.len(), running.contains_key(client))
+        };
+        if !known && held >= max {
+            // The broker keeps this one's messages in memory, as it would without a keeper.
+            shared.metrics.sessions_not_held.inc();
+            if !self
+                .logged_cap
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                warn!(client = %client, max, "more kept sessions are away than gate.limits.max_held_sessions: messages for the rest are kept in memory only, not across a restart (further ones are only counted)");
+            }
+            if let Some(r) = ready {
+                let _ = r.send(false);
+            }
             return;
         }
         let stop = self.closing.child_token();

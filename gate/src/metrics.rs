@@ -9,6 +9,7 @@
 //! | `edgetwin_gate_denied_total` | `role`, `kind` (publish, subscribe, deliver) | packets refused by the ACL (`deliver`: a broker message withheld from a client, e.g. another protocol's delta to a mapper) |
 //! | `edgetwin_gate_queued_total` | | messages written to a kept session's durable queue while its client was away |
 //! | `edgetwin_gate_queue_dropped_total` | | messages for a kept session dropped: its queue was full |
+//! | `edgetwin_gate_sessions_not_held_total` | | away kept sessions left to the broker's memory (`limits.max_held_sessions` reached): their messages are not kept across a restart |
 //! | `edgetwin_gate_disconnects_total` | `reason` | clients cut by the gate: `packet_too_large`, `topic_too_long`, `too_many_subscriptions`, `malformed`, `protocol_error`, `topic_alias_invalid`, `store_failed` (a publish that could not be stored is not acknowledged) |
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -61,6 +62,8 @@ pub struct GateMetrics {
     pub queued: Counter,
     /// Messages for a kept session dropped because its queue was full.
     pub queue_dropped: Counter,
+    /// Away kept sessions left to the broker's memory (`limits.max_held_sessions` reached).
+    pub sessions_not_held: Counter,
 }
 
 impl GateMetrics {
@@ -106,6 +109,11 @@ impl GateMetrics {
             "queue_dropped",
             "Messages for a kept session dropped because its queue was full (limits.max_queued_messages, max_queued_bytes)",
             self.queue_dropped.clone(),
+        );
+        r.register(
+            "sessions_not_held",
+            "Away kept sessions whose messages stay in the broker's memory only, because gate.limits.max_held_sessions were held",
+            self.sessions_not_held.clone(),
         );
     }
 

@@ -132,11 +132,36 @@ fn mqtt_messages_queued_for_a_kept_session_survive_kill9_in_order_and_once() {
     );
     node.kill9();
     node.restart();
-    let each =
-        json!({"present": true, "count": 100, "once": true, "in_order": true, "qos": [1, 2]});
+    let each = json!({"present": true, "count": 100, "once": true, "in_order": true,
+                      "qos": [1, 2], "qos0": 0});
     assert_eq!(
         scenario_with(&node, "queue_check", &args),
         json!({"cf-q4": each, "cf-q5": each})
+    );
+}
+
+#[test]
+fn mqtt_away_sessions_past_max_held_sessions_are_queued_by_the_broker_in_memory_and_counted() {
+    let node = NodeSpec {
+        extra_yaml: "gate:\n  limits:\n    max_held_sessions: 1\n".into(),
+        ..NodeSpec::default()
+    }
+    .start();
+    let args = ["--prefix", "heldq/", "--arg", "n=5"];
+    node.scenario("queue_setup", &args);
+    let m = node.metrics_until(std::time::Duration::from_secs(20), |m| {
+        m.contains("edgetwin_gate_queued_total 5")
+    });
+    assert!(m.contains("edgetwin_gate_sessions_not_held_total 1"), "{m}");
+    // Without a restart both get everything: the second from the broker's memory (which
+    // queues QoS 0 as well).
+    let held = json!({"present": true, "count": 5, "once": true, "in_order": true,
+                      "qos": [1, 2], "qos0": 0});
+    let in_memory = json!({"present": true, "count": 5, "once": true, "in_order": true,
+                           "qos": [1, 2], "qos0": 5});
+    assert_eq!(
+        node.scenario("queue_check", &args),
+        json!({"cf-q4": held, "cf-q5": in_memory})
     );
 }
 
