@@ -140,18 +140,31 @@ fn mqtt_messages_queued_for_a_kept_session_survive_kill9_in_order_and_once() {
     );
 }
 
-#[test]
-fn mqtt_away_sessions_past_max_held_sessions_are_queued_by_the_broker_in_memory_and_counted() {
+/// A node with one more `gate.limits` entry, after `queue_setup` sent `n` messages of each QoS
+/// to its two away sessions (topics under `prefix`) and its metrics met `until`.
+fn away_sessions_with_limit(
+    limit: &str,
+    prefix: &str,
+    n: usize,
+    until: impl Fn(&str) -> bool,
+) -> (Node, String) {
     let node = NodeSpec {
-        extra_yaml: "gate:\n  limits:\n    max_held_sessions: 1\n".into(),
+        extra_yaml: format!("gate:\n  limits:\n    {limit}\n"),
         ..NodeSpec::default()
     }
     .start();
-    let args = ["--prefix", "heldq/", "--arg", "n=5"];
-    node.scenario("queue_setup", &args);
-    let m = node.metrics_until(std::time::Duration::from_secs(20), |m| {
+    let n = format!("n={n}");
+    node.scenario("queue_setup", &["--prefix", prefix, "--arg", &n]);
+    let m = node.metrics_until(std::time::Duration::from_secs(20), until);
+    (node, m)
+}
+
+#[test]
+fn mqtt_away_sessions_past_max_held_sessions_are_queued_by_the_broker_in_memory_and_counted() {
+    let (node, m) = away_sessions_with_limit("max_held_sessions: 1", "heldq/", 5, |m| {
         m.contains("edgetwin_gate_queued_total 5")
     });
+    let args = ["--prefix", "heldq/", "--arg", "n=5"];
     assert!(m.contains("edgetwin_gate_sessions_not_held_total 1"), "{m}");
     // Without a restart both get everything: the second from the broker's memory (which
     // queues QoS 0 as well).
@@ -167,16 +180,10 @@ fn mqtt_away_sessions_past_max_held_sessions_are_queued_by_the_broker_in_memory_
 
 #[test]
 fn mqtt_a_kept_sessions_queue_is_bounded_and_what_it_drops_is_counted() {
-    let node = NodeSpec {
-        extra_yaml: "gate:\n  limits:\n    max_queued_messages: 10\n".into(),
-        ..NodeSpec::default()
-    }
-    .start();
-    let args = ["--prefix", "fullq/", "--arg", "n=30"];
-    scenario_with(&node, "queue_setup", &args);
-    let m = node.metrics_until(std::time::Duration::from_secs(20), |m| {
+    let (node, m) = away_sessions_with_limit("max_queued_messages: 10", "fullq/", 30, |m| {
         m.contains("edgetwin_gate_queue_dropped_total 40")
     });
+    let args = ["--prefix", "fullq/", "--arg", "n=30"];
     assert!(m.contains("edgetwin_gate_queued_total 20"), "{m}");
     let got = scenario_with(&node, "queue_check", &args);
     for c in ["cf-q4", "cf-q5"] {
