@@ -120,6 +120,9 @@ pub(crate) struct Keepers {
     running: Mutex<HashMap<String, Running>>,
     tasks: TaskTracker,
     /// The gate is shutting down: no keeper starts.
+    refusing: std::sync::atomic::AtomicBool,
+    /// Every keeper stops (the parent of their stop tokens; cancelled by [`Keepers::close`]
+    /// only, after `draining` is set, so each one drains first).
     closing: CancellationToken,
     /// Keepers told to stop take what the broker still has for them first (shutdown: nobody
     /// else will).
@@ -142,7 +145,7 @@ impl Keepers {
         subscribe: bool,
         ready: Option<tokio::sync::oneshot::Sender<bool>>,
     ) {
-        if self.closing.is_cancelled() {
+        if self.refusing.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
         let max = shared.cfg.limits.max_held_sessions;
@@ -194,14 +197,17 @@ impl Keepers {
         }
     }
 
-    /// No keeper starts from now on (shutdown).
+    /// No keeper starts from now on (shutdown); the running ones go on until
+    /// [`Keepers::close`].
     pub fn refuse_new(&self) {
-        self.closing.cancel();
+        self.refusing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Stops every keeper (shutdown) once it has queued what the broker still has for it,
     /// and waits for them.
     pub async fn close(&self) {
+        self.refuse_new();
         self.draining
             .store(true, std::sync::atomic::Ordering::Relaxed);
         self.closing.cancel();
