@@ -37,11 +37,8 @@ use tracing::{debug, info, warn};
 
 use crate::origin::{Options, Origin, Subscriptions, Verdict};
 use crate::packet::{self, Kind, PacketError, Version};
-use crate::relay::Shared;
+use crate::relay::{lock, now_ms, Shared, UPSTREAM_MAX_PACKET};
 use crate::sessions::ToQueue;
-
-/// Largest packet accepted from the broker.
-const UPSTREAM_MAX_PACKET: usize = 256 * 1024 * 1024;
 
 /// Room left in a session's queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,10 +224,6 @@ struct Stop {
 /// A draining keeper stops after this long without a delivery (or [`DRAIN_MAX`]).
 const DRAIN_QUIET: Duration = Duration::from_millis(200);
 const DRAIN_MAX: Duration = Duration::from_secs(3);
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// Holds `client`'s broker session until `stop`, reconnecting after a failure.
 async fn hold(
@@ -514,13 +507,6 @@ pub(crate) async fn restore(shared: &Arc<Shared>, sessions: Vec<(String, Subscri
     if total > 0 {
         info!(sessions = total, failed, "kept client sessions restored");
     }
-}
-
-/// Milliseconds since the Unix epoch.
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

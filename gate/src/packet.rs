@@ -705,8 +705,9 @@ pub fn upstream_client_id(id: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// The gate's own MQTT 5 CONNECT for the broker's session of `client_id` (the upstream id):
-/// `clean_start` 1 ends the session the broker holds (a DISCONNECT follows at once), 0 makes the
-/// broker keep one (to put a stored session back after a restart).
+/// `clean_start` 1 starts it afresh (ending the one the broker holds, when a DISCONNECT follows
+/// at once; the retained fetch's connections), 0 takes up the session the broker keeps (a
+/// keeper holding an away session).
 pub fn session_connect(
     client_id: &str,
     login: Option<&(String, String)>,

@@ -108,7 +108,7 @@ type ClientStream = Box<dyn Io>;
 const ANONYMOUS_REMOTE: &str = "anonymous clients are accepted from this host only: connect with a user (edgetwin user add), or set gate.allow_anonymous: true";
 
 /// Largest packet accepted from the upstream broker (it enforces its own limit).
-const UPSTREAM_MAX_PACKET: usize = 256 * 1024 * 1024;
+pub(crate) const UPSTREAM_MAX_PACKET: usize = 256 * 1024 * 1024;
 
 /// Why the gate cut a client.
 struct Cut {
@@ -580,7 +580,7 @@ fn ack_unforwarded(
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -771,6 +771,17 @@ struct OwnDeliveries {
     from_queue: HashMap<u16, u64>,
 }
 
+/// What became of one of the gate's own deliveries ([`Conn::send_own`]).
+enum Own {
+    Sent,
+    /// Not for this client (its topic, or its size): never to be sent to it.
+    Refused,
+    /// Could not be encoded.
+    Unwritable,
+    /// Every one of the gate's packet ids is in use.
+    NoPacketId,
+}
+
 /// The first packet id the gate uses for its own deliveries.
 const OWN_PKIDS: u16 = 1000;
 
@@ -789,6 +800,12 @@ impl OwnDeliveries {
             }
         }
         None
+    }
+
+    /// Gives `pkid` back unused (its delivery was not sent).
+    fn release(&mut self, pkid: u16) {
+        self.out.remove(&pkid);
+        self.from_queue.remove(&pkid);
     }
 
     /// The client's PUBREC for `pkid`: `true` when it is one of ours (a PUBREL goes back).
@@ -1612,12 +1629,6 @@ impl Conn<'_> {
             .properties
             .as_mut()
             .and_then(|pr| Origin::take(&mut pr.user_properties));
-        let topic = String::from_utf8_lossy(&p.topic).into_owned();
-        if self.role != Role::Admin
-            && !acl::may_receive(&self.role, &topic, self.shared.dir.as_ref())
-        {
-            return;
-        }
         // The fetch subscribed at QoS 0 (so the broker sends them all): the publish's own QoS
         // is in its origin; the node's own publications go at the subscription's.
         let qos = max_qos.min(origin.map_or(max_qos, |o| o.qos));
@@ -1628,29 +1639,7 @@ impl Conn<'_> {
             pr.topic_alias = None;
             pr.subscription_identifiers.clear();
         }
-        p.pkid = if qos == 0 {
-            0
-        } else {
-            match lock(&self.own_deliveries).next(qos) {
-                Some(id) => id,
-                None => return,
-            }
-        };
-        let Ok(bytes) = packet::write_publish(self.version, &p) else {
-            return;
-        };
-        if self.client_max_packet.is_some_and(|max| bytes.len() > max) {
-            lock(&self.own_deliveries).done(
-                p.pkid,
-                if qos == 1 {
-                    Kind::PubAck
-                } else {
-                    Kind::PubComp
-                },
-            );
-            return;
-        }
-        self.deliver(qos, p.pkid, bytes, out);
+        let _ = self.send_own(p, None, out);
     }
 
     /// Sends the client what was queued for its session while it was away, oldest first,
@@ -1677,11 +1666,7 @@ impl Conn<'_> {
                 gone += 1;
                 continue;
             };
-            let topic = String::from_utf8_lossy(&p.topic).into_owned();
-            let expired = q.expires_at_ms.is_some_and(|at| at <= now);
-            let denied = self.role != Role::Admin
-                && !acl::may_receive(&self.role, &topic, self.shared.dir.as_ref());
-            if expired || denied {
+            if q.expires_at_ms.is_some_and(|at| at <= now) {
                 store.dequeue(id, q.seq);
                 gone += 1;
                 continue;
@@ -1692,37 +1677,59 @@ impl Conn<'_> {
                     .get_or_insert_with(Default::default)
                     .message_expiry_interval = Some(left);
             }
-            let qos = p.qos as u8;
-            let pkid = {
-                let mut own = lock(&self.own_deliveries);
-                let Some(pkid) = own.next(qos) else {
-                    // Every packet id in use: the rest wait for the next connection.
-                    break;
-                };
-                own.from_queue.insert(pkid, q.seq);
-                pkid
-            };
-            p.pkid = pkid;
-            let Ok(bytes) = packet::write_publish(self.version, &p) else {
-                continue;
-            };
-            if self.client_max_packet.is_some_and(|max| bytes.len() > max) {
-                lock(&self.own_deliveries).done(
-                    pkid,
-                    if qos == 1 {
-                        Kind::PubAck
-                    } else {
-                        Kind::PubComp
-                    },
-                );
-                store.dequeue(id, q.seq);
-                gone += 1;
-                continue;
+            match self.send_own(p, Some(q.seq), out) {
+                Own::Sent => sent += 1,
+                Own::Refused => {
+                    store.dequeue(id, q.seq);
+                    gone += 1;
+                }
+                Own::Unwritable => {}
+                // The rest wait for the next connection.
+                Own::NoPacketId => break,
             }
-            self.deliver(qos, pkid, bytes, out);
-            sent += 1;
         }
         debug!(client = %self.client_id, sent, dropped = gone, "queued messages sent to a resumed session");
+    }
+
+    /// Sends `p` (its QoS, retain flag and properties as the client is to get them) under one
+    /// of the gate's own packet ids, remembering the queued message `seq` it delivers, if any.
+    /// It is refused when the client may not receive its topic or it is larger than the
+    /// client's Maximum Packet Size (as the spec has it: discarded as if delivered).
+    fn send_own(
+        &self,
+        mut p: rumqttc::v5::mqttbytes::v5::Publish,
+        seq: Option<u64>,
+        out: &mut BytesMut,
+    ) -> Own {
+        let topic = String::from_utf8_lossy(&p.topic);
+        if self.role != Role::Admin
+            && !acl::may_receive(&self.role, &topic, self.shared.dir.as_ref())
+        {
+            return Own::Refused;
+        }
+        let qos = p.qos as u8;
+        p.pkid = if qos == 0 {
+            0
+        } else {
+            let mut own = lock(&self.own_deliveries);
+            let Some(pkid) = own.next(qos) else {
+                return Own::NoPacketId;
+            };
+            if let Some(seq) = seq {
+                own.from_queue.insert(pkid, seq);
+            }
+            pkid
+        };
+        let Ok(bytes) = packet::write_publish(self.version, &p) else {
+            lock(&self.own_deliveries).release(p.pkid);
+            return Own::Unwritable;
+        };
+        if self.client_max_packet.is_some_and(|max| bytes.len() > max) {
+            lock(&self.own_deliveries).release(p.pkid);
+            return Own::Refused;
+        }
+        self.deliver(qos, p.pkid, bytes, out);
+        Own::Sent
     }
 
     /// A client PUBLISH as the broker gets it: MQTT 5, marked with its [`Origin`].
@@ -1979,7 +1986,7 @@ impl Conn<'_> {
 }
 
 /// Milliseconds since the Unix epoch (message expiry deadlines).
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
