@@ -93,6 +93,15 @@ class Client:
         self.c.loop_stop()
 
 
+def away(cid, topic, qos, sub=None, **client):
+    """A session of `cid` (made with `client`'s options) subscribed to `topic` at `qos` (with
+    the options `sub`), then disconnected: away, its session kept if the options say so."""
+    c = Client(cid, **client)
+    c.connect()
+    c.sub(topic, qos, **(sub or {}))
+    c.close()
+
+
 def user_props(m):
     p = getattr(m, "properties", None)
     return [list(kv) for kv in getattr(p, "UserProperty", [])] if p else []
@@ -254,10 +263,7 @@ def session_expiry():
     out["after_disconnect_0"] = a.connect()
     a.close(expiry=0)
     # clean_start with an expiry: a fresh session, kept afterwards.
-    a = Client("cf-se", clean=True, expiry=60)
-    a.connect()
-    a.sub("se", 1)
-    a.close()
+    away("cf-se", "se", 1, clean=True, expiry=60)
     a = Client("cf-se", clean=True, expiry=60)
     out["clean_start_present"] = a.connect()
     a.close(expiry=0)
@@ -266,10 +272,7 @@ def session_expiry():
 
 
 def message_expiry():
-    a = Client("cf-me", clean=True, expiry=60)
-    a.connect()
-    a.sub("me", 1)
-    a.close()
+    away("cf-me", "me", 1, clean=True, expiry=60)
     p = Client("cf-me-p")
     p.connect()
     for secs, text in ((1, "short"), (30, "long")):
@@ -287,10 +290,7 @@ def message_expiry():
 
 
 def v4_persistent_session():
-    a = Client("cf-v4ps", v5=False, clean=False)
-    a.connect()
-    a.sub("ps", 1)
-    a.close()
+    away("cf-v4ps", "ps", 1, v5=False, clean=False)
     p = Client("cf-v4ps-p", v5=False)
     p.connect()
     p.pub("ps", b"queued", 1)
@@ -315,18 +315,9 @@ def v4_persistent_session():
 
 def persist_setup():
     """Kept sessions of both versions, and one that will have expired, before a node restart."""
-    a = Client("cf-keep4", v5=False, clean=False)
-    a.connect()
-    a.sub("keep4", 1)
-    a.close()
-    b = Client("cf-keep5", clean=True, expiry=300)
-    b.connect()
-    b.sub("keep5", 1, noLocal=True)
-    b.close()
-    c = Client("cf-short", clean=True, expiry=1)
-    c.connect()
-    c.sub("short", 1)
-    c.close()
+    away("cf-keep4", "keep4", 1, v5=False, clean=False)
+    away("cf-keep5", "keep5", 1, sub={"noLocal": True}, clean=True, expiry=300)
+    away("cf-short", "short", 1, clean=True, expiry=1)
     # Queued while they are away, before the restart (QoS 0 is not queued).
     p = Client("cf-keep-p0")
     p.connect()
@@ -406,10 +397,7 @@ def busy_subscribe():
 
 def kept_setup():
     """A 3.1.1 kept session subscribed to `queued` at QoS 1, then away (for the crash loop)."""
-    c = Client("cf-crash-kept", v5=False, clean=False)
-    c.connect()
-    c.sub("queued", 1)
-    c.close()
+    away("cf-crash-kept", "queued", 1, v5=False, clean=False)
     return {}
 
 
@@ -428,10 +416,7 @@ def queue_setup():
     interleaved, and some at QoS 0."""
     n = int(ARGS.get("n", 100))
     for cid, v5 in (("cf-q4", False), ("cf-q5", True)):
-        c = Client(cid, v5=v5, clean=v5, expiry=3600 if v5 else None)
-        c.connect()
-        c.sub("q/" + cid, 2)
-        c.close()
+        away(cid, "q/" + cid, 2, v5=v5, clean=v5, expiry=3600 if v5 else None)
     p = Client("cf-q-p")
     p.connect()
     for i in range(n):
