@@ -146,11 +146,14 @@ impl Keepers {
             return;
         }
         let max = shared.cfg.limits.max_held_sessions;
-        let (held, known) = {
+        let (holding, known) = {
             let running = lock(&self.running);
-            (running.len(), running.contains_key(client))
+            // A keeper that only put a session back at the broker has ended by itself.
+            let holding = running.values().filter(|r| !r.done.is_finished()).count();
+            (holding, running.contains_key(client))
         };
-        if !known && held >= max {
+        let holds = known || holding < max;
+        if !holds {
             // The broker keeps this one's messages in memory, as it would without a keeper.
             shared.metrics.sessions_not_held.inc();
             if !self
@@ -159,10 +162,11 @@ impl Keepers {
             {
                 warn!(client = %client, max, "more kept sessions are away than gate.limits.max_held_sessions: messages for the rest are kept in memory only, not across a restart (further ones are only counted)");
             }
-            if let Some(r) = ready {
-                let _ = r.send(false);
+            if !subscribe {
+                return;
             }
-            return;
+            // After a restart the broker does not have the session yet: the keeper puts it
+            // back (its filters subscribed) and leaves it to the broker.
         }
         let stop = self.closing.child_token();
         let done = self.tasks.spawn(hold(
@@ -170,7 +174,7 @@ impl Keepers {
             client.to_string(),
             me,
             subs,
-            subscribe,
+            Mode { subscribe, holds },
             ready,
             Stop {
                 now: stop.clone(),
@@ -213,6 +217,15 @@ impl Keepers {
     }
 }
 
+/// What a keeper is to do.
+#[derive(Debug, Clone, Copy)]
+struct Mode {
+    /// The broker does not have the session's filters yet (a restart): subscribe them first.
+    subscribe: bool,
+    /// Queue the session's deliveries (else: end once the broker has the session).
+    holds: bool,
+}
+
 /// When a keeper stops.
 #[derive(Clone)]
 struct Stop {
@@ -231,7 +244,7 @@ async fn hold(
     client: String,
     me: u64,
     subs: Subscriptions,
-    mut subscribe: bool,
+    mut mode: Mode,
     mut ready: Option<tokio::sync::oneshot::Sender<bool>>,
     stop: Stop,
 ) {
@@ -243,7 +256,7 @@ async fn hold(
             &client,
             me,
             &subs,
-            &mut subscribe,
+            &mut mode,
             &mut ready,
             &mut logged_full,
             &stop,
@@ -277,14 +290,14 @@ async fn hold_once(
     client: &str,
     me: u64,
     subs: &Subscriptions,
-    subscribe: &mut bool,
+    mode: &mut Mode,
     ready: &mut Option<tokio::sync::oneshot::Sender<bool>>,
     logged_full: &mut bool,
     stop: &Stop,
 ) -> std::io::Result<()> {
     let bad = |e: PacketError| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string());
     let store = shared.session_store.get().cloned();
-    let queues = store.as_ref().is_some_and(|s| s.keeps_queues());
+    let queues = mode.holds && store.as_ref().is_some_and(|s| s.keeps_queues());
     let limits = &shared.cfg.limits;
     let mut s = TcpStream::connect(shared.upstream.broker).await?;
     s.set_nodelay(true)?;
@@ -379,7 +392,7 @@ async fn hold_once(
                         return Err(std::io::Error::other("the broker refused the connection"));
                     }
                     connected = true;
-                    if *subscribe && !subs.is_empty() {
+                    if mode.subscribe && !subs.is_empty() {
                         let filters = subs.iter().map(|(f, o)| filter(f, o)).collect::<Vec<_>>();
                         let sub = m5::Subscribe {
                             pkid: 1,
@@ -388,22 +401,10 @@ async fn hold_once(
                         };
                         acks.extend_from_slice(&packet::write_v5_subscribe(&sub).map_err(bad)?);
                     } else {
-                        *subscribe = false;
-                        if let Some(r) = ready.take() {
-                            let _ = r.send(true);
-                        }
+                        stopping = stopping.or(at_broker(mode, ready, queues));
                     }
                 }
-                Kind::SubAck => {
-                    *subscribe = false;
-                    if let Some(r) = ready.take() {
-                        let _ = r.send(true);
-                    }
-                    if !queues {
-                        // Nowhere to queue: the broker keeps the session from here.
-                        stopping = Some(tokio::time::Instant::now());
-                    }
-                }
+                Kind::SubAck => stopping = stopping.or(at_broker(mode, ready, queues)),
                 Kind::Publish if stopping.is_some() => {
                     // Not acknowledged: the broker sends it to the client's connection.
                 }
@@ -468,6 +469,21 @@ async fn hold_once(
     }
 }
 
+/// The broker has the session with its filters now: `ready` is told. Returns when to stop:
+/// at once when the keeper does not queue (nowhere to, or past `max_held_sessions`), and the
+/// broker keeps the session from here.
+fn at_broker(
+    mode: &mut Mode,
+    ready: &mut Option<tokio::sync::oneshot::Sender<bool>>,
+    queues: bool,
+) -> Option<tokio::time::Instant> {
+    mode.subscribe = false;
+    if let Some(r) = ready.take() {
+        let _ = r.send(true);
+    }
+    (!queues).then(tokio::time::Instant::now)
+}
+
 fn filter(f: &str, o: &Options) -> m5::Filter {
     let mut fl = m5::Filter::new(f.to_string(), packet::qos5(o.qos));
     fl.nolocal = o.no_local;
@@ -495,8 +511,10 @@ pub(crate) async fn restore(shared: &Arc<Shared>, sessions: Vec<(String, Subscri
         waiting.push((id, rx));
     }
     let mut failed = 0usize;
+    // One deadline for all of them: start-up waits 10 s at most, however many fail.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     for (id, rx) in waiting {
-        match tokio::time::timeout(Duration::from_secs(10), rx).await {
+        match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(true)) => {}
             _ => {
                 failed += 1;
