@@ -88,16 +88,21 @@ fn mqtt311_a_persistent_session_keeps_subscriptions_and_queued_messages_until_a_
     );
 }
 
-#[test]
-fn mqtt_kept_sessions_and_their_subscription_options_survive_a_restart_of_the_node() {
-    let mut node = Node::start(&[]);
-    let prefix = ["--prefix", "restart/"];
+/// `persist_setup`, a restart of `node` (SIGTERM), then what `persist_check` saw (topics under
+/// `prefix`).
+fn sessions_after_a_restart(mut node: Node, prefix: &str) -> Value {
+    let prefix = ["--prefix", prefix];
     node.scenario("persist_setup", &prefix);
     node.stop();
     node.restart();
+    node.scenario("persist_check", &prefix)
+}
+
+#[test]
+fn mqtt_kept_sessions_and_their_subscription_options_survive_a_restart_of_the_node() {
     // Published after the restart, before the clients come back: queued for their sessions.
     assert_eq!(
-        node.scenario("persist_check", &prefix),
+        sessions_after_a_restart(Node::start(&[]), "restart/"),
         json!({"v4_present": true, "v4_msgs": ["before restart keep4", "after restart keep4"],
                "v5_present": true, "v5_msgs": ["before restart keep5", "after restart keep5"],
                "v5_qos": [1, 1], "v5_own": 0, "short_present": false})
@@ -169,19 +174,15 @@ fn mqtt_away_sessions_past_max_held_sessions_are_queued_by_the_broker_in_memory_
 
 #[test]
 fn mqtt_an_away_session_past_max_held_sessions_keeps_its_subscriptions_across_a_restart() {
-    let mut node = NodeSpec {
+    let node = NodeSpec {
         extra_yaml: "gate:\n  limits:\n    max_held_sessions: 1\n".into(),
         ..NodeSpec::default()
     }
     .start();
-    let prefix = ["--prefix", "capped/"];
-    node.scenario("persist_setup", &prefix);
-    node.stop();
-    node.restart();
     // keep4 went away first and is held; keep5 is not: what was queued for it before the
     // restart was in the broker's memory only, but its subscription came back.
     assert_eq!(
-        node.scenario("persist_check", &prefix),
+        sessions_after_a_restart(node, "capped/"),
         json!({"v4_present": true, "v4_msgs": ["before restart keep4", "after restart keep4"],
                "v5_present": true, "v5_msgs": ["after restart keep5"],
                "v5_qos": [1], "v5_own": 0, "short_present": false})
