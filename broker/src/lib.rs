@@ -1,6 +1,6 @@
 //! The node's embedded MQTT broker (rumqttd, in-process) and the one local client API every
 //! internal consumer of the node uses. See [`embedded`] for the memory model (bounded per-filter
-//! logs) and the start order (router first, listeners on demand), and [`local`] for how a
+//! logs) and the start order (router first, the front door's pipes on demand), and [`local`] for how a
 //! consumer that falls behind the broker's log is detected.
 
 pub mod embedded;
@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-pub use embedded::{EmbeddedBroker, Internal, CLIENT_SEGMENT, INTERNAL_SEGMENT};
+pub use embedded::{fresh_login, EmbeddedBroker, Pipes, CLIENT_SEGMENT, INTERNAL_SEGMENT};
 pub use local::{LocalClient, Message};
 pub use metrics::{BrokerMetrics, LinkLabels};
 
@@ -22,7 +22,7 @@ pub use metrics::{BrokerMetrics, LinkLabels};
 pub struct MqttConfig {
     /// The node's MQTT port, served by the front door (the gate): MQTT 3.1.1 and 5. Default
     /// `127.0.0.1:1883`: nothing is open to other hosts until the config says so (as Mosquitto 2
-    /// does). The broker itself listens only on internal loopback ports ([`Internal`]).
+    /// does). The broker itself has no listener: the front door reaches it in-process ([`Pipes`]).
     pub listen: SocketAddr,
     /// A second front-door port, also both versions (kept for MQTT 5 clients set up for the
     /// old separate port). Default `127.0.0.1:1884`; `null` disables it.
@@ -33,7 +33,7 @@ pub struct MqttConfig {
     pub max_connections: usize,
     /// Most unacknowledged QoS 1/2 messages in flight per client. Default 100.
     pub max_inflight_messages: usize,
-    /// How long a new TCP connection may take to send CONNECT, in milliseconds. Default 5000.
+    /// How long a new connection may take to send CONNECT, in milliseconds. Default 5000.
     pub connect_timeout_ms: u16,
 }
 

@@ -30,7 +30,6 @@ use std::time::Duration;
 use bytes::BytesMut;
 use rumqttc::v5::mqttbytes::v5 as m5;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -299,8 +298,7 @@ async fn hold_once(
     let store = shared.session_store.get().cloned();
     let queues = mode.holds && store.as_ref().is_some_and(|s| s.keeps_queues());
     let limits = &shared.cfg.limits;
-    let mut s = TcpStream::connect(shared.upstream.broker).await?;
-    s.set_nodelay(true)?;
+    let mut s = shared.upstream.broker.connect().await?;
     let keep_alive = limits.keepalive_off_upstream_s;
     s.write_all(
         &packet::session_connect(client, shared.upstream.login.as_ref(), false, keep_alive)

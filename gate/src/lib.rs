@@ -3,17 +3,18 @@
 //! The gate terminates client connections (plain TCP and TLS), authenticates them (password hashes
 //! or a verified client certificate), enforces per-client topic permissions ([`acl`]), hands
 //! publishes on stored topics to the node's stores first ([`intake`]: a PUBACK means durable), and
-//! relays the allowed traffic to the embedded broker's internal loopback listeners, logging in with
-//! the node's per-start login ([`Upstream`]).
+//! relays the allowed traffic to the embedded broker through in-process pipes (or to any MQTT 5
+//! broker over TCP), logging in with the node's per-start login ([`Upstream`]).
 //!
 //! # Why a gate in front of rumqttd
 //!
 //! rumqttd 0.20 has an authentication hook (`ConnectionSettings::set_auth_handler(client_id, user,
 //! pass) -> bool`) but **no per-topic authorization hook**, does not set `TCP_NODELAY` (Nagle
 //! costs tens of milliseconds of latency at p99 on loopback), and serves MQTT 3.1.1 and 5 on
-//! separate ports. A gate we own fixes all three: one public port for both versions (it sniffs
-//! the CONNECT protocol level and dials the upstream listener of that version), `TCP_NODELAY` on
-//! both hops, and topic ACLs with counted, logged denials.
+//! separate ports. A gate we own fixes all three: one public port for both versions (it reads
+//! the CONNECT protocol level and speaks MQTT 5 to the broker for both), `TCP_NODELAY` on every
+//! client connection, and topic ACLs with counted, logged denials. It reaches the broker through
+//! [`upstream`]: in-process pipes for the node's embedded rumqttd, or TCP.
 //!
 //! # Shape
 //!
@@ -41,6 +42,7 @@ mod relay;
 pub mod sessions;
 pub mod subscribing;
 pub mod tls;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -119,10 +121,10 @@ const MAX_CLIENT_IDS: usize = 100_000;
 /// puts in every CONNECT it passes on.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    /// The broker's MQTT 5 listener.
-    pub broker: SocketAddr,
-    /// Username and password of the internal listeners (the node makes a fresh one at every
-    /// start, so no other process can reach the broker around the gate).
+    /// The broker, speaking MQTT 5.
+    pub broker: upstream::Broker,
+    /// Username and password for the broker (the node makes a fresh one at every start); the
+    /// node's own clients (its readiness canary) log in to the gate with it too.
     pub login: Option<(String, String)>,
 }
 

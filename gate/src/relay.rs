@@ -18,6 +18,8 @@ use bytes::{Bytes, BytesMut};
 use rumqttc::v5::mqttbytes::v5::DisconnectReasonCode;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::upstream::BrokerStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -369,7 +371,7 @@ pub(crate) async fn serve(
         lock(&shared.sessions).set_owner(&upstream_id, &client_id, &identity);
         shared.persist(&upstream_id);
     }
-    let upstream_addr = shared.upstream.broker;
+    let upstream_addr = &shared.upstream.broker;
     let upstream = match dial(
         upstream_addr,
         deadline,
@@ -585,18 +587,17 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 async fn dial(
-    addr: SocketAddr,
+    broker: &crate::upstream::Broker,
     deadline: tokio::time::Instant,
     connect: &Connect,
     keepalive_off: u16,
     login: Option<&(String, String)>,
     clean_start: bool,
     conn: u64,
-) -> std::io::Result<TcpStream> {
-    let mut s = tokio::time::timeout_at(deadline, TcpStream::connect(addr))
+) -> std::io::Result<BrokerStream> {
+    let mut s = tokio::time::timeout_at(deadline, broker.connect())
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
-    s.set_nodelay(true)?;
     let first = connect
         .encode_for_upstream(keepalive_off, login, clean_start, conn)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
@@ -608,7 +609,7 @@ async fn dial(
 /// failure is logged: the session then lasts until the next clean start of that client id.
 async fn end_at_broker(shared: &Shared, upstream_id: &str) {
     let attempt = async {
-        let mut s = TcpStream::connect(shared.upstream.broker).await?;
+        let mut s = shared.upstream.broker.connect().await?;
         let hello = packet::session_connect(upstream_id, shared.upstream.login.as_ref(), true, 10)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
         s.write_all(&hello).await?;
@@ -694,7 +695,7 @@ fn keep_while_away(shared: &Arc<Shared>, client: &str, conn: u64) {
 /// publishers kept the filter busy, and the client's connection waited with it, up to 5 s:
 /// measured, a QoS 1 subscriber at 5k msg/s got 3,200 msg/s and lost a third.)
 async fn subscribe_for_retained(
-    s: &mut TcpStream,
+    s: &mut BrokerStream,
     filters: Vec<rumqttc::v5::mqttbytes::v5::Filter>,
     quiet: Duration,
 ) -> std::io::Result<Vec<rumqttc::v5::mqttbytes::v5::Publish>> {
@@ -848,8 +849,7 @@ async fn fetch_retained(
     let attempt = async {
         let bad =
             |e: PacketError| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string());
-        let mut s = TcpStream::connect(shared.upstream.broker).await?;
-        s.set_nodelay(true)?;
+        let mut s = shared.upstream.broker.connect().await?;
         s.write_all(
             &packet::session_connect(&id, shared.upstream.login.as_ref(), true, 10).map_err(bad)?,
         )
@@ -1113,11 +1113,11 @@ impl Conn<'_> {
         &self,
         client: ClientStream,
         client_buf: BytesMut,
-        upstream: TcpStream,
+        upstream: BrokerStream,
         shutdown: &CancellationToken,
     ) -> End {
         let (cr, cw) = tokio::io::split(client);
-        let (ur, uw) = upstream.into_split();
+        let (ur, uw) = tokio::io::split(upstream);
         let cw = Writer::new(cw);
         let uw = Writer::new(uw);
         let (to_broker, in_order) = InOrder::new(self.shared.cfg.limits.max_packet_bytes);
@@ -1778,7 +1778,7 @@ impl Conn<'_> {
 
     async fn broker_to_client<C, U>(
         &self,
-        mut reader: tokio::net::tcp::OwnedReadHalf,
+        mut reader: tokio::io::ReadHalf<BrokerStream>,
         client: &Writer<C>,
         upstream: &Writer<U>,
     ) -> End
@@ -1798,11 +1798,6 @@ impl Conn<'_> {
                 Ok(0) | Err(_) => return End::Closed,
                 Ok(_) => {}
             }
-            // rumqttd does not set TCP_NODELAY on its side, so its next small write (a QoS 0
-            // delivery) waits until this one is acknowledged, and Linux delays that ACK by up to
-            // 40 ms when we have nothing to send back. Acknowledging at once (re-armed after each
-            // read: the kernel leaves quick-ack mode on its own) removes that stall.
-            let _ = socket2::SockRef::from(reader.as_ref()).set_tcp_quickack(true);
             let mut out = BytesMut::new();
             let mut back = BytesMut::new();
             let mut order = self.acks.lock().await;

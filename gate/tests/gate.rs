@@ -77,7 +77,7 @@ impl TestGate {
             .block_on(Gate::bind(
                 cfg,
                 edgetwin_gate::Upstream {
-                    broker: up,
+                    broker: edgetwin_gate::upstream::Broker::Tcp(up),
                     login: None,
                 },
                 directory(),

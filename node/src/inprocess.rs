@@ -1,5 +1,5 @@
 //! In-process node tests: the real router, the real twin service and stores, driven through
-//! in-process links and (for the canary) a real TCP listener. rumqttd's router thread cannot be
+//! in-process links and (for the canary) the real front door on a free loopback port. rumqttd's router thread cannot be
 //! stopped, so each test's router lives until the test binary exits; every test gets its own.
 #![allow(clippy::unwrap_used)]
 
@@ -35,7 +35,7 @@ pub fn profiles(names: &[&str]) -> edgetwin_profile::ProfileSet {
     edgetwin_profile::validate(&[("test.yaml".to_string(), docs)], &Default::default()).unwrap()
 }
 
-/// The default broker settings (the harness's listeners are internal ones on free ports).
+/// The default broker settings.
 pub fn mqtt_config() -> MqttConfig {
     MqttConfig::default()
 }
@@ -44,8 +44,6 @@ pub fn mqtt_config() -> MqttConfig {
 pub struct Harness {
     pub broker: EmbeddedBroker,
     pub cfg: MqttConfig,
-    /// The broker's internal listeners (started by [`listen`](Self::listen)).
-    pub internal: edgetwin_broker::Internal,
     /// The way the front door hands clients' twin patches to the service.
     pub front: crate::intake::NodeIntake,
     pub metrics: Arc<Metrics>,
@@ -104,7 +102,6 @@ impl Harness {
         Harness {
             broker,
             cfg,
-            internal: edgetwin_broker::Internal::pick().unwrap(),
             front,
             metrics,
             health,
@@ -115,15 +112,31 @@ impl Harness {
         }
     }
 
-    /// The broker's MQTT 3.1.1 listener address (after [`listen`](Self::listen)); it takes
-    /// `self.internal.login`.
-    pub fn listen_addr(&self) -> SocketAddr {
-        self.internal.v4
-    }
-
-    /// Starts the broker's TCP listeners.
-    pub async fn listen(&self) {
-        self.broker.listen(&self.cfg, &self.internal).await.unwrap();
+    /// Starts a front door (the gate, as `serve` sets it up) on a free loopback port in front
+    /// of the broker; returns its address and the node's own login.
+    pub async fn front_door(&self) -> (SocketAddr, (String, String)) {
+        let login = edgetwin_broker::fresh_login();
+        let pipes = self.broker.serve_in_process(&self.cfg, &login).unwrap();
+        let gate = edgetwin_gate::Gate::bind(
+            edgetwin_gate::GateConfig::plain(SocketAddr::from(([127, 0, 0, 1], 0))),
+            edgetwin_gate::Upstream {
+                broker: edgetwin_gate::upstream::Broker::InProcess(Arc::new(move || {
+                    pipes.connect()
+                })),
+                login: Some(login.clone()),
+            },
+            Arc::new(twin_service::Directory::default()),
+            Arc::new(crate::intake::NodeIntake {
+                twins: self.front.twins.clone(),
+                upstream: None,
+                retained: None,
+            }),
+        )
+        .await
+        .unwrap();
+        let addr = gate.local_addrs()[0];
+        self.tracker.spawn(gate.run(self.intake.clone()));
+        (addr, login)
     }
 
     /// Publishes as a front-door client does on a stored topic: handed to the twin service

@@ -89,15 +89,38 @@ async fn node_store_failure_rolls_back_answers_store_failed_and_recovers_when_sp
 async fn node_canary_turns_readiness_off_while_the_twin_service_does_not_answer() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _, _) = TwinStore::open(&dir.path().join("twins.redb")).unwrap();
-    let mut h = Harness::start(store, &["d-1"]).await;
-    h.listen().await;
+    let h = Harness::start(store, &["d-1"]).await;
+    let (addr, login) = h.front_door().await;
+    canary_follows_the_twin_service(h, crate::canary::Via::Listener(addr, login)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_canary_through_the_broker_link_turns_readiness_off_too() {
+    // The way it asks where every listener wants TLS.
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _, _) = TwinStore::open(&dir.path().join("twins.redb")).unwrap();
+    let h = Harness::start(store, &["d-1"]).await;
+    let (client, rx) = LocalClient::connect(
+        &h.broker,
+        "edgetwin-canary",
+        &[crate::canary::reply_filter().as_str()],
+        16,
+        h.intake.clone(),
+        &h.tracker,
+    )
+    .await
+    .unwrap();
+    canary_follows_the_twin_service(h, crate::canary::Via::Broker(client, rx)).await;
+}
+
+/// The canary reports Ok while the twin service answers, then the silence once it stops.
+async fn canary_follows_the_twin_service(mut h: Harness, via: crate::canary::Via) {
     let timing = crate::canary::Timing {
         every: Duration::from_millis(100),
         within: Duration::from_millis(500),
     };
     h.tracker.spawn(crate::canary::run(
-        h.listen_addr(),
-        h.internal.login.clone(),
+        via,
         "t".into(),
         h.health.clone(),
         timing,

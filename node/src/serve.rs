@@ -35,7 +35,7 @@ use edgetwin_devicetwin::store::{QuarantineKind, TwinStore};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::NodeConfig;
 use crate::health::Health;
@@ -346,11 +346,12 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
     let service_task = tokio::spawn(service.run(inputs_rx, service_stop.clone()));
 
     // 6. Only now the outside world.
-    // The broker listens on loopback ports of its own with a login only the front door knows;
-    // every client comes in through the front door.
-    let internal = edgetwin_broker::Internal::pick()?;
-    broker.listen(&cfg.mqtt, &internal).await?;
-    debug!(internal = ?internal, "embedded broker listening for the front door");
+    // The broker has no listener: every client comes in through the front door, which reaches
+    // it through in-process pipes with a login made now.
+    let login = edgetwin_broker::fresh_login();
+    let pipes = broker
+        .serve_in_process(&cfg.mqtt, &login)
+        .context("embedded broker")?;
     if let (Some(b), Some(bcfg)) = (bridge.as_mut(), &cfg.bridge) {
         b.connect();
         info!(url = %bcfg.url, "bridge to the cloud broker started");
@@ -358,13 +359,15 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
     let front = cfg.front_door();
     let anonymous_anywhere = front.allow_anonymous == Some(true);
     // The canary asks through the front door as clients do, on its first plain listener (or,
-    // when every listener wants TLS, at the broker's own).
+    // when every listener wants TLS, through the broker's in-process link).
     let plain = front.listeners.iter().position(|l| l.tls.is_none());
     let gate = edgetwin_gate::Gate::bind(
         front,
         edgetwin_gate::Upstream {
-            broker: internal.v5,
-            login: Some(internal.login.clone()),
+            broker: edgetwin_gate::upstream::Broker::InProcess(std::sync::Arc::new(move || {
+                pipes.connect()
+            })),
+            login: Some(login.clone()),
         },
         directory.clone(),
         front_door_intake,
@@ -379,9 +382,21 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
     metrics.register_with(|r| gate_metrics.register(r));
     let gate_reloader = Some(gate.reloader());
     let listeners = gate.local_addrs();
-    let canary_target = plain
-        .and_then(|i| listeners.get(i).copied())
-        .unwrap_or(internal.v4);
+    let canary_via = match plain.and_then(|i| listeners.get(i).copied()) {
+        Some(addr) => crate::canary::Via::Listener(addr, login.clone()),
+        None => {
+            let (client, rx) = LocalClient::connect(
+                &broker,
+                "edgetwin-canary",
+                &[crate::canary::reply_filter().as_str()],
+                16,
+                intake.clone(),
+                &tracker,
+            )
+            .await?;
+            crate::canary::Via::Broker(client, rx)
+        }
+    };
     if anonymous_anywhere && listeners.iter().any(|a| !a.ip().is_loopback()) {
         warn!(listeners = ?listeners, "MQTT takes anonymous clients from other hosts (gate.allow_anonymous: true)");
     } else if cfg
@@ -400,8 +415,7 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
         crate::health::Verdict::Failing("waiting for the first answer".into()),
     );
     tracker.spawn(crate::canary::run(
-        canary_target,
-        internal.login.clone(),
+        canary_via,
         cfg.node_id.as_str().to_string(),
         health.clone(),
         crate::canary::Timing {
