@@ -413,7 +413,9 @@ impl Router {
         let client_id = match &self.obufs.get(id) {
             Some(v) => v.client_id.clone(),
             None => {
-                error!("no-connection id {} is already gone", id);
+                // edgetwin patch: debug, not error; this is the double disconnect the comment
+                // above expects (DISCONNECT, then the connection's end).
+                debug!("no-connection id {} is already gone", id);
                 return;
             }
         };

@@ -612,7 +612,9 @@ async fn remote<P: Protocol>(
         // No need to send a disconnect message when disconnection
         // originated internally in the router.
         Err(remote::Error::Link(e)) => {
-            error!(error=?e, "router-drop");
+            // edgetwin patch: info, not error; the router ends a connection when another takes
+            // its client id over, which the node's front door does on every session handover.
+            info!(error=?e, "router-drop");
             send_disconnect = false;
         }
         // Connection was closed by peer
