@@ -140,7 +140,7 @@ pub struct LimitsConfig {
     #[serde(default = "default_max_queued_bytes")]
     pub max_queued_bytes: usize,
     /// Most kept sessions whose queue the gate keeps on disk while their clients are away. Each
-    /// costs a connection to the broker (two file descriptors, about 60 KiB measured); past it
+    /// costs an in-process connection to the broker (about 65 KiB measured); past it
     /// an away session's messages stay in the broker's memory only (not kept across a restart),
     /// counted in `edgetwin_gate_sessions_not_held_total`. Default 256.
     #[serde(default = "default_max_held_sessions")]
