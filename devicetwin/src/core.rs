@@ -343,6 +343,21 @@ impl Twin {
         changed
     }
 
+    /// Marks the device offline because its mapper is gone (the mapper's will, or its clean
+    /// stop): the mapper can no longer say so itself, and its last `online` would stand for ever.
+    /// `lastSeen` stays: nothing was heard from the device. The mapper's next status replaces
+    /// this one (it is stamped later). Returns whether the state or message changed.
+    pub fn mark_mapper_gone(&mut self, message: &str, now_ms: i64) -> bool {
+        let changed = self.status.state != DeviceState::Offline
+            || self.status.message.as_deref() != Some(message);
+        if changed {
+            self.status.state = DeviceState::Offline;
+            self.status.ts = Some(self.status.ts.map_or(now_ms, |ts| ts.max(now_ms)));
+            self.status.message = Some(message.to_string());
+        }
+        changed
+    }
+
     /// Desired properties (not removed) whose reported value differs or is absent.
     pub fn delta(&self) -> Map<String, Value> {
         let mut delta = Map::new();
@@ -608,6 +623,21 @@ fn write_canonical(v: &Value, out: &mut String) {
     }
 }
 
-fn same_value(a: &Value, b: &Value) -> bool {
-    canonical_json(a) == canonical_json(b)
+/// Whether a reported value satisfies a desired one: numbers by value, so `30` desired on a float
+/// property is met by the `30.0` a device reads back (by JSON text they differ, and the delta
+/// never cleared: the mapper wrote the register again at every report); integers exactly (an
+/// `f64` cannot tell 2^53 + 1 from 2^53); anything else by canonical JSON.
+pub fn same_value(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            if let (Some(x), Some(y)) = (x.as_i64(), y.as_i64()) {
+                x == y
+            } else if let (Some(x), Some(y)) = (x.as_u64(), y.as_u64()) {
+                x == y
+            } else {
+                x.as_f64() == y.as_f64()
+            }
+        }
+        _ => canonical_json(a) == canonical_json(b),
+    }
 }
