@@ -671,7 +671,27 @@ impl TwinService {
         let Ok(msg) = serde_json::from_slice::<MapperStatusMsg>(payload) else {
             return;
         };
-        if msg.state != MapperState::Online {
+        if msg.state == MapperState::Offline {
+            // Its will (or its clean stop): nobody else will say its devices are gone.
+            let served: Vec<DeviceId> = self
+                .devices
+                .iter()
+                .filter(|(_, reg)| reg.assignment.is_some() && reg.reporter == protocol)
+                .map(|(d, _)| d.clone())
+                .collect();
+            let message = format!("mapper {protocol} is offline");
+            let now = now_ms();
+            let mut marked = 0usize;
+            for d in served {
+                self.touch(b, &d);
+                if let Some(twin) = self.twins.get_mut(&d) {
+                    if twin.mark_mapper_gone(&message, now) {
+                        marked += 1;
+                        self.mark_dirty(b, &d, None);
+                    }
+                }
+            }
+            warn!(protocol = %protocol, devices = marked, "mapper offline; its devices are marked offline");
             return;
         }
         // A (re)connected mapper gets the deltas it may have missed.
