@@ -302,7 +302,8 @@ pub fn decode(v: &BleVisitor, ty: PropertyType, b: &[u8]) -> Result<Value, Codec
                     "-INF"
                 }));
             }
-            f64::from(f)
+            // The shortest decimal that reads back as this f32 (232.1, not 232.10000610351562).
+            f.to_string().parse().unwrap_or(f64::from(f))
         }
         #[allow(clippy::cast_possible_truncation)]
         BleDataType::Sfloat => sfloat_to_f64(to_uint(b, e) as u16)?,
@@ -709,6 +710,13 @@ mod tests {
         assert_eq!(
             decode(&v, PropertyType::Float, &21.75f32.to_le_bytes()).unwrap(),
             json!(21.75)
+        );
+        assert_eq!(
+            decode(&v, PropertyType::Float, &232.1f32.to_le_bytes())
+                .unwrap()
+                .to_string(),
+            "232.1",
+            "the shortest decimal, not float noise"
         );
         assert_eq!(
             decode(&v, PropertyType::Float, &f32::NAN.to_le_bytes()).unwrap_err(),

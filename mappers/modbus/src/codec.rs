@@ -131,11 +131,36 @@ fn raw_from_bytes(dt: ModbusDataType, bytes: &[u8], mask: Option<u64>) -> Raw {
         ModbusDataType::Int16 => Raw::Int(i128::from(bits as u16 as i16)),
         ModbusDataType::Int32 => Raw::Int(i128::from(bits as u32 as i32)),
         ModbusDataType::Int64 => Raw::Int(i128::from(bits as i64)),
-        ModbusDataType::Float32 => Raw::Float(f64::from(f32::from_bits(bits as u32))),
+        ModbusDataType::Float32 => Raw::Float(shortest_f32(f32::from_bits(bits as u32))),
         ModbusDataType::Float64 => Raw::Float(f64::from_bits(bits)),
         // uint16/32/64, and bool read from a register.
         _ => Raw::Int(i128::from(bits)),
     }
+}
+
+/// The float32 as the shortest decimal that reads back as the same float32 (`232.1`), not its
+/// exact binary value widened to f64 (`232.10000610351562`), which is float noise to anyone
+/// reading the twin.
+fn shortest_f32(x: f32) -> f64 {
+    if !x.is_finite() {
+        return f64::from(x);
+    }
+    x.to_string().parse().unwrap_or(f64::from(x))
+}
+
+/// Digits after the decimal point in `x`'s shortest form (`0.1` → 1, `25` → 0).
+fn decimals(x: f64) -> usize {
+    let s = x.abs().to_string();
+    s.split_once('.').map_or(0, |(_, frac)| frac.len())
+}
+
+/// `f` rounded to `places` decimals, where the inputs had no more than that: `3 × 0.1` is
+/// `0.3`, not `0.30000000000000004`. Left alone past 15 places (no f64 carries more).
+fn tidy(f: f64, places: usize) -> f64 {
+    if places > 15 || !f.is_finite() {
+        return f;
+    }
+    format!("{f:.places$}").parse().unwrap_or(f)
 }
 
 fn is_integral(x: f64) -> bool {
@@ -219,11 +244,13 @@ fn scale_to_value(v: &ModbusVisitor, ty: PropertyType, raw: Raw) -> Result<Value
             Ok(Value::from(r as i64))
         }
         (_, raw) => {
-            let f = match raw {
-                Raw::Int(r) => r as f64,
-                Raw::Float(f) => f,
-            } * v.scale
-                + v.value_offset;
+            let (x, places) = match raw {
+                Raw::Int(r) => (r as f64, 0),
+                Raw::Float(f) => (f, decimals(f)),
+            };
+            // The register's resolution: no more decimals than raw × scale + offset can carry.
+            let places = (places + decimals(v.scale)).max(decimals(v.value_offset));
+            let f = tidy(x * v.scale + v.value_offset, places);
             serde_json::Number::from_f64(f)
                 .map(Value::Number)
                 .ok_or_else(|| {
@@ -584,6 +611,48 @@ mod tests {
         let v = visitor(ModbusDataType::Float32);
         let got = decode_registers(&v, PropertyType::Float, &[0x4366, 0x8000]).unwrap();
         assert_eq!(got, json!(230.5));
+    }
+
+    #[test]
+    fn codec_float32_reads_as_the_shortest_decimal_not_float_noise() {
+        let v = visitor(ModbusDataType::Float32);
+        let words = encode_registers(&v, &json!(232.1)).unwrap();
+        let got = decode_registers(&v, PropertyType::Float, &words).unwrap();
+        assert_eq!(got.to_string(), "232.1");
+        for x in [0.1_f32, 1e-7, 3.3, 1e-30, 65504.0, -0.7] {
+            let words = encode_registers(&v, &json!(x as f64)).unwrap();
+            let got = decode_registers(&v, PropertyType::Float, &words).unwrap();
+            assert_eq!(got.as_f64().map(|g| g as f32), Some(x), "{x}");
+            let shortest: f64 = x.to_string().parse().unwrap();
+            assert_eq!(got.as_f64(), Some(shortest), "{x}");
+        }
+    }
+
+    #[test]
+    fn codec_a_scaled_register_reads_at_its_resolution() {
+        let scaled = |scale, value_offset| ModbusVisitor {
+            scale,
+            value_offset,
+            ..visitor(ModbusDataType::Uint16)
+        };
+        let read = |v: &ModbusVisitor, w: u16| {
+            decode_registers(v, PropertyType::Float, &[w])
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(read(&scaled(0.1, 0.0), 215), "21.5");
+        assert_eq!(read(&scaled(0.1, 0.0), 3), "0.3");
+        assert_eq!(read(&scaled(0.01, 0.2), 7), "0.27");
+        assert_eq!(read(&scaled(0.1, -40.0), 653), "25.3");
+        assert_eq!(read(&scaled(2.5, 0.0), 3), "7.5");
+        // A float32 register with a scale: the float's decimals plus the scale's.
+        let f = ModbusVisitor {
+            scale: 0.1,
+            ..visitor(ModbusDataType::Float32)
+        };
+        let words = encode_registers(&visitor(ModbusDataType::Float32), &json!(232.1)).unwrap();
+        let got = decode_registers(&f, PropertyType::Float, &words).unwrap();
+        assert_eq!(got.to_string(), "23.21");
     }
 
     #[test]
