@@ -195,6 +195,13 @@ impl MapperProcess {
         );
     }
 
+    /// Kills the mapper with SIGKILL (no clean stop: only its MQTT will says it is gone) and
+    /// reaps it.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Asserts the mapper still runs, then stops it with SIGTERM and expects exit code 0 within 5 s.
     pub fn assert_running_then_stop_cleanly(&mut self) {
         self.assert_running();

@@ -150,6 +150,20 @@ impl Drop for Sub {
     }
 }
 
+/// The pymodbus meter on a free port and a node serving `meter-1` on it, read every `cycle`.
+fn meter_node(cycle: &str) -> (Sim, Node) {
+    let port = free_port();
+    let sim = Sim::tcp(port);
+    let node = Node::start_with_profile(&profile_yaml(
+        "meter",
+        "meter-1",
+        &tcp(port, 1),
+        cycle,
+        &meter_props(),
+    ));
+    (sim, node)
+}
+
 fn reported(t: &Value, name: &str) -> Value {
     t["reported"][name].clone()
 }
@@ -162,15 +176,7 @@ fn status(node: &Node, device: &str, state: &str, limit: Duration) {
 
 #[test]
 fn modbus_mapper_reports_register_values_with_types_scaling_and_orders() {
-    let port = free_port();
-    let _sim = Sim::tcp(port);
-    let node = Node::start_with_profile(&profile_yaml(
-        "meter",
-        "meter-1",
-        &tcp(port, 1),
-        "300ms",
-        &meter_props(),
-    ));
+    let (_sim, node) = meter_node("300ms");
     let mut mapper = Mapper::start(&node);
     let t = node.twin_until("meter-1", |t| {
         t["reported"]["setpoint"].is_number() && t["reported"]["running"].is_boolean()
@@ -194,15 +200,7 @@ fn modbus_mapper_reports_register_values_with_types_scaling_and_orders() {
 
 #[test]
 fn modbus_mapper_desired_setpoint_reaches_the_register_is_reported_and_delta_clears() {
-    let port = free_port();
-    let sim = Sim::tcp(port);
-    let node = Node::start_with_profile(&profile_yaml(
-        "meter",
-        "meter-1",
-        &tcp(port, 1),
-        "300ms",
-        &meter_props(),
-    ));
+    let (sim, node) = meter_node("300ms");
     let _mapper = Mapper::start(&node);
     node.twin_until("meter-1", |t| t["reported"]["setpoint"].is_number());
     node.pub_("dt/meter-1/desired", r#"{"setpoint": 25.5}"#);
@@ -217,6 +215,50 @@ fn modbus_mapper_desired_setpoint_reaches_the_register_is_reported_and_delta_cle
     for (k, v) in t["desired"].as_object().unwrap() {
         assert_eq!(&t["reported"][k], v, "delta left for {k}: {t}");
     }
+}
+
+#[test]
+fn modbus_mapper_an_integer_desired_on_a_float_property_settles_with_one_write() {
+    let (sim, node) = meter_node("200ms");
+    let _mapper = Mapper::start(&node);
+    node.twin_until("meter-1", |t| t["reported"]["setpoint"].is_number());
+    // `25`, not `25.0`: the register reads back 25.0 (scale 0.1), which meets it.
+    node.pub_("dt/meter-1/desired", r#"{"setpoint": 25}"#);
+    assert_eq!(sim.wait_write(1, 30), vec![250]);
+    node.twin_until("meter-1", |t| t["reported"]["setpoint"] == json!(25.0));
+    // Watch ten more collect cycles: before, every report resent the delta (`25` is not `25.0`
+    // as JSON text) and the register was written again each time.
+    let setpoint_writes = || {
+        sim.writes()
+            .into_iter()
+            .filter(|w| w["address"] == 30)
+            .collect::<Vec<_>>()
+    };
+    let watch_until = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < watch_until && setpoint_writes().len() == 1 {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let writes = setpoint_writes();
+    assert_eq!(
+        writes.len(),
+        1,
+        "the setpoint register was written again: {writes:?}"
+    );
+}
+
+#[test]
+fn modbus_mapper_killed_leaves_its_devices_offline_not_online() {
+    let (_sim, node) = meter_node("300ms");
+    let mut mapper = Mapper::start(&node);
+    node.twin_until("meter-1", |t| t["status"]["state"] == "online");
+    mapper.kill9();
+    // The mapper's will reaches the node, which marks what it served offline (within the
+    // broker's noticing the closed connection: at once for a killed process on this host).
+    let t = node.twin_until("meter-1", |t| t["status"]["state"] == "offline");
+    assert_eq!(t["status"]["message"], "mapper modbus is offline", "{t}");
+    // A new mapper brings it back.
+    let _again = Mapper::start(&node);
+    node.twin_until("meter-1", |t| t["status"]["state"] == "online");
 }
 
 #[test]
