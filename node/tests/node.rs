@@ -243,6 +243,27 @@ fn cli_twin_set_get_and_rejection() {
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["desired"]["setpoint"], 21.5);
     assert_eq!(doc["desired"]["mode"], "eco");
+    // The same values again (a re-run commissioning script): answered, not "no answer" after
+    // the timeout.
+    let out = node.cli(&[
+        "twin",
+        "set",
+        "c-8",
+        "setpoint=21.5",
+        "mode=eco",
+        "--timeout-ms",
+        "3000",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("unchanged"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let out = node.cli(&["twin", "set", "c-8", "setpoint=99"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
