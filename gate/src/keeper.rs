@@ -247,7 +247,10 @@ async fn hold(
     mut ready: Option<tokio::sync::oneshot::Sender<bool>>,
     stop: Stop,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    // The project's one reconnect backoff (jittered, so keepers that lost the broker together
+    // do not retry in step).
+    let mut backoff =
+        edgetwin_retry::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut logged_full = false;
     loop {
         let r = hold_once(
@@ -261,17 +264,19 @@ async fn hold(
             &stop,
         )
         .await;
-        match r {
+        let wait = match r {
             Ok(()) => return,
             Err(e) => {
                 if stop.now.is_cancelled() {
                     return;
                 }
-                warn!(client = %client, error = %e, retry_ms = backoff.as_millis() as u64, "holding a kept session at the broker failed; retrying");
+                let wait = backoff.next_delay();
+                warn!(client = %client, error = %e, retry_ms = wait.as_millis() as u64, "holding a kept session at the broker failed; retrying");
+                wait
             }
-        }
+        };
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = stop.now.cancelled() => {
                 if let Some(r) = ready.take() {
                     let _ = r.send(false);
@@ -279,7 +284,6 @@ async fn hold(
                 return;
             }
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 

@@ -1,5 +1,5 @@
 //! The one reconnect backoff of edgetwin: the bridge reconnecting to the cloud broker, mappers
-//! reconnecting to the node and to their devices.
+//! reconnecting to the node and to their devices, the front door's keepers to the broker.
 //!
 //! Exponential with "equal jitter" (AWS architecture blog, "Exponential Backoff And Jitter"): the
 //! delay before attempt `n` is uniform in `[base/2, base]` with `base = min(max, initial * 2^n)`,
