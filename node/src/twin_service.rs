@@ -103,6 +103,13 @@ pub struct Registered {
     pub assignment: Option<u64>,
 }
 
+impl Registered {
+    /// The protocol whose mapper serves the device; `None` for the node's own twin.
+    pub fn mapper(&self) -> Option<&ProtocolName> {
+        self.assignment.map(|_| &self.reporter)
+    }
+}
+
 /// The registered devices, one read-only snapshot shared by the twin service (which builds it),
 /// the gate (per-client permissions) and the mapper metrics re-export (which devices may appear
 /// as labels).
@@ -134,8 +141,7 @@ impl Directory {
 impl edgetwin_gate::DeviceDirectory for Directory {
     fn protocol_of(&self, device: &DeviceId) -> Option<ProtocolName> {
         let devices = self.devices();
-        let reg = devices.get(device)?;
-        reg.assignment.map(|_| reg.reporter.clone())
+        devices.get(device)?.mapper().cloned()
     }
 }
 
@@ -671,14 +677,9 @@ impl TwinService {
         let Ok(msg) = serde_json::from_slice::<MapperStatusMsg>(payload) else {
             return;
         };
+        let served = self.served_by(&protocol);
         if msg.state == MapperState::Offline {
             // Its will (or its clean stop): nobody else will say its devices are gone.
-            let served: Vec<DeviceId> = self
-                .devices
-                .iter()
-                .filter(|(_, reg)| reg.assignment.is_some() && reg.reporter == protocol)
-                .map(|(d, _)| d.clone())
-                .collect();
             let message = format!("mapper {protocol} is offline");
             let now = now_ms();
             let mut marked = 0usize;
@@ -696,11 +697,16 @@ impl TwinService {
         }
         // A (re)connected mapper gets the deltas it may have missed.
         info!(protocol = %protocol, "mapper online; resending deltas");
-        for (d, reg) in self.devices.iter() {
-            if reg.assignment.is_some() && reg.reporter == protocol {
-                b.resend_delta.push(d.clone());
-            }
-        }
+        b.resend_delta.extend(served);
+    }
+
+    /// The devices `protocol`'s mapper serves (assigned to it).
+    fn served_by(&self, protocol: &ProtocolName) -> Vec<DeviceId> {
+        self.devices
+            .iter()
+            .filter(|(_, reg)| reg.mapper() == Some(protocol))
+            .map(|(d, _)| d.clone())
+            .collect()
     }
 
     /// Commits the batch, then publishes what it produced; `Err` (the store's error) when the
@@ -989,12 +995,8 @@ impl TwinService {
         }
         // Withdraw assignments whose protocol changed or whose device went away.
         for (d, old) in self.devices.iter() {
-            let Some(_) = old.assignment else { continue };
-            let still = new_devices
-                .get(d)
-                .filter(|r| r.assignment.is_some())
-                .map(|r| &r.reporter);
-            if still != Some(&old.reporter) {
+            let Some(was) = old.mapper() else { continue };
+            if new_devices.get(d).and_then(Registered::mapper) != Some(was) {
                 self.link
                     .publish(Message::retained(
                         Topic::MapperDevice(old.reporter.clone(), d.clone()).to_topic_string(),
