@@ -302,8 +302,7 @@ pub fn decode(v: &BleVisitor, ty: PropertyType, b: &[u8]) -> Result<Value, Codec
                     "-INF"
                 }));
             }
-            // The shortest decimal that reads back as this f32 (232.1, not 232.10000610351562).
-            f.to_string().parse().unwrap_or(f64::from(f))
+            edgetwin_mapper_sdk::shortest_f32(f)
         }
         #[allow(clippy::cast_possible_truncation)]
         BleDataType::Sfloat => sfloat_to_f64(to_uint(b, e) as u16)?,

@@ -131,21 +131,13 @@ fn raw_from_bytes(dt: ModbusDataType, bytes: &[u8], mask: Option<u64>) -> Raw {
         ModbusDataType::Int16 => Raw::Int(i128::from(bits as u16 as i16)),
         ModbusDataType::Int32 => Raw::Int(i128::from(bits as u32 as i32)),
         ModbusDataType::Int64 => Raw::Int(i128::from(bits as i64)),
-        ModbusDataType::Float32 => Raw::Float(shortest_f32(f32::from_bits(bits as u32))),
+        ModbusDataType::Float32 => Raw::Float(edgetwin_mapper_sdk::shortest_f32(f32::from_bits(
+            bits as u32,
+        ))),
         ModbusDataType::Float64 => Raw::Float(f64::from_bits(bits)),
         // uint16/32/64, and bool read from a register.
         _ => Raw::Int(i128::from(bits)),
     }
-}
-
-/// The float32 as the shortest decimal that reads back as the same float32 (`232.1`), not its
-/// exact binary value widened to f64 (`232.10000610351562`), which is float noise to anyone
-/// reading the twin.
-fn shortest_f32(x: f32) -> f64 {
-    if !x.is_finite() {
-        return f64::from(x);
-    }
-    x.to_string().parse().unwrap_or(f64::from(x))
 }
 
 /// Digits after the decimal point in `x`'s shortest form (`0.1` → 1, `25` → 0).

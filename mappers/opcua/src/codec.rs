@@ -237,7 +237,7 @@ fn as_i128(v: &Variant) -> Option<i128> {
 fn as_f64(v: &Variant) -> Option<f64> {
     match v {
         // The shortest decimal that round-trips the f32 (21.5f32 -> 21.5, 0.1f32 -> 0.1).
-        Variant::Float(f) if f.is_finite() => f.to_string().parse().ok(),
+        Variant::Float(f) if f.is_finite() => Some(edgetwin_mapper_sdk::shortest_f32(*f)),
         Variant::Double(d) if d.is_finite() => Some(*d),
         _ => None,
     }

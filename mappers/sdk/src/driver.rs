@@ -73,3 +73,25 @@ pub trait Driver: Send + Sync + 'static {
         None
     }
 }
+
+/// A float32 reading as the number to report: the shortest decimal that reads back as the same
+/// float32 (`232.1`), not its exact binary value widened to f64 (`232.10000610351562`), which
+/// is float noise to anyone reading the twin. A non-finite value stays as it is (drivers refuse
+/// those).
+pub fn shortest_f32(x: f32) -> f64 {
+    if !x.is_finite() {
+        return f64::from(x);
+    }
+    x.to_string().parse().unwrap_or(f64::from(x))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_float32_reads_as_its_shortest_decimal() {
+        assert_eq!(super::shortest_f32(232.1), 232.1);
+        assert_eq!(super::shortest_f32(0.1), 0.1);
+        assert_eq!(super::shortest_f32(21.75), 21.75);
+        assert!(super::shortest_f32(f32::NAN).is_nan());
+    }
+}

@@ -34,7 +34,7 @@ pub mod schedule;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Parser};
-pub use driver::{Driver, DriverError, PropertyRead};
+pub use driver::{shortest_f32, Driver, DriverError, PropertyRead};
 pub use runtime::{run, RuntimeError, RuntimeOptions, TlsFiles};
 use tokio_util::sync::CancellationToken;
 
