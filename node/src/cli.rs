@@ -265,17 +265,23 @@ pub async fn twin_set(device: &str, patch: &[String], args: &BrokerArgs) -> anyh
     }
 }
 
-/// Whether `doc`'s desired side already is what `patch` asks for (`null`: absent), by the node's
-/// own comparison (numbers by value). `ts` and `$version` are not properties.
+/// Whether `doc`'s desired side already is what `patch` asks for (`null`: absent), read as the
+/// node reads a patch (`core::Patch`: `ts` and `$version` are not properties) and compared as it
+/// compares values (numbers by value). A patch the node would refuse is not "unchanged".
 fn holds_already(doc: &TwinDoc, patch: &Map<String, Value>) -> bool {
-    patch
+    let Ok(bytes) = serde_json::to_vec(patch) else {
+        return false;
+    };
+    let Ok(parsed) = edgetwin_devicetwin::Patch::parse(&bytes, usize::MAX) else {
+        return false;
+    };
+    parsed
+        .props
         .iter()
-        .filter(|(k, _)| {
-            k.as_str() != edgetwin_contract::TS_KEY && k.as_str() != edgetwin_contract::VERSION_KEY
-        })
-        .all(|(k, v)| match doc.desired.get(k) {
-            Some(have) => edgetwin_devicetwin::core::same_value(have, v),
-            None => v.is_null(),
+        .all(|(k, v)| match (doc.desired.get(k.as_str()), v) {
+            (Some(have), Some(want)) => edgetwin_devicetwin::core::same_value(have, want),
+            (None, None) => true,
+            _ => false,
         })
 }
 
