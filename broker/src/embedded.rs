@@ -1,9 +1,9 @@
 //! The embedded rumqttd broker. We spawn rumqttd's `Router` and `Server` ourselves instead of
 //! calling `Broker::start`, which binds TCP listeners and blocks its caller forever. The broker
 //! has no TCP listener at all: the front door reaches it through in-process pipes
-//! ([`EmbeddedBroker::serve_in_process`], served by `Server::serve_stream`, the one function our
-//! copy of rumqttd adds, see `vendor/rumqttd/PATCHED.md`), the node's own consumers through
-//! rumqttd's local links.
+//! ([`EmbeddedBroker::serve_in_process`], served by `Server::serve_stream`, which our copy of
+//! rumqttd adds, see `vendor/rumqttd/PATCHED.md`), the node's own consumers through rumqttd's
+//! local links.
 //!
 //! The router starts first ([`EmbeddedBroker::start_router`]) and the pipes only when the node
 //! calls [`EmbeddedBroker::serve_in_process`], after every internal consumer has subscribed: a

@@ -1,7 +1,7 @@
 //! The node's embedded MQTT broker (rumqttd, in-process) and the one local client API every
 //! internal consumer of the node uses. See [`embedded`] for the memory model (bounded per-filter
-//! logs) and the start order (router first, the front door's pipes on demand), and [`local`] for how a
-//! consumer that falls behind the broker's log is detected.
+//! logs) and the start order (router first, the front door's pipes on demand), and [`local`] for
+//! how a consumer that falls behind the broker's log is detected.
 
 pub mod embedded;
 pub mod local;

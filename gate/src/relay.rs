@@ -18,8 +18,6 @@ use bytes::{Bytes, BytesMut};
 use rumqttc::v5::mqttbytes::v5::DisconnectReasonCode;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-use crate::upstream::BrokerStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -35,6 +33,7 @@ use crate::origin::{Options, Origin, Subscriptions, Verdict};
 use crate::packet::{self, Connect, Kind, PacketError, Refusal, Version};
 use crate::sessions::{Queued, SessionStore, Sessions};
 use crate::tls::cert_identity;
+use crate::upstream::BrokerStream;
 
 /// Everything the connections share.
 pub(crate) struct Shared {

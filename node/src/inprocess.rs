@@ -1,6 +1,7 @@
 //! In-process node tests: the real router, the real twin service and stores, driven through
-//! in-process links and (for the canary) the real front door on a free loopback port. rumqttd's router thread cannot be
-//! stopped, so each test's router lives until the test binary exits; every test gets its own.
+//! in-process links and (for the canary) the real front door on a free loopback port. rumqttd's
+//! router thread cannot be stopped, so each test's router lives until the test binary exits;
+//! every test gets its own.
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
