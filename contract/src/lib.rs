@@ -5,6 +5,7 @@
 pub mod ids;
 pub mod payload;
 pub mod topic;
+pub mod value;
 
 pub use ids::{DeviceId, IdError, NodeId, PropertyName, ProtocolName};
 pub use payload::*;

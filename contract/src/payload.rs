@@ -17,6 +17,9 @@ pub type TimestampMs = i64;
 pub const VERSION_KEY: &str = "$version";
 /// Top-level key of a patch carrying the writer's timestamp (ms) instead of the receive time.
 pub const TS_KEY: &str = "ts";
+/// Top-level key of a reported patch carrying the mapper's per-property errors
+/// ([`PropertyErrorReport`] by property name; `null` clears one).
+pub const ERRORS_KEY: &str = "$errors";
 
 /// The value type of a property, as declared in a device model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -161,7 +164,8 @@ pub struct TwinMetadata {
     pub reported: BTreeMap<String, PropertyMeta>,
 }
 
-/// Connection state of a device as its mapper sees it.
+/// Connection state of a device: as its mapper sees it (`dt/{device}/status`), and in the twin
+/// document as the node sees it (`stale` is the node's alone).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceState {
@@ -173,6 +177,78 @@ pub enum DeviceState {
     Offline,
     /// The mapper reaches the device but it misbehaves.
     Error,
+    /// (twin document only) The mapper last said `online`, but no reading arrived within the
+    /// device's bound (derived from its profile's cycles); set by the node, whatever the mapper
+    /// says, and left at the next reading.
+    Stale,
+}
+
+impl DeviceState {
+    /// The state as it appears on the wire and in metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceState::Unknown => "unknown",
+            DeviceState::Online => "online",
+            DeviceState::Offline => "offline",
+            DeviceState::Error => "error",
+            DeviceState::Stale => "stale",
+        }
+    }
+
+    /// Every state, for pre-registering metric label values.
+    pub const ALL: [DeviceState; 5] = [
+        DeviceState::Unknown,
+        DeviceState::Online,
+        DeviceState::Offline,
+        DeviceState::Error,
+        DeviceState::Stale,
+    ];
+}
+
+/// Which operation on a property failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PropertyOp {
+    /// Reading the property from the device.
+    Read,
+    /// Writing a desired value to the device.
+    Write,
+}
+
+/// One property's error as a mapper reports it, under `$errors` in `dt/{device}/reported`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PropertyErrorReport {
+    /// Machine-readable reason (`device_refused`, `write_failed`, `write_not_held`,
+    /// `device_config`, `silent`).
+    pub code: ErrorCode,
+    /// Human-readable reason.
+    pub message: String,
+    /// What failed.
+    pub op: PropertyOp,
+    /// For a write: the desired value that could not be written. The node leaves the property
+    /// out of the delta while desired still is this value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<Value>,
+}
+
+/// A lasting per-property error in the twin document's `status.errors`: it stays until the
+/// property reads again (a read error), until it reads back the desired value or desired
+/// changes (a write error), or the mapper clears it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PropertyError {
+    /// Machine-readable reason.
+    pub code: ErrorCode,
+    /// Human-readable reason.
+    pub message: String,
+    /// What failed.
+    pub op: PropertyOp,
+    /// For a write: the desired value that could not be written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<Value>,
+    /// When the mapper first reported this error (ms); a repeat of the same code and operation
+    /// keeps it.
+    pub since: TimestampMs,
 }
 
 /// `dt/{device}/status`, published by the device's mapper.
@@ -196,13 +272,17 @@ pub struct TwinStatus {
     /// When that state was published (ms), if ever.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ts: Option<TimestampMs>,
-    /// Last reported patch or status from the mapper (ms), if ever; a reading that repeats the
-    /// current value still refreshes it.
+    /// When the last reading was taken (ms): the `ts` of the newest reported patch with a value
+    /// (the node's receive time when it has none, never later than that), if ever. A reading
+    /// that repeats the current value still advances it; status messages do not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<TimestampMs>,
-    /// Detail from the last status message.
+    /// Detail from the last status message (or why the node set `stale`/`offline`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Lasting per-property errors, by property name (absent when there are none).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub errors: BTreeMap<String, PropertyError>,
 }
 
 /// `dt/{device}/twin` (retained) and the `twin` of a get result.
@@ -290,6 +370,11 @@ pub enum ErrorCode {
     WriteFailed,
     /// (mapper) The device's profile cannot work with the hardware (wrong visitor, unencodable value).
     DeviceConfig,
+    /// (mapper) The device took the write but read back another value, attempt after attempt
+    /// (it clamps or ignores the value); the mapper stopped writing it.
+    WriteNotHeld,
+    /// (mapper) A value the device pushes sent nothing within its `silenceTimeout`.
+    Silent,
 }
 
 impl ErrorCode {
@@ -309,11 +394,13 @@ impl ErrorCode {
             ErrorCode::DeviceRefused => "device_refused",
             ErrorCode::WriteFailed => "write_failed",
             ErrorCode::DeviceConfig => "device_config",
+            ErrorCode::WriteNotHeld => "write_not_held",
+            ErrorCode::Silent => "silent",
         }
     }
 
     /// Every code, for pre-registering metric label values.
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::MalformedJson,
         ErrorCode::UnknownDevice,
         ErrorCode::UnknownProperty,
@@ -327,6 +414,8 @@ impl ErrorCode {
         ErrorCode::DeviceRefused,
         ErrorCode::WriteFailed,
         ErrorCode::DeviceConfig,
+        ErrorCode::WriteNotHeld,
+        ErrorCode::Silent,
     ];
 }
 

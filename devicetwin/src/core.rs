@@ -32,11 +32,22 @@
 //!   [`Twin::version`] by exactly one, and every property it changed gets that new version. A
 //!   desired change also sets [`Twin::desired_version`] to it. So `version` strictly increases on
 //!   every accepted change, and a client holding version `v` knows it has seen every change `<= v`.
-//! - **Reported patches refresh `lastSeen`.** Every accepted reported patch (changing or not) sets
-//!   `status.lastSeen = now_ms` and reports [`Applied::refreshed`]. Desired patches never do.
-//! - **Status**: [`Twin::apply_status`] records the mapper's state, ts and message and refreshes
-//!   `lastSeen`; a status whose `ts` is older than the current one is stale and only refreshes
-//!   `lastSeen`. Status does not bump the version (it is not a property change).
+//! - **Readings set `lastSeen`.** Every accepted reported patch with a value (changing or not)
+//!   sets `status.lastSeen` to the reading's time: its `ts`, or `now_ms` when it has none, never
+//!   later than `now_ms` and never backwards; it reports [`Applied::refreshed`]. A reading of a
+//!   `stale` device makes it `online` again. Desired patches and status messages never touch
+//!   `lastSeen`: it says when the device was last *read*.
+//! - **Stale**: [`Twin::mark_stale`] turns an `online` device `stale` when no reading came
+//!   within the bound its caller derives from the profile; only the node sets it.
+//! - **Status**: [`Twin::apply_status`] records the mapper's state, ts and message; a status
+//!   whose `ts` is older than the current one is ignored. Status does not bump the version (it
+//!   is not a property change).
+//! - **Lasting property errors** (`status.errors`): a reported patch's `$errors` sets (or, with
+//!   `null`, clears) a property's error; a repeat of the same code and operation keeps its
+//!   `since`. A reading of the property clears its read error; a write error is cleared when the
+//!   property reads back the desired value, or when desired changes (so the new value is tried).
+//!   While a write error names the current desired value, the delta leaves that property out:
+//!   the device is not written again until someone changes desired.
 //! - **Values are canonical.** Object values are stored with their keys sorted (recursively), so
 //!   two patches with the same object in different key order store the same bytes.
 
@@ -45,10 +56,14 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use edgetwin_contract::{
-    AccessMode, DeviceId, DeviceState, DeviceStatusMsg, ErrorCode, PropertyMeta, PropertyName,
-    PropertyType, Source, TwinDoc, TwinMetadata, TwinStatus, TS_KEY, VERSION_KEY,
+    AccessMode, DeviceId, DeviceState, DeviceStatusMsg, ErrorCode, PropertyError,
+    PropertyErrorReport, PropertyMeta, PropertyName, PropertyOp, PropertyType, Source, TwinDoc,
+    TwinMetadata, TwinStatus, ERRORS_KEY, TS_KEY, VERSION_KEY,
 };
 use serde_json::{Map, Value};
+
+/// Value comparison lives in the contract: mappers compare read-backs the same way.
+pub use edgetwin_contract::value::{canonical_json, same_value};
 
 #[cfg(test)]
 mod tests;
@@ -109,12 +124,15 @@ pub struct Patch {
     pub ts: Option<i64>,
     /// Properties to set (`Some`) or remove (`None`, JSON `null`). Values are canonical.
     pub props: BTreeMap<PropertyName, Option<Value>>,
+    /// `$errors` (reported patches only): per-property errors to set (`Some`) or clear (`None`).
+    pub errors: BTreeMap<PropertyName, Option<PropertyErrorReport>>,
 }
 
 impl Patch {
     /// Parses a patch payload. Malformed JSON or a non-object is [`ErrorCode::MalformedJson`]; a
-    /// `$version` that is not a u64, a `ts` that is not an i64, an invalid property name, no
-    /// properties or more than `max_props` properties is [`ErrorCode::InvalidPatch`].
+    /// `$version` that is not a u64, a `ts` that is not an i64, an `$errors` that is not an object
+    /// of error reports, an invalid property name, neither properties nor errors, or more than
+    /// `max_props` of either is [`ErrorCode::InvalidPatch`].
     pub fn parse(payload: &[u8], max_props: usize) -> Result<Patch, Rejection> {
         let value: Value = serde_json::from_slice(payload)
             .map_err(|e| Rejection::new(ErrorCode::MalformedJson, format!("not JSON: {e}")))?;
@@ -128,6 +146,7 @@ impl Patch {
             expected_version: None,
             ts: None,
             props: BTreeMap::new(),
+            errors: BTreeMap::new(),
         };
         for (key, v) in map {
             if key == VERSION_KEY {
@@ -144,6 +163,8 @@ impl Patch {
                         format!("{TS_KEY:?} must be an integer of milliseconds, got {v}"),
                     )
                 })?);
+            } else if key == ERRORS_KEY {
+                patch.errors = parse_errors(v)?;
             } else {
                 let name = PropertyName::new(key.as_str())
                     .map_err(|e| Rejection::new(ErrorCode::InvalidPatch, e.to_string()))?;
@@ -154,23 +175,53 @@ impl Patch {
                 patch.props.insert(name, v);
             }
         }
-        if patch.props.is_empty() {
+        if patch.props.is_empty() && patch.errors.is_empty() {
             return Err(Rejection::new(
                 ErrorCode::InvalidPatch,
                 "the patch names no property",
             ));
         }
-        if patch.props.len() > max_props {
+        let named = patch.props.len().max(patch.errors.len());
+        if named > max_props {
             return Err(Rejection::new(
                 ErrorCode::InvalidPatch,
-                format!(
-                    "the patch names {} properties, at most {max_props} are allowed",
-                    patch.props.len()
-                ),
+                format!("the patch names {named} properties, at most {max_props} are allowed"),
             ));
         }
         Ok(patch)
     }
+}
+
+fn parse_errors(
+    v: Value,
+) -> Result<BTreeMap<PropertyName, Option<PropertyErrorReport>>, Rejection> {
+    let Value::Object(map) = v else {
+        return Err(Rejection::new(
+            ErrorCode::InvalidPatch,
+            format!(
+                "{ERRORS_KEY:?} must be an object of property errors, got {}",
+                kind_of(&v)
+            ),
+        ));
+    };
+    let mut out = BTreeMap::new();
+    for (key, v) in map {
+        let name = PropertyName::new(key.as_str())
+            .map_err(|e| Rejection::new(ErrorCode::InvalidPatch, format!("{ERRORS_KEY}: {e}")))?;
+        let report = match v {
+            Value::Null => None,
+            other => Some(serde_json::from_value::<PropertyErrorReport>(other).map_err(|e| {
+                Rejection::new(
+                    ErrorCode::InvalidPatch,
+                    format!(
+                        "{ERRORS_KEY} of {key:?} must be {{\"code\", \"message\", \"op\", \"value\"?}}: {e}"
+                    ),
+                )
+            })?),
+        };
+        out.insert(name, report);
+    }
+    Ok(out)
 }
 
 /// One property register: its value (or tombstone) and the metadata of the write that set it.
@@ -202,8 +253,11 @@ impl Entry {
 pub struct Applied {
     /// Properties whose value changed (they share the twin's new version).
     pub changed: Vec<String>,
-    /// Whether `status.lastSeen` was refreshed (every accepted reported patch).
+    /// Whether `status.lastSeen` was refreshed (every accepted reported patch with a value).
     pub refreshed: bool,
+    /// Whether the status (state, message or property errors) changed: the document must be
+    /// stored and published again even if no value changed.
+    pub status_changed: bool,
     /// Properties whose value stayed the same but whose `ts`/`source` advanced (a newer write of
     /// the same value); no version bump, no republish needed.
     pub touched: Vec<String>,
@@ -277,6 +331,7 @@ impl Twin {
                 ts: None,
                 last_seen: None,
                 message: None,
+                errors: BTreeMap::new(),
             },
         }
     }
@@ -303,7 +358,27 @@ impl Twin {
                 ));
             }
         }
-        Ok(self.merge(Side::Desired, patch, source, now_ms))
+        if !patch.errors.is_empty() {
+            return Err(Rejection::new(
+                ErrorCode::InvalidPatch,
+                format!("{ERRORS_KEY} is only allowed in reported patches"),
+            ));
+        }
+        let patch = &typed(model, patch);
+        let mut applied = self.merge(Side::Desired, patch, source, now_ms);
+        // A new desired value is tried again, whatever became of the last one.
+        for name in &applied.changed {
+            let write_failed = self
+                .status
+                .errors
+                .get(name)
+                .is_some_and(|e| e.op == PropertyOp::Write);
+            if write_failed {
+                self.status.errors.remove(name);
+                applied.status_changed = true;
+            }
+        }
+        Ok(applied)
     }
 
     /// Validates and applies a reported patch (see the module doc for the rules).
@@ -323,16 +398,103 @@ impl Twin {
         for (name, value) in &patch.props {
             check_reported(model, name.as_str(), value.as_ref())?;
         }
+        for name in patch.errors.keys() {
+            spec_of(model, name.as_str())?;
+        }
+        let patch = &typed(model, patch);
         let mut applied = self.merge(Side::Reported, patch, source, now_ms);
-        self.status.last_seen = Some(now_ms);
-        applied.refreshed = true;
+        let at = patch.ts.unwrap_or(now_ms).min(now_ms);
+        if !patch.props.is_empty() {
+            self.status.last_seen = Some(self.status.last_seen.map_or(at, |seen| seen.max(at)));
+            applied.refreshed = true;
+            if self.status.state == DeviceState::Stale {
+                self.status.state = DeviceState::Online;
+                self.status.message = None;
+                applied.status_changed = true;
+            }
+        }
+        applied.status_changed |= self.settle_errors(patch, at);
         Ok(applied)
     }
 
+    /// Applies what a reported patch says of property errors; returns whether any changed.
+    fn settle_errors(&mut self, patch: &Patch, at: i64) -> bool {
+        let mut changed = false;
+        for (name, value) in &patch.props {
+            let Some(err) = self.status.errors.get(name.as_str()) else {
+                continue;
+            };
+            let desired = self
+                .desired
+                .get(name.as_str())
+                .and_then(|e| e.value.as_ref());
+            let cleared = match err.op {
+                // It read: whatever kept it from reading is over.
+                PropertyOp::Read => value.is_some(),
+                // The device holds what is desired after all.
+                PropertyOp::Write => match (value, desired) {
+                    (Some(have), Some(want)) => same_value(have, want),
+                    _ => false,
+                },
+            };
+            if cleared {
+                self.status.errors.remove(name.as_str());
+                changed = true;
+            }
+        }
+        for (name, report) in &patch.errors {
+            let name = name.as_str();
+            match report {
+                None => changed |= self.status.errors.remove(name).is_some(),
+                Some(r) => {
+                    let since = match self.status.errors.get(name) {
+                        Some(e) if e.code == r.code && e.op == r.op => e.since,
+                        _ => at,
+                    };
+                    let new = PropertyError {
+                        code: r.code,
+                        message: r.message.clone(),
+                        op: r.op,
+                        value: r.value.clone().map(canonicalize),
+                        since,
+                    };
+                    if self.status.errors.get(name) != Some(&new) {
+                        self.status.errors.insert(name.to_string(), new);
+                        changed = true;
+                    }
+                }
+            }
+        }
+        changed
+    }
+
+    /// Marks an `online` device `stale` when its last reading (or, before any, its `online`
+    /// status) is more than `bound_ms` old at `now_ms`; `message` says why. Returns whether it
+    /// changed. The next reading makes it `online` again.
+    pub fn mark_stale(
+        &mut self,
+        bound_ms: i64,
+        now_ms: i64,
+        message: impl FnOnce() -> String,
+    ) -> bool {
+        if self.status.state != DeviceState::Online {
+            return false;
+        }
+        let Some(since) = self.status.last_seen.max(self.status.ts) else {
+            return false;
+        };
+        if now_ms.saturating_sub(since) <= bound_ms {
+            return false;
+        }
+        self.status.state = DeviceState::Stale;
+        self.status.message = Some(message());
+        true
+    }
+
     /// Records a device status message; returns whether the twin document's state or message
-    /// changed. Always refreshes `lastSeen`; a status older than the current one is ignored.
-    pub fn apply_status(&mut self, msg: &DeviceStatusMsg, now_ms: i64) -> bool {
-        self.status.last_seen = Some(now_ms);
+    /// changed. A status older than the current one is ignored. `lastSeen` is left alone: a
+    /// status says what the mapper thinks, not that the device was read.
+    pub fn apply_status(&mut self, msg: &DeviceStatusMsg) -> bool {
         if self.status.ts.is_some_and(|ts| msg.ts < ts) {
             return false;
         }
@@ -358,11 +520,18 @@ impl Twin {
         changed
     }
 
-    /// Desired properties (not removed) whose reported value differs or is absent.
+    /// Desired properties (not removed) whose reported value differs or is absent, except those
+    /// whose write of this very value failed for good (a lasting write error naming it).
     pub fn delta(&self) -> Map<String, Value> {
         let mut delta = Map::new();
         for (name, entry) in &self.desired {
             let Some(want) = &entry.value else { continue };
+            let given_up = self.status.errors.get(name).is_some_and(|e| {
+                e.op == PropertyOp::Write && e.value.as_ref().is_some_and(|v| same_value(v, want))
+            });
+            if given_up {
+                continue;
+            }
             let have = self.reported.get(name).and_then(|e| e.value.as_ref());
             if have.is_none_or(|have| !same_value(have, want)) {
                 delta.insert(name.clone(), want.clone());
@@ -416,8 +585,12 @@ impl Twin {
             if !wins {
                 continue;
             }
-            let cur_canon = canonical_opt(current.and_then(|c| c.value.as_ref()));
-            let (version, is_change) = if cur_canon == new_canon {
+            let unchanged = match (current.and_then(|c| c.value.as_ref()), value.as_ref()) {
+                (Some(a), Some(b)) => same_value(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            let (version, is_change) = if unchanged {
                 (current.map_or(0, |c| c.version), false)
             } else {
                 (new_version, true)
@@ -445,6 +618,26 @@ impl Twin {
         }
         applied
     }
+}
+
+/// The patch with every integer written to a `float` property made a float (`30` is `30.0`), so
+/// the twin holds one JSON form per value whichever a writer used.
+fn typed(model: &ModelSpec, patch: &Patch) -> Patch {
+    let mut out = patch.clone();
+    for (name, value) in out.props.iter_mut() {
+        let is_float = model
+            .properties
+            .get(name.as_str())
+            .is_some_and(|p| p.ty == PropertyType::Float);
+        if let (true, Some(Value::Number(n))) = (is_float, value.as_ref()) {
+            if !n.is_f64() {
+                if let Some(f) = n.as_f64().and_then(serde_json::Number::from_f64) {
+                    *value = Some(Value::Number(f));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// How far a node-stamped write may be put ahead of the node's clock to come after the value
@@ -580,64 +773,6 @@ pub fn canonicalize(v: Value) -> Value {
     }
 }
 
-/// The canonical JSON text of a value: object keys sorted, no whitespace.
-pub fn canonical_json(v: &Value) -> String {
-    let mut out = String::new();
-    write_canonical(v, &mut out);
-    out
-}
-
 fn canonical_opt(v: Option<&Value>) -> String {
     v.map_or_else(|| "null".to_string(), canonical_json)
-}
-
-fn write_canonical(v: &Value, out: &mut String) {
-    match v {
-        Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            out.push('{');
-            for (i, k) in keys.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push_str(&Value::String(k.clone()).to_string());
-                out.push(':');
-                if let Some(child) = map.get(k) {
-                    write_canonical(child, out);
-                }
-            }
-            out.push('}');
-        }
-        Value::Array(items) => {
-            out.push('[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                write_canonical(item, out);
-            }
-            out.push(']');
-        }
-        scalar => out.push_str(&scalar.to_string()),
-    }
-}
-
-/// Whether a reported value satisfies a desired one: numbers by value, so `30` desired on a float
-/// property is met by the `30.0` a device reads back (by JSON text they differ, and the delta
-/// never cleared: the mapper wrote the register again at every report); integers exactly (an
-/// `f64` cannot tell 2^53 + 1 from 2^53); anything else by canonical JSON.
-pub fn same_value(a: &Value, b: &Value) -> bool {
-    match (a, b) {
-        (Value::Number(x), Value::Number(y)) => {
-            if let (Some(x), Some(y)) = (x.as_i64(), y.as_i64()) {
-                x == y
-            } else if let (Some(x), Some(y)) = (x.as_u64(), y.as_u64()) {
-                x == y
-            } else {
-                x.as_f64() == y.as_f64()
-            }
-        }
-        _ => canonical_json(a) == canonical_json(b),
-    }
 }

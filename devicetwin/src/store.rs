@@ -62,7 +62,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use edgetwin_contract::{DeviceId, DeviceState, Source, TwinStatus};
+use edgetwin_contract::{
+    DeviceId, DeviceState, ErrorCode, PropertyError, PropertyOp, Source, TwinStatus,
+};
 use edgetwin_redbfile::Opener;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -672,6 +674,19 @@ struct StoredStatus {
     ts: Option<i64>,
     last_seen: Option<i64>,
     message: Option<String>,
+    /// Absent when empty, so records without errors read the same in builds before them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    errors: BTreeMap<String, StoredError>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredError {
+    code: ErrorCode,
+    message: String,
+    op: PropertyOp,
+    value: Option<Value>,
+    since: i64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -681,6 +696,29 @@ enum StoredState {
     Online,
     Offline,
     Error,
+    Stale,
+}
+
+impl StoredState {
+    fn of(s: DeviceState) -> StoredState {
+        match s {
+            DeviceState::Unknown => StoredState::Unknown,
+            DeviceState::Online => StoredState::Online,
+            DeviceState::Offline => StoredState::Offline,
+            DeviceState::Error => StoredState::Error,
+            DeviceState::Stale => StoredState::Stale,
+        }
+    }
+
+    fn state(self) -> DeviceState {
+        match self {
+            StoredState::Unknown => DeviceState::Unknown,
+            StoredState::Online => DeviceState::Online,
+            StoredState::Offline => DeviceState::Offline,
+            StoredState::Error => DeviceState::Error,
+            StoredState::Stale => DeviceState::Stale,
+        }
+    }
 }
 
 impl StoredTwin {
@@ -709,15 +747,27 @@ impl StoredTwin {
             desired: side(&t.desired),
             reported: side(&t.reported),
             status: StoredStatus {
-                state: match t.status.state {
-                    DeviceState::Unknown => StoredState::Unknown,
-                    DeviceState::Online => StoredState::Online,
-                    DeviceState::Offline => StoredState::Offline,
-                    DeviceState::Error => StoredState::Error,
-                },
+                state: StoredState::of(t.status.state),
                 ts: t.status.ts,
                 last_seen: t.status.last_seen,
                 message: t.status.message.clone(),
+                errors: t
+                    .status
+                    .errors
+                    .iter()
+                    .map(|(k, e)| {
+                        (
+                            k.clone(),
+                            StoredError {
+                                code: e.code,
+                                message: e.message.clone(),
+                                op: e.op,
+                                value: e.value.clone(),
+                                since: e.since,
+                            },
+                        )
+                    })
+                    .collect(),
             },
         }
     }
@@ -779,15 +829,27 @@ fn decode(key: &[u8], bytes: &[u8]) -> Result<Twin, String> {
         desired: side("desired", s.desired)?,
         reported: side("reported", s.reported)?,
         status: TwinStatus {
-            state: match s.status.state {
-                StoredState::Unknown => DeviceState::Unknown,
-                StoredState::Online => DeviceState::Online,
-                StoredState::Offline => DeviceState::Offline,
-                StoredState::Error => DeviceState::Error,
-            },
+            state: s.status.state.state(),
             ts: s.status.ts,
             last_seen: s.status.last_seen,
             message: s.status.message,
+            errors: s
+                .status
+                .errors
+                .into_iter()
+                .map(|(k, e)| {
+                    (
+                        k,
+                        PropertyError {
+                            code: e.code,
+                            message: e.message,
+                            op: e.op,
+                            value: e.value.map(canonicalize),
+                            since: e.since,
+                        },
+                    )
+                })
+                .collect(),
         },
     })
 }

@@ -14,8 +14,9 @@ use std::time::Instant;
 use anyhow::Context;
 use bytes::Bytes;
 use edgetwin_contract::{
-    topic::filter, DeltaMsg, DeviceId, DeviceStatusMsg, ErrorCode, ErrorMsg, GetRequest, GetResult,
-    MapperMetricsMsg, MapperState, MapperStatusMsg, ProtocolName, Source, Topic,
+    topic::filter, DeltaMsg, DeviceId, DeviceState, DeviceStatusMsg, ErrorCode, ErrorMsg,
+    GetRequest, GetResult, MapperMetricsMsg, MapperState, MapperStatusMsg, ProtocolName, Source,
+    Topic,
 };
 use edgetwin_devicetwin::core::{ModelSpec, Patch, PropertySpec, Rejection, Side, Twin};
 use edgetwin_devicetwin::store::{Health, TwinStore};
@@ -101,6 +102,9 @@ pub struct Registered {
     /// Hash of the retained assignment its mapper receives (`mappers/{p}/devices/{d}`), to
     /// publish only changes; `None` for the node's own twin, which no mapper serves.
     pub assignment: Option<u64>,
+    /// How long (ms) it may go without a reading while `online` before the node marks it
+    /// `stale` (`DeviceSpec::stale_after`); `None`: never.
+    pub stale_after_ms: Option<i64>,
 }
 
 impl Registered {
@@ -259,6 +263,9 @@ struct Batch {
     outs: Vec<Message>,
     /// Devices to store without publishing (metadata-only changes).
     silent: HashSet<DeviceId>,
+    /// Devices whose document is published again without storing it (a `lastSeen` that moved
+    /// on by a [`last_seen_period`]).
+    republish: HashSet<DeviceId>,
     /// Messages whose effect depends on the commit, answered with `store_failed` if it fails.
     pending_errors: Vec<(DeviceId, String, Option<String>)>,
 }
@@ -326,6 +333,9 @@ impl TwinService {
         snapshot.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         snapshot.tick().await;
         let mut snapshotted_at = self.store.write_transactions();
+        // Once a second: devices that went quiet while `online` become `stale`.
+        let mut sweep = tokio::time::interval(std::time::Duration::from_secs(1));
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The state just opened becomes the restore point (after a crash the last snapshot may
         // be up to an interval old); written off the start-up path.
         let mut snapshot_task = {
@@ -350,6 +360,7 @@ impl TwinService {
                         }));
                     }
                 }
+                _ = sweep.tick() => self.sweep_stale().await,
                 _ = probe.tick() => {
                     if self.store.health() != Health::Ok {
                         let store = self.store.clone();
@@ -557,15 +568,24 @@ impl TwinService {
             return self.reject(b, &device, topic, None, r);
         };
         let spec = reg.spec.clone();
+        let period = last_seen_period(reg.stale_after_ms);
         self.touch(b, &device);
         let model = spec.name.clone();
         let twin = self
             .twins
             .entry(device.clone())
             .or_insert_with(|| Twin::new(device.clone(), model));
+        let seen_before = twin.status.last_seen;
         let result = match side {
             Side::Desired => twin.apply_desired(&spec, &patch, source.clone(), now),
             Side::Reported => twin.apply_reported(&spec, &patch, source.clone(), now),
+        };
+        // The retained document's `lastSeen` follows the readings a period at a time (not at
+        // every poll: that would publish every twin every cycle).
+        let seen_moved = match (seen_before, twin.status.last_seen) {
+            (Some(a), Some(b)) => a.div_euclid(period) != b.div_euclid(period),
+            (None, Some(_)) => true,
+            _ => false,
         };
         let labels = UpdateLabels {
             side: side.as_str().to_string(),
@@ -578,6 +598,14 @@ impl TwinService {
                     .twin_updates_unchanged
                     .get_or_create(&labels)
                     .inc();
+                if applied.status_changed {
+                    // Back from `stale`, or a property error came or went: stored and shown.
+                    self.mark_dirty(b, &device, None);
+                    b.pending_errors
+                        .push((device.clone(), topic.to_string(), None));
+                } else if seen_moved {
+                    b.republish.insert(device.clone());
+                }
                 // A newer desired write of the same value moves its (ts, source); that is stored
                 // (not published) so convergence holds across restarts. Repeated readings are
                 // not stored: that would rewrite flash on every poll.
@@ -665,9 +693,8 @@ impl TwinService {
             }
         };
         self.touch(b, &device);
-        let now = now_ms();
         if let Some(twin) = self.twins.get_mut(&device) {
-            if twin.apply_status(&msg, now) {
+            if twin.apply_status(&msg) {
                 self.mark_dirty(b, &device, None);
             }
         }
@@ -720,6 +747,7 @@ impl TwinService {
             mut outs,
             pending_errors,
             silent,
+            republish,
             ..
         } = b;
         if !dirty.is_empty() || !silent.is_empty() {
@@ -773,6 +801,16 @@ impl TwinService {
             if let Some(out) = delta_out(twin, now) {
                 outs.push(out);
                 delta_sent.insert(d.clone());
+            }
+        }
+        for d in republish.iter().filter(|d| !dirty.contains(d)) {
+            if let Some(twin) = self.twins.get(d) {
+                outs.push(json_out(
+                    &Topic::Twin(d.clone()).to_topic_string(),
+                    &twin.to_doc(),
+                    true,
+                    None,
+                ));
             }
         }
         for d in resend_delta {
@@ -853,24 +891,67 @@ impl TwinService {
         }
     }
 
+    /// Marks `stale` every `online` device whose last reading is older than its bound, and
+    /// commits and publishes what changed.
+    async fn sweep_stale(&mut self) {
+        let now = now_ms();
+        let mut quiet = Vec::new();
+        for (d, reg) in self.devices.iter() {
+            let Some(bound) = reg.stale_after_ms else {
+                continue;
+            };
+            let Some(t) = self.twins.get(d) else { continue };
+            if t.status.state == DeviceState::Online
+                && t.status
+                    .last_seen
+                    .max(t.status.ts)
+                    .is_some_and(|s| now - s > bound)
+            {
+                quiet.push((d.clone(), bound));
+            }
+        }
+        if quiet.is_empty() {
+            return;
+        }
+        let mut b = Batch::default();
+        for (d, bound) in quiet {
+            self.touch(&mut b, &d);
+            let Some(t) = self.twins.get_mut(&d) else {
+                continue;
+            };
+            let since = t.status.last_seen;
+            let marked = t.mark_stale(bound, now, || match since {
+                Some(s) => format!(
+                    "no reading for {} s (expected within {} s)",
+                    (now - s) / 1000,
+                    bound / 1000
+                ),
+                None => format!(
+                    "no reading since the mapper said online (expected within {} s)",
+                    bound / 1000
+                ),
+            });
+            if marked {
+                warn!(device = %d, bound_ms = bound, "no reading within the device's bound; marked stale");
+                self.mark_dirty(&mut b, &d, None);
+            }
+        }
+        if let Err(e) = self.finish(b).await {
+            // The twins were rolled back: the next sweep tries again.
+            warn!(error = %e, "storing stale devices failed");
+        }
+    }
+
     fn update_device_gauge(&self) {
         let mut counts: BTreeMap<&'static str, i64> =
-            [("unknown", 0), ("online", 0), ("offline", 0), ("error", 0)]
-                .into_iter()
-                .collect();
+            DeviceState::ALL.iter().map(|s| (s.as_str(), 0)).collect();
         for d in self.devices.keys() {
             let state = self
                 .twins
                 .get(d)
                 .map(|t| t.status.state)
-                .unwrap_or(edgetwin_contract::DeviceState::Unknown);
-            let key = match state {
-                edgetwin_contract::DeviceState::Unknown => "unknown",
-                edgetwin_contract::DeviceState::Online => "online",
-                edgetwin_contract::DeviceState::Offline => "offline",
-                edgetwin_contract::DeviceState::Error => "error",
-            };
-            *counts.entry(key).or_default() += 1;
+                .unwrap_or(DeviceState::Unknown);
+            *counts.entry(state.as_str()).or_default() += 1;
         }
         for (status, n) in counts {
             self.metrics
@@ -900,6 +981,7 @@ impl TwinService {
                     spec: Arc::new(node_model_spec()),
                     reporter,
                     assignment: None,
+                    stale_after_ms: None,
                 },
             );
         }
@@ -950,6 +1032,10 @@ impl TwinService {
                     spec: spec.clone(),
                     reporter: protocol.clone(),
                     assignment: Some(hash_of(&payload)),
+                    stale_after_ms: device
+                        .spec
+                        .stale_after()
+                        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
                 },
             );
             assignments.push((id.clone(), protocol, payload));
@@ -1066,6 +1152,12 @@ fn node_desired_containers(twin: &Twin) -> Option<serde_json::Value> {
 }
 
 /// The delta message of a twin, if desired and reported differ.
+/// How far (ms) a device's `lastSeen` moves on before its retained document is published again
+/// without another change: half its stale bound, at least 5 s (one minute without a bound).
+pub fn last_seen_period(stale_after_ms: Option<i64>) -> i64 {
+    stale_after_ms.map_or(60_000, |b| (b / 2).max(5_000))
+}
+
 fn delta_out(twin: &Twin, now: i64) -> Option<Message> {
     let delta = twin.delta();
     if delta.is_empty() {

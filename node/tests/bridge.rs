@@ -320,7 +320,7 @@ fn bridge_local_and_cloud_edits_during_a_partition_converge_to_one_value_on_both
     wait_connected(&node, true);
 
     let converged =
-        |t: &serde_json::Value| t["desired"]["setpoint"] == 18 && t["desired"]["mode"] == "local";
+        |t: &serde_json::Value| t["desired"]["setpoint"] == 18.0 && t["desired"]["mode"] == "local";
     let twin = node.twin_until("c-1", converged);
     assert_eq!(twin["metadata"]["desired"]["setpoint"]["source"], "cloud");
     assert_eq!(twin["metadata"]["desired"]["mode"]["source"], "local");

@@ -22,7 +22,7 @@ fn node_serves_health_ready_and_openmetrics() {
         assert!(m.contains(name), "{name} missing from:\n{m}");
     }
     node.pub_("dt/n-1/desired", r#"{"setpoint": 10}"#);
-    node.twin_until("n-1", |t| t["desired"]["setpoint"] == 10);
+    node.twin_until("n-1", |t| t["desired"]["setpoint"] == 10.0);
     let m = node.metrics();
     assert!(
         m.contains("edgetwin_twin_updates_accepted_total{side=\"desired\",source=\"local\"} 1"),
@@ -113,7 +113,7 @@ fn registry_keeps_loaded_devices_when_a_file_turns_bad() {
     });
     // The device is still served.
     node.pub_("dt/r-3/desired", r#"{"setpoint": 11}"#);
-    node.twin_until("r-3", |t| t["desired"]["setpoint"] == 11);
+    node.twin_until("r-3", |t| t["desired"]["setpoint"] == 11.0);
     assert!(node.metrics().contains("edgetwin_profile_errors_total 1"));
 }
 

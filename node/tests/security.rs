@@ -55,7 +55,8 @@ fn security_wrong_password_is_refused_and_the_right_one_reaches_the_twin() {
         false,
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    s.node.twin_until("s-1", |t| t["desired"]["setpoint"] == 20);
+    s.node
+        .twin_until("s-1", |t| t["desired"]["setpoint"] == 20.0);
     assert!(s
         .node
         .metrics()
@@ -94,7 +95,7 @@ fn security_mapper_cannot_publish_desired_or_another_protocols_device() {
     assert!(o.status.success());
     let t = s
         .node
-        .twin_until("s-2", |t| t["reported"]["temperature"] == 21);
+        .twin_until("s-2", |t| t["reported"]["temperature"] == 21.0);
     assert!(t["desired"].get("setpoint").is_none(), "{t}");
     let m = s.node.metrics();
     assert!(

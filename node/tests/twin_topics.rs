@@ -50,7 +50,7 @@ fn twin_reported_patch_updates_twin_and_shrinks_delta() {
     let twin = node.twin_until("t-2", |t| t["reported"]["temperature"] == 19.25);
     assert_eq!(
         twin["reported"],
-        json!({"setpoint": 20, "temperature": 19.25})
+        json!({"setpoint": 20.0, "temperature": 19.25})
     );
     assert_eq!(
         twin["metadata"]["reported"]["temperature"]["source"],
@@ -85,7 +85,7 @@ fn twin_reported_match_clears_delta_and_repeat_is_not_a_change() {
 fn twin_get_answers_on_get_result_with_request_id() {
     let node = Node::start(&["t-4"]);
     node.pub_("dt/t-4/desired", r#"{"setpoint": 22}"#);
-    node.twin_until("t-4", |t| t["desired"]["setpoint"] == 22);
+    node.twin_until("t-4", |t| t["desired"]["setpoint"] == 22.0);
     let msgs = node.probe(
         &["dt/t-4/get/result"],
         &[("dt/t-4/get", r#"{"id": "req-1"}"#)],
@@ -93,7 +93,7 @@ fn twin_get_answers_on_get_result_with_request_id() {
     );
     let r = payload(on(&msgs, "dt/t-4/get/result"));
     assert_eq!(r["id"], "req-1");
-    assert_eq!(r["twin"]["desired"]["setpoint"], 22);
+    assert_eq!(r["twin"]["desired"]["setpoint"], 22.0);
 }
 
 #[test]
@@ -160,7 +160,7 @@ fn rejected(node: &Node, device: &str, topic: &str, patch: &str) -> serde_json::
 fn twin_rejects_each_bad_patch_with_a_code_and_changes_nothing() {
     let node = Node::start(&["t-7"]);
     node.pub_("dt/t-7/desired", r#"{"setpoint": 20}"#);
-    let t = node.twin_until("t-7", |t| t["desired"]["setpoint"] == 20);
+    let t = node.twin_until("t-7", |t| t["desired"]["setpoint"] == 20.0);
     let dv = t["desiredVersion"].as_u64().unwrap();
     let cases = [
         ("dt/t-7/desired", "{not json", "malformed_json"),
@@ -188,7 +188,7 @@ fn twin_rejects_each_bad_patch_with_a_code_and_changes_nothing() {
         "dt/t-7/desired",
         &format!(r#"{{"$version": {dv}, "setpoint": 25}}"#),
     );
-    node.twin_until("t-7", |t| t["desired"]["setpoint"] == 25);
+    node.twin_until("t-7", |t| t["desired"]["setpoint"] == 25.0);
     let metrics = node.metrics();
     assert!(
         metrics.contains("edgetwin_twin_updates_rejected_total{reason=\"version_conflict\"} 1"),
@@ -238,7 +238,7 @@ fn twin_survives_clean_restart_with_versions_intact() {
     assert_eq!(before["metadata"], after["metadata"]);
     // Versions go on increasing after the restart.
     node.pub_("dt/t-9/desired", r#"{"setpoint": 31}"#);
-    let next = node.twin_until("t-9", |t| t["desired"]["setpoint"] == 31);
+    let next = node.twin_until("t-9", |t| t["desired"]["setpoint"] == 31.0);
     assert!(next["version"].as_u64() > after["version"].as_u64());
 }
 
@@ -277,7 +277,7 @@ fn twin_model_default_seeds_desired_and_loses_to_any_write() {
     assert_eq!(t["desired"], json!({"fan": 2}));
     assert_eq!(t["metadata"]["desired"]["fan"]["ts"], 0);
     node.pub_("dt/t-13/desired", r#"{"fan": 3, "ts": 1}"#);
-    node.twin_until("t-13", |t| t["desired"]["fan"] == 3);
+    node.twin_until("t-13", |t| t["desired"]["fan"] == 3.0);
 }
 
 #[test]

@@ -88,6 +88,12 @@ pub struct DeviceProperty {
     /// Also publish each reading on `dt/{device}/telemetry`, forwarded upstream. Default false.
     #[serde(default)]
     pub telemetry: bool,
+    /// For a value the device pushes (BLE `notify`, OPC UA subscriptions, serial
+    /// `unsolicited`): how long it may stay silent before the device counts as `stale` (when no
+    /// other property is read) and the property carries a lasting error. Without it a pushed
+    /// value may be silent for ever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub silence_timeout: Option<Duration>,
     /// Where the property lives on the device: exactly one entry, keyed by the device's protocol.
     pub visitors: PropertyVisitor,
 }
@@ -100,6 +106,76 @@ pub struct ReportOnChange {
     /// (absolute, in the property's unit). Default 0: any difference.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadband: Option<f64>,
+}
+
+/// The mapper SDK's collect cycle for a property without `collectCycle`.
+pub const DEFAULT_COLLECT_CYCLE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Without `reportCycle`, a `reportOnChange` property is re-reported after this many collect
+/// cycles even when unchanged (the heartbeat).
+pub const DEFAULT_REPORT_CYCLE_FACTOR: u32 = 10;
+
+/// A device counts as `stale` after this many of its shortest report intervals without a
+/// reading: one missed poll is not yet silence.
+pub const STALE_AFTER_INTERVALS: u32 = 2;
+
+/// Slack added to the stale bound for the poll's own time and clock jitter.
+pub const STALE_SLACK: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl DeviceProperty {
+    /// Whether the device pushes this value (no `collectCycle` polling).
+    pub fn is_pushed(&self) -> bool {
+        self.visitors.is_pushed()
+    }
+
+    /// How often the property is read: `collectCycle`, or [`DEFAULT_COLLECT_CYCLE`].
+    pub fn collect_cycle(&self) -> std::time::Duration {
+        self.collect_cycle
+            .map(|d| d.as_std())
+            .filter(|d| !d.is_zero())
+            .unwrap_or(DEFAULT_COLLECT_CYCLE)
+    }
+
+    /// The report-on-change heartbeat: `reportCycle`, or [`DEFAULT_REPORT_CYCLE_FACTOR`] ×
+    /// `collect`.
+    pub fn heartbeat(&self, collect: std::time::Duration) -> std::time::Duration {
+        self.report_cycle
+            .map(|d| d.as_std())
+            .filter(|d| !d.is_zero())
+            .unwrap_or_else(|| collect.saturating_mul(DEFAULT_REPORT_CYCLE_FACTOR))
+    }
+
+    /// The longest a reading of this property may take to arrive while the device works: for
+    /// a polled property its collect cycle, or its heartbeat under `reportOnChange` (a steady
+    /// value is reported only then); for a pushed one its `silenceTimeout`, if any.
+    pub fn report_interval(&self) -> Option<std::time::Duration> {
+        if self.is_pushed() {
+            return self
+                .silence_timeout
+                .map(|d| d.as_std())
+                .filter(|d| !d.is_zero());
+        }
+        let collect = self.collect_cycle();
+        Some(match self.report_on_change {
+            Some(_) => self.heartbeat(collect).max(collect),
+            None => collect,
+        })
+    }
+}
+
+impl DeviceSpec {
+    /// How long a working device may go without any reading before the node marks it `stale`:
+    /// [`STALE_AFTER_INTERVALS`] × its shortest [`DeviceProperty::report_interval`] plus
+    /// [`STALE_SLACK`] (any reading shows the device works). `None` when no property has an
+    /// interval (only pushed values without `silenceTimeout`): such a device is never stale.
+    pub fn stale_after(&self) -> Option<std::time::Duration> {
+        let shortest = self
+            .properties
+            .iter()
+            .filter_map(DeviceProperty::report_interval)
+            .min()?;
+        Some(shortest.saturating_mul(STALE_AFTER_INTERVALS) + STALE_SLACK)
+    }
 }
 
 impl Device {

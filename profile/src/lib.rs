@@ -28,7 +28,10 @@ mod set;
 mod source;
 mod validate;
 
-pub use device::{Device, DeviceKind, DeviceMetadata, DeviceProperty, DeviceSpec, ReportOnChange};
+pub use device::{
+    Device, DeviceKind, DeviceMetadata, DeviceProperty, DeviceSpec, ReportOnChange,
+    DEFAULT_COLLECT_CYCLE, DEFAULT_REPORT_CYCLE_FACTOR, STALE_AFTER_INTERVALS, STALE_SLACK,
+};
 pub use duration::{Duration, DurationError};
 pub use error::ProfileError;
 pub use loader::load_dir;

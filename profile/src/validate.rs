@@ -302,6 +302,7 @@ fn check_device(file: &str, d: &Device, model: Option<&DeviceModel>, report: &mu
         for (field, cycle) in [
             ("collectCycle", p.collect_cycle),
             ("reportCycle", p.report_cycle),
+            ("silenceTimeout", p.silence_timeout),
         ] {
             if cycle.is_some_and(|c| c.is_zero()) {
                 report.push(
@@ -311,6 +312,16 @@ fn check_device(file: &str, d: &Device, model: Option<&DeviceModel>, report: &mu
                     format!("{field} must be greater than 0"),
                 );
             }
+        }
+        if p.silence_timeout.is_some() && !p.is_pushed() {
+            report.push(
+                file,
+                src,
+                &format!("{base}.silenceTimeout"),
+                "silenceTimeout applies only to a value the device pushes (BLE notify, an OPC UA \
+                 subscription, an unsolicited serial line); a polled value goes stale after \
+                 its collectCycle",
+            );
         }
         let deadband = p.report_on_change.as_ref().and_then(|r| r.deadband);
         if deadband.is_some_and(|x| !(x.is_finite() && x >= 0.0)) {

@@ -823,3 +823,37 @@ fn model_helpers_expose_type_access_and_bounds() {
     assert_eq!((p.minimum(), p.maximum()), (Some(5.0), Some(35.0)));
     assert!(m.property("nope").is_none());
 }
+
+#[test]
+fn profile_rejects_a_silence_timeout_on_a_polled_value() {
+    let text = with_model_and_device(
+        &DEVICE.replace("      telemetry: true\n", "      silenceTimeout: 30s\n"),
+    );
+    assert_error(
+        &one_file(&text),
+        &text,
+        "spec.properties[0].silenceTimeout",
+        "silenceTimeout",
+        "only to a value the device pushes",
+    );
+}
+
+/// The one device of `text` (which must be valid).
+fn the_device(text: &str) -> edgetwin_profile::Device {
+    let docs = parse_str("p.yaml", text).unwrap();
+    let set = validate(&[("p.yaml".into(), docs)], &BTreeMap::new()).unwrap();
+    set.devices.into_values().next().unwrap()
+}
+
+#[test]
+fn profile_stale_bound_is_two_of_the_shortest_report_intervals_plus_slack() {
+    use std::time::Duration;
+    // voltage: reportOnChange at collectCycle 1s, so its heartbeat (10 × 1s) is its interval.
+    let d = the_device(&with_model_and_device(DEVICE));
+    assert_eq!(d.spec.stale_after(), Some(Duration::from_secs(21)));
+    // Every reading reported: the collect cycle is the interval.
+    let d = the_device(&with_model_and_device(
+        &DEVICE.replace("      reportOnChange: {deadband: 0.5}\n", ""),
+    ));
+    assert_eq!(d.spec.stale_after(), Some(Duration::from_secs(3)));
+}

@@ -116,7 +116,7 @@ async fn driver_run(limits: PlanLimits, yaml: &str, cycles: usize) -> Result<(u6
     let mut points = 0u64;
     for _ in 0..cycles {
         let rs = driver.read(&mut conn, &dev, &props).await?;
-        points += rs.iter().filter(|(_, r)| r.is_ok()).count() as u64;
+        points += rs.iter().filter(|r| r.is_ok()).count() as u64;
     }
     let secs = start.elapsed().as_secs_f64();
     let requests = conn.requests();

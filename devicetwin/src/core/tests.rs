@@ -444,6 +444,34 @@ fn reported_patch_repeating_current_value_refreshes_last_seen_without_version_bu
 }
 
 #[test]
+fn last_seen_is_the_time_of_the_reading_not_of_its_arrival() {
+    let mut t = twin();
+    reported(&mut t, json!({"ts": 40, "voltage": 230}), 100).expect("ok");
+    assert_eq!(t.status.last_seen, Some(40), "the reading's ts");
+    // An older reading arriving late does not move it back.
+    reported(&mut t, json!({"ts": 30, "voltage": 231}), 110).expect("ok");
+    assert_eq!(t.status.last_seen, Some(40));
+    // A reading stamped ahead of the node's clock counts as now.
+    reported(&mut t, json!({"ts": 500, "voltage": 232}), 120).expect("ok");
+    assert_eq!(t.status.last_seen, Some(120));
+}
+
+#[test]
+fn an_errors_only_report_is_not_a_reading() {
+    let mut t = twin();
+    let a = reported(
+        &mut t,
+        json!({"$errors": {"voltage": {"code": "device_refused", "message": "exception 2", "op": "read"}}}),
+        5,
+    )
+    .expect("ok");
+    assert!(!a.refreshed);
+    assert!(a.status_changed);
+    assert_eq!(t.status.last_seen, None);
+    assert_eq!(t.version, 0, "an error is not a value change");
+}
+
+#[test]
 fn rejected_reported_patch_does_not_refresh_last_seen() {
     let mut t = twin();
     let _ = reported(&mut t, json!({"voltage": "x"}), 5);
@@ -453,58 +481,48 @@ fn rejected_reported_patch_does_not_refresh_last_seen() {
 // ---- status ----
 
 #[test]
-fn status_sets_state_and_last_seen_and_reports_change() {
+fn status_sets_state_and_reports_change_but_is_not_a_reading() {
     let mut t = twin();
     let online = DeviceStatusMsg {
         state: DeviceState::Online,
         ts: 10,
         message: None,
     };
-    assert!(t.apply_status(&online, 11));
+    assert!(t.apply_status(&online));
     assert_eq!(t.status.state, DeviceState::Online);
     assert_eq!(t.status.ts, Some(10));
-    assert_eq!(t.status.last_seen, Some(11));
+    assert_eq!(t.status.last_seen, None, "lastSeen is the last reading");
     assert!(
-        !t.apply_status(
-            &DeviceStatusMsg {
-                ts: 20,
-                ..online.clone()
-            },
-            21
-        ),
+        !t.apply_status(&DeviceStatusMsg {
+            ts: 20,
+            ..online.clone()
+        }),
         "same state is no change"
     );
-    assert_eq!(t.status.last_seen, Some(21));
     let err = DeviceStatusMsg {
         state: DeviceState::Online,
         ts: 30,
         message: Some("slave 3 timeout".into()),
     };
-    assert!(t.apply_status(&err, 31), "message change is a change");
+    assert!(t.apply_status(&err), "message change is a change");
     assert_eq!(t.version, 0, "status does not bump the version");
 }
 
 #[test]
 fn status_older_than_current_is_ignored() {
     let mut t = twin();
-    t.apply_status(
-        &DeviceStatusMsg {
-            state: DeviceState::Offline,
-            ts: 50,
-            message: None,
-        },
-        51,
-    );
-    assert!(!t.apply_status(
-        &DeviceStatusMsg {
-            state: DeviceState::Online,
-            ts: 40,
-            message: None
-        },
-        60
-    ));
+    t.apply_status(&DeviceStatusMsg {
+        state: DeviceState::Offline,
+        ts: 50,
+        message: None,
+    });
+    assert!(!t.apply_status(&DeviceStatusMsg {
+        state: DeviceState::Online,
+        ts: 40,
+        message: None
+    }));
     assert_eq!(t.status.state, DeviceState::Offline);
-    assert_eq!(t.status.last_seen, Some(60));
+    assert_eq!(t.status.last_seen, None, "a status is not a reading");
 }
 
 #[test]
@@ -515,7 +533,8 @@ fn a_gone_mapper_marks_the_device_offline_keeps_last_seen_and_its_next_status_wi
         ts,
         message: None,
     };
-    assert!(t.apply_status(&online(10), 50));
+    assert!(t.apply_status(&online(10)));
+    reported(&mut t, json!({"voltage": 230.0}), 50).expect("ok");
     assert!(t.mark_mapper_gone("mapper modbus is offline", 70));
     assert_eq!(t.status.state, DeviceState::Offline);
     assert_eq!(
@@ -532,7 +551,7 @@ fn a_gone_mapper_marks_the_device_offline_keeps_last_seen_and_its_next_status_wi
         "unchanged"
     );
     // The restarted mapper's status, stamped after the mark, replaces it.
-    assert!(t.apply_status(&online(90), 95));
+    assert!(t.apply_status(&online(90)));
     assert_eq!(t.status.state, DeviceState::Online);
     assert_eq!(t.status.message, None);
 }
@@ -578,7 +597,11 @@ fn an_integer_desired_on_a_float_property_is_met_by_the_float_read_back() {
     reported(&mut t, json!({"setpoint": 30.0}), 2).expect("ok");
     assert!(t.delta().is_empty(), "{:?}", t.delta());
     reported(&mut t, json!({"setpoint": 30.5}), 3).expect("ok");
-    assert_eq!(Value::Object(t.delta()), json!({"setpoint": 30}));
+    assert_eq!(
+        Value::Object(t.delta()),
+        json!({"setpoint": 30.0}),
+        "an integer desired on a float property is held as a float"
+    );
 }
 
 #[test]
@@ -617,12 +640,12 @@ fn to_doc_serializes_the_wire_shape() {
         doc,
         json!({
             "device": "meter-7", "model": "thermostat", "version": 2, "desiredVersion": 1,
-            "desired": {"setpoint": 21.5}, "reported": {"voltage": 230},
+            "desired": {"setpoint": 21.5}, "reported": {"voltage": 230.0},
             "metadata": {
                 "desired": {"setpoint": {"version": 1, "ts": 5, "source": "local"}},
                 "reported": {"voltage": {"version": 2, "ts": 7, "source": "mapper:modbus"}}
             },
-            "status": {"state": "unknown", "lastSeen": 8}
+            "status": {"state": "unknown", "lastSeen": 7}
         })
     );
 }
@@ -842,4 +865,192 @@ fn node_stamped_writes_in_the_same_millisecond_end_at_the_later_one() {
     // An explicit ts is the writer's and is kept as given.
     desired(&mut t, json!({"mode": "w", "ts": 5_000}), 2_000).expect("valid");
     assert_eq!(t.to_doc().metadata.desired["mode"].ts, 5_000);
+}
+
+// ---- stale ----
+
+fn online(t: &mut Twin, ts: i64) {
+    t.apply_status(&DeviceStatusMsg {
+        state: DeviceState::Online,
+        ts,
+        message: None,
+    });
+}
+
+#[test]
+fn an_online_device_without_a_reading_within_the_bound_is_stale_until_the_next_reading() {
+    let mut t = twin();
+    online(&mut t, 10);
+    reported(&mut t, json!({"ts": 100, "voltage": 230}), 100).expect("ok");
+    assert!(
+        !t.mark_stale(50, 150, || "quiet".into()),
+        "at the bound it is not stale yet"
+    );
+    assert!(t.mark_stale(50, 151, || "quiet".into()));
+    assert_eq!(t.status.state, DeviceState::Stale);
+    assert_eq!(t.status.message.as_deref(), Some("quiet"));
+    assert!(!t.mark_stale(50, 200, || "quiet".into()), "already stale");
+    // The next reading, even of the same value, makes it online again.
+    let a = reported(&mut t, json!({"voltage": 230}), 210).expect("ok");
+    assert!(a.status_changed && a.changed.is_empty());
+    assert_eq!(t.status.state, DeviceState::Online);
+    assert_eq!(t.status.message, None);
+}
+
+#[test]
+fn stale_counts_from_the_online_status_before_any_reading() {
+    let mut t = twin();
+    assert!(
+        !t.mark_stale(50, 1000, String::new),
+        "unknown is never stale"
+    );
+    online(&mut t, 100);
+    assert!(!t.mark_stale(50, 140, String::new));
+    assert!(t.mark_stale(50, 151, String::new));
+}
+
+#[test]
+fn offline_and_error_devices_do_not_turn_stale() {
+    for state in [DeviceState::Offline, DeviceState::Error] {
+        let mut t = twin();
+        t.apply_status(&DeviceStatusMsg {
+            state,
+            ts: 10,
+            message: None,
+        });
+        assert!(!t.mark_stale(50, 1000, String::new), "{state:?}");
+        assert_eq!(t.status.state, state);
+    }
+}
+
+// ---- lasting property errors ----
+
+fn read_error(code: &str) -> Value {
+    json!({"code": code, "message": "exception 2 (illegal address)", "op": "read"})
+}
+
+fn write_error(value: Value) -> Value {
+    json!({"code": "write_not_held", "message": "reads back 100", "op": "write", "value": value})
+}
+
+#[test]
+fn a_read_error_lasts_keeps_its_since_and_clears_when_the_property_reads() {
+    let mut t = twin();
+    reported(
+        &mut t,
+        json!({"ts": 10, "$errors": {"voltage": read_error("device_refused")}}),
+        10,
+    )
+    .expect("ok");
+    let a = reported(
+        &mut t,
+        json!({"ts": 20, "$errors": {"voltage": read_error("device_refused")}}),
+        20,
+    )
+    .expect("ok");
+    assert!(!a.status_changed, "a repeat is no change");
+    let e = &t.status.errors["voltage"];
+    assert_eq!(
+        (e.code, e.op, e.since),
+        (ErrorCode::DeviceRefused, PropertyOp::Read, 10)
+    );
+    assert_eq!(t.to_doc().status.errors.len(), 1, "in the twin document");
+    // Another property reading leaves it.
+    reported(&mut t, json!({"setpoint": 20}), 30).expect("ok");
+    assert!(t.status.errors.contains_key("voltage"));
+    let a = reported(&mut t, json!({"voltage": 230}), 40).expect("ok");
+    assert!(a.status_changed);
+    assert!(t.status.errors.is_empty());
+}
+
+#[test]
+fn a_mapper_clears_an_error_with_null() {
+    let mut t = twin();
+    reported(
+        &mut t,
+        json!({"$errors": {"voltage": read_error("device_config")}}),
+        10,
+    )
+    .expect("ok");
+    let a = reported(&mut t, json!({"$errors": {"voltage": null}}), 20).expect("ok");
+    assert!(a.status_changed);
+    assert!(t.status.errors.is_empty());
+}
+
+#[test]
+fn a_write_error_for_the_desired_value_keeps_it_out_of_the_delta_until_desired_changes() {
+    let mut t = twin();
+    desired(&mut t, json!({"setpoint": 30, "relay": true}), 10).expect("ok");
+    reported(
+        &mut t,
+        json!({"setpoint": 25, "$errors": {"setpoint": write_error(json!(30))}}),
+        20,
+    )
+    .expect("ok");
+    assert_eq!(
+        t.delta(),
+        json!({"relay": true})
+            .as_object()
+            .cloned()
+            .unwrap_or_default()
+    );
+    // Readings of another value do not bring it back (that would write it again).
+    reported(&mut t, json!({"setpoint": 25}), 30).expect("ok");
+    assert!(!t.delta().contains_key("setpoint"));
+    assert!(t.status.errors.contains_key("setpoint"));
+    // The same value desired again (`30.0` is `30`) changes nothing.
+    desired(&mut t, json!({"setpoint": 30.0}), 40).expect("ok");
+    assert!(!t.delta().contains_key("setpoint"));
+    // A new desired value clears it and is tried.
+    let a = desired(&mut t, json!({"setpoint": 28}), 50).expect("ok");
+    assert!(a.status_changed);
+    assert!(t.status.errors.is_empty());
+    assert_eq!(t.delta().get("setpoint"), Some(&json!(28.0)));
+}
+
+#[test]
+fn a_write_error_clears_when_the_device_reads_back_the_desired_value() {
+    let mut t = twin();
+    desired(&mut t, json!({"setpoint": 30}), 10).expect("ok");
+    reported(
+        &mut t,
+        json!({"setpoint": 25, "$errors": {"setpoint": write_error(json!(30))}}),
+        20,
+    )
+    .expect("ok");
+    reported(&mut t, json!({"setpoint": 30.0}), 30).expect("ok");
+    assert!(t.status.errors.is_empty());
+    assert!(t.delta().is_empty());
+}
+
+#[test]
+fn errors_are_checked_against_the_model_and_only_allowed_in_reported_patches() {
+    let mut t = twin();
+    assert_eq!(
+        code(reported(
+            &mut t,
+            json!({"$errors": {"nosuch": read_error("device_refused")}}),
+            1
+        )),
+        ErrorCode::UnknownProperty
+    );
+    assert_eq!(
+        code(desired(
+            &mut t,
+            json!({"setpoint": 20, "$errors": {"setpoint": null}}),
+            1
+        )),
+        ErrorCode::InvalidPatch
+    );
+    for bad in [
+        json!({"$errors": 3}),
+        json!({"$errors": {"voltage": {"code": "device_refused"}}}),
+    ] {
+        let r = Patch::parse(bad.to_string().as_bytes(), MAX_PROPS);
+        assert_eq!(
+            r.map(|_| ()).map_err(|r| r.code),
+            Err(ErrorCode::InvalidPatch),
+            "{bad}"
+        );
+    }
 }

@@ -3,7 +3,8 @@
 //! * **Connect**: find the peripheral by `macAddress` or `name` (scanning up to the scan
 //!   timeout), connect and discover services, start taking its notifications, and subscribe to
 //!   every `notify: true` characteristic.
-//! * **Read**: a `notify` property answers with the latest notified value (before the first
+//! * **Read**: a `notify` property's notifications are pushed to the runtime as they arrive
+//!   ([`Driver::pushed`]); `read` answers with the latest one as a kept value (before the first
 //!   notification, and when subscribing was refused, the characteristic is read); the others are
 //!   read every `collectCycle`. Values are decoded with [`codec::decode`].
 //! * **Write**: [`codec::encode`] and a characteristic write; a notified value held for that
@@ -18,12 +19,16 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use edgetwin_contract::PropertyType;
-use edgetwin_mapper_sdk::{Driver, DriverError, PropertyRead};
+use edgetwin_contract::{now_ms, PropertyType, TimestampMs};
+use edgetwin_mapper_sdk::{
+    read_result, written, Driver, DriverError, LinkLost, PropertyResult, Pushed, ReadResult,
+    Reading, PUSH_QUEUE,
+};
 use edgetwin_profile::protocol::BleVisitor;
 use edgetwin_profile::{DeviceProperty, ResolvedDevice};
 use futures::StreamExt;
 use serde_json::Value;
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -123,8 +128,8 @@ struct PropSpec {
     notified: bool,
 }
 
-/// Latest notified values by (service, characteristic).
-type Latest = Arc<Mutex<HashMap<(Uuid, Uuid), Vec<u8>>>>;
+/// Latest notified values (with when they arrived) by (service, characteristic).
+type Latest = Arc<Mutex<HashMap<(Uuid, Uuid), (Vec<u8>, TimestampMs)>>>;
 
 /// A connected peripheral.
 #[derive(Debug)]
@@ -135,6 +140,8 @@ pub struct BleConn<P: Peripheral> {
     pump: Option<JoinHandle<()>>,
     gone: CancellationToken,
     props: HashMap<String, Result<PropSpec, DriverError>>,
+    /// Notified values as they arrive, until the runtime takes the receiver.
+    pushed: Option<mpsc::Receiver<Pushed>>,
     requests: u64,
 }
 
@@ -144,7 +151,7 @@ impl<P: Peripheral> BleConn<P> {
         self.requests
     }
 
-    fn latest(&self, ch: &CharAddr) -> Option<Vec<u8>> {
+    fn latest(&self, ch: &CharAddr) -> Option<(Vec<u8>, TimestampMs)> {
         let map = self.latest.lock().unwrap_or_else(|p| p.into_inner());
         map.iter()
             .find(|((s, c), _)| ch.matches(*s, *c))
@@ -230,6 +237,7 @@ impl<T: Transport> Driver for BleDriver<T> {
             latest: Arc::default(),
             pump: None,
             props,
+            pushed: None,
             requests: 0,
         };
         self.bounded(
@@ -244,13 +252,40 @@ impl<T: Transport> Driver for BleDriver<T> {
             )
             .await?;
         let (latest, gone) = (conn.latest.clone(), conn.gone.clone());
+        // The notify properties, to push each notification as its property's value.
+        let notifying: Vec<(String, PropSpec)> = conn
+            .props
+            .iter()
+            .filter_map(|(n, s)| match s {
+                Ok(s) if s.visitor.notify => Some((n.clone(), s.clone())),
+                _ => None,
+            })
+            .collect();
+        let (push, pushed) = mpsc::channel(PUSH_QUEUE);
+        if !notifying.is_empty() {
+            conn.pushed = Some(pushed);
+        }
         conn.pump = Some(tokio::spawn(async move {
             while let Some(n) = stream.next().await {
                 debug!(characteristic = %n.characteristic, bytes = ?n.value, "notification");
+                let at = now_ms();
+                for (name, spec) in &notifying {
+                    if !spec.ch.matches(n.service, n.characteristic) {
+                        continue;
+                    }
+                    let reading = codec::decode(&spec.visitor, spec.ty, &n.value)
+                        .map(|v| Reading::kept(v, at))
+                        .map_err(|e| codec_error(name, e).refusal());
+                    // A full queue drops the push; `latest` keeps it for the next read.
+                    let _ = push.try_send(Pushed {
+                        property: name.clone(),
+                        reading,
+                    });
+                }
                 latest
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .insert((n.service, n.characteristic), n.value);
+                    .insert((n.service, n.characteristic), (n.value, at));
             }
             // The stream ends with the connection.
             gone.cancel();
@@ -295,9 +330,46 @@ impl<T: Transport> Driver for BleDriver<T> {
     async fn read(
         &self,
         conn: &mut Self::Conn,
+        dev: &ResolvedDevice,
+        props: &[&DeviceProperty],
+    ) -> ReadResult {
+        read_result(props.len(), self.read_values(conn, dev, props).await)
+    }
+
+    async fn write(
+        &self,
+        conn: &mut Self::Conn,
+        dev: &ResolvedDevice,
+        prop: &DeviceProperty,
+        value: &Value,
+    ) -> Result<PropertyResult<()>, LinkLost> {
+        written(self.write_value(conn, dev, prop, value).await)
+    }
+
+    fn pushed(&self, conn: &mut Self::Conn) -> Option<mpsc::Receiver<Pushed>> {
+        conn.pushed.take()
+    }
+
+    async fn disconnect(&self, mut conn: Self::Conn) {
+        if let Some(p) = conn.pump.take() {
+            p.abort();
+        }
+        let _ = tokio::time::timeout(self.op_timeout, conn.peripheral.disconnect()).await;
+    }
+
+    fn requests_made(&self, conn: &Self::Conn) -> Option<u64> {
+        Some(conn.requests)
+    }
+}
+
+impl<T: Transport> BleDriver<T> {
+    /// Every property's value in the order of `props`; `Err` only for the link.
+    async fn read_values(
+        &self,
+        conn: &mut BleConn<T::Peripheral>,
         _dev: &ResolvedDevice,
         props: &[&DeviceProperty],
-    ) -> Result<Vec<PropertyRead>, DriverError> {
+    ) -> Result<Vec<Result<Reading, DriverError>>, DriverError> {
         conn.check_link()?;
         let mut out = Vec::with_capacity(props.len());
         for p in props {
@@ -305,7 +377,7 @@ impl<T: Transport> Driver for BleDriver<T> {
             let spec = match conn.spec(name) {
                 Ok(s) => s,
                 Err(e) => {
-                    out.push((name.to_string(), Err(e)));
+                    out.push(Err(e));
                     continue;
                 }
             };
@@ -315,7 +387,7 @@ impl<T: Transport> Driver for BleDriver<T> {
                 None
             };
             let bytes = match held {
-                Some(b) => Ok(b),
+                Some((b, at)) => Ok((b, Some(at))),
                 None => {
                     conn.requests += 1;
                     self.bounded(
@@ -323,25 +395,29 @@ impl<T: Transport> Driver for BleDriver<T> {
                         conn.peripheral.read(&spec.ch),
                     )
                     .await
+                    .map(|b| (b, None))
                 }
             };
             let r = match bytes {
                 Err(DriverError::Link(m)) => return Err(DriverError::Link(m)),
                 Err(e) => Err(e),
-                Ok(b) => {
-                    codec::decode(&spec.visitor, spec.ty, &b).map_err(|e| codec_error(name, e))
-                }
+                Ok((b, at)) => codec::decode(&spec.visitor, spec.ty, &b)
+                    .map_err(|e| codec_error(name, e))
+                    .map(|v| match at {
+                        Some(at) => Reading::kept(v, at),
+                        None => Reading::fresh(v),
+                    }),
             };
-            out.push((name.to_string(), r));
+            out.push(r);
         }
         // A read that raced the disconnection is not to be trusted.
         conn.check_link()?;
         Ok(out)
     }
 
-    async fn write(
+    async fn write_value(
         &self,
-        conn: &mut Self::Conn,
+        conn: &mut BleConn<T::Peripheral>,
         _dev: &ResolvedDevice,
         prop: &DeviceProperty,
         value: &Value,
@@ -358,16 +434,5 @@ impl<T: Transport> Driver for BleDriver<T> {
         .await?;
         conn.forget(&spec.ch);
         Ok(())
-    }
-
-    async fn disconnect(&self, mut conn: Self::Conn) {
-        if let Some(p) = conn.pump.take() {
-            p.abort();
-        }
-        let _ = tokio::time::timeout(self.op_timeout, conn.peripheral.disconnect()).await;
-    }
-
-    fn requests_made(&self, conn: &Self::Conn) -> Option<u64> {
-        Some(conn.requests)
     }
 }

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use common::*;
 use edgetwin_mapper_ble::BleDriver;
-use edgetwin_mapper_sdk::{Driver, DriverError, PropertyRead};
+use edgetwin_mapper_sdk::driver::flat;
+use edgetwin_mapper_sdk::{Driver, DriverError};
 use edgetwin_profile::ResolvedDevice;
 use serde_json::{json, Value};
 
@@ -27,19 +28,22 @@ async fn read(
     conn: &mut <Sim as Driver>::Conn,
     dev: &ResolvedDevice,
     names: &[&str],
-) -> Result<Vec<PropertyRead>, DriverError> {
+) -> Result<Vec<(String, Result<Value, DriverError>)>, DriverError> {
     let props: Vec<_> = names
         .iter()
         .map(|n| dev.device.property(n).unwrap())
         .collect();
-    d.read(conn, dev, &props).await
+    flat::reads(&props, d.read(conn, dev, &props).await)
 }
 
-fn result<'a>(rs: &'a [PropertyRead], name: &str) -> &'a Result<Value, DriverError> {
+fn result<'a>(
+    rs: &'a [(String, Result<Value, DriverError>)],
+    name: &str,
+) -> &'a Result<Value, DriverError> {
     &rs.iter().find(|(n, _)| n == name).unwrap().1
 }
 
-fn value<'a>(rs: &'a [PropertyRead], name: &str) -> &'a Value {
+fn value<'a>(rs: &'a [(String, Result<Value, DriverError>)], name: &str) -> &'a Value {
     match result(rs, name) {
         Ok(v) => v,
         Err(e) => panic!("{name}: {e}"),
@@ -104,17 +108,14 @@ async fn ble_driver_write_encodes_the_value_and_reads_it_back() {
     let rs = read(&d, &mut conn, &dev, &["setpoint"]).await.unwrap();
     assert_eq!(value(&rs, "setpoint"), &json!(21.0));
     let prop = dev.device.property("setpoint").unwrap();
-    d.write(&mut conn, &dev, prop, &json!(22.5)).await.unwrap();
+    flat::write(d.write(&mut conn, &dev, prop, &json!(22.5)).await).unwrap();
     let (ch, bytes) = sim.writes().pop().unwrap();
     assert_eq!(ch, uuid("0000ff01-0000-1000-8000-00805f9b34fb"));
     assert_eq!(bytes, vec![0xCA, 0x08], "2250 little-endian");
     let rs = read(&d, &mut conn, &dev, &["setpoint"]).await.unwrap();
     assert_eq!(value(&rs, "setpoint"), &json!(22.5));
     // Out of the int16 range after the inverse scale: refused before anything is sent.
-    let e = d
-        .write(&mut conn, &dev, prop, &json!(400.0))
-        .await
-        .unwrap_err();
+    let e = flat::write(d.write(&mut conn, &dev, prop, &json!(400.0)).await).unwrap_err();
     assert!(matches!(e, DriverError::Config(_)), "{e:?}");
     assert_eq!(sim.writes().len(), 1);
     d.disconnect(conn).await;

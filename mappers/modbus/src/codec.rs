@@ -47,6 +47,19 @@ pub enum CodecError {
     /// the model's property type, or the mask.
     #[error("{0}")]
     OutOfRange(String),
+    /// The register cannot hold the value exactly (a scaled register's resolution, a float32's
+    /// precision): writing it would read back another value, for ever.
+    #[error("{value} cannot be held: {data_type} here holds {held}{hint}")]
+    NotHeld {
+        /// The value asked for.
+        value: String,
+        /// The visitor's data type.
+        data_type: &'static str,
+        /// What the register would read back.
+        held: String,
+        /// How to write a value it holds.
+        hint: String,
+    },
 }
 
 /// The name of a data type as written in profiles.
@@ -392,6 +405,40 @@ pub fn encode_registers(v: &ModbusVisitor, value: &Value) -> Result<Vec<u16>, Co
             Ok(bytes_to_words(v, &be[8 - nbytes..]))
         }
     }
+}
+
+/// [`encode_registers`], refusing a value the register cannot hold exactly: the words are decoded
+/// back for a model property of type `ty`, and a value that reads back as another number
+/// (`21.55` at scale 0.1 reads `21.6`; `0.1234567891` as float32 reads `0.12345679`) is
+/// [`CodecError::NotHeld`]. Compared by value, so `25` on a float property is held by `25.0`.
+pub fn encode_exact(
+    v: &ModbusVisitor,
+    ty: PropertyType,
+    value: &Value,
+) -> Result<Vec<u16>, CodecError> {
+    let words = encode_registers(v, value)?;
+    if v.data_type == ModbusDataType::Bool || v.data_type == ModbusDataType::String {
+        return Ok(words);
+    }
+    let held = decode_registers(v, ty, &words)?;
+    if edgetwin_contract::value::same_value(&held, value) {
+        return Ok(words);
+    }
+    let hint = if v.scale != 1.0 {
+        format!(
+            " (resolution {} at scale {}); write a multiple of it",
+            v.scale.abs(),
+            v.scale
+        )
+    } else {
+        String::new()
+    };
+    Err(CodecError::NotHeld {
+        value: value.to_string(),
+        data_type: data_type_name(v.data_type),
+        held: held.to_string(),
+        hint,
+    })
 }
 
 /// The mask of the visitor as words in device order (all ones without a mask).

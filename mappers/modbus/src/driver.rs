@@ -35,7 +35,9 @@ use tokio_serial::SerialPortBuilderExt;
 
 use crate::codec::{self, CodecError, PlanLimits, Span};
 use crate::config::{self, ConfigError, ConnSettings, Endpoint, SerialSettings};
-use edgetwin_mapper_sdk::{Driver, DriverError, PropertyRead};
+use edgetwin_mapper_sdk::{
+    read_result, written, Driver, DriverError, LinkLost, PropertyResult, ReadResult, Reading,
+};
 
 /// The Modbus TCP/RTU driver. One value serves every Modbus device of the mapper.
 #[derive(Debug)]
@@ -446,7 +448,39 @@ impl Driver for ModbusDriver {
         conn: &mut ModbusConn,
         device: &ResolvedDevice,
         props: &[&DeviceProperty],
-    ) -> Result<Vec<PropertyRead>, DriverError> {
+    ) -> ReadResult {
+        read_result(props.len(), self.read_values(conn, device, props).await)
+    }
+
+    async fn write(
+        &self,
+        conn: &mut ModbusConn,
+        device: &ResolvedDevice,
+        prop: &DeviceProperty,
+        value: &Value,
+    ) -> Result<PropertyResult<()>, LinkLost> {
+        written(self.write_value(conn, device, prop, value).await)
+    }
+
+    async fn disconnect(&self, conn: ModbusConn) {
+        let ModbusConn { line, timeout, .. } = conn;
+        // The last user of a line closes it; a shared RTU line stays open for the others.
+        if let Some(line) = Arc::into_inner(line) {
+            let mut ctx = line.ctx.into_inner();
+            let _ = tokio::time::timeout(timeout, ctx.disconnect()).await;
+        }
+    }
+}
+
+impl ModbusDriver {
+    /// Every property's value in the order of `props`; `Err` only for the link (a request that
+    /// failed on the wire).
+    async fn read_values(
+        &self,
+        conn: &mut ModbusConn,
+        device: &ResolvedDevice,
+        props: &[&DeviceProperty],
+    ) -> Result<Vec<Result<Reading, DriverError>>, DriverError> {
         let mut results: Vec<Option<Result<Value, DriverError>>> = vec![None; props.len()];
         let mut items: Vec<Item<'_>> = Vec::new();
         for (index, p) in props.iter().enumerate() {
@@ -497,19 +531,16 @@ impl Driver for ModbusDriver {
                 }
             }
         }
-        Ok(props
-            .iter()
-            .zip(results)
-            .map(|(p, r)| {
-                (
-                    p.name.as_str().to_string(),
-                    r.unwrap_or_else(|| Err(DriverError::Config("property was not read".into()))),
-                )
+        Ok(results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| Err(DriverError::Config("property was not read".into())))
+                    .map(Reading::fresh)
             })
             .collect())
     }
 
-    async fn write(
+    async fn write_value(
         &self,
         conn: &mut ModbusConn,
         device: &ResolvedDevice,
@@ -517,7 +548,7 @@ impl Driver for ModbusDriver {
         value: &Value,
     ) -> Result<(), DriverError> {
         let name = prop.name.as_str();
-        let (v, _ty) = config::property(device, prop).map_err(config_err)?;
+        let (v, ty) = config::property(device, prop).map_err(config_err)?;
         let op = match v.register {
             RegisterType::CoilRegister => Op::WriteCoil(
                 v.offset,
@@ -525,7 +556,7 @@ impl Driver for ModbusDriver {
             ),
             RegisterType::HoldingRegister => {
                 let mut words =
-                    codec::encode_registers(v, value).map_err(|e| codec_err(name, e))?;
+                    codec::encode_exact(v, ty, value).map_err(|e| codec_err(name, e))?;
                 let masked = v.mask.is_some() && v.data_type != ModbusDataType::String;
                 if masked {
                     // Read-modify-write: only the masked bits change.
@@ -553,15 +584,6 @@ impl Driver for ModbusDriver {
         match self.request(conn, &op).await? {
             Ok(_) => Ok(()),
             Err(exc) => Err(exception(exc, &op)),
-        }
-    }
-
-    async fn disconnect(&self, conn: ModbusConn) {
-        let ModbusConn { line, timeout, .. } = conn;
-        // The last user of a line closes it; a shared RTU line stays open for the others.
-        if let Some(line) = Arc::into_inner(line) {
-            let mut ctx = line.ctx.into_inner();
-            let _ = tokio::time::timeout(timeout, ctx.disconnect()).await;
         }
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::*;
 use edgetwin_mapper_modbus::codec::PlanLimits;
 use edgetwin_mapper_modbus::{ModbusConn, ModbusDriver};
+use edgetwin_mapper_sdk::driver::flat;
 use edgetwin_mapper_sdk::{Driver, DriverError};
 use edgetwin_profile::ResolvedDevice;
 use edgetwin_testkit::PtyPair;
@@ -20,7 +21,7 @@ async fn read_all(
     dev: &ResolvedDevice,
 ) -> Result<Vec<(String, Result<Value, DriverError>)>, DriverError> {
     let props: Vec<_> = dev.device.spec.properties.iter().collect();
-    d.read(conn, dev, &props).await
+    flat::reads(&props, d.read(conn, dev, &props).await)
 }
 
 fn value<'a>(rs: &'a [(String, Result<Value, DriverError>)], name: &str) -> &'a Value {
@@ -238,31 +239,19 @@ async fn modbus_tcp_write_reaches_the_register_and_reads_back() {
     let mut conn = d.connect(&dev).await.unwrap();
     let p = |n: &str| dev.device.property(n).unwrap().clone();
 
-    d.write(&mut conn, &dev, &p("setpoint"), &json!(25.3))
-        .await
-        .unwrap();
+    flat::write(d.write(&mut conn, &dev, &p("setpoint"), &json!(25.3)).await).unwrap();
     assert_eq!(sim.wait_write(1, 30), vec![253]);
-    d.write(&mut conn, &dev, &p("big"), &json!(-2))
-        .await
-        .unwrap();
+    flat::write(d.write(&mut conn, &dev, &p("big"), &json!(-2)).await).unwrap();
     assert_eq!(sim.wait_write(1, 34), vec![0xFFFE, 0xFFFF]);
-    d.write(&mut conn, &dev, &p("nibble"), &json!(0x50))
-        .await
-        .unwrap();
-    d.write(&mut conn, &dev, &p("bit"), &json!(true))
-        .await
-        .unwrap();
+    flat::write(d.write(&mut conn, &dev, &p("nibble"), &json!(0x50)).await).unwrap();
+    flat::write(d.write(&mut conn, &dev, &p("bit"), &json!(true)).await).unwrap();
     assert_eq!(
         sim.wait_nth_write(1, 36, 2),
         vec![0x54],
         "masked writes keep the other bits"
     );
-    d.write(&mut conn, &dev, &p("relay"), &json!(true))
-        .await
-        .unwrap();
-    d.write(&mut conn, &dev, &p("label"), &json!("ok"))
-        .await
-        .unwrap();
+    flat::write(d.write(&mut conn, &dev, &p("relay"), &json!(true)).await).unwrap();
+    flat::write(d.write(&mut conn, &dev, &p("label"), &json!("ok")).await).unwrap();
 
     let rs = read_all(&d, &mut conn, &dev).await.unwrap();
     assert!(
@@ -278,10 +267,7 @@ async fn modbus_tcp_write_reaches_the_register_and_reads_back() {
 
     // Too large for uint16 after the inverse scale: refused before anything is sent.
     let before = conn.requests();
-    let e = d
-        .write(&mut conn, &dev, &p("setpoint"), &json!(7000))
-        .await
-        .unwrap_err();
+    let e = flat::write(d.write(&mut conn, &dev, &p("setpoint"), &json!(7000)).await).unwrap_err();
     assert!(matches!(e, DriverError::Config(_)), "{e:?}");
     assert_eq!(conn.requests(), before);
 }

@@ -329,7 +329,100 @@ fn modbus_mapper_exception_is_reported_on_the_error_topic_and_the_mapper_keeps_r
     let t = node.twin_until("meter-1", |t| t["reported"]["delta"] == json!(-1234));
     assert!(t["reported"].get("missing").is_none(), "{t}");
     status(&node, "meter-1", "online", Duration::from_secs(5));
+    // The refusal stays in the twin, with when it began, for as long as it lasts: after ten
+    // more collect cycles it is still there, unchanged.
+    let t = node.twin_until("meter-1", |t| t["status"]["errors"]["missing"].is_object());
+    let first = t["status"]["errors"]["missing"].clone();
+    assert_eq!(first["code"], "device_refused", "{t}");
+    assert!(first["message"].as_str().unwrap().contains("0x02"), "{t}");
+    std::thread::sleep(Duration::from_secs(3));
+    let later = node.twin("meter-1");
+    assert_eq!(later["status"]["errors"]["missing"], first, "{later}");
+    assert_eq!(later["status"]["state"], "online", "{later}");
     mapper.assert_running();
+}
+
+/// The meter with `limit`, a setpoint the device clamps to 100 (register 35 of the simulator).
+fn clamping_node() -> (Sim, Node) {
+    let port = free_port();
+    let sim = Sim::tcp(port);
+    let mut props = meter_props();
+    props.push(rw(
+        "limit",
+        "int",
+        "{register: HoldingRegister, offset: 35, dataType: uint16}",
+    ));
+    let node = Node::start_with_profile(&profile_yaml(
+        "meter",
+        "meter-1",
+        &tcp(port, 1),
+        "200ms",
+        &props,
+    ));
+    (sim, node)
+}
+
+fn writes_to(sim: &Sim, address: u64) -> usize {
+    sim.writes()
+        .into_iter()
+        .filter(|w| w["address"] == address)
+        .count()
+}
+
+#[test]
+fn modbus_mapper_a_value_the_device_does_not_hold_is_written_three_times_then_left_with_a_lasting_error(
+) {
+    let (sim, node) = clamping_node();
+    let mut mapper = Mapper::start(&node);
+    node.twin_until("meter-1", |t| t["reported"]["limit"] == json!(0));
+    node.pub_("dt/meter-1/desired", r#"{"limit": 150}"#);
+    let t = node.twin_until("meter-1", |t| t["status"]["errors"]["limit"].is_object());
+    let e = &t["status"]["errors"]["limit"];
+    assert_eq!(e["code"], "write_not_held", "{t}");
+    assert_eq!(e["value"], json!(150), "{t}");
+    assert_eq!(t["reported"]["limit"], json!(100), "{t}");
+    assert_eq!(sim.wait_nth_write(1, 35, 3), vec![150]);
+    // Neither the running mapper nor a restarted one writes it again.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(writes_to(&sim, 35), 3, "{:?}", sim.writes());
+    mapper.kill9();
+    let _again = Mapper::start(&node);
+    status(&node, "meter-1", "online", Duration::from_secs(15));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        writes_to(&sim, 35),
+        3,
+        "written again after a restart: {:?}",
+        sim.writes()
+    );
+    let t = node.twin("meter-1");
+    assert_eq!(
+        t["status"]["errors"]["limit"]["code"], "write_not_held",
+        "{t}"
+    );
+    // A value it holds is written once and clears the error.
+    node.pub_("dt/meter-1/desired", r#"{"limit": 80}"#);
+    let t = node.twin_until("meter-1", |t| t["reported"]["limit"] == json!(80));
+    assert!(t["status"].get("errors").is_none(), "{t}");
+    assert_eq!(writes_to(&sim, 35), 4);
+}
+
+#[test]
+fn modbus_mapper_a_value_finer_than_the_register_resolution_is_refused_without_a_write() {
+    let (sim, node) = meter_node("200ms");
+    let _mapper = Mapper::start(&node);
+    node.twin_until("meter-1", |t| t["reported"]["setpoint"].is_number());
+    // setpoint is a uint16 at scale 0.1: it can hold 21.5 or 21.6, never 21.55.
+    node.pub_("dt/meter-1/desired", r#"{"setpoint": 21.55}"#);
+    let t = node.twin_until("meter-1", |t| t["status"]["errors"]["setpoint"].is_object());
+    let e = &t["status"]["errors"]["setpoint"];
+    assert_eq!(e["code"], "device_config", "{t}");
+    let message = e["message"].as_str().unwrap();
+    assert!(
+        message.contains("21.55") && message.contains("resolution 0.1"),
+        "{t}"
+    );
+    assert_eq!(writes_to(&sim, 30), 0, "{:?}", sim.writes());
 }
 
 #[test]

@@ -8,11 +8,12 @@
 //! * **Subscriptions**: every property with a valid node id and `poll: false` gets a monitored
 //!   item (sampling interval `samplingInterval`, else the property's `collectCycle`; absolute
 //!   `deadband` as a data change filter; queue size 1) on one subscription whose publishing
-//!   interval is the shortest sampling interval. Notifications land in a per-connection cache;
-//!   `read` answers subscribed properties from it. A property that is polled, has no
-//!   notification yet, could not be monitored, or was just written is read directly (all of
-//!   them in one Read request). So a change reaches `read` at most one publishing interval after
-//!   it is sampled, and the twin at most one collect cycle later.
+//!   interval is the shortest sampling interval. Each notification is pushed to the runtime as it
+//!   arrives ([`Driver::pushed`]), so a data change reaches the twin within one publishing
+//!   interval, not at the next collect cycle; it is also kept in a per-connection cache with its
+//!   arrival time, and `read` answers subscribed properties from it as kept values (reported
+//!   once, with that time). A property that is polled, has no notification yet, could not be
+//!   monitored, or was just written is read directly (all of them in one Read request).
 //! * **Values**: converted per the model property type by [`codec::variant_to_json`]; a write is
 //!   encoded as the node's own type (the variant type of its current value, else its `DataType`
 //!   attribute, looked up once per connection) by [`codec::json_to_variant`].
@@ -28,7 +29,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
-use edgetwin_contract::PropertyType;
+use edgetwin_contract::{now_ms, PropertyType, TimestampMs};
 use edgetwin_profile::protocol::{SecurityMode, SecurityPolicy};
 use edgetwin_profile::{DeviceProperty, ResolvedDevice};
 use opcua::client::{
@@ -44,7 +45,11 @@ use serde_json::Value;
 
 use crate::codec::{self, CodecError, NodeAddress};
 use crate::config::{self, ConfigError, ConnSettings, Identity};
-use edgetwin_mapper_sdk::{Driver, DriverError, PropertyRead};
+use edgetwin_mapper_sdk::{
+    read_result, written, Driver, DriverError, LinkLost, PropertyResult, Pushed, ReadResult,
+    Reading, PUSH_QUEUE,
+};
+use tokio::sync::mpsc;
 
 /// The application URI the client presents (and that a client certificate should carry).
 pub const APPLICATION_URI: &str = "urn:edgetwin:mapper-opcua";
@@ -95,8 +100,8 @@ struct PropState {
     write_type: Option<VariantScalarTypeId>,
 }
 
-/// Latest data values delivered by the subscription, by client handle.
-type Latest = Arc<StdMutex<HashMap<u32, DataValue>>>;
+/// Latest data values delivered by the subscription (with when they arrived), by client handle.
+type Latest = Arc<StdMutex<HashMap<u32, (DataValue, TimestampMs)>>>;
 
 /// An open session to one device's server.
 pub struct OpcuaConn {
@@ -111,6 +116,8 @@ pub struct OpcuaConn {
     /// Properties to read directly on their next read (just written).
     fresh: HashSet<String>,
     subscription: Option<u32>,
+    /// Data changes as they arrive, until the runtime takes the receiver.
+    pushed: Option<mpsc::Receiver<Pushed>>,
     requests: u64,
 }
 
@@ -518,6 +525,7 @@ impl Driver for OpcuaDriver {
             latest: Arc::new(StdMutex::new(HashMap::new())),
             fresh: HashSet::new(),
             subscription: None,
+            pushed: None,
             requests: 0,
         };
 
@@ -592,11 +600,44 @@ impl Driver for OpcuaDriver {
     async fn read(
         &self,
         conn: &mut OpcuaConn,
+        device: &ResolvedDevice,
+        props: &[&DeviceProperty],
+    ) -> ReadResult {
+        read_result(props.len(), self.read_values(conn, device, props).await)
+    }
+
+    async fn write(
+        &self,
+        conn: &mut OpcuaConn,
+        device: &ResolvedDevice,
+        prop: &DeviceProperty,
+        value: &Value,
+    ) -> Result<PropertyResult<()>, LinkLost> {
+        written(self.write_value(conn, device, prop, value).await)
+    }
+
+    fn pushed(&self, conn: &mut OpcuaConn) -> Option<mpsc::Receiver<Pushed>> {
+        conn.pushed.take()
+    }
+
+    async fn disconnect(&self, conn: OpcuaConn) {
+        if conn.check_link().is_ok() {
+            let _ = tokio::time::timeout(conn.timeout, conn.session.disconnect()).await;
+        }
+        // Dropping `conn` aborts the event loop task.
+    }
+}
+
+impl OpcuaDriver {
+    /// Every property's value in the order of `props`; `Err` only for the link.
+    async fn read_values(
+        &self,
+        conn: &mut OpcuaConn,
         _device: &ResolvedDevice,
         props: &[&DeviceProperty],
-    ) -> Result<Vec<PropertyRead>, DriverError> {
+    ) -> Result<Vec<Result<Reading, DriverError>>, DriverError> {
         conn.check_link()?;
-        let mut results: Vec<Option<Result<Value, DriverError>>> = vec![None; props.len()];
+        let mut results: Vec<Option<Result<Reading, DriverError>>> = vec![None; props.len()];
         // (index in props, node) of the properties read directly.
         let mut direct: Vec<(usize, NodeId)> = Vec::new();
         {
@@ -621,7 +662,10 @@ impl Driver for OpcuaDriver {
                     .filter(|_| !conn.fresh.contains(name))
                     .and_then(|h| latest.get(&h));
                 match cached {
-                    Some(dv) => results[i] = Some(value_of(name, st, dv)),
+                    Some((dv, at)) => {
+                        let at = *at;
+                        results[i] = Some(value_of(name, st, dv).map(|v| Reading::kept(v, at)));
+                    }
                     None => direct.push((i, node.clone())),
                 }
             }
@@ -643,13 +687,15 @@ impl Driver for OpcuaDriver {
                         let Some(st) = conn.props.get(name) else {
                             continue;
                         };
-                        results[*i] = Some(value_of(name, st, &dv));
+                        results[*i] = Some(value_of(name, st, &dv).map(Reading::fresh));
                         conn.fresh.remove(name);
                         if let Some(h) = st.handle {
                             // Keep the newest of this read and the last notification.
-                            let newer = latest.get(&h).is_none_or(|old| codec::is_newer(old, &dv));
+                            let newer = latest
+                                .get(&h)
+                                .is_none_or(|(old, _)| codec::is_newer(old, &dv));
                             if newer && !dv.status.is_some_and(|s| s.is_bad()) {
-                                latest.insert(h, dv);
+                                latest.insert(h, (dv, now_ms()));
                             }
                         }
                     }
@@ -667,19 +713,13 @@ impl Driver for OpcuaDriver {
                 }
             }
         }
-        Ok(props
-            .iter()
-            .zip(results)
-            .map(|(p, r)| {
-                (
-                    p.name.as_str().to_string(),
-                    r.unwrap_or_else(|| Err(DriverError::Config("property was not read".into()))),
-                )
-            })
+        Ok(results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(DriverError::Config("property was not read".into()))))
             .collect())
     }
 
-    async fn write(
+    async fn write_value(
         &self,
         conn: &mut OpcuaConn,
         _device: &ResolvedDevice,
@@ -718,13 +758,6 @@ impl Driver for OpcuaDriver {
         conn.fresh.insert(name.to_string());
         Ok(())
     }
-
-    async fn disconnect(&self, conn: OpcuaConn) {
-        if conn.check_link().is_ok() {
-            let _ = tokio::time::timeout(conn.timeout, conn.session.disconnect()).await;
-        }
-        // Dropping `conn` aborts the event loop task.
-    }
 }
 
 /// Creates the device's subscription and its monitored items. A server that refuses the
@@ -736,13 +769,44 @@ async fn subscribe(
     items: &[(String, NodeId, Duration, Option<f64>)],
 ) -> Result<(), DriverError> {
     let latest = conn.latest.clone();
+    // What each handle's notifications are, to push them as values.
+    let pushes: HashMap<u32, (String, PropState)> = items
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (name, _, _, _))| {
+            let st = conn.props.get(name)?;
+            let lite = PropState {
+                node: Err(DriverError::Config(String::new())),
+                text: st.text.clone(),
+                ty: st.ty,
+                handle: None,
+                write_type: None,
+            };
+            Some((handle_of(i), (name.clone(), lite)))
+        })
+        .collect();
+    let (push, pushed) = mpsc::channel(PUSH_QUEUE);
     let callback = DataChangeCallback::new(move |dv, item| {
         let h = item.client_handle();
+        let at = now_ms();
         let mut latest = latest.lock().unwrap_or_else(|p| p.into_inner());
-        let newer = latest.get(&h).is_none_or(|old| codec::is_newer(old, &dv));
-        if newer {
-            latest.insert(h, dv);
+        let newer = latest
+            .get(&h)
+            .is_none_or(|(old, _)| codec::is_newer(old, &dv));
+        if !newer {
+            return;
         }
+        if let Some((name, st)) = pushes.get(&h) {
+            let reading = value_of(name, st, &dv)
+                .map(|v| Reading::kept(v, at))
+                .map_err(DriverError::refusal);
+            // A full queue drops the push; the cache keeps the value for the next read.
+            let _ = push.try_send(Pushed {
+                property: name.clone(),
+                reading,
+            });
+        }
+        latest.insert(h, (dv, at));
     });
     // Keep-alive every ~10 intervals (at least 1 s); lifetime 3 keep-alives, per the spec.
     let keep_alive =
@@ -763,6 +827,9 @@ async fn subscribe(
         }
     };
     conn.subscription = Some(sub_id);
+    // Only now: a refused subscription drops the callback, and a closed channel would read as
+    // a lost link.
+    conn.pushed = Some(pushed);
     let requests: Vec<MonitoredItemCreateRequest> = items
         .iter()
         .enumerate()

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use edgetwin_mapper_opcua::{OpcuaConn, OpcuaDriver};
+use edgetwin_mapper_sdk::driver::flat;
 use edgetwin_mapper_sdk::{Driver, DriverError};
 use edgetwin_profile::ResolvedDevice;
 use serde_json::{json, Value};
@@ -21,7 +22,7 @@ async fn read_all(
     dev: &ResolvedDevice,
 ) -> Result<Reads, DriverError> {
     let props: Vec<_> = dev.device.spec.properties.iter().collect();
-    d.read(conn, dev, &props).await
+    flat::reads(&props, d.read(conn, dev, &props).await)
 }
 
 fn result<'a>(rs: &'a Reads, name: &str) -> &'a Result<Value, DriverError> {
@@ -129,7 +130,7 @@ async fn opcua_driver_subscribed_values_change_without_read_requests() {
     let only_counter = [&dev.device.spec.properties[0]];
     // The first notification arrives one publishing interval after connect.
     let first = loop {
-        let rs = d.read(&mut conn, &dev, &only_counter).await.unwrap();
+        let rs = flat::reads(&only_counter, d.read(&mut conn, &dev, &only_counter).await).unwrap();
         if let Ok(v) = &rs[0].1 {
             break v.as_u64().unwrap();
         }
@@ -139,7 +140,7 @@ async fn opcua_driver_subscribed_values_change_without_read_requests() {
     let requests = conn.requests();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let rs = d.read(&mut conn, &dev, &only_counter).await.unwrap();
+        let rs = flat::reads(&only_counter, d.read(&mut conn, &dev, &only_counter).await).unwrap();
         let now = rs[0].1.as_ref().unwrap().as_u64().unwrap();
         if now > first {
             break;
@@ -150,7 +151,7 @@ async fn opcua_driver_subscribed_values_change_without_read_requests() {
     assert_eq!(conn.requests(), requests, "subscribed reads sent requests");
     // A polled property costs one Read request per read.
     let polled = [&dev.device.spec.properties[1]];
-    let rs = d.read(&mut conn, &dev, &polled).await.unwrap();
+    let rs = flat::reads(&polled, d.read(&mut conn, &dev, &polled).await).unwrap();
     assert!(rs[0].1.as_ref().unwrap().as_u64().unwrap() >= first);
     assert_eq!(conn.requests(), requests + 1);
 }
@@ -186,23 +187,20 @@ async fn opcua_driver_desired_writes_reach_the_server_in_the_node_type_and_read_
     ];
     for (name, node_name, v, ty) in &writes {
         let p = dev.device.property(name).unwrap();
-        d.write(&mut conn, &dev, p, v).await.unwrap();
+        flat::write(d.write(&mut conn, &dev, p, v).await).unwrap();
         let w = sim.wait_write_of(&format!("ns=2;s=W.{node_name}"), v);
         assert_eq!(w["type"], json!(ty), "{name}: {w}");
         // The read-back right after the write sees the new value (read directly, not an older
         // notification).
-        let rs = d.read(&mut conn, &dev, &[p]).await.unwrap();
+        let rs = flat::reads(&[p], d.read(&mut conn, &dev, &[p]).await).unwrap();
         assert_eq!(rs[0].1.as_ref().unwrap(), v, "{name} read back");
     }
     // A value that does not fit the node's type is a Config error and is not sent.
     let p = dev.device.property("int16").unwrap();
-    let e = d
-        .write(&mut conn, &dev, p, &json!(70000))
-        .await
-        .unwrap_err();
+    let e = flat::write(d.write(&mut conn, &dev, p, &json!(70000)).await).unwrap_err();
     assert!(matches!(e, DriverError::Config(_)), "{e}");
     let p = dev.device.property("string").unwrap();
-    let e = d.write(&mut conn, &dev, p, &json!(5)).await.unwrap_err();
+    let e = flat::write(d.write(&mut conn, &dev, p, &json!(5)).await).unwrap_err();
     assert!(matches!(e, DriverError::Config(_)), "{e}");
 }
 
@@ -246,7 +244,7 @@ async fn opcua_driver_bad_node_ids_are_errors_of_their_property_only() {
     }
     // A node the server does not let us write: its Bad status, named.
     let p = dev.device.property("readonly").unwrap();
-    match d.write(&mut conn, &dev, p, &json!(1)).await {
+    match flat::write(d.write(&mut conn, &dev, p, &json!(1)).await) {
         Err(DriverError::Device(m)) => assert!(m.contains("Bad"), "{m}"),
         other => panic!("readonly write: {other:?}"),
     }
@@ -341,7 +339,7 @@ async fn opcua_driver_basic256sha256_sign_with_a_client_certificate_reads_and_wr
         } else {
             json!(31.5)
         };
-        d.write(&mut conn, &dev, p, &v).await.unwrap();
+        flat::write(d.write(&mut conn, &dev, p, &v).await).unwrap();
         sim.wait_write_of("ns=2;s=Setpoint", &v);
         d.disconnect(conn).await;
     }

@@ -99,6 +99,35 @@ fn opcua_mapper_subscribed_changes_reach_the_twin_and_polled_values_are_reported
 }
 
 #[test]
+fn opcua_mapper_a_data_change_reaches_the_twin_before_the_next_collect_cycle() {
+    let sim = Sim::start(free_port());
+    // Read once an hour: only the subscription's pushes can bring the counter's changes.
+    let node = Node::start_with_profile(&profile_yaml(
+        "station",
+        "station-1",
+        &anonymous(&sim),
+        "1h",
+        &[prop(
+            "counter",
+            "int",
+            &node("ns=2;s=Counter", "samplingInterval: 200ms"),
+        )],
+    ));
+    let _mapper = Mapper::start(&node);
+    let t = node.twin_until("station-1", |t| t["reported"]["counter"].is_u64());
+    let first = t["reported"]["counter"].as_u64().unwrap();
+    // Three changes within twin_until's 10 s: pushed, since no poll comes for an hour.
+    let t = node.twin_until("station-1", |t| {
+        t["reported"]["counter"]
+            .as_u64()
+            .is_some_and(|c| c >= first + 3)
+    });
+    // Each change is stamped when it arrived, and lastSeen follows.
+    let ts = t["metadata"]["reported"]["counter"]["ts"].as_i64().unwrap();
+    assert!(edgetwin_contract::now_ms() - ts < 10_000, "{t}");
+}
+
+#[test]
 fn opcua_mapper_desired_setpoint_reaches_the_server_is_reported_and_delta_clears() {
     let sim = Sim::start(free_port());
     let node = Node::start_with_profile(&profile_yaml(
@@ -148,6 +177,16 @@ fn opcua_mapper_unknown_node_is_reported_on_the_error_topic_and_others_keep_repo
     let t = node.twin_until("station-1", |t| t["reported"]["numeric"] == json!(42));
     assert!(t["reported"].get("missing").is_none(), "{t}");
     status(&node, "station-1", "online", Duration::from_secs(5));
+    // The bad node id stays visible in the twin while it lasts.
+    let t = node.twin_until("station-1", |t| {
+        t["status"]["errors"]["missing"].is_object()
+    });
+    let e = &t["status"]["errors"]["missing"];
+    assert_eq!(e["code"], "device_refused", "{t}");
+    assert!(
+        e["message"].as_str().unwrap().contains("BadNodeIdUnknown"),
+        "{t}"
+    );
     mapper.assert_running();
 }
 

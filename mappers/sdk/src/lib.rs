@@ -7,8 +7,8 @@
 //! #     type Conn = ();
 //! #     fn protocol(&self) -> &'static str { "serial" }
 //! #     async fn connect(&self, _: &edgetwin_profile::ResolvedDevice) -> Result<(), edgetwin_mapper_sdk::DriverError> { Ok(()) }
-//! #     async fn read(&self, _: &mut (), _: &edgetwin_profile::ResolvedDevice, _: &[&edgetwin_profile::DeviceProperty]) -> Result<Vec<edgetwin_mapper_sdk::PropertyRead>, edgetwin_mapper_sdk::DriverError> { Ok(vec![]) }
-//! #     async fn write(&self, _: &mut (), _: &edgetwin_profile::ResolvedDevice, _: &edgetwin_profile::DeviceProperty, _: &serde_json::Value) -> Result<(), edgetwin_mapper_sdk::DriverError> { Ok(()) }
+//! #     async fn read(&self, _: &mut (), _: &edgetwin_profile::ResolvedDevice, _: &[&edgetwin_profile::DeviceProperty]) -> edgetwin_mapper_sdk::ReadResult { Ok(vec![]) }
+//! #     async fn write(&self, _: &mut (), _: &edgetwin_profile::ResolvedDevice, _: &edgetwin_profile::DeviceProperty, _: &serde_json::Value) -> Result<edgetwin_mapper_sdk::PropertyResult<()>, edgetwin_mapper_sdk::LinkLost> { Ok(Ok(())) }
 //! #     async fn disconnect(&self, _: ()) {}
 //! # }
 //! fn main() -> std::process::ExitCode {
@@ -34,7 +34,10 @@ pub mod schedule;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Parser};
-pub use driver::{shortest_f32, Driver, DriverError, PropertyRead};
+pub use driver::{
+    ordered, read_result, shortest_f32, written, Driver, DriverError, LinkLost, PropertyResult,
+    Pushed, ReadResult, Reading, Refusal, PUSH_QUEUE,
+};
 pub use runtime::{run, RuntimeError, RuntimeOptions, TlsFiles};
 use tokio_util::sync::CancellationToken;
 

@@ -18,8 +18,9 @@ use edgetwin_contract::{TimestampMs, TS_KEY};
 use serde_json::{Map, Value};
 
 /// Without `reportCycle`, a `reportOnChange` property is re-reported after this many collect
-/// cycles even when unchanged, so the twin's `lastSeen` and the reported value stay fresh.
-pub const DEFAULT_REPORT_CYCLE_FACTOR: u32 = 10;
+/// cycles even when unchanged, so the twin's `lastSeen` and the reported value stay fresh (the
+/// node's stale bound counts on it).
+pub use edgetwin_profile::DEFAULT_REPORT_CYCLE_FACTOR;
 
 /// How one property is reported.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,11 +34,7 @@ pub struct ReportPolicy {
 impl ReportPolicy {
     /// The policy of a device property, given its effective collect cycle.
     pub fn of(prop: &edgetwin_profile::DeviceProperty, collect_cycle: Duration) -> ReportPolicy {
-        let heartbeat = prop
-            .report_cycle
-            .map(|d| d.as_std())
-            .filter(|d| !d.is_zero())
-            .unwrap_or_else(|| collect_cycle.saturating_mul(DEFAULT_REPORT_CYCLE_FACTOR));
+        let heartbeat = prop.heartbeat(collect_cycle);
         ReportPolicy {
             on_change: prop
                 .report_on_change

@@ -17,7 +17,7 @@ fn sdk_memory_mapper_passes_the_compliance_suite() {
         mapper_bin: memory_mapper_bin(),
         profile_yaml: profile(&["sim-1"]),
         device: "sim-1".into(),
-        read: ("humidity".into(), Expect::Value(json!(40))),
+        read: ("humidity".into(), Expect::Value(json!(40.0))),
         write: Some(("setpoint".into(), json!(22.5))),
         ..ComplianceSpec::default()
     });
@@ -37,7 +37,7 @@ fn runtime_serves_devices_added_and_removed_by_retained_assignment_without_resta
     eventually("sim-2 online", || {
         status(&node, "sim-2").as_deref() == Some("online")
     });
-    node.twin_until("sim-2", |t| t["reported"]["humidity"] == 40);
+    node.twin_until("sim-2", |t| t["reported"]["humidity"] == 40.0);
 
     node.write_profile(&profile(&["sim-1"]));
     eventually("sim-2 status cleared", || status(&node, "sim-2").is_none());
@@ -80,7 +80,7 @@ fn runtime_marks_device_offline_on_link_error_and_recovers_without_restart() {
     eventually("online again", || {
         status(&node, "sim-1").as_deref() == Some("online")
     });
-    node.twin_until("sim-1", |t| t["reported"]["humidity"] == 41);
+    node.twin_until("sim-1", |t| t["reported"]["humidity"] == 41.0);
 }
 
 #[test]
@@ -106,8 +106,148 @@ fn runtime_reports_a_refused_property_on_the_error_topic_while_others_keep_repor
     sim.with("mem-sim-1", |d| {
         d.values.insert("humidity".into(), json!(55))
     });
-    node.twin_until("sim-1", |t| t["reported"]["humidity"] == 55);
+    node.twin_until("sim-1", |t| t["reported"]["humidity"] == 55.0);
     assert_eq!(status(&node, "sim-1").as_deref(), Some("online"));
+    // The refusal stays visible in the twin, not only in the one error message.
+    let t = node.twin_until("sim-1", |t| {
+        t["status"]["errors"]["temperature"].is_object()
+    });
+    let e = &t["status"]["errors"]["temperature"];
+    assert_eq!(
+        (e["code"].as_str(), e["op"].as_str()),
+        (Some("device_refused"), Some("read")),
+        "{t}"
+    );
+    assert!(e["since"].is_i64(), "{t}");
+    // It reads again: the error goes, and the value is reported at once (even though
+    // report-on-change would not report the unchanged 20.0).
+    sim.with("mem-sim-1", |d| d.refused.remove("temperature"));
+    let t = node.twin_until("sim-1", |t| t["status"].get("errors").is_none());
+    assert_eq!(t["reported"]["temperature"], json!(20.0), "{t}");
+}
+
+#[test]
+fn runtime_a_write_the_device_does_not_hold_stops_after_the_budget_with_a_lasting_error() {
+    let node = Node::start_with_profile(&profile(&["sim-1"]));
+    let driver = MemoryDriver::default();
+    let sim = driver.sim.clone();
+    // The device takes any setpoint but holds at most 30.
+    sim.with("mem-sim-1", |d| d.clamp.insert("setpoint".into(), 30.0));
+    let mapper = InProcess::start(&node, driver);
+    eventually("online", || {
+        status(&node, "sim-1").as_deref() == Some("online")
+    });
+    node.pub_("dt/sim-1/desired", r#"{"setpoint": 33}"#);
+    let t = node.twin_until("sim-1", |t| t["status"]["errors"]["setpoint"].is_object());
+    let e = &t["status"]["errors"]["setpoint"];
+    assert_eq!(e["code"], "write_not_held", "{t}");
+    assert_eq!(e["op"], "write", "{t}");
+    assert_eq!(e["value"], json!(33.0), "{t}");
+    assert_eq!(t["reported"]["setpoint"], json!(30.0), "{t}");
+    let writes = || sim.with("mem-sim-1", |d| d.writes.len());
+    assert_eq!(writes(), 3, "written exactly the budget's 3 times");
+    // No more writes: not by the running mapper, nor by a restarted one (the node leaves the
+    // property out of the delta it sends a mapper that comes back).
+    drop(mapper);
+    let _again = InProcess::start(&node, MemoryDriver { sim: sim.clone() });
+    let reads = sim.with("mem-sim-1", |d| d.reads);
+    eventually("the restarted mapper polls", || {
+        sim.with("mem-sim-1", |d| d.reads) > reads + 10
+    });
+    assert_eq!(writes(), 3, "the device was written again");
+    assert!(node.twin("sim-1")["status"]["errors"]["setpoint"].is_object());
+    // A new desired value is tried, and met, which clears the error.
+    node.pub_("dt/sim-1/desired", r#"{"setpoint": 25}"#);
+    let t = node.twin_until("sim-1", |t| t["reported"]["setpoint"] == json!(25.0));
+    assert_eq!(writes(), 4);
+    assert!(t["status"].get("errors").is_none(), "{t}");
+}
+
+#[test]
+fn runtime_a_kept_value_is_reported_once_with_the_time_the_device_sent_it() {
+    let node = Node::start_with_profile(&profile(&["sim-1"]));
+    let driver = MemoryDriver::default();
+    let sim = driver.sim.clone();
+    let sent_at = edgetwin_contract::now_ms() - 5_000;
+    // humidity is a value the driver keeps from the device's last push, 5 s ago.
+    sim.with("mem-sim-1", |d| {
+        d.kept_since.insert("humidity".into(), sent_at)
+    });
+    let reported = Watch::new(node.port, "dt/sim-1/reported");
+    let _mapper = InProcess::start(&node, driver);
+    let (_, first) = reported.next_matching(|_, v| v.get("humidity").is_some());
+    assert_eq!(
+        first["ts"],
+        json!(sent_at),
+        "stamped when the device sent it: {first}"
+    );
+    // Polled every 200 ms, yet not reported again: nothing new came from the device.
+    let reads = sim.with("mem-sim-1", |d| d.reads);
+    eventually("ten more polls", || {
+        sim.with("mem-sim-1", |d| d.reads) > reads + 10
+    });
+    let again: Vec<_> = reported
+        .drain()
+        .into_iter()
+        .filter(|(_, v)| v.get("humidity").is_some())
+        .collect();
+    assert!(
+        again.is_empty(),
+        "a kept value was reported again: {again:?}"
+    );
+    let t = node.twin("sim-1");
+    assert_eq!(
+        t["metadata"]["reported"]["humidity"]["ts"],
+        json!(sent_at),
+        "{t}"
+    );
+    // The device pushes again: reported once more, with the new time.
+    sim.with("mem-sim-1", |d| {
+        d.values.insert("humidity".into(), json!(47));
+        d.kept_since.insert("humidity".into(), sent_at + 4_000);
+    });
+    let (_, next) = reported.next_matching(|_, v| v.get("humidity").is_some());
+    assert_eq!(
+        (next["humidity"].clone(), next["ts"].clone()),
+        (json!(47), json!(sent_at + 4_000))
+    );
+}
+
+#[test]
+fn runtime_a_device_whose_values_stop_coming_is_stale_and_online_again_at_the_next() {
+    let node = Node::start_with_profile(&profile(&["sim-1"]));
+    let driver = MemoryDriver::default();
+    let sim = driver.sim.clone();
+    let _mapper = InProcess::start(&node, driver);
+    node.twin_until("sim-1", |t| t["status"]["state"] == "online");
+    // Every value becomes one the device sent long ago and nothing new arrives: the mapper
+    // still runs and says `online`, but no reading reaches the twin.
+    let long_ago = edgetwin_contract::now_ms() - 60_000;
+    sim.with("mem-sim-1", |d| {
+        for p in ["temperature", "humidity", "setpoint"] {
+            d.kept_since.insert(p.into(), long_ago);
+        }
+    });
+    // The profile reads every 200 ms: stale after 2 × 200 ms + 1 s, seen by the node's
+    // once-a-second sweep.
+    let t = node.twin_until("sim-1", |t| t["status"]["state"] == "stale");
+    assert!(
+        t["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no reading"),
+        "{t}"
+    );
+    assert_eq!(
+        status(&node, "sim-1").as_deref(),
+        Some("online"),
+        "the mapper's own view stays"
+    );
+    let m = node.metrics();
+    assert!(m.contains(r#"edgetwin_devices{status="stale"} 1"#), "{m}");
+    // A fresh reading brings it back.
+    sim.with("mem-sim-1", |d| d.kept_since.remove("humidity"));
+    node.twin_until("sim-1", |t| t["status"]["state"] == "online");
 }
 
 #[test]
@@ -156,9 +296,12 @@ fn runtime_desired_write_is_reported_back_without_reconnecting_the_device() {
 
     node.pub_("dt/sim-1/desired", r#"{"setpoint": 25}"#);
     node.twin_until("sim-1", |t| {
-        t["desired"]["setpoint"] == 25 && t["reported"]["setpoint"] == 25
+        t["desired"]["setpoint"] == 25.0 && t["reported"]["setpoint"] == 25.0
     });
-    assert_eq!(sim.with("mem-sim-1", |d| d.values["setpoint"].clone()), 25);
+    assert_eq!(
+        sim.with("mem-sim-1", |d| d.values["setpoint"].clone()),
+        25.0
+    );
     assert_eq!(sim.with("mem-sim-1", |d| d.connects), 1);
 }
 
@@ -246,7 +389,7 @@ fn runtime_reconnects_to_a_restarted_node_and_announces_itself_again() {
     sim.with("mem-sim-1", |d| {
         d.values.insert("humidity".into(), json!(77))
     });
-    node.twin_until("sim-1", |t| t["reported"]["humidity"] == 77);
+    node.twin_until("sim-1", |t| t["reported"]["humidity"] == 77.0);
     assert_eq!(
         sim.with("mem-sim-1", |d| d.connects),
         1,

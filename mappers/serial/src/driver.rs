@@ -4,10 +4,11 @@
 //!   profile; the path is opened as is, so `/dev/serial/by-id/...` symlinks work). A reader task
 //!   owned by the [`SerialConn`] cuts everything the device sends into lines
 //!   ([`codec::LineSplitter`]).
-//! * **Unsolicited properties** (`unsolicited: true`, no `request`): the reader task keeps the
-//!   latest value of each from the lines matching its pattern; `read` returns it. Before the
-//!   first matching line, `read` waits up to the device `timeout`, then answers
-//!   [`DriverError::Device`] ("no line ... has arrived yet").
+//! * **Unsolicited properties** (`unsolicited: true`, no `request`): the reader task pushes
+//!   each value as its line arrives ([`Driver::pushed`]) and keeps the latest with its arrival
+//!   time; `read` returns that as a kept value (`Reading::kept`), so a device that went silent
+//!   is not reported as read again. Before the first matching line, `read` waits up to the
+//!   device `timeout`, then answers [`DriverError::Device`] ("no line ... has arrived yet").
 //! * **Polled properties** (`request`): lines left over from earlier exchanges are discarded, the
 //!   request is sent as written, and the first reply line within `timeout` is taken, skipping
 //!   blank lines and lines an unsolicited pattern claimed (unless they match this property's
@@ -27,8 +28,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use edgetwin_contract::PropertyType;
-use edgetwin_mapper_sdk::{Driver, DriverError, PropertyRead};
+use edgetwin_contract::{now_ms, PropertyType, TimestampMs};
+use edgetwin_mapper_sdk::{
+    read_result, written, Driver, DriverError, LinkLost, PropertyResult, Pushed, ReadResult,
+    Reading, Refusal, PUSH_QUEUE,
+};
 use edgetwin_profile::protocol::{DataBits, Parity, StopBits};
 use edgetwin_profile::{DeviceProperty, ResolvedDevice};
 use serde_json::Value;
@@ -72,11 +76,14 @@ struct PropSpec {
     write: Option<String>,
 }
 
+/// An unsolicited property's last value with when it arrived, or why its last line did not parse.
+type Kept = Result<(Value, TimestampMs), DriverError>;
+
 /// State the reader task shares with the connection.
 #[derive(Debug, Default)]
 struct Shared {
-    /// Latest value (or garbled-line error) of each unsolicited property.
-    latest: Mutex<HashMap<String, Result<Value, DriverError>>>,
+    /// Latest value with its arrival time (or garbled-line error) of each unsolicited property.
+    latest: Mutex<HashMap<String, Kept>>,
     /// Why the port stopped delivering, once it has.
     closed: Mutex<Option<String>>,
     /// Woken on every unsolicited update and when the port closes.
@@ -91,7 +98,7 @@ impl Shared {
             .clone()
     }
 
-    fn latest(&self, name: &str) -> Option<Result<Value, DriverError>> {
+    fn latest(&self, name: &str) -> Option<Kept> {
         self.latest
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -107,6 +114,8 @@ pub struct SerialConn {
     lines: mpsc::UnboundedReceiver<Line>,
     shared: Arc<Shared>,
     reader: Option<JoinHandle<()>>,
+    /// Unsolicited values as they arrive, until the runtime takes the receiver.
+    pushed: Option<mpsc::Receiver<Pushed>>,
     props: HashMap<String, Result<PropSpec, String>>,
     settings: LineSettings,
     requests: u64,
@@ -193,11 +202,11 @@ impl SerialConn {
         name: &str,
         spec: &PropSpec,
         deadline: Instant,
-    ) -> Result<Value, DriverError> {
+    ) -> Result<Reading, DriverError> {
         loop {
             let notified = self.shared.arrived.notified();
             if let Some(v) = self.shared.latest(name) {
-                return v;
+                return v.map(|(v, ts)| Reading::kept(v, ts));
             }
             if self.shared.closed().is_some() {
                 return Err(self.closed_error());
@@ -269,6 +278,7 @@ async fn read_lines(
     unsolicited: Vec<(String, PropSpec)>,
     shared: Arc<Shared>,
     tx: mpsc::UnboundedSender<Line>,
+    push: mpsc::Sender<Pushed>,
 ) {
     let mut splitter = LineSplitter::new(&ending);
     let mut buf = [0u8; 512];
@@ -285,11 +295,22 @@ async fn read_lines(
                     continue;
                 }
                 claimed = true;
+                let at = now_ms();
                 let v = codec::parse_line(&spec.ex, &text, spec.ty)
+                    .map(|v| (v, at))
                     .map_err(|e| DriverError::Device(e.to_string()));
                 if let Err(e) = &v {
                     warn!(property = %name, error = %e, "garbled unsolicited line skipped");
                 }
+                let reading = match &v {
+                    Ok((v, at)) => Ok(Reading::kept(v.clone(), *at)),
+                    Err(e) => Err(Refusal::Device(e.to_string())),
+                };
+                // A full queue drops the push; the value stays in `latest` for the next read.
+                let _ = push.try_send(Pushed {
+                    property: name.clone(),
+                    reading,
+                });
                 shared
                     .latest
                     .lock()
@@ -358,12 +379,15 @@ impl Driver for SerialDriver {
         let (read_half, write_half) = tokio::io::split(port);
         let shared = Arc::new(Shared::default());
         let (tx, rx) = mpsc::unbounded_channel();
+        let (push_tx, push_rx) = mpsc::channel(PUSH_QUEUE);
+        let pushes = !unsolicited.is_empty();
         let reader = tokio::spawn(read_lines(
             read_half,
             settings.line_ending.clone(),
             unsolicited,
             shared.clone(),
             tx,
+            push_tx,
         ));
         info!(port = %settings, "serial port open");
         Ok(SerialConn {
@@ -371,6 +395,7 @@ impl Driver for SerialDriver {
             lines: rx,
             shared,
             reader: Some(reader),
+            pushed: pushes.then_some(push_rx),
             props,
             settings,
             requests: 0,
@@ -382,7 +407,47 @@ impl Driver for SerialDriver {
         conn: &mut SerialConn,
         _dev: &ResolvedDevice,
         props: &[&DeviceProperty],
-    ) -> Result<Vec<PropertyRead>, DriverError> {
+    ) -> ReadResult {
+        read_result(props.len(), conn.read_values(props).await)
+    }
+
+    async fn write(
+        &self,
+        conn: &mut SerialConn,
+        _dev: &ResolvedDevice,
+        prop: &DeviceProperty,
+        value: &Value,
+    ) -> Result<PropertyResult<()>, LinkLost> {
+        written(conn.write_value(prop, value).await)
+    }
+
+    fn pushed(&self, conn: &mut SerialConn) -> Option<mpsc::Receiver<Pushed>> {
+        conn.pushed.take()
+    }
+
+    async fn disconnect(&self, mut conn: SerialConn) {
+        // The port closes once the reader task has dropped its half and `conn` its own; wait for
+        // that, so a reconnect does not find the port still open (and busy).
+        let reader = conn.reader.take();
+        drop(conn);
+        if let Some(r) = reader {
+            r.abort();
+            let _ = r.await;
+        }
+    }
+
+    fn requests_made(&self, conn: &SerialConn) -> Option<u64> {
+        Some(conn.requests)
+    }
+}
+
+impl SerialConn {
+    /// Every property's value in the order of `props`; `Err` only for the link.
+    async fn read_values(
+        &mut self,
+        props: &[&DeviceProperty],
+    ) -> Result<Vec<Result<Reading, DriverError>>, DriverError> {
+        let conn = self;
         if conn.shared.closed().is_some() {
             return Err(conn.closed_error());
         }
@@ -393,38 +458,34 @@ impl Driver for SerialDriver {
             let spec = match conn.props.get(name) {
                 Some(Ok(s)) => s.clone(),
                 Some(Err(e)) => {
-                    out.push((name.to_string(), Err(DriverError::Config(e.clone()))));
+                    out.push(Err(DriverError::Config(e.clone())));
                     continue;
                 }
                 None => {
-                    out.push((
-                        name.to_string(),
-                        Err(DriverError::Config(format!(
-                            "property {name} is not in the device profile"
-                        ))),
-                    ));
+                    out.push(Err(DriverError::Config(format!(
+                        "property {name} is not in the device profile"
+                    ))));
                     continue;
                 }
             };
             let r = match spec.request.clone() {
-                Some(req) => conn.poll(name, &spec, &req).await?,
+                Some(req) => conn.poll(name, &spec, &req).await?.map(Reading::fresh),
                 None => conn.latest(name, &spec, deadline).await,
             };
             if let Err(DriverError::Link(m)) = r {
                 return Err(DriverError::Link(m));
             }
-            out.push((name.to_string(), r));
+            out.push(r);
         }
         Ok(out)
     }
 
-    async fn write(
-        &self,
-        conn: &mut SerialConn,
-        _dev: &ResolvedDevice,
+    async fn write_value(
+        &mut self,
         prop: &DeviceProperty,
         value: &Value,
     ) -> Result<(), DriverError> {
+        let conn = self;
         let name = prop.name.as_str();
         let spec = match conn.props.get(name) {
             Some(Ok(s)) => s.clone(),
@@ -449,20 +510,5 @@ impl Driver for SerialDriver {
         conn.send(text.as_bytes()).await?;
         conn.take_ack(name).await;
         Ok(())
-    }
-
-    async fn disconnect(&self, mut conn: SerialConn) {
-        // The port closes once the reader task has dropped its half and `conn` its own; wait for
-        // that, so a reconnect does not find the port still open (and busy).
-        let reader = conn.reader.take();
-        drop(conn);
-        if let Some(r) = reader {
-            r.abort();
-            let _ = r.await;
-        }
-    }
-
-    fn requests_made(&self, conn: &SerialConn) -> Option<u64> {
-        Some(conn.requests)
     }
 }

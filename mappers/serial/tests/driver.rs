@@ -7,7 +7,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use edgetwin_mapper_sdk::{Driver, DriverError, PropertyRead};
+use edgetwin_mapper_sdk::driver::flat;
+use edgetwin_mapper_sdk::{Driver, DriverError};
 use edgetwin_mapper_serial::{SerialConn, SerialDriver};
 use edgetwin_profile::ResolvedDevice;
 use serde_json::{json, Value};
@@ -18,19 +19,22 @@ async fn read(
     conn: &mut SerialConn,
     dev: &ResolvedDevice,
     names: &[&str],
-) -> Result<Vec<PropertyRead>, DriverError> {
+) -> Result<Vec<(String, Result<Value, DriverError>)>, DriverError> {
     let props: Vec<_> = names
         .iter()
         .map(|n| dev.device.property(n).unwrap())
         .collect();
-    SerialDriver::new().read(conn, dev, &props).await
+    flat::reads(&props, SerialDriver::new().read(conn, dev, &props).await)
 }
 
-fn result<'a>(rs: &'a [PropertyRead], name: &str) -> &'a Result<Value, DriverError> {
+fn result<'a>(
+    rs: &'a [(String, Result<Value, DriverError>)],
+    name: &str,
+) -> &'a Result<Value, DriverError> {
     &rs.iter().find(|(n, _)| n == name).unwrap().1
 }
 
-fn value<'a>(rs: &'a [PropertyRead], name: &str) -> &'a Value {
+fn value<'a>(rs: &'a [(String, Result<Value, DriverError>)], name: &str) -> &'a Value {
     match result(rs, name) {
         Ok(v) => v,
         Err(e) => panic!("{name}: {e}"),
@@ -103,7 +107,7 @@ async fn serial_driver_write_sends_the_filled_template_and_the_device_reads_back
     let d = SerialDriver::new();
     let mut conn = d.connect(&dev).await.unwrap();
     let prop = dev.device.property("alarm_threshold").unwrap();
-    d.write(&mut conn, &dev, prop, &json!(800)).await.unwrap();
+    flat::write(d.write(&mut conn, &dev, prop, &json!(800)).await).unwrap();
     sim.wait_received("SETPOINT 800");
     // The device's "OK" is not taken for the reply to the next request.
     let rs = read(&mut conn, &dev, &["alarm_threshold", "co2"])

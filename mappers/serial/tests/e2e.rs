@@ -55,7 +55,7 @@ fn serial_mapper_serves_the_example_profile_with_polled_and_unsolicited_values()
     assert_eq!(t["reported"]["temperature"], json!(21.5), "{t}");
     assert_eq!(t["reported"]["alarm"], json!(false), "{t}");
     assert_eq!(t["reported"]["alarm_threshold"], json!(1000), "{t}");
-    // alarm is read every second (its default collectCycle) from the unsolicited lines.
+    // alarm is pushed as its unsolicited line arrives.
     sim.command("alarm 1");
     node.twin_until(DEVICE, |t| t["reported"]["alarm"] == json!(true));
     mapper.assert_running();
@@ -111,6 +111,72 @@ fn serial_mapper_garbled_line_is_reported_on_the_error_topic_and_skipped() {
     });
     online(&node);
     mapper.assert_running();
+}
+
+/// A device that only pushes: `alarm` from its unsolicited lines, expected at least every 2 s.
+fn push_only_profile(path: &str) -> String {
+    format!(
+        r#"apiVersion: edgetwin/v1
+kind: DeviceModel
+metadata: {{name: alarm-panel}}
+spec:
+  protocol: serial
+  properties:
+    - {{name: alarm, type: boolean, accessMode: ReadOnly}}
+---
+apiVersion: edgetwin/v1
+kind: Device
+metadata: {{name: {DEVICE}}}
+spec:
+  deviceModelRef: alarm-panel
+  protocol:
+    serial: {{port: {path}, baudRate: 9600, lineEnding: "\r\n", timeout: 500ms}}
+  properties:
+    - name: alarm
+      collectCycle: 300ms
+      silenceTimeout: 2s
+      visitors:
+        serial: {{unsolicited: true, pattern: '^ALARM=([01])$'}}
+"#
+    )
+}
+
+#[test]
+fn serial_mapper_a_device_that_goes_silent_is_stale_not_alive() {
+    let pty = PtyPair::new();
+    let mut sim = Sim::start(&pty.b);
+    let node = Node::start_with_profile(&push_only_profile(&pty.a));
+    let mut mapper = Mapper::start(&node);
+    node.twin_until(DEVICE, |t| {
+        t["status"]["state"] == "online" && t["reported"]["alarm"] == json!(false)
+    });
+    sim.command("quiet");
+    // No line for 2 × 2 s + 1 s (its bound), seen by the node's once-a-second sweep; the mapper
+    // still runs and still says online, but it no longer reports the last line as new.
+    let t = node.twin_until(DEVICE, |t| t["status"]["state"] == "stale");
+    let last_seen = t["status"]["lastSeen"].as_i64().unwrap();
+    assert!(edgetwin_contract::now_ms() - last_seen >= 2_000, "{t}");
+    let t = node.twin_until(DEVICE, |t| {
+        t["status"]["errors"]["alarm"]["code"] == "silent"
+    });
+    assert!(
+        t["status"]["errors"]["alarm"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("silenceTimeout"),
+        "{t}"
+    );
+    assert_eq!(
+        node.retained(&format!("dt/{DEVICE}/status")).unwrap()["state"],
+        "online"
+    );
+    mapper.assert_running();
+    // It speaks again: online, with the error gone.
+    sim.command("loud");
+    let t = node.twin_until(DEVICE, |t| {
+        t["status"]["state"] == "online" && t["status"].get("errors").is_none()
+    });
+    assert!(t["status"]["lastSeen"].as_i64().unwrap() > last_seen, "{t}");
 }
 
 #[test]

@@ -73,6 +73,17 @@ impl PropertyVisitor {
             PropertyVisitor::Serial(_) => "serial",
         }
     }
+    /// Whether the device pushes this value instead of being polled: a BLE `notify`
+    /// characteristic, an OPC UA node read by subscription (not `poll`), an unsolicited serial
+    /// line.
+    pub fn is_pushed(&self) -> bool {
+        match self {
+            PropertyVisitor::Modbus(_) => false,
+            PropertyVisitor::Opcua(v) => !v.poll,
+            PropertyVisitor::Ble(v) => v.notify,
+            PropertyVisitor::Serial(v) => v.unsolicited && v.request.is_none(),
+        }
+    }
 }
 
 /// YAML (serde_norway) writes enums as `!tags`; profiles write a one-entry mapping

@@ -28,7 +28,10 @@ Holding registers (and, from address 100, input registers too):
     31    uint16  0x0104          (bool with mask 0x0004 -> true; mask 0x0002 -> false)
     32    int16   -400            (scale 0.1, valueOffset 10 -> -30.0)
     33    uint16  unit id * 111   (tells the units apart)
-    34-49 uint16  0               (writable scratch)
+    34    uint16  0               (writable scratch)
+    35    uint16  0               (a limit the device clamps: takes any write, reads back at
+                                   most 100, as a device that limits its own setpoint)
+    36-49 uint16  0               (writable scratch)
     50-99 invalid
     100-199 uint16 = address      (many small properties, for coalescing and the benchmark)
 Input registers: 0-1 float32 21.75 (the testkit thermostat's temperature), 100-199 as above.
@@ -99,6 +102,7 @@ def device(unit, action):
 
 
 TICKING = "--ticking" in sys.argv
+CLAMPED, CLAMP_MAX = 35, 100
 
 
 def make_action(unit):
@@ -106,6 +110,10 @@ def make_action(unit):
         if TICKING and set_values is None and function_code == 3 and address >= 100:
             for i in range(address - start_address, address - start_address + count):
                 current_registers[i] = (current_registers[i] + 1) & 0xFFFF
+        if set_values is None and function_code == 3 and address <= CLAMPED < address + count:
+            i = CLAMPED - start_address
+            if 0 <= i < len(current_registers):
+                current_registers[i] = min(current_registers[i], CLAMP_MAX)
         if set_values is not None:
             print(
                 json.dumps(

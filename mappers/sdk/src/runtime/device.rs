@@ -4,8 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
+use edgetwin_contract::value::same_value;
 use edgetwin_contract::{
-    DeltaMsg, DeviceId, DeviceState, ErrorCode, ErrorMsg, TelemetryMsg, Topic,
+    DeltaMsg, DeviceId, DeviceState, ErrorCode, ErrorMsg, PropertyErrorReport, PropertyOp,
+    TelemetryMsg, TimestampMs, Topic, ERRORS_KEY,
 };
 use edgetwin_profile::{DeviceProperty, ResolvedDevice};
 use serde_json::{Map, Value};
@@ -16,18 +20,65 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{now_ms, DeviceSettings, Out};
+use crate::driver::{LinkLost, Pushed, Reading, Refusal};
 use crate::metrics::{observe, Metrics};
 use crate::report::{patch, ReportPolicy, Reporter};
 use crate::schedule::{Due, Schedule};
 use crate::{Driver, DriverError};
 use edgetwin_retry::Backoff;
 
-/// The error code a failed read or write is published with.
-fn error_code(e: &DriverError, writing: bool) -> ErrorCode {
+/// How many times a desired value is written while the device reads back another value.
+pub const WRITE_ATTEMPTS: u32 = 3;
+
+/// The wait before the second write of a value not held; doubled for each further one.
+pub const WRITE_RETRY_BASE: Duration = Duration::from_millis(500);
+
+/// The error code a refused read or write is published with.
+fn refusal_code(e: &Refusal, writing: bool) -> ErrorCode {
     match e {
-        DriverError::Config(_) => ErrorCode::DeviceConfig,
-        _ if writing => ErrorCode::WriteFailed,
-        _ => ErrorCode::DeviceRefused,
+        Refusal::Config(_) => ErrorCode::DeviceConfig,
+        Refusal::Device(_) if writing => ErrorCode::WriteFailed,
+        Refusal::Device(_) => ErrorCode::DeviceRefused,
+    }
+}
+
+/// A desired value to write: the property, the value, how many writes it had, when it is due.
+struct Write {
+    idx: usize,
+    value: Value,
+    attempt: u32,
+    due: Instant,
+}
+
+/// What one poll, push or write produces, published by [`DeviceTask::send`].
+#[derive(Default)]
+struct Report {
+    /// Fresh values, stamped when sent.
+    values: Map<String, Value>,
+    /// Kept (pushed) values by the time the device sent them.
+    kept: BTreeMap<TimestampMs, Map<String, Value>>,
+    telemetry: Map<String, Value>,
+    kept_telemetry: BTreeMap<TimestampMs, Map<String, Value>>,
+    /// Property errors that are new or changed.
+    errors: BTreeMap<String, PropertyErrorReport>,
+}
+
+impl Report {
+    fn values_at(&mut self, ts: TimestampMs) -> &mut Map<String, Value> {
+        self.kept.entry(ts).or_default()
+    }
+
+    fn telemetry_at(&mut self, ts: TimestampMs) -> &mut Map<String, Value> {
+        self.kept_telemetry.entry(ts).or_default()
+    }
+}
+
+/// `90 s`, `500 ms`: a duration as a field engineer writes it.
+fn humantime(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{} ms", d.as_millis())
     }
 }
 
@@ -51,10 +102,18 @@ pub(crate) struct DeviceTask<D: Driver> {
     reporter: Reporter,
     /// Last published (state, message).
     status: Option<(DeviceState, Option<String>)>,
-    /// Last error published per property (published again only when it changes).
-    prop_errors: Vec<Option<String>>,
-    /// Desired values not written yet (device offline when they arrived), by property index.
-    pending: Vec<(usize, Value)>,
+    /// The lasting error each property carries, as last sent (sent again only when it changes).
+    prop_errors: Vec<Option<(String, PropertyOp)>>,
+    /// The device's time of the last kept (pushed) value reported, per property.
+    kept_ts: Vec<Option<TimestampMs>>,
+    /// When a pushed value last arrived, per property (for `silenceTimeout`).
+    pushed_at: Vec<Option<Duration>>,
+    /// When the current connection opened (since `epoch`).
+    connected_at: Duration,
+    /// Desired values to write now, in order.
+    pending: Vec<Write>,
+    /// Desired values the device did not hold, to be written again when due.
+    retries: Vec<Write>,
     last_delta_version: Option<u64>,
     epoch: Instant,
 }
@@ -92,6 +151,10 @@ impl<D: Driver> DeviceTask<D> {
             settings,
             reporter: Reporter::new(policies),
             prop_errors: vec![None; cycles.len()],
+            kept_ts: vec![None; cycles.len()],
+            pushed_at: vec![None; cycles.len()],
+            connected_at: Duration::ZERO,
+            retries: Vec::new(),
             cycles,
             status: None,
             pending: Vec::new(),
@@ -197,14 +260,39 @@ impl<D: Driver> DeviceTask<D> {
     ) -> Ended {
         let mut schedule = Schedule::new(&self.cycles);
         let start = Instant::now();
+        self.connected_at = self.epoch.elapsed();
+        self.kept_ts.iter_mut().for_each(|t| *t = None);
+        let mut pushed = self.driver.pushed(conn);
         if let Err(e) = self.write_pending(conn).await {
             return e;
         }
         loop {
             let wake = schedule.next_wake().map(|w| start + w);
+            let retry = self.retries.iter().map(|w| w.due).min();
             tokio::select! {
                 biased;
                 _ = self.token.cancelled() => return Ended::Cancelled,
+                p = recv_pushed(&mut pushed) => match p {
+                    Some(p) => self.take_pushed(p),
+                    None => {
+                        // The driver's push source ended, which means the link is gone: a read
+                        // of everything gets the driver's own account of why.
+                        pushed = None;
+                        let all = Due {
+                            props: (0..self.props().len()).collect(),
+                            overruns: 0,
+                        };
+                        if let Err(e) = self.poll(conn, all).await {
+                            return e;
+                        }
+                    }
+                },
+                _ = sleep_until_opt(retry) => {
+                    self.due_retries();
+                    if let Err(e) = self.write_pending(conn).await {
+                        return e;
+                    }
+                }
                 m = rx.recv() => match m {
                     None => return Ended::Cancelled,
                     Some(m) => {
@@ -247,7 +335,10 @@ impl<D: Driver> DeviceTask<D> {
             self.metrics
                 .with(&name, |c| c.poll_overruns += due.overruns);
         }
+        let mut report = Report::default();
+        self.check_silence(&mut report);
         if due.props.is_empty() {
+            self.send(report);
             return Ok(());
         }
         let resolved = self.resolved.clone();
@@ -269,90 +360,36 @@ impl<D: Driver> DeviceTask<D> {
             c.requests += requests;
             observe(&mut c.read_latency, latency);
         });
-        let results: Vec<(usize, Result<Value, DriverError>)> = match result {
-            Err(DriverError::Link(m)) => {
+        let mut results = match result {
+            Err(LinkLost(m)) => {
                 self.metrics.with(&name, |c| c.read_errors += n);
+                self.send(report);
                 return Err(Ended::LinkLost(m));
             }
-            Err(e) => due.props.iter().map(|i| (*i, Err(e.clone()))).collect(),
-            Ok(list) => due
-                .props
-                .iter()
-                .map(|i| {
-                    let pname = self.props()[*i].name.as_str();
-                    let r = list
-                        .iter()
-                        .find(|(n, _)| n == pname)
-                        .map(|(_, r)| r.clone())
-                        .unwrap_or_else(|| {
-                            Err(DriverError::Config("the driver returned no value".into()))
-                        });
-                    (*i, r)
-                })
-                .collect(),
+            Ok(list) => list.into_iter(),
         };
-        if let Some(m) = results.iter().find_map(|(_, r)| match r {
-            Err(DriverError::Link(m)) => Some(m.clone()),
-            _ => None,
-        }) {
-            self.metrics.with(&name, |c| c.read_errors += n);
-            return Err(Ended::LinkLost(m));
-        }
-
-        let now = self.epoch.elapsed();
-        let mut reported = Map::new();
-        let mut telemetry = Map::new();
         let mut ok = 0usize;
         let mut first_refusal = None;
-        for (i, r) in results {
-            let prop = &resolved.device.spec.properties[i];
+        for i in due.props.iter().copied() {
+            let r = results.next().unwrap_or_else(|| {
+                Err(Refusal::Config(
+                    "the driver returned no value for it".into(),
+                ))
+            });
             match r {
-                Ok(v) => {
+                Ok(reading) => {
                     ok += 1;
-                    if self.prop_errors[i].take().is_some() {
-                        info!(device = %self.id, property = %prop.name, "property readable again");
-                    }
-                    if prop.telemetry {
-                        telemetry.insert(prop.name.as_str().into(), v.clone());
-                    }
-                    if self.reporter.observe(i, &v, now) {
-                        reported.insert(prop.name.as_str().into(), v);
-                    }
+                    self.take_reading(&mut report, i, reading);
                 }
                 Err(e) => {
                     self.metrics.with(&name, |c| c.read_errors += 1);
-                    let msg = format!("reading property {:?}: {e}", prop.name.as_str());
+                    let msg = format!("reading property {:?}: {e}", self.props()[i].name.as_str());
                     first_refusal.get_or_insert_with(|| msg.clone());
-                    if self.prop_errors[i].as_deref() != Some(msg.as_str()) {
-                        warn!(device = %self.id, property = %prop.name, error = %e, "property read refused");
-                        self.error(
-                            Topic::Reported(self.id.clone()),
-                            error_code(&e, false),
-                            msg.clone(),
-                        );
-                        self.prop_errors[i] = Some(msg);
-                    }
+                    self.set_error(&mut report, i, refusal_code(&e, false), msg, None);
                 }
             }
         }
-        let ts = now_ms();
-        if !reported.is_empty() {
-            self.out.json(
-                &Topic::Reported(self.id.clone()).to_topic_string(),
-                &patch(reported, ts),
-                false,
-            );
-        }
-        if !telemetry.is_empty() {
-            self.out.json(
-                &Topic::Telemetry(self.id.clone()).to_topic_string(),
-                &TelemetryMsg {
-                    ts,
-                    values: telemetry,
-                },
-                false,
-            );
-        }
+        self.send(report);
         if ok > 0 {
             self.set_status(DeviceState::Online, None);
         } else if let Some(m) = first_refusal {
@@ -368,6 +405,193 @@ impl<D: Driver> DeviceTask<D> {
         Ok(())
     }
 
+    /// Takes one reading of property `i` into `report`, if it is to be reported: a fresh one by
+    /// the report policy, a kept one only when the device pushed it since the last report (a
+    /// kept value is never reported again as if read now). A property that had a read error is
+    /// reported at once, so the twin sees it readable again.
+    fn take_reading(&mut self, report: &mut Report, i: usize, reading: Reading) {
+        let now = self.epoch.elapsed();
+        let prop = &self.resolved.device.spec.properties[i];
+        let name = prop.name.as_str().to_string();
+        // A kept value the device sent no later than the one reported last is nothing new: not
+        // a reading, so not a recovery either.
+        if let Some(ts) = reading.kept_since {
+            if self.kept_ts[i].is_some_and(|last| ts <= last) {
+                return;
+            }
+        }
+        let recovered = match self.prop_errors[i].take() {
+            Some((_, PropertyOp::Read)) => {
+                info!(device = %self.id, property = %name, "property readable again");
+                true
+            }
+            Some(e) => {
+                // A write error stays until desired changes or the value is met.
+                self.prop_errors[i] = Some(e);
+                false
+            }
+            None => false,
+        };
+        match reading.kept_since {
+            Some(ts) => {
+                self.kept_ts[i] = Some(ts);
+                self.pushed_at[i] = Some(now);
+                self.reporter.force(i, &reading.value, now);
+                if prop.telemetry {
+                    report
+                        .telemetry_at(ts)
+                        .insert(name.clone(), reading.value.clone());
+                }
+                report.values_at(ts).insert(name, reading.value);
+            }
+            None => {
+                if prop.telemetry {
+                    report.telemetry.insert(name.clone(), reading.value.clone());
+                }
+                let reported = if recovered {
+                    self.reporter.force(i, &reading.value, now);
+                    true
+                } else {
+                    self.reporter.observe(i, &reading.value, now)
+                };
+                if reported {
+                    report.values.insert(name, reading.value);
+                }
+            }
+        }
+    }
+
+    /// A pushed value: reported at once, with the time it arrived.
+    fn take_pushed(&mut self, p: Pushed) {
+        let Some(i) = self
+            .props()
+            .iter()
+            .position(|q| q.name.as_str() == p.property)
+        else {
+            debug!(device = %self.id, property = %p.property, "pushed value for a property this device does not map; ignored");
+            return;
+        };
+        let mut report = Report::default();
+        match p.reading {
+            Ok(reading) => self.take_reading(&mut report, i, reading),
+            Err(e) => {
+                let msg = format!("pushed value of {:?}: {e}", p.property);
+                self.set_error(&mut report, i, refusal_code(&e, false), msg, None);
+            }
+        }
+        self.send(report);
+        self.set_status(DeviceState::Online, None);
+    }
+
+    /// Pushed properties with a `silenceTimeout` that sent nothing for that long get a lasting
+    /// error (the node marks the whole device `stale` when nothing else is read).
+    fn check_silence(&mut self, report: &mut Report) {
+        let now = self.epoch.elapsed();
+        for i in 0..self.props().len() {
+            let prop = &self.props()[i];
+            let Some(limit) = prop
+                .silence_timeout
+                .map(|d| d.as_std())
+                .filter(|_| prop.is_pushed())
+            else {
+                continue;
+            };
+            let since = self.pushed_at[i].unwrap_or(self.connected_at);
+            if now.saturating_sub(since) <= limit || self.prop_errors[i].is_some() {
+                continue;
+            }
+            let msg = format!(
+                "property {:?}: the device pushed no value for {} s (silenceTimeout {})",
+                prop.name.as_str(),
+                now.saturating_sub(since).as_secs(),
+                humantime(limit)
+            );
+            warn!(device = %self.id, property = %prop.name, "pushed value silent past its silenceTimeout");
+            self.set_error(report, i, ErrorCode::Silent, msg, None);
+        }
+    }
+
+    /// Records a lasting error of property `i` (sent in `report`'s `$errors`, and once on
+    /// `dt/{device}/error`) unless it already carries the same one.
+    fn set_error(
+        &mut self,
+        report: &mut Report,
+        i: usize,
+        code: ErrorCode,
+        message: String,
+        write: Option<Value>,
+    ) {
+        let op = if write.is_some() {
+            PropertyOp::Write
+        } else {
+            PropertyOp::Read
+        };
+        if self.prop_errors[i].as_ref() == Some(&(message.clone(), op)) {
+            return;
+        }
+        let prop = self.props()[i].name.as_str().to_string();
+        warn!(device = %self.id, property = %prop, code = %code, error = %message, "property error");
+        let about = match op {
+            PropertyOp::Read => Topic::Reported(self.id.clone()),
+            PropertyOp::Write => Topic::Delta(self.id.clone()),
+        };
+        self.error(about, code, message.clone());
+        report.errors.insert(
+            prop,
+            PropertyErrorReport {
+                code,
+                message: message.clone(),
+                op,
+                value: write,
+            },
+        );
+        self.prop_errors[i] = Some((message, op));
+    }
+
+    /// Publishes what a poll, push or write produced: fresh values as one patch stamped now,
+    /// kept values each with their own time, telemetry likewise.
+    fn send(&self, report: Report) {
+        let Report {
+            values,
+            kept,
+            telemetry,
+            kept_telemetry,
+            errors,
+        } = report;
+        let reported = Topic::Reported(self.id.clone()).to_topic_string();
+        let now = now_ms();
+        if !values.is_empty() || !errors.is_empty() {
+            let mut m = patch(values, now);
+            if !errors.is_empty() {
+                match serde_json::to_value(&errors) {
+                    Ok(e) => {
+                        m.insert(ERRORS_KEY.into(), e);
+                    }
+                    Err(e) => warn!(device = %self.id, error = %e, "cannot encode property errors"),
+                }
+            }
+            self.out.json(&reported, &m, false);
+        }
+        for (ts, values) in kept {
+            self.out.json(&reported, &patch(values, ts), false);
+        }
+        let telemetry_topic = Topic::Telemetry(self.id.clone()).to_topic_string();
+        if !telemetry.is_empty() {
+            self.out.json(
+                &telemetry_topic,
+                &TelemetryMsg {
+                    ts: now,
+                    values: telemetry,
+                },
+                false,
+            );
+        }
+        for (ts, values) in kept_telemetry {
+            self.out
+                .json(&telemetry_topic, &TelemetryMsg { ts, values }, false);
+        }
+    }
+
     fn accept_delta(&mut self, m: DeltaMsg) {
         if self.last_delta_version.is_some_and(|v| m.version <= v) {
             debug!(device = %self.id, version = m.version, "ignoring delta not newer than the last applied");
@@ -379,26 +603,59 @@ impl<D: Driver> DeviceTask<D> {
                 debug!(device = %self.id, property = %k, "delta for a property this device does not map; ignored");
                 continue;
             };
-            self.pending.retain(|(j, _)| *j != i);
-            self.pending.push((i, v));
+            // The same value already being written (or waiting for its retry) keeps its count:
+            // a delta repeated by a reconnect must not reset the budget.
+            let busy = self
+                .pending
+                .iter()
+                .any(|w| w.idx == i && same_value(&w.value, &v))
+                || self
+                    .retries
+                    .iter()
+                    .any(|w| w.idx == i && same_value(&w.value, &v));
+            if busy {
+                continue;
+            }
+            self.pending.retain(|w| w.idx != i);
+            self.retries.retain(|w| w.idx != i);
+            self.pending.push(Write {
+                idx: i,
+                value: v,
+                attempt: 0,
+                due: Instant::now(),
+            });
         }
     }
 
-    /// Writes every pending desired value, reads it back and reports it.
+    /// Moves the retries that are due into the write queue.
+    fn due_retries(&mut self) {
+        let now = Instant::now();
+        let (due, later): (Vec<Write>, Vec<Write>) = std::mem::take(&mut self.retries)
+            .into_iter()
+            .partition(|w| w.due <= now);
+        self.retries = later;
+        self.pending.extend(due);
+    }
+
+    /// Writes every pending desired value, reads it back and reports it. A read-back that
+    /// differs is written again after a back-off, at most [`WRITE_ATTEMPTS`] times in all; then
+    /// the property carries a lasting `write_not_held` error and is not written again until
+    /// desired changes.
     async fn write_pending(&mut self, conn: &mut D::Conn) -> Result<(), Ended> {
         let name = self.id.as_str().to_owned();
         let resolved = self.resolved.clone();
         while !self.pending.is_empty() {
-            let (i, value) = self.pending.remove(0);
+            let w = self.pending.remove(0);
+            let (i, value) = (w.idx, w.value.clone());
             let prop = &resolved.device.spec.properties[i];
             let before = self.driver.requests_made(conn);
-            let written = self
+            let written = match self
                 .guarded(self.driver.write(conn, &resolved, prop, &value))
-                .await;
-            let written = match written {
+                .await
+            {
                 Ok(w) => w,
                 Err(e) => {
-                    self.pending.insert(0, (i, value));
+                    self.pending.insert(0, w);
                     return Err(e);
                 }
             };
@@ -407,23 +664,24 @@ impl<D: Driver> DeviceTask<D> {
                 c.writes += 1;
                 c.requests += requests;
             });
+            let mut report = Report::default();
             match written {
-                Ok(()) => {
-                    info!(device = %self.id, property = %prop.name, value = %value, "desired value written");
+                Ok(Ok(())) => {
+                    info!(device = %self.id, property = %prop.name, value = %value, attempt = w.attempt + 1, "desired value written");
                 }
-                Err(DriverError::Link(m)) => {
+                Err(LinkLost(m)) => {
                     self.metrics.with(&name, |c| c.write_errors += 1);
-                    self.pending.insert(0, (i, value));
+                    self.pending.insert(0, w);
                     return Err(Ended::LinkLost(m));
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     self.metrics.with(&name, |c| c.write_errors += 1);
-                    warn!(device = %self.id, property = %prop.name, error = %e, "write refused");
-                    self.error(
-                        Topic::Delta(self.id.clone()),
-                        error_code(&e, true),
-                        format!("writing property {:?} = {value}: {e}", prop.name.as_str()),
+                    let msg = format!(
+                        "writing property {:?} = {value}: {e}; not written again until desired changes",
+                        prop.name.as_str()
                     );
+                    self.set_error(&mut report, i, refusal_code(&e, true), msg, Some(value));
+                    self.send(report);
                     continue;
                 }
             }
@@ -441,42 +699,59 @@ impl<D: Driver> DeviceTask<D> {
                 observe(&mut c.read_latency, latency);
             });
             let back = match back {
-                Ok(list) => list
-                    .into_iter()
-                    .find(|(n, _)| n == prop.name.as_str())
-                    .map(|(_, r)| r)
-                    .unwrap_or_else(|| {
-                        Err(DriverError::Config("the driver returned no value".into()))
-                    }),
-                Err(e) => Err(e),
-            };
-            match back {
-                Ok(v) => {
-                    self.reporter.force(i, &v, self.epoch.elapsed());
-                    let mut m = Map::new();
-                    m.insert(prop.name.as_str().into(), v);
-                    self.out.json(
-                        &Topic::Reported(self.id.clone()).to_topic_string(),
-                        &patch(m, now_ms()),
-                        false,
-                    );
-                }
-                Err(DriverError::Link(m)) => {
+                Ok(list) => list.into_iter().next().unwrap_or_else(|| {
+                    Err(Refusal::Config(
+                        "the driver returned no value for it".into(),
+                    ))
+                }),
+                Err(LinkLost(m)) => {
                     self.metrics.with(&name, |c| c.read_errors += 1);
                     return Err(Ended::LinkLost(m));
                 }
+            };
+            match back {
+                Ok(reading) => {
+                    let held = reading.value.clone();
+                    let now = self.epoch.elapsed();
+                    self.reporter.force(i, &held, now);
+                    if matches!(self.prop_errors[i], Some((_, PropertyOp::Read))) {
+                        self.prop_errors[i] = None;
+                    }
+                    report
+                        .values
+                        .insert(prop.name.as_str().into(), held.clone());
+                    if same_value(&held, &value) {
+                        // Met: the node clears a write error once reported equals desired.
+                        if matches!(self.prop_errors[i], Some((_, PropertyOp::Write))) {
+                            self.prop_errors[i] = None;
+                        }
+                    } else if w.attempt + 1 < WRITE_ATTEMPTS {
+                        let delay = WRITE_RETRY_BASE.saturating_mul(1 << w.attempt);
+                        warn!(device = %self.id, property = %prop.name, wrote = %value, holds = %held, retry_in_ms = delay.as_millis() as u64, "the device holds another value than written; writing again");
+                        self.retries.push(Write {
+                            idx: i,
+                            value,
+                            attempt: w.attempt + 1,
+                            due: Instant::now() + delay,
+                        });
+                    } else {
+                        let msg = format!(
+                            "wrote {value} to property {:?} {WRITE_ATTEMPTS} times, the device holds {held}; not written again until desired changes",
+                            prop.name.as_str()
+                        );
+                        self.set_error(&mut report, i, ErrorCode::WriteNotHeld, msg, Some(value));
+                    }
+                }
                 Err(e) => {
                     self.metrics.with(&name, |c| c.read_errors += 1);
-                    self.error(
-                        Topic::Reported(self.id.clone()),
-                        error_code(&e, false),
-                        format!(
-                            "reading back property {:?} after a write: {e}",
-                            prop.name.as_str()
-                        ),
+                    let msg = format!(
+                        "reading back property {:?} after a write: {e}",
+                        prop.name.as_str()
                     );
+                    self.set_error(&mut report, i, refusal_code(&e, false), msg, None);
                 }
             }
+            self.send(report);
         }
         Ok(())
     }
@@ -507,6 +782,14 @@ impl<D: Driver> DeviceTask<D> {
         info!(device = %self.id, state = ?state, message = message.as_deref().unwrap_or(""), "device status");
         self.out.status(&self.id, state, message.clone());
         self.status = Some((state, message));
+    }
+}
+
+/// The next pushed value; never, when the driver pushes nothing.
+async fn recv_pushed(rx: &mut Option<mpsc::Receiver<Pushed>>) -> Option<Pushed> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -9,7 +9,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use edgetwin_mapper_sdk::{Driver, DriverError, PropertyRead};
+use edgetwin_mapper_sdk::{
+    ordered, written, Driver, DriverError, LinkLost, PropertyResult, ReadResult, Reading,
+};
 use edgetwin_profile::{DeviceProperty, PropertyVisitor, ProtocolConfig, ResolvedDevice};
 use serde_json::Value;
 
@@ -28,6 +30,11 @@ pub struct SimDevice {
     pub connects: u64,
     /// Every value written, in order.
     pub writes: Vec<Value>,
+    /// Properties the device holds at most this value of (it takes a larger write, but clamps).
+    pub clamp: BTreeMap<String, f64>,
+    /// Properties whose value the device pushed at this time (ms): read as a kept value, as a
+    /// driver that caches what the device sends.
+    pub kept_since: BTreeMap<String, i64>,
 }
 
 /// Every simulated device, by port; shared between the driver and the test.
@@ -45,6 +52,8 @@ impl Sim {
             reads: 0,
             connects: 0,
             writes: Vec::new(),
+            clamp: BTreeMap::new(),
+            kept_since: BTreeMap::new(),
         });
         f(dev)
     }
@@ -105,29 +114,34 @@ impl Driver for MemoryDriver {
         conn: &mut String,
         _device: &ResolvedDevice,
         props: &[&DeviceProperty],
-    ) -> Result<Vec<PropertyRead>, DriverError> {
+    ) -> ReadResult {
         self.sim.with(conn, |d| {
             if !d.online {
-                return Err(DriverError::Link(format!("{conn}: timed out")));
+                return Err(LinkLost(format!("{conn}: timed out")));
             }
             d.reads += 1;
-            Ok(props
-                .iter()
-                .map(|p| {
-                    let name = p.name.as_str();
-                    let r = if d.refused.contains(name) {
-                        Err(DriverError::Device(
-                            "exception 0x02: illegal data address".into(),
-                        ))
-                    } else {
-                        d.values
+            ordered(
+                props
+                    .iter()
+                    .map(|p| {
+                        let name = p.name.as_str();
+                        if d.refused.contains(name) {
+                            return Err(DriverError::Device(
+                                "exception 0x02: illegal data address".into(),
+                            ));
+                        }
+                        let v = d
+                            .values
                             .get(name)
                             .cloned()
-                            .ok_or_else(|| DriverError::Device("no such register".into()))
-                    };
-                    (name.to_owned(), r)
-                })
-                .collect())
+                            .ok_or_else(|| DriverError::Device("no such register".into()))?;
+                        Ok(match d.kept_since.get(name) {
+                            Some(ts) => Reading::kept(v, *ts),
+                            None => Reading::fresh(v),
+                        })
+                    })
+                    .collect(),
+            )
         })
     }
 
@@ -137,8 +151,8 @@ impl Driver for MemoryDriver {
         _device: &ResolvedDevice,
         prop: &DeviceProperty,
         value: &Value,
-    ) -> Result<(), DriverError> {
-        self.sim.with(conn, |d| {
+    ) -> Result<PropertyResult<()>, LinkLost> {
+        written(self.sim.with(conn, |d| {
             if !d.online {
                 return Err(DriverError::Link(format!("{conn}: timed out")));
             }
@@ -148,10 +162,14 @@ impl Driver for MemoryDriver {
                     "exception 0x03: illegal data value".into(),
                 ));
             }
-            d.values.insert(name.to_owned(), value.clone());
             d.writes.push(value.clone());
+            let held = match (d.clamp.get(name), value.as_f64()) {
+                (Some(max), Some(x)) if x > *max => Value::from(*max),
+                _ => value.clone(),
+            };
+            d.values.insert(name.to_owned(), held);
             Ok(())
-        })
+        }))
     }
 
     async fn disconnect(&self, _conn: String) {}

@@ -149,6 +149,13 @@ impl Watch {
     }
 }
 
+impl Watch {
+    /// Every message received so far and not taken yet.
+    pub fn drain(&self) -> Vec<(String, Value)> {
+        self.rx.try_iter().collect()
+    }
+}
+
 impl Drop for Watch {
     fn drop(&mut self) {
         let _ = self.client.disconnect();

@@ -20,6 +20,8 @@ Commands on stdin, one per line:
     send TEXT       sends TEXT + "\\r\\n" once
     mute            stop answering requests (unsolicited lines go on)
     unmute          answer again
+    quiet           stop sending unsolicited lines (a device gone silent)
+    loud            send them again
 
 Every line received is printed on stdout as one JSON line {"rx": "..."}; "READY" is printed once
 the port is open.
@@ -34,7 +36,7 @@ import serial
 
 port = serial.Serial(sys.argv[1], 9600, timeout=0.05)
 lock = threading.Lock()
-state = {"setpoint": 1000, "alarm": 0, "garble": 0, "mute": False}
+state = {"setpoint": 1000, "alarm": 0, "garble": 0, "mute": False, "quiet": False}
 
 
 def send(text):
@@ -78,11 +80,16 @@ def control():
             state["mute"] = True
         elif word == "unmute":
             state["mute"] = False
+        elif word == "quiet":
+            state["quiet"] = True
+        elif word == "loud":
+            state["quiet"] = False
 
 
 def unsolicited():
     while True:
-        send("ALARM=%d" % state["alarm"])
+        if not state["quiet"]:
+            send("ALARM=%d" % state["alarm"])
         time.sleep(0.25)
 
 
