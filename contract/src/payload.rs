@@ -17,6 +17,9 @@ pub type TimestampMs = i64;
 pub const VERSION_KEY: &str = "$version";
 /// Top-level key of a patch carrying the writer's timestamp (ms) instead of the receive time.
 pub const TS_KEY: &str = "ts";
+/// Top-level key of a patch carrying the writer's request id: the node answers a desired patch
+/// that has one on `dt/{device}/desired/result` ([`DesiredResult`]).
+pub const ID_KEY: &str = "$id";
 /// Top-level key of a reported patch carrying the mapper's per-property errors
 /// ([`PropertyErrorReport`] by property name; `null` clears one).
 pub const ERRORS_KEY: &str = "$errors";
@@ -336,6 +339,37 @@ pub struct GetResult {
     pub id: Option<String>,
     /// The twin document.
     pub twin: TwinDoc,
+}
+
+/// What became of a desired patch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PatchOutcome {
+    /// Committed: desired changed, at the twin version given.
+    Applied,
+    /// Desired already held these values; nothing changed (the patch is idempotent).
+    Unchanged,
+    /// Refused; nothing changed (`code` and `message` say why).
+    Rejected,
+}
+
+/// `dt/{device}/desired/result`: the answer to a desired patch that carried `$id`, sent once it is
+/// committed (or refused).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DesiredResult {
+    /// The patch's `$id`.
+    pub id: String,
+    /// What became of it.
+    pub result: PatchOutcome,
+    /// The twin version after it (applied or unchanged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// Why it was refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<ErrorCode>,
+    /// Why it was refused, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// Why a patch or request was rejected.

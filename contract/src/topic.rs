@@ -17,6 +17,8 @@ pub enum Topic {
     Get(DeviceId),
     /// `dt/{device}/get/result`: reply to a get request.
     GetResult(DeviceId),
+    /// `dt/{device}/desired/result`: the answer to a desired patch that carried `$id`.
+    DesiredResult(DeviceId),
     /// `dt/{device}/error`: a rejected patch or request.
     Error(DeviceId),
     /// `dt/{device}/status`: the device's connection state, published by its mapper (retained).
@@ -94,6 +96,7 @@ impl Topic {
             Topic::Twin(d) => format!("dt/{d}/twin"),
             Topic::Get(d) => format!("dt/{d}/get"),
             Topic::GetResult(d) => format!("dt/{d}/get/result"),
+            Topic::DesiredResult(d) => format!("dt/{d}/desired/result"),
             Topic::Error(d) => format!("dt/{d}/error"),
             Topic::Status(d) => format!("dt/{d}/status"),
             Topic::Telemetry(d) => format!("dt/{d}/telemetry"),
@@ -117,6 +120,7 @@ impl Topic {
         let proto = |s: &str| ProtocolName::new(s).ok();
         Some(match parts.as_slice() {
             ["dt", d, "desired"] => Topic::Desired(dev(d)?),
+            ["dt", d, "desired", "result"] => Topic::DesiredResult(dev(d)?),
             ["dt", d, "reported"] => Topic::Reported(dev(d)?),
             ["dt", d, "delta"] => Topic::Delta(dev(d)?),
             ["dt", d, "twin"] => Topic::Twin(dev(d)?),

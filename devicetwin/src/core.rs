@@ -58,8 +58,11 @@ use std::fmt;
 use edgetwin_contract::{
     AccessMode, DeviceId, DeviceState, DeviceStatusMsg, ErrorCode, PropertyError,
     PropertyErrorReport, PropertyMeta, PropertyName, PropertyOp, PropertyType, Source, TwinDoc,
-    TwinMetadata, TwinStatus, ERRORS_KEY, TS_KEY, VERSION_KEY,
+    TwinMetadata, TwinStatus, ERRORS_KEY, ID_KEY, TS_KEY, VERSION_KEY,
 };
+
+/// The longest `$id` a patch may carry (it is echoed in the answer).
+pub const MAX_ID_LEN: usize = 256;
 use serde_json::{Map, Value};
 
 /// Value comparison lives in the contract: mappers compare read-backs the same way.
@@ -122,6 +125,8 @@ pub struct Patch {
     pub expected_version: Option<u64>,
     /// `ts`: the writer's timestamp (ms); the receive time is used when absent.
     pub ts: Option<i64>,
+    /// `$id`: the writer's request id, answered on `dt/{device}/desired/result`.
+    pub id: Option<String>,
     /// Properties to set (`Some`) or remove (`None`, JSON `null`). Values are canonical.
     pub props: BTreeMap<PropertyName, Option<Value>>,
     /// `$errors` (reported patches only): per-property errors to set (`Some`) or clear (`None`).
@@ -145,6 +150,7 @@ impl Patch {
         let mut patch = Patch {
             expected_version: None,
             ts: None,
+            id: None,
             props: BTreeMap::new(),
             errors: BTreeMap::new(),
         };
@@ -163,6 +169,16 @@ impl Patch {
                         format!("{TS_KEY:?} must be an integer of milliseconds, got {v}"),
                     )
                 })?);
+            } else if key == ID_KEY {
+                match v {
+                    Value::String(id) if id.len() <= MAX_ID_LEN => patch.id = Some(id),
+                    other => {
+                        return Err(Rejection::new(
+                            ErrorCode::InvalidPatch,
+                            format!("{ID_KEY:?} must be a string of at most {MAX_ID_LEN} bytes, got {other}"),
+                        ))
+                    }
+                }
             } else if key == ERRORS_KEY {
                 patch.errors = parse_errors(v)?;
             } else {

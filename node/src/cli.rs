@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use edgetwin_contract::{
-    ApplyFile, ApplyRequest, ApplyResult, DeviceId, ErrorMsg, GetResult, ListRequest, ListResult,
-    Topic, TwinDoc,
+    ApplyFile, ApplyRequest, ApplyResult, DesiredResult, DeviceId, ErrorMsg, GetResult,
+    ListRequest, ListResult, PatchOutcome, Topic, ID_KEY,
 };
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use serde_json::{Map, Value};
@@ -89,19 +89,31 @@ impl Session {
             broker: args.broker.clone(),
             timeout: Duration::from_millis(args.timeout_ms),
         };
-        s.until(|e| matches!(e, Event::Incoming(Packet::ConnAck(_))).then_some(()))
-            .await
-            .with_context(|| format!("cannot connect to the node's broker at {}", args.broker))?;
+        s.until("CONNACK", |e| {
+            matches!(e, Event::Incoming(Packet::ConnAck(_))).then_some(())
+        })
+        .await
+        .with_context(|| format!("cannot connect to the node's broker at {}", args.broker))?;
         Ok(s)
     }
 
-    /// Polls events until `f` picks one, or the timeout passes.
-    async fn until<T>(&mut self, mut f: impl FnMut(&Event) -> Option<T>) -> anyhow::Result<T> {
+    /// Polls events until `f` picks one, or the timeout passes; `waiting` names what did not come.
+    async fn until<T>(
+        &mut self,
+        waiting: &str,
+        mut f: impl FnMut(&Event) -> Option<T>,
+    ) -> anyhow::Result<T> {
         let deadline = tokio::time::Instant::now() + self.timeout;
         loop {
             let ev = tokio::time::timeout_at(deadline, self.events.poll())
                 .await
-                .map_err(|_| anyhow!("no answer from {} within {:?}", self.broker, self.timeout))?
+                .map_err(|_| {
+                    anyhow!(
+                        "no {waiting} from {} within {:?} (--timeout-ms)",
+                        self.broker,
+                        self.timeout
+                    )
+                })?
                 .map_err(|e| anyhow!("connection to {} failed: {e}", self.broker))?;
             if let Some(t) = f(&ev) {
                 return Ok(t);
@@ -118,7 +130,7 @@ impl Session {
             self.client.subscribe(f.clone(), QoS::AtLeastOnce).await?;
         }
         let mut acks = 0;
-        self.until(|e| {
+        self.until("SUBACK", |e| {
             if matches!(e, Event::Incoming(Packet::SubAck(_))) {
                 acks += 1;
             }
@@ -131,16 +143,18 @@ impl Session {
         self.client
             .publish(topic, QoS::AtLeastOnce, false, payload)
             .await?;
-        self.until(|e| matches!(e, Event::Incoming(Packet::PubAck(_))).then_some(()))
-            .await
+        self.until("PUBACK", |e| {
+            matches!(e, Event::Incoming(Packet::PubAck(_))).then_some(())
+        })
+        .await
     }
 
-    /// Waits for the next publish on any subscribed topic.
-    async fn next_message(&mut self) -> anyhow::Result<(String, Vec<u8>)> {
+    /// Waits for the next publish on any subscribed topic; `waiting` names the answer awaited.
+    async fn next_message(&mut self, waiting: &str) -> anyhow::Result<(String, Vec<u8>)> {
         if let Some(m) = self.backlog.pop_front() {
             return Ok(m);
         }
-        self.until(|e| match e {
+        self.until(waiting, |e| match e {
             Event::Incoming(Packet::Publish(p)) => Some((p.topic.to_string(), p.payload.to_vec())),
             _ => None,
         })
@@ -170,8 +184,9 @@ pub async fn twin_get(device: &str, args: &BrokerArgs) -> anyhow::Result<()> {
         serde_json::to_vec(&serde_json::json!({ "id": id }))?,
     )
     .await?;
+    let waiting = format!("answer on {result_topic} (the node's twin service)");
     loop {
-        let (topic, payload) = s.next_message().await?;
+        let (topic, payload) = s.next_message(&waiting).await?;
         if topic == result_topic {
             if let Ok(r) = serde_json::from_slice::<GetResult>(&payload) {
                 if r.id.as_deref() == Some(id.as_str()) {
@@ -215,74 +230,56 @@ pub fn build_patch(args: &[String]) -> anyhow::Result<Map<String, Value>> {
     Ok(m)
 }
 
-/// `edgetwin twin set DEVICE prop=value ...`: publishes a desired patch and waits until the node
-/// accepted it (a newer twin document) or rejected it (an error naming the desired topic).
+/// `edgetwin twin set DEVICE prop=value ...`: publishes a desired patch with an `$id` and waits
+/// for the node's answer on `dt/{device}/desired/result`: applied (at which version), unchanged
+/// (desired already held these values; so re-running a commissioning script succeeds at once),
+/// or rejected (why).
 pub async fn twin_set(device: &str, patch: &[String], args: &BrokerArgs) -> anyhow::Result<()> {
     let device = parse_device(device)?;
-    let patch = build_patch(patch)?;
+    let mut patch = build_patch(patch)?;
+    let id = match patch.get(ID_KEY) {
+        Some(Value::String(id)) => id.clone(),
+        _ => {
+            let id = request_id();
+            patch.insert(ID_KEY.into(), Value::String(id.clone()));
+            id
+        }
+    };
     let mut s = Session::connect(args).await?;
-    let twin_topic = Topic::Twin(device.clone()).to_topic_string();
-    let error_topic = Topic::Error(device.clone()).to_topic_string();
-    let desired_topic = Topic::Desired(device.clone()).to_topic_string();
-    s.subscribe(&[twin_topic.clone(), error_topic.clone()])
-        .await?;
-    // The retained twin document tells the version before our write.
-    let (topic, payload) = s.next_message().await.with_context(|| {
-        format!("{device}: no twin document on {twin_topic}; is the device registered?")
-    })?;
-    let current = (topic == twin_topic)
-        .then(|| serde_json::from_slice::<TwinDoc>(&payload).ok())
-        .flatten();
-    let before = current.as_ref().map_or(0, |d| d.desired_version);
-    s.publish(desired_topic.clone(), serde_json::to_vec(&patch)?)
-        .await?;
-    // A patch of what desired already holds changes nothing, so no newer twin document comes; the
-    // PUBACK (sent once the node has taken the patch) is the answer. Re-running a commissioning
-    // script then succeeds at once instead of failing after the timeout.
-    if let Some(doc) = current.as_ref().filter(|d| holds_already(d, &patch)) {
-        println!(
-            "{device}: unchanged, desired already holds these values (version {})",
-            doc.version
-        );
+    let result_topic = Topic::DesiredResult(device.clone()).to_topic_string();
+    s.subscribe(std::slice::from_ref(&result_topic)).await?;
+    s.publish(
+        Topic::Desired(device.clone()).to_topic_string(),
+        serde_json::to_vec(&patch)?,
+    )
+    .await?;
+    let waiting =
+        format!("answer to the desired patch on {result_topic} (the node's twin service)");
+    loop {
+        let (_, payload) = s.next_message(&waiting).await?;
+        let Ok(r) = serde_json::from_slice::<DesiredResult>(&payload) else {
+            continue;
+        };
+        if r.id != id {
+            continue;
+        }
+        let version = r
+            .version
+            .map(|v| format!(" at version {v}"))
+            .unwrap_or_default();
+        match r.result {
+            PatchOutcome::Applied => println!("{device}: accepted{version}"),
+            PatchOutcome::Unchanged => {
+                println!("{device}: unchanged, desired already holds these values{version}")
+            }
+            PatchOutcome::Rejected => bail!(
+                "{device}: rejected: {} ({})",
+                r.message.unwrap_or_default(),
+                r.code.map_or_else(|| "no code".into(), |c| c.to_string())
+            ),
+        }
         return Ok(());
     }
-    loop {
-        let (topic, payload) = s.next_message().await?;
-        if topic == twin_topic {
-            if let Ok(doc) = serde_json::from_slice::<TwinDoc>(&payload) {
-                if doc.desired_version > before {
-                    println!("{device}: accepted at version {}", doc.version);
-                    return Ok(());
-                }
-            }
-        } else if topic == error_topic {
-            if let Ok(e) = serde_json::from_slice::<ErrorMsg>(&payload) {
-                if e.topic == desired_topic {
-                    bail!("{device}: rejected: {} ({})", e.message, e.code);
-                }
-            }
-        }
-    }
-}
-
-/// Whether `doc`'s desired side already is what `patch` asks for (`null`: absent), read as the
-/// node reads a patch (`core::Patch`: `ts` and `$version` are not properties) and compared as it
-/// compares values (numbers by value). A patch the node would refuse is not "unchanged".
-fn holds_already(doc: &TwinDoc, patch: &Map<String, Value>) -> bool {
-    let Ok(bytes) = serde_json::to_vec(patch) else {
-        return false;
-    };
-    let Ok(parsed) = edgetwin_devicetwin::Patch::parse(&bytes, usize::MAX) else {
-        return false;
-    };
-    parsed
-        .props
-        .iter()
-        .all(|(k, v)| match (doc.desired.get(k.as_str()), v) {
-            (Some(have), Some(want)) => edgetwin_devicetwin::core::same_value(have, want),
-            (None, None) => true,
-            _ => false,
-        })
 }
 
 /// `edgetwin twin watch DEVICE`: prints every twin message of the device until interrupted.
@@ -360,8 +357,12 @@ pub async fn device_apply(files: &[PathBuf], args: &BrokerArgs) -> anyhow::Resul
         serde_json::to_vec(&req)?,
     )
     .await?;
+    let waiting = format!(
+        "answer on {} (the node's device registry)",
+        Topic::DevicesApplyResult.to_topic_string()
+    );
     loop {
-        let (_, payload) = s.next_message().await?;
+        let (_, payload) = s.next_message(&waiting).await?;
         let Ok(r) = serde_json::from_slice::<ApplyResult>(&payload) else {
             continue;
         };
@@ -394,8 +395,12 @@ pub async fn device_list(args: &BrokerArgs, json: bool) -> anyhow::Result<()> {
         serde_json::to_vec(&req)?,
     )
     .await?;
+    let waiting = format!(
+        "answer on {} (the node's device registry)",
+        Topic::DevicesListResult.to_topic_string()
+    );
     loop {
-        let (_, payload) = s.next_message().await?;
+        let (_, payload) = s.next_message(&waiting).await?;
         let Ok(r) = serde_json::from_slice::<ListResult>(&payload) else {
             continue;
         };

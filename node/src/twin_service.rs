@@ -14,9 +14,9 @@ use std::time::Instant;
 use anyhow::Context;
 use bytes::Bytes;
 use edgetwin_contract::{
-    topic::filter, DeltaMsg, DeviceId, DeviceState, DeviceStatusMsg, ErrorCode, ErrorMsg,
-    GetRequest, GetResult, MapperMetricsMsg, MapperState, MapperStatusMsg, ProtocolName, Source,
-    Topic,
+    topic::filter, DeltaMsg, DesiredResult, DeviceId, DeviceState, DeviceStatusMsg, ErrorCode,
+    ErrorMsg, GetRequest, GetResult, MapperMetricsMsg, MapperState, MapperStatusMsg, PatchOutcome,
+    ProtocolName, Source, Topic,
 };
 use edgetwin_devicetwin::core::{ModelSpec, Patch, PropertySpec, Rejection, Side, Twin};
 use edgetwin_devicetwin::store::{Health, TwinStore};
@@ -268,6 +268,8 @@ struct Batch {
     republish: HashSet<DeviceId>,
     /// Messages whose effect depends on the commit, answered with `store_failed` if it fails.
     pending_errors: Vec<(DeviceId, String, Option<String>)>,
+    /// Desired patches with an `$id` to answer once the batch is committed.
+    answers: Vec<(DeviceId, String, PatchOutcome)>,
 }
 
 /// Where the twin service reports besides MQTT: its metrics, its readiness check, and the
@@ -500,6 +502,20 @@ impl TwinService {
                 .inc();
         }
         debug!(device = %device, topic, code = %r.code, message = %r.message, "patch rejected");
+        if let (Some(id), Some(Topic::Desired(_))) = (&id, Topic::parse(topic)) {
+            b.outs.push(json_out(
+                &Topic::DesiredResult(device.clone()).to_topic_string(),
+                &DesiredResult {
+                    id: id.clone(),
+                    result: PatchOutcome::Rejected,
+                    version: None,
+                    code: Some(r.code),
+                    message: Some(r.message.clone()),
+                },
+                false,
+                None,
+            ));
+        }
         let msg = ErrorMsg {
             id,
             code: r.code,
@@ -546,8 +562,9 @@ impl TwinService {
         let side = Side::written_by(&source);
         let patch = match Patch::parse(payload, self.cfg.max_properties_per_patch) {
             Ok(p) => p,
-            Err(r) => return self.reject(b, &device, topic, None, r),
+            Err(r) => return self.reject(b, &device, topic, id_of(payload), r),
         };
+        let id = patch.id.clone().filter(|_| side == Side::Desired);
         let now = now_ms();
         if patch.ts.is_some_and(|ts| ts > now + MAX_CLOCK_SKEW_MS) {
             // A far-future timestamp would win every later write and lock the property.
@@ -558,14 +575,14 @@ impl TwinService {
                     MAX_CLOCK_SKEW_MS / 1000
                 ),
             };
-            return self.reject(b, &device, topic, None, r);
+            return self.reject(b, &device, topic, id, r);
         }
         let Some(reg) = self.devices.get(&device) else {
             let r = Rejection {
                 code: ErrorCode::UnknownDevice,
                 message: format!("device {device:?} is not registered on this node"),
             };
-            return self.reject(b, &device, topic, None, r);
+            return self.reject(b, &device, topic, id, r);
         };
         let spec = reg.spec.clone();
         let period = last_seen_period(reg.stale_after_ms);
@@ -592,8 +609,12 @@ impl TwinService {
             source: source.kind().to_string(),
         };
         match result {
-            Err(r) => self.reject(b, &device, topic, None, r),
+            Err(r) => self.reject(b, &device, topic, id, r),
             Ok(applied) if applied.changed.is_empty() => {
+                if let Some(id) = id.clone() {
+                    b.answers
+                        .push((device.clone(), id, PatchOutcome::Unchanged));
+                }
                 self.metrics
                     .twin_updates_unchanged
                     .get_or_create(&labels)
@@ -602,7 +623,7 @@ impl TwinService {
                     // Back from `stale`, or a property error came or went: stored and shown.
                     self.mark_dirty(b, &device, None);
                     b.pending_errors
-                        .push((device.clone(), topic.to_string(), None));
+                        .push((device.clone(), topic.to_string(), id));
                 } else if seen_moved {
                     b.republish.insert(device.clone());
                 }
@@ -620,7 +641,10 @@ impl TwinService {
                     .inc();
                 debug!(device = %device, topic, changed = ?applied.changed, "patch applied");
                 self.mark_dirty(b, &device, Some(arrived));
-                b.pending_errors.push((device, topic.to_string(), None));
+                if let Some(id) = id.clone() {
+                    b.answers.push((device.clone(), id, PatchOutcome::Applied));
+                }
+                b.pending_errors.push((device, topic.to_string(), id));
             }
         }
     }
@@ -748,6 +772,7 @@ impl TwinService {
             pending_errors,
             silent,
             republish,
+            answers,
             ..
         } = b;
         if !dirty.is_empty() || !silent.is_empty() {
@@ -772,6 +797,19 @@ impl TwinService {
                         }
                     }
                     let mut failed = Batch::default();
+                    // Patches that changed nothing are answered as such; the rest are refused.
+                    let refused: HashSet<&String> = pending_errors
+                        .iter()
+                        .filter_map(|(_, _, id)| id.as_ref())
+                        .collect();
+                    for (device, id, outcome) in &answers {
+                        if !refused.contains(id) {
+                            let version = self.twins.get(device).map(|t| t.version);
+                            failed
+                                .outs
+                                .push(desired_result(device, id, *outcome, version));
+                        }
+                    }
                     for (device, topic, id) in pending_errors {
                         let r = Rejection {
                             code: ErrorCode::StoreFailed,
@@ -786,6 +824,10 @@ impl TwinService {
             }
         }
         self.notify_node_desired(&dirty);
+        for (device, id, outcome) in &answers {
+            let version = self.twins.get(device).map(|t| t.version);
+            outs.push(desired_result(device, id, *outcome, version));
+        }
         let now = now_ms();
         let mut delta_sent = HashSet::new();
         for d in &dirty {
@@ -1152,6 +1194,37 @@ fn node_desired_containers(twin: &Twin) -> Option<serde_json::Value> {
 }
 
 /// The delta message of a twin, if desired and reported differ.
+/// The answer to a desired patch with `$id` that was applied or changed nothing.
+fn desired_result(
+    device: &DeviceId,
+    id: &str,
+    result: PatchOutcome,
+    version: Option<u64>,
+) -> Message {
+    json_out(
+        &Topic::DesiredResult(device.clone()).to_topic_string(),
+        &DesiredResult {
+            id: id.to_string(),
+            result,
+            version,
+            code: None,
+            message: None,
+        },
+        false,
+        None,
+    )
+}
+
+/// The `$id` of a patch that could not be parsed, if its payload is still an object with one
+/// (so a malformed patch is answered on the result topic too).
+fn id_of(payload: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    v.get(edgetwin_contract::ID_KEY)?
+        .as_str()
+        .filter(|s| s.len() <= edgetwin_devicetwin::core::MAX_ID_LEN)
+        .map(str::to_string)
+}
+
 /// How far (ms) a device's `lastSeen` moves on before its retained document is published again
 /// without another change: half its stale bound, at least 5 s (one minute without a bound).
 pub fn last_seen_period(stale_after_ms: Option<i64>) -> i64 {

@@ -97,6 +97,42 @@ fn twin_get_answers_on_get_result_with_request_id() {
 }
 
 #[test]
+fn twin_desired_patch_with_an_id_is_answered_applied_unchanged_or_rejected() {
+    let node = Node::start(&["t-5"]);
+    let msgs = node.probe(
+        &["dt/t-5/desired/result"],
+        &[
+            ("dt/t-5/desired", r#"{"$id": "a", "setpoint": 21}"#),
+            // The same value in another JSON form: nothing to change, answered at once.
+            ("dt/t-5/desired", r#"{"$id": "b", "setpoint": 21.0}"#),
+            ("dt/t-5/desired", r#"{"$id": "c", "setpoint": 99}"#),
+        ],
+        3,
+    );
+    let answers: Vec<serde_json::Value> = msgs.iter().map(payload).collect();
+    let by_id = |id: &str| {
+        answers
+            .iter()
+            .find(|a| a["id"] == id)
+            .unwrap_or_else(|| panic!("no answer to {id}: {answers:?}"))
+            .clone()
+    };
+    let a = by_id("a");
+    assert_eq!(a["result"], "applied", "{a}");
+    let b = by_id("b");
+    assert_eq!(b["result"], "unchanged", "{b}");
+    assert_eq!(b["version"], a["version"], "{b}");
+    let c = by_id("c");
+    assert_eq!(
+        (c["result"].as_str(), c["code"].as_str()),
+        (Some("rejected"), Some("out_of_range")),
+        "{c}"
+    );
+    assert!(c["message"].as_str().unwrap().contains("setpoint"), "{c}");
+    assert_eq!(node.twin("t-5")["desired"]["setpoint"], json!(21.0));
+}
+
+#[test]
 fn twin_get_honours_mqtt5_response_topic_and_correlation_data() {
     let node = Node::start(&["t-5"]);
     let msgs = probe(
