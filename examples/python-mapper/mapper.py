@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """A complete edgetwin mapper in Python (paho-mqtt 2.x), speaking only the topic contract.
 
-It serves the `serial` protocol section but simulates its devices instead of opening the port:
-an `int` ReadOnly property counts up on every poll, a `float` ReadOnly property drifts, a
-ReadWrite property holds whatever was last written. Everything else is what any mapper must do:
+It serves a protocol of its own, `pysim`, whose sections the node does not know and passes
+through as JSON: the device's `spec.protocol.pysim` (`{"seed"?}`) and each property's
+`visitors.pysim` (`{"signal": "counter"|"sine"|"register"}`). A `counter` counts up on every
+poll, a `sine` drifts around 20, a `register` holds whatever was last written. Everything else is
+what any mapper must do:
 
-  subscribe  mappers/serial/devices/+   retained assignments (JSON resolved device; empty = removed)
+  subscribe  mappers/pysim/devices/+    retained assignments (JSON resolved device; empty = removed)
              dt/+/delta                 {"device","version","delta":{prop: value},"ts"}
-  publish    mappers/serial/status      retained {"state":"online"|"offline","ts","version"},
+  publish    mappers/pysim/status       retained {"state":"online"|"offline","ts","version"},
                                         also the MQTT will (offline)
              dt/{device}/status         retained {"state":"online"|"offline"|"error","ts","message"?}
              dt/{device}/reported       merge patch {prop: value, ..., "ts"}
@@ -27,7 +29,8 @@ import time
 
 import paho.mqtt.client as mqtt
 
-PROTOCOL = "serial"
+PROTOCOL = "pysim"
+SIGNALS = ("counter", "sine", "register")
 VERSION = "0.1.0-python-example"
 DEFAULT_CYCLE_S = 1.0
 
@@ -47,6 +50,10 @@ def parse_duration(text, default=DEFAULT_CYCLE_S):
     return total or default
 
 
+def self_name(resolved):
+    return resolved.get("device", {}).get("metadata", {}).get("name", "?")
+
+
 class Device:
     """One assigned device: its properties, poll schedule and simulated values."""
 
@@ -55,10 +62,20 @@ class Device:
         self.name = resolved["device"]["metadata"]["name"]
         model = {p["name"]: p for p in resolved["model"]["spec"]["properties"]}
         self.props = []
+        seed = (resolved["device"]["spec"]["protocol"].get(PROTOCOL) or {}).get("seed", 0)
         for p in resolved["device"]["spec"].get("properties", []):
             mp = model.get(p["name"], {})
+            signal = (p.get("visitors", {}).get(PROTOCOL) or {}).get("signal")
+            if signal not in SIGNALS:
+                # The node passes another protocol's visitor through unchecked: this mapper
+                # checks its own.
+                signal = "register" if mp.get("accessMode") == "ReadWrite" else "counter"
+                print(f"{self_name(resolved)}: property {p['name']!r} has no valid "
+                      f"visitors.{PROTOCOL}.signal (one of {', '.join(SIGNALS)}); using {signal}",
+                      flush=True)
             self.props.append({
                 "name": p["name"],
+                "signal": signal,
                 "type": mp.get("type", "float"),
                 "writable": mp.get("accessMode") == "ReadWrite",
                 "cycle": parse_duration(p.get("collectCycle")),
@@ -70,7 +87,8 @@ class Device:
         self.values = {}
         for p in self.props:
             default = model.get(p["name"], {}).get("default")
-            self.values[p["name"]] = default if default is not None else (0 if p["type"] == "int" else 0.0)
+            start = seed if p["signal"] == "counter" else 0
+            self.values[p["name"]] = default if default is not None else (start if p["type"] == "int" else float(start))
         self.last_reported = {}
         self.last_version = -1
         self.online = False
@@ -78,11 +96,10 @@ class Device:
     def read(self, prop):
         """The simulated hardware read."""
         name = prop["name"]
-        if not prop["writable"]:
-            if prop["type"] == "int":
-                self.values[name] += 1
-            elif prop["type"] == "float":
-                self.values[name] = round(20.0 + 2.0 * math.sin(time.time() / 10.0), 2)
+        if prop["signal"] == "counter":
+            self.values[name] += 1
+        elif prop["signal"] == "sine":
+            self.values[name] = round(20.0 + 2.0 * math.sin(time.time() / 10.0), 2)
         return self.values[name]
 
     def write(self, name, value):
@@ -241,7 +258,7 @@ class Mapper:
 
 
 def main():
-    ap = argparse.ArgumentParser(description="edgetwin example mapper (simulated serial devices)")
+    ap = argparse.ArgumentParser(description="edgetwin example mapper (the simulated pysim protocol)")
     ap.add_argument("--broker", default=os.environ.get("EDGETWIN_BROKER", "127.0.0.1:1883"),
                     help="the node's MQTT broker, host:port (env EDGETWIN_BROKER)")
     a = ap.parse_args()

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use edgetwin_contract::{
     ApplyFile, ApplyRequest, ApplyResult, DesiredResult, DeviceId, ErrorMsg, GetResult,
-    ListRequest, ListResult, PatchOutcome, Topic, ID_KEY,
+    ListRequest, ListResult, PatchOutcome, Topic, TwinDoc, ID_KEY,
 };
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use serde_json::{Map, Value};
@@ -282,8 +282,9 @@ pub async fn twin_set(device: &str, patch: &[String], args: &BrokerArgs) -> anyh
     }
 }
 
-/// `edgetwin twin watch DEVICE`: prints every twin message of the device until interrupted.
-pub async fn twin_watch(device: &str, args: &BrokerArgs) -> anyhow::Result<()> {
+/// `edgetwin twin watch DEVICE`: prints every twin message of the device until interrupted; with
+/// `pretty`, each with the time it arrived and its JSON indented.
+pub async fn twin_watch(device: &str, pretty: bool, args: &BrokerArgs) -> anyhow::Result<()> {
     let device = parse_device(device)?;
     let mut s = Session::connect(args).await?;
     s.subscribe(&[format!("dt/{device}/#")]).await?;
@@ -294,8 +295,14 @@ pub async fn twin_watch(device: &str, args: &BrokerArgs) -> anyhow::Result<()> {
         };
         match ev {
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                let body = String::from_utf8_lossy(&p.payload);
-                println!("{} {}", p.topic, body);
+                if pretty {
+                    println!(
+                        "{}",
+                        pretty_message(std::time::SystemTime::now(), &p.topic, &p.payload)
+                    );
+                } else {
+                    println!("{} {}", p.topic, String::from_utf8_lossy(&p.payload));
+                }
             }
             Ok(_) => {}
             Err(e) => bail!("connection to {} lost: {e}", s.broker),
@@ -303,11 +310,51 @@ pub async fn twin_watch(device: &str, args: &BrokerArgs) -> anyhow::Result<()> {
     }
 }
 
-/// `edgetwin device validate FILE...`: checks profile files locally; prints every error.
-pub fn device_validate(files: &[PathBuf]) -> anyhow::Result<()> {
+/// One message as `twin watch --pretty` prints it: arrival time (UTC, ms) and topic, then the
+/// payload's JSON indented (or its text, when it is not JSON; `(empty)` for a cleared retained
+/// message).
+pub fn pretty_message(at: std::time::SystemTime, topic: &str, payload: &[u8]) -> String {
+    let body = if payload.is_empty() {
+        "(empty)".to_string()
+    } else {
+        match serde_json::from_slice::<Value>(payload) {
+            Ok(v) => serde_json::to_string_pretty(&v).unwrap_or_default(),
+            Err(_) => String::from_utf8_lossy(payload).into_owned(),
+        }
+    };
+    format!("{} {topic}\n{body}", humantime::format_rfc3339_millis(at))
+}
+
+/// The profile files named on the command line: files as given, folders as the node reads
+/// them (their `.yaml`/`.yml` files, sorted).
+fn profile_files(args: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for a in args {
+        if a.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(a)
+                .with_context(|| format!("cannot read folder {}", a.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+                .collect();
+            found.sort();
+            if found.is_empty() {
+                bail!("{}: no .yaml or .yml file in this folder", a.display());
+            }
+            files.extend(found);
+        } else {
+            files.push(a.clone());
+        }
+    }
+    Ok(files)
+}
+
+/// `edgetwin device validate FILE|DIR...`: checks profile files locally, together (as the node
+/// would load them); prints every error.
+pub fn device_validate(args: &[PathBuf]) -> anyhow::Result<()> {
+    let files = profile_files(args)?;
     let mut docs = Vec::new();
     let mut errors = Vec::new();
-    for f in files {
+    for f in &files {
         let name = f.display().to_string();
         let text = std::fs::read_to_string(f).with_context(|| format!("cannot read {name}"))?;
         match edgetwin_profile::parse_str(&name, &text) {
@@ -315,24 +362,24 @@ pub fn device_validate(files: &[PathBuf]) -> anyhow::Result<()> {
             Err(e) => errors.extend(e.iter().map(ToString::to_string)),
         }
     }
-    if errors.is_empty() {
-        match edgetwin_profile::validate(&docs, &Default::default()) {
-            Ok(set) => {
-                println!(
-                    "ok: {} model(s), {} device(s) in {} file(s)",
-                    set.models.len(),
-                    set.devices.len(),
-                    files.len()
-                );
-                return Ok(());
-            }
-            Err(e) => errors.extend(e.iter().map(ToString::to_string)),
+    // Cross-file checks run on what parsed, so one run shows every error of every file.
+    match edgetwin_profile::validate(&docs, &Default::default()) {
+        Ok(set) if errors.is_empty() => {
+            println!(
+                "ok: {} model(s), {} device(s) in {} file(s)",
+                set.models.len(),
+                set.devices.len(),
+                files.len()
+            );
+            return Ok(());
         }
+        Ok(_) => {}
+        Err(e) => errors.extend(e.iter().map(ToString::to_string)),
     }
     for e in &errors {
         eprintln!("{e}");
     }
-    bail!("{} error(s)", errors.len())
+    bail!("{} error(s) in {} file(s)", errors.len(), files.len())
 }
 
 /// `edgetwin device apply FILE...`: sends profile files to the node; all or nothing.
@@ -384,7 +431,8 @@ pub async fn device_apply(files: &[PathBuf], args: &BrokerArgs) -> anyhow::Resul
     }
 }
 
-/// `edgetwin device list`: prints the node's registered devices.
+/// `edgetwin device list`: the node's registered devices with their state now: status,
+/// when last read, and lasting property errors (from the retained twin documents).
 pub async fn device_list(args: &BrokerArgs, json: bool) -> anyhow::Result<()> {
     let mut s = Session::connect(args).await?;
     s.subscribe(&[Topic::DevicesListResult.to_topic_string()])
@@ -399,29 +447,108 @@ pub async fn device_list(args: &BrokerArgs, json: bool) -> anyhow::Result<()> {
         "answer on {} (the node's device registry)",
         Topic::DevicesListResult.to_topic_string()
     );
-    loop {
+    let list = loop {
         let (_, payload) = s.next_message(&waiting).await?;
-        let Ok(r) = serde_json::from_slice::<ListResult>(&payload) else {
-            continue;
-        };
-        if r.id != req.id {
-            continue;
+        match serde_json::from_slice::<ListResult>(&payload) {
+            Ok(r) if r.id == req.id => break r,
+            _ => continue,
         }
-        if json {
-            println!("{}", serde_json::to_string_pretty(&r)?);
-            return Ok(());
-        }
-        println!("{:<32} {:<24} {:<10} FILE", "DEVICE", "MODEL", "PROTOCOL");
-        for d in &r.devices {
-            println!(
-                "{:<32} {:<24} {:<10} {}",
-                d.name, d.model, d.protocol, d.file
-            );
-        }
-        for e in &r.errors {
-            eprintln!("rejected profile: {e}");
-        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(());
+    }
+    let twins = twin_documents(&mut s, &list).await?;
+    println!(
+        "{}",
+        device_table(&list, &twins, edgetwin_contract::now_ms())
+    );
+    for e in &list.errors {
+        eprintln!("rejected profile: {e}");
+    }
+    Ok(())
+}
+
+/// The retained twin documents of the listed devices (those that have one within the timeout).
+async fn twin_documents(
+    s: &mut Session,
+    list: &ListResult,
+) -> anyhow::Result<std::collections::HashMap<String, TwinDoc>> {
+    let mut twins = std::collections::HashMap::new();
+    if list.devices.is_empty() {
+        return Ok(twins);
+    }
+    s.subscribe(&["dt/+/twin".to_string()]).await?;
+    let wanted: std::collections::HashSet<&str> =
+        list.devices.iter().map(|d| d.name.as_str()).collect();
+    // Retained messages come right after the SUBACK; a device without a document yet is shown
+    // without status once they stop coming.
+    let quiet = Duration::from_millis(300);
+    while twins.len() < wanted.len() {
+        let next = tokio::time::timeout(quiet, s.next_message("twin documents")).await;
+        let Ok(Ok((topic, payload))) = next else {
+            break;
+        };
+        if let Ok(doc) = serde_json::from_slice::<TwinDoc>(&payload) {
+            if topic.ends_with("/twin") && wanted.contains(doc.device.as_str()) {
+                twins.insert(doc.device.to_string(), doc);
+            }
+        }
+    }
+    Ok(twins)
+}
+
+/// The `device list` table: one row per device, columns aligned.
+pub fn device_table(
+    list: &ListResult,
+    twins: &std::collections::HashMap<String, TwinDoc>,
+    now_ms: i64,
+) -> String {
+    let mut t = comfy_table::Table::new();
+    t.load_style(comfy_table::presets::NOTHING).set_header([
+        "DEVICE",
+        "MODEL",
+        "PROTOCOL",
+        "STATUS",
+        "LAST SEEN",
+        "ERRORS",
+        "FILE",
+    ]);
+    for d in &list.devices {
+        let doc = twins.get(d.name.as_str());
+        let status = doc.map_or("-".to_string(), |t| t.status.state.as_str().to_string());
+        let seen = doc
+            .and_then(|t| t.status.last_seen)
+            .map_or("never".to_string(), |s| ago(now_ms - s));
+        let errors = doc.map_or(String::new(), |t| {
+            t.status
+                .errors
+                .iter()
+                .map(|(p, e)| format!("{p}: {}", e.code))
+                .collect::<Vec<_>>()
+                .join(", ")
+        });
+        t.add_row([
+            d.name.to_string(),
+            d.model.clone(),
+            d.protocol.to_string(),
+            status,
+            seen,
+            errors,
+            d.file.clone(),
+        ]);
+    }
+    t.trim_fmt()
+}
+
+/// `3 s ago`, `5 min ago`, `2 h ago`, `4 d ago`.
+fn ago(ms: i64) -> String {
+    let s = ms.max(0) / 1000;
+    match s {
+        0..=119 => format!("{s} s ago"),
+        120..=7199 => format!("{} min ago", s / 60),
+        7200..=172_799 => format!("{} h ago", s / 3600),
+        _ => format!("{} d ago", s / 86_400),
     }
 }
 
@@ -436,6 +563,50 @@ mod tests {
             Value::Object(m),
             serde_json::json!({"a": 1, "b": true, "c": "hello"})
         );
+    }
+
+    #[test]
+    fn cli_device_table_aligns_columns_and_shows_status_last_seen_and_errors() {
+        let list: ListResult = serde_json::from_value(serde_json::json!({
+            "id": "1",
+            "devices": [
+                {"name": "meter-1", "model": "sdm630", "protocol": "modbus", "file": "devices/a.yaml"},
+                {"name": "boiler-long-name-7", "model": "boiler", "protocol": "opcua", "file": "devices/b.yaml"}
+            ]
+        }))
+        .expect("list");
+        let doc: TwinDoc = serde_json::from_value(serde_json::json!({
+            "device": "meter-1", "model": "sdm630", "version": 3, "desiredVersion": 0,
+            "desired": {}, "reported": {}, "metadata": {"desired": {}, "reported": {}},
+            "status": {"state": "stale", "lastSeen": 1_000,
+                "errors": {"voltage": {"code": "device_refused", "message": "x", "op": "read", "since": 1}}}
+        }))
+        .expect("doc");
+        let twins = [("meter-1".to_string(), doc)].into_iter().collect();
+        let out = device_table(&list, &twins, 8_000);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3, "{out}");
+        assert!(
+            lines[1].contains("stale") && lines[1].contains("7 s ago"),
+            "{out}"
+        );
+        assert!(lines[1].contains("voltage: device_refused"), "{out}");
+        assert!(lines[2].contains("never"), "{out}");
+        // Aligned: every row's MODEL starts in the same column as the header's.
+        let col = lines[0].find("MODEL").expect("header");
+        assert_eq!(lines[1].find("sdm630"), Some(col), "{out}");
+        assert_eq!(lines[2].find("boiler "), Some(col), "{out}");
+    }
+
+    #[test]
+    fn cli_pretty_message_has_time_topic_and_indented_json() {
+        let at = std::time::UNIX_EPOCH + Duration::from_millis(1_796_000_000_123);
+        let out = pretty_message(at, "dt/m-1/reported", br#"{"v":1}"#);
+        assert_eq!(
+            out,
+            "2026-11-30T00:53:20.123Z dt/m-1/reported\n{\n  \"v\": 1\n}"
+        );
+        assert!(pretty_message(at, "dt/m-1/twin", b"").ends_with("(empty)"));
     }
 
     #[test]

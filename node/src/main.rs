@@ -87,6 +87,9 @@ enum TwinCommand {
     Watch {
         /// Device name.
         device: String,
+        /// Each message on its own lines: the time it arrived, its topic, its JSON indented.
+        #[arg(long)]
+        pretty: bool,
         #[command(flatten)]
         broker: cli::BrokerArgs,
     },
@@ -96,7 +99,7 @@ enum TwinCommand {
 enum DeviceCommand {
     /// Check profile files locally; prints every error with file, line and field path.
     Validate {
-        /// Profile YAML files.
+        /// Profile YAML files, or folders (their `.yaml`/`.yml` files, as the node loads them).
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
@@ -180,7 +183,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 patch,
                 broker,
             } => cli::twin_set(&device, &patch, &broker).await,
-            TwinCommand::Watch { device, broker } => cli::twin_watch(&device, &broker).await,
+            TwinCommand::Watch {
+                device,
+                pretty,
+                broker,
+            } => cli::twin_watch(&device, pretty, &broker).await,
         },
         Command::User {
             command:

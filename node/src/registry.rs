@@ -381,9 +381,17 @@ impl Registry {
                 .collect(),
         );
         let staged_keys: HashSet<&String> = staged.iter().map(|(k, _, _, _)| k).collect();
+        // An error of an applied file refuses the apply; so does one that the applied files
+        // cause in a file already loaded (a model or device defined twice is reported at
+        // whichever definition comes second): applying must never unload a working file.
+        let would_break = |k: &String| {
+            self.accepted
+                .get(k)
+                .is_some_and(|a| next.get(k).map(|n| n.fingerprint) != Some(a.fingerprint))
+        };
         let relevant: Vec<String> = errs
             .into_iter()
-            .filter(|(k, _, _)| staged_keys.contains(k))
+            .filter(|(k, _, _)| staged_keys.contains(k) || would_break(k))
             .flat_map(|(_, _, m)| m)
             .collect();
         if !relevant.is_empty() {
@@ -737,6 +745,40 @@ spec:
                 .any(|e| e.contains(&format!("a.yaml:{line}: "))),
             "{errors:?}"
         );
+    }
+
+    #[test]
+    fn an_apply_that_clashes_with_a_folder_file_is_refused_and_the_folder_device_stays() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("devices");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("m.yaml"), MODEL).unwrap();
+        std::fs::write(dir.join("a.yaml"), device("d1")).unwrap();
+        let mut r = registry(tmp.path());
+        r.scan().unwrap();
+        // The applied file defines model `m` again.
+        let req = ApplyRequest {
+            id: "1".into(),
+            files: vec![ApplyFile {
+                name: "other.yaml".into(),
+                content: format!("{MODEL}---\n{}", device("d2")),
+            }],
+        };
+        let errors = r.apply(&req).unwrap_err();
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains("already defined") && e.contains("m.yaml")),
+            "{errors:?}"
+        );
+        assert_eq!(names(&r.current), ["d1"]);
+        assert!(
+            !tmp.path().join("applied/other.yaml").exists(),
+            "nothing stored"
+        );
+        // The next folder scan finds nothing to change: the folder device stays.
+        assert!(r.scan().is_none());
+        assert_eq!(names(&r.current), ["d1"]);
     }
 
     #[test]

@@ -231,6 +231,45 @@ fn cli_device_validate_reports_every_error_with_file_and_line() {
 }
 
 #[test]
+fn cli_device_validate_takes_a_folder_and_reports_every_error_of_every_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("model.yaml"), MODEL_YAML).unwrap();
+    // Two devices with errors in two files, one of them two errors in one document.
+    let one = device_yaml("v-1")
+        .replace("collectCycle: 1s", "collectCycle: 5")
+        .replace("deviceModelRef: thermostat", "deviceModelRef: nosuch");
+    std::fs::write(dir.path().join("a.yaml"), &one).unwrap();
+    let two = device_yaml("v-2").replace("collectCycle: 1s", "collectCycle: 0s");
+    std::fs::write(dir.path().join("b.yml"), &two).unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "not a profile").unwrap();
+    let out = run(Command::new(env!("CARGO_BIN_EXE_edgetwin"))
+        .args(["device", "validate"])
+        .arg(dir.path()));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("a.yaml") && err.contains("collectCycle"),
+        "{err}"
+    );
+    assert!(
+        err.contains("b.yml") && err.contains("greater than 0"),
+        "{err}"
+    );
+    assert!(err.contains("in 3 file(s)"), "{err}");
+    // Fixed, the folder validates.
+    std::fs::write(dir.path().join("a.yaml"), device_yaml("v-1")).unwrap();
+    std::fs::write(dir.path().join("b.yml"), device_yaml("v-2")).unwrap();
+    let out = run(Command::new(env!("CARGO_BIN_EXE_edgetwin"))
+        .args(["device", "validate"])
+        .arg(dir.path()));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("2 device(s) in 3 file(s)"),
+        "{said}"
+    );
+}
+
+#[test]
 fn cli_twin_set_get_and_rejection() {
     let node = Node::start(&["c-8"]);
     let out = node.cli(&["twin", "set", "c-8", "setpoint=21.5", "mode=eco"]);

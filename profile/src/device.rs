@@ -204,7 +204,7 @@ impl Device {
     }
 
     /// The protocol of its connection section (`modbus`, `opcua`, `ble`, `serial`).
-    pub fn protocol_name(&self) -> &'static str {
+    pub fn protocol_name(&self) -> &str {
         self.spec.protocol.name()
     }
 

@@ -39,7 +39,7 @@ pub use model::{
     ApiVersion, DeviceModel, DeviceModelKind, DeviceModelSpec, ModelMetadata, ModelProperty,
 };
 pub use parse::parse_str;
-pub use protocol::{PropertyVisitor, ProtocolConfig};
+pub use protocol::{OtherSection, PropertyVisitor, ProtocolConfig};
 pub use set::{
     model_json, resolved_json, resolved_json_with, Document, ProfileSet, ResolvedDevice,
 };

@@ -222,7 +222,7 @@ mod tests {
         let m = format!("m{model}");
         match kind {
             0..=2 => format!("apiVersion: edgetwin/v1\nkind: DeviceModel\nmetadata: {{name: {m}}}\nspec:\n  protocol: modbus\n  properties: [{{name: v, type: float, accessMode: ReadOnly}}]\n"),
-            3 => format!("apiVersion: edgetwin/v1\nkind: DeviceModel\nmetadata: {{name: {m}}}\nspec:\n  protocol: bogus\n  properties: [{{name: v, type: float, accessMode: ReadOnly}}]\n"),
+            3 => format!("apiVersion: edgetwin/v1\nkind: DeviceModel\nmetadata: {{name: {m}}}\nspec:\n  protocol: modbus\n  properties: [{{name: v, type: float, accessMode: ReadOnly, minimum: 9, maximum: 1}}]\n"),
             _ => {
                 let (model, prop, port) = match kind {
                     4 => ("nope".to_string(), "v", 502),

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use edgetwin_contract::{DeviceId, PropertyType};
 
-use crate::protocol::{PropertyVisitor, ProtocolConfig, KNOWN_PROTOCOLS};
+use crate::protocol::{PropertyVisitor, ProtocolConfig};
 use crate::source::SourceDoc;
 use crate::{Device, DeviceModel, Document, Issues, ProfileError, ProfileSet};
 
@@ -174,18 +174,8 @@ fn check_model(file: &str, m: &DeviceModel, report: &mut Report) {
             ),
         );
     }
-    let protocol = m.spec.protocol.as_str();
-    if !KNOWN_PROTOCOLS.contains(&protocol) {
-        report.push(
-            file,
-            src,
-            "spec.protocol",
-            format!(
-                "unknown protocol {protocol:?}: expected one of {}",
-                KNOWN_PROTOCOLS.join(", ")
-            ),
-        );
-    }
+    // Any protocol may be named: a known one's sections are checked here, another one's are
+    // passed to its mapper.
     let mut seen: HashMap<&str, usize> = HashMap::new();
     for (i, p) in m.spec.properties.iter().enumerate() {
         let at = |field: &str| format!("spec.properties[{i}].{field}");
@@ -268,6 +258,7 @@ fn check_device(file: &str, d: &Device, model: Option<&DeviceModel>, report: &mu
         ProtocolConfig::Opcua(c) => c.check(&mut issues),
         ProtocolConfig::Ble(c) => c.check(&mut issues),
         ProtocolConfig::Serial(c) => c.check(&mut issues),
+        ProtocolConfig::Other(_) => {}
     }
     report.issues(file, src, &section, issues);
     if let Some(m) = model {
@@ -378,6 +369,7 @@ fn check_device(file: &str, d: &Device, model: Option<&DeviceModel>, report: &mu
             PropertyVisitor::Opcua(v) => v.check(mp, &mut issues),
             PropertyVisitor::Ble(v) => v.check(mp, &mut issues),
             PropertyVisitor::Serial(v) => v.check(mp, &mut issues),
+            PropertyVisitor::Other(_) => {}
         }
         report.issues(file, src, &visitor_path, issues);
     }

@@ -341,15 +341,71 @@ fn profile_rejects_default_outside_bounds() {
 }
 
 #[test]
-fn profile_rejects_unknown_model_protocol() {
-    let text = MODEL.replace("protocol: modbus", "protocol: zigbee");
+fn profile_accepts_any_protocol_and_passes_its_sections_through_as_written() {
+    let text = "\
+apiVersion: edgetwin/v1
+kind: DeviceModel
+metadata: {name: zb-sensor}
+spec:
+  protocol: zigbee
+  properties:
+    - {name: temperature, type: float, accessMode: ReadOnly}
+---
+apiVersion: edgetwin/v1
+kind: Device
+metadata: {name: zb-1}
+spec:
+  deviceModelRef: zb-sensor
+  protocol:
+    zigbee: {ieee: \"00:12:4b:00:1c:a1:b2:c3\", channel: 15}
+  properties:
+    - name: temperature
+      collectCycle: 10s
+      visitors:
+        zigbee: {cluster: 1026, attribute: 0, scale: 0.01}
+";
+    assert_eq!(one_file(text), vec![]);
+    let docs = parse_str("p.yaml", text).unwrap();
+    let set = validate(&[("p.yaml".into(), docs)], &BTreeMap::new()).unwrap();
+    let device = &set.devices[&"zb-1".parse().unwrap()];
+    assert_eq!(device.protocol_name(), "zigbee");
+    let json: serde_json::Value = serde_json::from_slice(
+        &edgetwin_profile::resolved_json(device, &set.models["zb-sensor"]).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        json["device"]["spec"]["protocol"],
+        serde_json::json!({"zigbee": {"ieee": "00:12:4b:00:1c:a1:b2:c3", "channel": 15}})
+    );
+    assert_eq!(
+        json["device"]["spec"]["properties"][0]["visitors"],
+        serde_json::json!({"zigbee": {"cluster": 1026, "attribute": 0, "scale": 0.01}})
+    );
+}
+
+#[test]
+fn profile_rejects_another_protocol_section_that_is_not_a_mapping_or_not_a_name() {
+    let text = with_model_and_device(&DEVICE.replace(
+        "modbus: {communicateMode: TCP, ip: 192.0.2.10, port: 502, slaveID: 1}",
+        "zigbee: 15",
+    ));
     let errors = one_file(&text);
-    assert_error(
-        &errors,
-        &text,
-        "spec.protocol",
-        "zigbee",
-        "unknown protocol \"zigbee\"",
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.message.contains("must be a mapping")),
+        "{errors:#?}"
+    );
+    let text = with_model_and_device(&DEVICE.replace(
+        "modbus: {communicateMode: TCP, ip: 192.0.2.10, port: 502, slaveID: 1}",
+        "\"zig bee\": {}",
+    ));
+    let errors = one_file(&text);
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.message.contains("cannot name a protocol")),
+        "{errors:#?}"
     );
 }
 
@@ -459,7 +515,7 @@ fn profile_rejects_visitor_for_another_protocol() {
 }
 
 #[test]
-fn profile_rejects_unknown_visitor_protocol() {
+fn profile_rejects_a_visitor_of_another_protocol_than_the_device() {
     let device = DEVICE.replace(
         "modbus: {register: HoldingRegister",
         "zigbee: {register: HoldingRegister",
@@ -467,9 +523,11 @@ fn profile_rejects_unknown_visitor_protocol() {
     let text = with_model_and_device(&device);
     let errors = one_file(&text);
     assert_eq!(errors.len(), 1, "{errors:#?}");
-    assert_eq!(errors[0].path, "spec.properties[0].visitors");
+    assert_eq!(errors[0].path, "spec.properties[0].visitors.zigbee");
     assert!(
-        errors[0].message.contains("unknown variant `zigbee`"),
+        errors[0]
+            .message
+            .contains("the visitor is for zigbee, but the device speaks modbus"),
         "{}",
         errors[0]
     );

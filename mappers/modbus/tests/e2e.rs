@@ -339,6 +339,17 @@ fn modbus_mapper_exception_is_reported_on_the_error_topic_and_the_mapper_keeps_r
     let later = node.twin("meter-1");
     assert_eq!(later["status"]["errors"]["missing"], first, "{later}");
     assert_eq!(later["status"]["state"], "online", "{later}");
+    // ... and in `edgetwin device list`.
+    let out = node.cli(&["device", "list"]);
+    let list = String::from_utf8_lossy(&out.stdout);
+    let row = list
+        .lines()
+        .find(|l| l.contains("meter-1"))
+        .unwrap_or_default();
+    assert!(
+        row.contains("online") && row.contains("missing: device_refused"),
+        "{list}"
+    );
     mapper.assert_running();
 }
 
