@@ -16,6 +16,7 @@
 //! ```
 
 pub mod cache;
+mod check;
 mod device;
 mod duration;
 mod error;

@@ -125,9 +125,15 @@ fn parse_split(file: &str, text: &str) -> Option<Result<Vec<Document>, Vec<Profi
             return None;
         }
         let source = SourceDoc::new(shared.clone(), chunk.range.clone(), chunk.line0, 0);
-        if let Some(e) = document(file, &value, doc, 0, chunk.line0, source, &mut docs) {
-            errors.push(e);
-        }
+        errors.extend(document(
+            file,
+            &value,
+            doc,
+            0,
+            chunk.line0,
+            source,
+            &mut docs,
+        ));
     }
     Some(if errors.is_empty() {
         Ok(docs)
@@ -166,9 +172,7 @@ pub(crate) fn parse_stream(file: &str, text: &str) -> Result<Vec<Document>, Vec<
             }
         };
         let source = SourceDoc::new(shared.clone(), 0..text.len(), 0, index);
-        if let Some(e) = document(file, &value, text, index, 0, source, &mut docs) {
-            errors.push(e);
-        }
+        errors.extend(document(file, &value, text, index, 0, source, &mut docs));
     }
     if errors.is_empty() {
         Ok(docs)
@@ -177,8 +181,9 @@ pub(crate) fn parse_stream(file: &str, text: &str) -> Result<Vec<Document>, Vec<
     }
 }
 
-/// One document read as `value`: pushes it to `docs` typed, or returns its error. The document
-/// is number `index` of `text`, whose first line is line `line0 + 1` of the file.
+/// One document read as `value`: pushes it to `docs` typed, or returns its errors (every one,
+/// [`all_errors`]). The document is number `index` of `text`, whose first line is line
+/// `line0 + 1` of the file.
 fn document(
     file: &str,
     value: &Value,
@@ -187,7 +192,7 @@ fn document(
     line0: usize,
     source: SourceDoc,
     docs: &mut Vec<Document>,
-) -> Option<ProfileError> {
+) -> Vec<ProfileError> {
     let at = |path: &str, message: String| ProfileError {
         file: file.to_owned(),
         line: source.line_of(path),
@@ -196,13 +201,13 @@ fn document(
     };
     let Value::Mapping(map) = value else {
         if !value.is_null() {
-            return Some(at(
+            return vec![at(
                 "",
                 "a profile document must be a mapping with apiVersion, kind, metadata and spec"
                     .into(),
-            ));
+            )];
         }
-        return None;
+        return vec![];
     };
     match map.get("kind") {
         Some(Value::String(k)) if k == "DeviceModel" => {
@@ -210,9 +215,9 @@ fn document(
                 Ok(mut m) => {
                     m.set_source(source);
                     docs.push(Document::DeviceModel(m));
-                    None
+                    vec![]
                 }
-                Err(e) => Some(e),
+                Err(e) => all_errors(e, value, &schemas().0, file, &source),
             }
         }
         Some(Value::String(k)) if k == "Device" => {
@@ -220,23 +225,87 @@ fn document(
                 Ok(mut d) => {
                     d.set_source(source);
                     docs.push(Document::Device(d));
-                    None
+                    vec![]
                 }
-                Err(e) => Some(e),
+                Err(e) => all_errors(e, value, &schemas().1, file, &source),
             }
         }
-        Some(other) => Some(at(
+        Some(other) => vec![at(
             "kind",
             format!(
                 "unknown kind {}, expected DeviceModel or Device",
                 show(other)
             ),
-        )),
-        None => Some(at(
+        )],
+        None => vec![at(
             "",
             "missing field `kind`: expected DeviceModel or Device".into(),
-        )),
+        )],
     }
+}
+
+/// The schemas of a DeviceModel and a Device document, generated once.
+fn schemas() -> &'static (serde_json::Value, serde_json::Value) {
+    static SCHEMAS: std::sync::OnceLock<(serde_json::Value, serde_json::Value)> =
+        std::sync::OnceLock::new();
+    SCHEMAS.get_or_init(|| {
+        (
+            crate::schema::device_model_schema(),
+            crate::schema::device_schema(),
+        )
+    })
+}
+
+/// Every error of a document that did not convert: serde's one error (`first`) and whatever
+/// else the schema walk ([`crate::check`]) finds in the document, each with its line. Where
+/// both name one field, serde's message is kept when it is one of ours (a duration without a
+/// unit says how to write one), the schema's words otherwise ("expected an integer between 1
+/// and 247", not "expected u8").
+fn all_errors(
+    first: ProfileError,
+    value: &Value,
+    schema: &serde_json::Value,
+    file: &str,
+    source: &SourceDoc,
+) -> Vec<ProfileError> {
+    let Ok(json) = serde_json::to_value(value) else {
+        return vec![first];
+    };
+    let problems = crate::check::problems(&json, schema);
+    if problems.is_empty() {
+        return vec![first];
+    }
+    let generic = [
+        "invalid type",
+        "invalid value",
+        "unknown variant",
+        "expected ",
+    ];
+    let ours = !generic.iter().any(|g| first.message.starts_with(g));
+    let mut errors: Vec<ProfileError> = problems
+        .into_iter()
+        .map(|(path, message)| {
+            let message = if ours && path == first.path {
+                first.message.clone()
+            } else {
+                message
+            };
+            ProfileError {
+                file: file.to_owned(),
+                line: source
+                    .line_of(&path)
+                    .or(first.line.filter(|_| path == first.path)),
+                path,
+                message,
+            }
+        })
+        .collect();
+    if !errors.iter().any(|e| e.path == first.path) {
+        errors.push(first);
+    }
+    errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
+    errors.dedup_by(|a, b| a.path == b.path && a.message == b.message);
+    errors
 }
 
 fn show(v: &Value) -> String {

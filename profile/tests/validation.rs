@@ -915,3 +915,49 @@ fn profile_stale_bound_is_two_of_the_shortest_report_intervals_plus_slack() {
     ));
     assert_eq!(d.spec.stale_after(), Some(Duration::from_secs(3)));
 }
+
+#[test]
+fn profile_reports_every_type_error_of_a_document_at_once_in_words() {
+    let device = DEVICE
+        .replace("slaveID: 1}", "slaveID: one}")
+        .replace("offset: 0,", "offset: zero,")
+        .replace("dataType: float32", "dataType: float33")
+        .replace("telemetry: true", "telemetry: true\n      colectCycle: 2s");
+    let text = with_model_and_device(&device);
+    let errors = one_file(&text);
+    assert_eq!(errors.len(), 4, "{errors:#?}");
+    assert_error(
+        &errors,
+        &text,
+        "spec.protocol.modbus.slaveID",
+        "slaveID: one",
+        "expected an integer between 1 and 247, got the text \"one\"",
+    );
+    assert_error(
+        &errors,
+        &text,
+        "spec.properties[0].visitors.modbus.offset",
+        "offset: zero",
+        "expected an integer between 0 and 65535",
+    );
+    assert_error(
+        &errors,
+        &text,
+        "spec.properties[0].visitors.modbus.dataType",
+        "float33",
+        "expected one of `bool`, `int16`",
+    );
+    assert_error(
+        &errors,
+        &text,
+        "spec.properties[0].colectCycle",
+        "colectCycle",
+        "unknown field `colectCycle`",
+    );
+    // No Rust words.
+    for e in &errors {
+        for rust in ["u8", "u16", "map,", "variant"] {
+            assert!(!e.message.contains(rust), "{e}");
+        }
+    }
+}
