@@ -382,6 +382,77 @@ pub fn device_validate(args: &[PathBuf]) -> anyhow::Result<()> {
     bail!("{} error(s) in {} file(s)", errors.len(), files.len())
 }
 
+/// `edgetwin device convert FILE... [--node N] [-o OUT]`: KubeEdge v1beta1 YAML to an edgetwin
+/// profile, checked as the node would load it; the notes go to standard error.
+pub fn device_convert(
+    files: &[PathBuf],
+    node: Option<String>,
+    output: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let opts = edgetwin_profile::kubeedge::ConvertOptions { node };
+    let mut yaml = String::new();
+    let mut errors = Vec::new();
+    let (mut models, mut devices) = (0, 0);
+    for f in files {
+        let name = f.display().to_string();
+        let text = std::fs::read_to_string(f).with_context(|| format!("cannot read {name}"))?;
+        match edgetwin_profile::kubeedge::convert(&name, &text, &opts) {
+            Ok(c) => {
+                for n in &c.notes {
+                    eprintln!("note: {n}");
+                }
+                if !yaml.is_empty() {
+                    yaml.push_str("---\n");
+                }
+                yaml.push_str(&c.yaml);
+                models += c.models;
+                devices += c.devices;
+            }
+            Err(e) => errors.extend(e.iter().map(ToString::to_string)),
+        }
+    }
+    if !errors.is_empty() {
+        for e in &errors {
+            eprintln!("{e}");
+        }
+        bail!("{} error(s); nothing converted", errors.len());
+    }
+    // What it made, checked as the node will load it (a coil read into a float, say, is a
+    // problem KubeEdge does not see).
+    let out_name = output.map_or_else(|| "converted.yaml".to_string(), |p| p.display().to_string());
+    let problems = match edgetwin_profile::parse_str(&out_name, &yaml) {
+        Ok(docs) => {
+            match edgetwin_profile::validate(&[(out_name.clone(), docs)], &Default::default()) {
+                Ok(_) => vec![],
+                // Models from files not converted here are not an error of the conversion.
+                Err(e) => e
+                    .iter()
+                    .filter(|e| !e.message.starts_with("unknown device model"))
+                    .map(ToString::to_string)
+                    .collect(),
+            }
+        }
+        Err(e) => e.iter().map(ToString::to_string).collect(),
+    };
+    match output {
+        Some(p) => {
+            std::fs::write(p, &yaml).with_context(|| format!("cannot write {}", p.display()))?
+        }
+        None => print!("{yaml}"),
+    }
+    for p in &problems {
+        eprintln!("to fix before loading: {p}");
+    }
+    eprintln!("converted {models} model(s) and {devices} device(s)");
+    if !problems.is_empty() {
+        bail!(
+            "{} problem(s) to fix before the node loads it",
+            problems.len()
+        );
+    }
+    Ok(())
+}
+
 /// `edgetwin device apply FILE...`: sends profile files to the node; all or nothing.
 pub async fn device_apply(files: &[PathBuf], args: &BrokerArgs) -> anyhow::Result<()> {
     let mut req = ApplyRequest {

@@ -103,6 +103,20 @@ enum DeviceCommand {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Convert KubeEdge devices.kubeedge.io/v1beta1 DeviceModel and Device YAML to edgetwin
+    /// profile YAML (standard output, or --output); a note per field that has no equal goes
+    /// to standard error.
+    Convert {
+        /// KubeEdge YAML files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// This node's name: devices whose spec.nodeName names another node are left out.
+        #[arg(long)]
+        node: Option<String>,
+        /// Write the profile here instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
     /// Send profile files to a node; all are applied or none.
     Apply {
         /// Profile YAML files.
@@ -213,6 +227,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Device { command } => match command {
             DeviceCommand::Validate { files } => cli::device_validate(&files),
+            DeviceCommand::Convert {
+                files,
+                node,
+                output,
+            } => cli::device_convert(&files, node, output.as_deref()),
             DeviceCommand::Apply { files, broker } => cli::device_apply(&files, &broker).await,
             DeviceCommand::List { json, broker } => cli::device_list(&broker, json).await,
         },

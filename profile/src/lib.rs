@@ -20,6 +20,7 @@ mod check;
 mod device;
 mod duration;
 mod error;
+pub mod kubeedge;
 mod loader;
 mod model;
 mod parse;

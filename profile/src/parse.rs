@@ -209,6 +209,16 @@ fn document(
         }
         return vec![];
     };
+    if let Some(Value::String(api)) = map.get("apiVersion") {
+        if api.starts_with("devices.kubeedge.io/") {
+            return vec![at(
+                "apiVersion",
+                format!(
+                    "{api} is KubeEdge's format: convert the file with `edgetwin device convert {file}` (it notes every field that has no equal here)"
+                ),
+            )];
+        }
+    }
     match map.get("kind") {
         Some(Value::String(k)) if k == "DeviceModel" => {
             match typed_from::<DeviceModel>(value, file, text, index, line0) {

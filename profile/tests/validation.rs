@@ -580,6 +580,26 @@ fn profile_rejects_modbus_non_bool_on_coils() {
 }
 
 #[test]
+fn profile_reads_a_coil_into_an_int_property_as_0_or_1_but_not_into_a_float() {
+    let model = MODEL.replace(
+        "- {name: voltage, type: float, accessMode: ReadOnly, unit: V}",
+        "- {name: voltage, type: int, accessMode: ReadOnly}",
+    );
+    let device = DEVICE.replace(
+        "modbus: {register: HoldingRegister, offset: 0, limit: 2, dataType: float32, isRegisterSwap: true}",
+        "modbus: {register: CoilRegister, offset: 0, dataType: bool}",
+    );
+    assert_eq!(one_file(&format!("{model}---\n{device}")), vec![]);
+    let errors = one_file(&with_model_and_device(&device));
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.message.contains("cannot hold the model's float")),
+        "{errors:#?}"
+    );
+}
+
+#[test]
 fn profile_rejects_writable_property_on_input_register() {
     let device = DEVICE
         .replace("- name: voltage", "- name: setpoint")

@@ -266,17 +266,26 @@ fn scale_to_value(v: &ModbusVisitor, ty: PropertyType, raw: Raw) -> Result<Value
 }
 
 /// Decodes a coil or discrete input.
-pub fn decode_bit(bit: bool) -> Value {
-    Value::Bool(bit)
+pub fn decode_bit(bit: bool, ty: PropertyType) -> Value {
+    match ty {
+        PropertyType::Int => Value::from(u8::from(bit)),
+        _ => Value::Bool(bit),
+    }
 }
 
-/// Encodes a JSON boolean for a coil.
+/// Encodes a JSON boolean (or, for an `int` property, 0 or 1) for a coil.
 pub fn encode_bit(value: &Value) -> Result<bool, CodecError> {
-    value.as_bool().ok_or_else(|| CodecError::WrongType {
-        data_type: "bool",
-        needs: "boolean",
-        got: value.to_string(),
-    })
+    match value {
+        Value::Bool(b) => Ok(*b),
+        Value::Number(n) if n.as_u64() == Some(0) || n.as_u64() == Some(1) => {
+            Ok(n.as_u64() == Some(1))
+        }
+        _ => Err(CodecError::WrongType {
+            data_type: "bool",
+            needs: "boolean (or 0 or 1)",
+            got: value.to_string(),
+        }),
+    }
 }
 
 fn int_range(dt: ModbusDataType) -> (i128, i128) {

@@ -401,7 +401,7 @@ fn answer_value(
         Err(exc) => Err(exception(*exc, op)),
         Ok(Answer::Bits(bits)) => bits
             .get(range.start)
-            .map(|b| codec::decode_bit(*b))
+            .map(|b| codec::decode_bit(*b, it.ty))
             .ok_or_else(|| DriverError::Config(format!("property {}: no bit in answer", it.name))),
         Ok(Answer::Words(words)) => {
             let w = words.get(range).ok_or_else(|| {

@@ -370,6 +370,8 @@ impl ModbusVisitor {
         }
         let ok = match prop.ty {
             PropertyType::Boolean => dt == ModbusDataType::Bool,
+            // A bit read into an `int` is 0 or 1 (as KubeEdge's Modbus mapper reads coils).
+            PropertyType::Int if dt == ModbusDataType::Bool => self.register.is_bit(),
             PropertyType::String => dt == ModbusDataType::String,
             PropertyType::Int | PropertyType::Float => dt.is_numeric(),
             PropertyType::Object => false,
