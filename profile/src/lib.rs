@@ -43,7 +43,8 @@ pub use model::{
 pub use parse::parse_str;
 pub use protocol::{OtherSection, PropertyVisitor, ProtocolConfig};
 pub use set::{
-    model_json, resolved_json, resolved_json_with, Document, ProfileSet, ResolvedDevice,
+    model_json, resolved_json, resolved_json_with, Document, ProfileSet, ProtocolVisitor,
+    ResolvedDevice, VisitorError,
 };
 pub use validate::{validate, validate_refs};
 

@@ -2,11 +2,11 @@
 
 use std::collections::BTreeMap;
 
-use edgetwin_contract::{DeviceId, ProtocolName};
+use edgetwin_contract::{DeviceId, PropertyType, ProtocolName};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::{Device, DeviceModel};
+use crate::{Device, DeviceModel, DeviceProperty, PropertyVisitor};
 
 /// One YAML document of a profile file.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -64,6 +64,70 @@ pub struct ResolvedDevice {
     pub device: Device,
     /// The model it refers to.
     pub model: DeviceModel,
+}
+
+/// A protocol's visitor type: how [`ResolvedDevice::visitor`] takes it out of a
+/// [`PropertyVisitor`].
+pub trait ProtocolVisitor: Sized {
+    /// The protocol's name.
+    const PROTOCOL: &'static str;
+    /// This protocol's visitor, if `v` is one.
+    fn of(v: &PropertyVisitor) -> Option<&Self>;
+}
+
+macro_rules! protocol_visitor {
+    ($ty:ty, $variant:ident, $name:literal) => {
+        impl ProtocolVisitor for $ty {
+            const PROTOCOL: &'static str = $name;
+            fn of(v: &PropertyVisitor) -> Option<&Self> {
+                match v {
+                    PropertyVisitor::$variant(x) => Some(x),
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+protocol_visitor!(crate::protocol::ModbusVisitor, Modbus, "modbus");
+protocol_visitor!(crate::protocol::OpcuaVisitor, Opcua, "opcua");
+protocol_visitor!(crate::protocol::BleVisitor, Ble, "ble");
+protocol_visitor!(crate::protocol::SerialVisitor, Serial, "serial");
+
+/// Why a mapper cannot serve a property of its device.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VisitorError {
+    /// The property has no visitor of the mapper's protocol.
+    #[error("property {property} has no {protocol} visitor")]
+    NoVisitor {
+        /// The property.
+        property: String,
+        /// The mapper's protocol.
+        protocol: &'static str,
+    },
+    /// The property is not in the device's model.
+    #[error("property {0} is not in the device's model")]
+    NotInModel(String),
+}
+
+impl ResolvedDevice {
+    /// The visitor of protocol `V` of one of this device's properties, with the property's type
+    /// in the model: what a mapper needs to read or write it.
+    pub fn visitor<'a, V: ProtocolVisitor>(
+        &self,
+        prop: &'a DeviceProperty,
+    ) -> Result<(&'a V, PropertyType), VisitorError> {
+        let v = V::of(&prop.visitors).ok_or_else(|| VisitorError::NoVisitor {
+            property: prop.name.as_str().to_string(),
+            protocol: V::PROTOCOL,
+        })?;
+        let ty = self
+            .model
+            .property(prop.name.as_str())
+            .map(|p| p.ty)
+            .ok_or_else(|| VisitorError::NotInModel(prop.name.as_str().to_string()))?;
+        Ok((v, ty))
+    }
 }
 
 /// The JSON of a [`ResolvedDevice`] from borrowed parts, so a node with thousands of devices of

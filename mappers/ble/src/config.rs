@@ -2,7 +2,7 @@
 //! `ble` sections. No I/O.
 
 use edgetwin_contract::PropertyType;
-use edgetwin_profile::protocol::{BleVisitor, PropertyVisitor};
+use edgetwin_profile::protocol::BleVisitor;
 use edgetwin_profile::{DeviceProperty, ProtocolConfig, ResolvedDevice};
 
 use crate::codec;
@@ -53,14 +53,10 @@ pub fn property<'a>(
     prop: &'a DeviceProperty,
 ) -> Result<(&'a BleVisitor, PropertyType, CharAddr), ConfigError> {
     let name = prop.name.as_str().to_string();
-    let PropertyVisitor::Ble(v) = &prop.visitors else {
-        return Err(ConfigError::NoVisitor(name));
-    };
-    let ty = device
-        .model
-        .property(prop.name.as_str())
-        .map(|p| p.ty)
-        .ok_or_else(|| ConfigError::NotInModel(name.clone()))?;
+    let (v, ty) = device.visitor::<BleVisitor>(prop).map_err(|e| match e {
+        edgetwin_profile::VisitorError::NoVisitor { .. } => ConfigError::NoVisitor(name.clone()),
+        edgetwin_profile::VisitorError::NotInModel(_) => ConfigError::NotInModel(name.clone()),
+    })?;
     let uuid = |s: &str| {
         codec::parse_uuid(s).map_err(|error| ConfigError::Uuid {
             prop: name.clone(),

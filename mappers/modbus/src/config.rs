@@ -8,9 +8,7 @@ use std::fmt;
 use std::time::Duration;
 
 use edgetwin_contract::PropertyType;
-use edgetwin_profile::protocol::{
-    CommunicateMode, DataBits, ModbusVisitor, Parity, PropertyVisitor, StopBits,
-};
+use edgetwin_profile::protocol::{CommunicateMode, DataBits, ModbusVisitor, Parity, StopBits};
 use edgetwin_profile::{DeviceProperty, ProtocolConfig, ResolvedDevice};
 
 /// Why a device's profile cannot be served by this mapper.
@@ -43,6 +41,17 @@ pub enum ConfigError {
         /// Settings this device asks for.
         wanted: String,
     },
+}
+
+impl From<edgetwin_profile::VisitorError> for ConfigError {
+    fn from(e: edgetwin_profile::VisitorError) -> ConfigError {
+        match e {
+            edgetwin_profile::VisitorError::NoVisitor { property, .. } => {
+                ConfigError::NoVisitor(property)
+            }
+            edgetwin_profile::VisitorError::NotInModel(p) => ConfigError::NotInModel(p),
+        }
+    }
 }
 
 /// Serial line settings of an RTU device.
@@ -141,20 +150,15 @@ pub fn settings(device: &ResolvedDevice) -> Result<ConnSettings, ConfigError> {
     })
 }
 
-/// The Modbus visitor of a property and the type of the model property it feeds.
+/// The modbus visitor of a property and the property's model type (the one accessor of
+/// `edgetwin_profile`, [`ResolvedDevice::visitor`]).
 pub fn property<'a>(
     device: &ResolvedDevice,
     prop: &'a DeviceProperty,
 ) -> Result<(&'a ModbusVisitor, PropertyType), ConfigError> {
-    let PropertyVisitor::Modbus(v) = &prop.visitors else {
-        return Err(ConfigError::NoVisitor(prop.name.as_str().to_string()));
-    };
-    let ty = device
-        .model
-        .property(prop.name.as_str())
-        .map(|p| p.ty)
-        .ok_or_else(|| ConfigError::NotInModel(prop.name.as_str().to_string()))?;
-    Ok((v, ty))
+    device
+        .visitor::<ModbusVisitor>(prop)
+        .map_err(ConfigError::from)
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use edgetwin_contract::PropertyType;
 use edgetwin_profile::protocol::{ModbusDataType, ModbusVisitor, RegisterType};
-use edgetwin_profile::{DeviceProperty, ResolvedDevice};
+use edgetwin_profile::{DeviceProperty, ProtocolVisitor, ResolvedDevice};
 use serde_json::Value;
 use tokio::sync::Mutex;
 use tokio_modbus::client::{rtu, tcp, Client, Context, Reader, Writer};
@@ -72,6 +72,9 @@ pub struct ModbusConn {
     rtu: bool,
     /// Properties read with a request of their own (see the module doc).
     isolated: HashSet<String>,
+    /// Each property's model type and register span, or why it cannot be served: resolved
+    /// once per connection, not at every poll.
+    resolved: HashMap<String, Result<(PropertyType, Span), String>>,
     requests: u64,
 }
 
@@ -433,12 +436,25 @@ impl Driver for ModbusDriver {
             Endpoint::Tcp { host, port } => (self.connect_tcp(host, *port, &s).await?, false),
             Endpoint::Rtu(serial) => (self.connect_rtu(serial, &s)?, true),
         };
+        let resolved = device
+            .device
+            .spec
+            .properties
+            .iter()
+            .map(|p| {
+                let r = config::property(device, p)
+                    .map(|(v, ty)| (ty, Span::of(v)))
+                    .map_err(|e| e.to_string());
+                (p.name.as_str().to_string(), r)
+            })
+            .collect();
         Ok(ModbusConn {
             line,
             slave: s.slave,
             timeout: s.timeout,
             rtu,
             isolated: HashSet::new(),
+            resolved,
             requests: 0,
         })
     }
@@ -484,15 +500,31 @@ impl ModbusDriver {
         let mut results: Vec<Option<Result<Value, DriverError>>> = vec![None; props.len()];
         let mut items: Vec<Item<'_>> = Vec::new();
         for (index, p) in props.iter().enumerate() {
-            match config::property(device, p) {
-                Ok((visitor, ty)) => items.push(Item {
+            let resolved = conn
+                .resolved
+                .get(p.name.as_str())
+                .cloned()
+                .unwrap_or_else(|| {
+                    Err(format!(
+                        "property {} was not in the profile when the device was connected",
+                        p.name.as_str()
+                    ))
+                });
+            match (resolved, ModbusVisitor::of(&p.visitors)) {
+                (Ok((ty, span)), Some(visitor)) => items.push(Item {
                     index,
                     name: p.name.as_str(),
                     visitor,
                     ty,
-                    span: Span::of(visitor),
+                    span,
                 }),
-                Err(e) => results[index] = Some(Err(config_err(e))),
+                (Err(e), _) => results[index] = Some(Err(DriverError::Config(e))),
+                (Ok(_), None) => {
+                    results[index] = Some(Err(DriverError::Config(format!(
+                        "property {} has no modbus visitor",
+                        p.name.as_str()
+                    ))))
+                }
             }
         }
         // Coalesce the rest; isolated properties get a request each.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use edgetwin_contract::PropertyType;
-use edgetwin_profile::protocol::{OpcuaVisitor, PropertyVisitor, SecurityMode, SecurityPolicy};
+use edgetwin_profile::protocol::{OpcuaVisitor, SecurityMode, SecurityPolicy};
 use edgetwin_profile::{DeviceProperty, ProtocolConfig, ResolvedDevice};
 
 /// The collect cycle the SDK uses when a property has none.
@@ -32,6 +32,17 @@ pub enum ConfigError {
         /// What is wrong.
         what: &'static str,
     },
+}
+
+impl From<edgetwin_profile::VisitorError> for ConfigError {
+    fn from(e: edgetwin_profile::VisitorError) -> ConfigError {
+        match e {
+            edgetwin_profile::VisitorError::NoVisitor { property, .. } => {
+                ConfigError::NoVisitor(property)
+            }
+            edgetwin_profile::VisitorError::NotInModel(p) => ConfigError::NotInModel(p),
+        }
+    }
 }
 
 /// How the client authenticates its user.
@@ -133,20 +144,15 @@ pub fn settings(device: &ResolvedDevice) -> Result<ConnSettings, ConfigError> {
     })
 }
 
-/// The OPC UA visitor of a property and the type of the model property it feeds.
+/// The opcua visitor of a property and the property's model type (the one accessor of
+/// `edgetwin_profile`, [`ResolvedDevice::visitor`]).
 pub fn property<'a>(
     device: &ResolvedDevice,
     prop: &'a DeviceProperty,
 ) -> Result<(&'a OpcuaVisitor, PropertyType), ConfigError> {
-    let PropertyVisitor::Opcua(v) = &prop.visitors else {
-        return Err(ConfigError::NoVisitor(prop.name.as_str().to_string()));
-    };
-    let ty = device
-        .model
-        .property(prop.name.as_str())
-        .map(|p| p.property_type())
-        .ok_or_else(|| ConfigError::NotInModel(prop.name.as_str().to_string()))?;
-    Ok((v, ty))
+    device
+        .visitor::<OpcuaVisitor>(prop)
+        .map_err(ConfigError::from)
 }
 
 /// The requested sampling interval of a subscribed property: its `samplingInterval`, else its

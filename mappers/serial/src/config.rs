@@ -8,7 +8,7 @@ use std::fmt;
 use std::time::Duration;
 
 use edgetwin_contract::PropertyType;
-use edgetwin_profile::protocol::{DataBits, Parity, PropertyVisitor, SerialVisitor, StopBits};
+use edgetwin_profile::protocol::{DataBits, Parity, SerialVisitor, StopBits};
 use edgetwin_profile::{DeviceProperty, ProtocolConfig, ResolvedDevice};
 
 /// Why a device's profile cannot be served by this mapper.
@@ -23,6 +23,17 @@ pub enum ConfigError {
     /// A property is not in the device's model.
     #[error("property {0} is not in the device's model")]
     NotInModel(String),
+}
+
+impl From<edgetwin_profile::VisitorError> for ConfigError {
+    fn from(e: edgetwin_profile::VisitorError) -> ConfigError {
+        match e {
+            edgetwin_profile::VisitorError::NoVisitor { property, .. } => {
+                ConfigError::NoVisitor(property)
+            }
+            edgetwin_profile::VisitorError::NotInModel(p) => ConfigError::NotInModel(p),
+        }
+    }
 }
 
 /// Settings of one serial line.
@@ -75,20 +86,15 @@ pub fn settings(device: &ResolvedDevice) -> Result<LineSettings, ConfigError> {
     })
 }
 
-/// The serial visitor of a property and the type of the model property it feeds.
+/// The serial visitor of a property and the property's model type (the one accessor of
+/// `edgetwin_profile`, [`ResolvedDevice::visitor`]).
 pub fn property<'a>(
     device: &ResolvedDevice,
     prop: &'a DeviceProperty,
 ) -> Result<(&'a SerialVisitor, PropertyType), ConfigError> {
-    let PropertyVisitor::Serial(v) = &prop.visitors else {
-        return Err(ConfigError::NoVisitor(prop.name.as_str().to_string()));
-    };
-    let ty = device
-        .model
-        .property(prop.name.as_str())
-        .map(|p| p.ty)
-        .ok_or_else(|| ConfigError::NotInModel(prop.name.as_str().to_string()))?;
-    Ok((v, ty))
+    device
+        .visitor::<SerialVisitor>(prop)
+        .map_err(ConfigError::from)
 }
 
 /// Whether the property's value comes only from lines the device sends on its own (no
