@@ -353,7 +353,7 @@ fn modbus_mapper_exception_is_reported_on_the_error_topic_and_the_mapper_keeps_r
     mapper.assert_running();
 }
 
-/// The meter with `limit`, a setpoint the device clamps to 100 (register 35 of the simulator).
+/// The meter with `limit`, a setpoint the device clamps to 100 (register 48 of the simulator).
 fn clamping_node() -> (Sim, Node) {
     let port = free_port();
     let sim = Sim::tcp(port);
@@ -361,7 +361,7 @@ fn clamping_node() -> (Sim, Node) {
     props.push(rw(
         "limit",
         "int",
-        "{register: HoldingRegister, offset: 35, dataType: uint16}",
+        "{register: HoldingRegister, offset: 48, dataType: uint16}",
     ));
     let node = Node::start_with_profile(&profile_yaml(
         "meter",
@@ -392,16 +392,16 @@ fn modbus_mapper_a_value_the_device_does_not_hold_is_written_three_times_then_le
     assert_eq!(e["code"], "write_not_held", "{t}");
     assert_eq!(e["value"], json!(150), "{t}");
     assert_eq!(t["reported"]["limit"], json!(100), "{t}");
-    assert_eq!(sim.wait_nth_write(1, 35, 3), vec![150]);
+    assert_eq!(sim.wait_nth_write(1, 48, 3), vec![150]);
     // Neither the running mapper nor a restarted one writes it again.
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(writes_to(&sim, 35), 3, "{:?}", sim.writes());
+    assert_eq!(writes_to(&sim, 48), 3, "{:?}", sim.writes());
     mapper.kill9();
     let _again = Mapper::start(&node);
     status(&node, "meter-1", "online", Duration::from_secs(15));
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
-        writes_to(&sim, 35),
+        writes_to(&sim, 48),
         3,
         "written again after a restart: {:?}",
         sim.writes()
@@ -415,7 +415,7 @@ fn modbus_mapper_a_value_the_device_does_not_hold_is_written_three_times_then_le
     node.pub_("dt/meter-1/desired", r#"{"limit": 80}"#);
     let t = node.twin_until("meter-1", |t| t["reported"]["limit"] == json!(80));
     assert!(t["status"].get("errors").is_none(), "{t}");
-    assert_eq!(writes_to(&sim, 35), 4);
+    assert_eq!(writes_to(&sim, 48), 4);
 }
 
 #[test]

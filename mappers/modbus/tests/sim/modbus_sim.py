@@ -28,10 +28,10 @@ Holding registers (and, from address 100, input registers too):
     31    uint16  0x0104          (bool with mask 0x0004 -> true; mask 0x0002 -> false)
     32    int16   -400            (scale 0.1, valueOffset 10 -> -30.0)
     33    uint16  unit id * 111   (tells the units apart)
-    34    uint16  0               (writable scratch)
-    35    uint16  0               (a limit the device clamps: takes any write, reads back at
+    34-47 uint16  0               (writable scratch)
+    48    uint16  0               (a limit the device clamps: takes any write, reads back at
                                    most 100, as a device that limits its own setpoint)
-    36-49 uint16  0               (writable scratch)
+    49    uint16  0               (writable scratch)
     50-99 invalid
     100-199 uint16 = address      (many small properties, for coalescing and the benchmark)
 Input registers: 0-1 float32 21.75 (the testkit thermostat's temperature), 100-199 as above.
@@ -102,7 +102,7 @@ def device(unit, action):
 
 
 TICKING = "--ticking" in sys.argv
-CLAMPED, CLAMP_MAX = 35, 100
+CLAMPED, CLAMP_MAX = 48, 100
 
 
 def make_action(unit):
