@@ -341,6 +341,34 @@ pub struct GetResult {
     pub twin: TwinDoc,
 }
 
+/// `mappers/{protocol}/discover`: a commissioning scan for that protocol's mapper.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DiscoverRequest {
+    /// Request id, echoed in the result.
+    pub id: String,
+    /// What to scan, in the protocol's terms (the Modbus mapper: `tcp` or `serial`, `units`,
+    /// register ranges).
+    pub target: Value,
+}
+
+/// `mappers/{protocol}/discover/result`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DiscoverResult {
+    /// The request's id.
+    pub id: String,
+    /// Whether the scan ran (finding nothing is still `true`).
+    pub ok: bool,
+    /// A draft profile (YAML) of what was found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+    /// What was found, in words (one line each).
+    #[serde(default)]
+    pub found: Vec<String>,
+    /// Why the scan could not run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// What became of a desired patch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]

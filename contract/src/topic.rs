@@ -31,6 +31,10 @@ pub enum Topic {
     MapperStatus(ProtocolName),
     /// `mappers/{protocol}/metrics`: a mapper's counters, re-exported on the node's `/metrics`.
     MapperMetrics(ProtocolName),
+    /// `mappers/{protocol}/discover`: a commissioning scan for that protocol's mapper.
+    MapperDiscover(ProtocolName),
+    /// `mappers/{protocol}/discover/result`: what the scan found.
+    MapperDiscoverResult(ProtocolName),
     /// `node/containers/cmd`: container command.
     ContainersCmd,
     /// `node/containers/result`: container command result.
@@ -103,6 +107,8 @@ impl Topic {
             Topic::MapperDevice(p, d) => format!("mappers/{p}/devices/{d}"),
             Topic::MapperStatus(p) => format!("mappers/{p}/status"),
             Topic::MapperMetrics(p) => format!("mappers/{p}/metrics"),
+            Topic::MapperDiscover(p) => format!("mappers/{p}/discover"),
+            Topic::MapperDiscoverResult(p) => format!("mappers/{p}/discover/result"),
             Topic::ContainersCmd => "node/containers/cmd".into(),
             Topic::ContainersResult => "node/containers/result".into(),
             Topic::ContainersStatus => "node/containers/status".into(),
@@ -132,6 +138,8 @@ impl Topic {
             ["mappers", p, "devices", d] => Topic::MapperDevice(proto(p)?, dev(d)?),
             ["mappers", p, "status"] => Topic::MapperStatus(proto(p)?),
             ["mappers", p, "metrics"] => Topic::MapperMetrics(proto(p)?),
+            ["mappers", p, "discover"] => Topic::MapperDiscover(proto(p)?),
+            ["mappers", p, "discover", "result"] => Topic::MapperDiscoverResult(proto(p)?),
             ["node", "containers", "cmd"] => Topic::ContainersCmd,
             ["node", "containers", "result"] => Topic::ContainersResult,
             ["node", "containers", "status"] => Topic::ContainersStatus,

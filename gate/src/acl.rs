@@ -81,7 +81,12 @@ pub fn bounded_by_registry(topic: &str, dir: &dyn DeviceDirectory) -> bool {
     }
 }
 
-const ENGINEER_READ: &[&str] = &["dt/#", "mappers/+/status", "node/#"];
+const ENGINEER_READ: &[&str] = &[
+    "dt/#",
+    "mappers/+/status",
+    "mappers/+/discover/result",
+    "node/#",
+];
 const APP_READ: &[&str] = &["dt/#"];
 
 /// May a client of `role` publish to `topic` (a topic name, no wildcards)?
@@ -93,14 +98,22 @@ pub fn may_publish(role: &Role, topic: &str, dir: &dyn DeviceDirectory) -> bool 
         Role::Admin => true,
         Role::Engineer => matches!(
             Topic::parse(topic),
-            Some(Topic::Desired(_) | Topic::Get(_) | Topic::DevicesApply | Topic::DevicesList)
+            Some(
+                Topic::Desired(_)
+                    | Topic::Get(_)
+                    | Topic::DevicesApply
+                    | Topic::DevicesList
+                    | Topic::MapperDiscover(_)
+            )
         ),
         Role::App => matches!(Topic::parse(topic), Some(Topic::Desired(_) | Topic::Get(_))),
         Role::Mapper(p) => match Topic::parse(topic) {
             Some(Topic::Reported(d) | Topic::Status(d) | Topic::Telemetry(d) | Topic::Error(d)) => {
                 serves(dir, p, &d)
             }
-            Some(Topic::MapperStatus(q) | Topic::MapperMetrics(q)) => &q == p,
+            Some(
+                Topic::MapperStatus(q) | Topic::MapperMetrics(q) | Topic::MapperDiscoverResult(q),
+            ) => &q == p,
             _ => false,
         },
     }
@@ -127,6 +140,7 @@ pub fn may_subscribe(role: &Role, filter: &str, dir: &dyn DeviceDirectory) -> bo
                     *q == p.as_str() && (*d == "+" || DeviceId::new(*d).is_ok())
                 }
                 ["dt", "+", "delta"] => true,
+                ["mappers", q, "discover"] => *q == p.as_str(),
                 ["dt", d, "delta"] => DeviceId::new(*d).is_ok_and(|d| serves(dir, p, &d)),
                 _ => false,
             }
@@ -142,7 +156,7 @@ pub fn may_receive(role: &Role, topic: &str, dir: &dyn DeviceDirectory) -> bool 
         Role::Engineer => ENGINEER_READ.iter().any(|p| topic_matches(p, topic)),
         Role::App => APP_READ.iter().any(|p| topic_matches(p, topic)),
         Role::Mapper(p) => match Topic::parse(topic) {
-            Some(Topic::MapperDevice(q, _)) => &q == p,
+            Some(Topic::MapperDevice(q, _) | Topic::MapperDiscover(q)) => &q == p,
             Some(Topic::Delta(d)) => serves(dir, p, &d),
             _ => false,
         },
@@ -325,6 +339,22 @@ mod tests {
         ] {
             assert!(!may_publish(&Role::Engineer, t, &d), "{t}");
         }
+    }
+
+    #[test]
+    fn acl_discovery_goes_from_engineers_to_the_protocols_mapper_and_back() {
+        let d = dir();
+        let (e, m, other) = (Role::Engineer, mapper("modbus"), mapper("opcua"));
+        assert!(may_publish(&e, "mappers/modbus/discover", &d));
+        assert!(may_subscribe(&e, "mappers/modbus/discover/result", &d));
+        assert!(may_receive(&e, "mappers/modbus/discover/result", &d));
+        assert!(!may_publish(&Role::App, "mappers/modbus/discover", &d));
+        assert!(may_subscribe(&m, "mappers/modbus/discover", &d));
+        assert!(may_receive(&m, "mappers/modbus/discover", &d));
+        assert!(may_publish(&m, "mappers/modbus/discover/result", &d));
+        assert!(!may_subscribe(&other, "mappers/modbus/discover", &d));
+        assert!(!may_receive(&other, "mappers/modbus/discover", &d));
+        assert!(!may_publish(&other, "mappers/modbus/discover/result", &d));
     }
 
     #[test]

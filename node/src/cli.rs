@@ -453,6 +453,66 @@ pub fn device_convert(
     Ok(())
 }
 
+/// `edgetwin discover PROTOCOL ...`: asks the protocol's mapper to scan `target` and prints (or
+/// writes) the draft profile it answers with; what it found goes to standard error.
+pub async fn discover(
+    protocol: &str,
+    target: Value,
+    output: Option<&std::path::Path>,
+    args: &BrokerArgs,
+) -> anyhow::Result<()> {
+    let protocol = edgetwin_contract::ProtocolName::new(protocol).map_err(|e| anyhow!("{e}"))?;
+    let mut s = Session::connect(args).await?;
+    // No mapper, no scan: say so now rather than after the scan's timeout.
+    let status_topic = Topic::MapperStatus(protocol.clone()).to_topic_string();
+    s.subscribe(std::slice::from_ref(&status_topic)).await?;
+    let waiting = format!("retained {status_topic} (is the {protocol} mapper running?)");
+    let (_, status) = s.next_message(&waiting).await?;
+    let online = serde_json::from_slice::<edgetwin_contract::MapperStatusMsg>(&status)
+        .is_ok_and(|m| m.state == edgetwin_contract::MapperState::Online);
+    if !online {
+        bail!("the {protocol} mapper is not online on this node ({status_topic}); start it first");
+    }
+    let result_topic = Topic::MapperDiscoverResult(protocol.clone()).to_topic_string();
+    s.subscribe(std::slice::from_ref(&result_topic)).await?;
+    let id = request_id();
+    s.publish(
+        Topic::MapperDiscover(protocol.clone()).to_topic_string(),
+        serde_json::to_vec(&edgetwin_contract::DiscoverRequest {
+            id: id.clone(),
+            target,
+        })?,
+    )
+    .await?;
+    // A scan takes as long as it takes (the mapper gives up after 120 s).
+    s.timeout = s.timeout.max(Duration::from_secs(130));
+    let waiting = format!("answer on {result_topic} (the {protocol} mapper's scan)");
+    let r = loop {
+        let (_, payload) = s.next_message(&waiting).await?;
+        match serde_json::from_slice::<edgetwin_contract::DiscoverResult>(&payload) {
+            Ok(r) if r.id == id => break r,
+            _ => continue,
+        }
+    };
+    if !r.ok {
+        bail!("scan failed: {}", r.error.unwrap_or_default());
+    }
+    for f in &r.found {
+        eprintln!("found: {f}");
+    }
+    if r.found.is_empty() {
+        eprintln!("found nothing");
+    }
+    let profile = r.profile.unwrap_or_default();
+    match output {
+        Some(p) => {
+            std::fs::write(p, &profile).with_context(|| format!("cannot write {}", p.display()))?
+        }
+        None => print!("{profile}"),
+    }
+    Ok(())
+}
+
 /// `edgetwin device apply FILE...`: sends profile files to the node; all or nothing.
 pub async fn device_apply(files: &[PathBuf], args: &BrokerArgs) -> anyhow::Result<()> {
     let mut req = ApplyRequest {

@@ -38,10 +38,57 @@ enum Command {
         #[command(subcommand)]
         command: DeviceCommand,
     },
+    /// Find devices for commissioning: the protocol's mapper scans and answers with a draft
+    /// profile to edit and apply.
+    Discover {
+        #[command(subcommand)]
+        command: DiscoverCommand,
+    },
     /// Manage the gate's users (credentials file with hashed passwords).
     User {
         #[command(subcommand)]
         command: UserCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DiscoverCommand {
+    /// Scan a Modbus TCP endpoint or serial line for unit ids and registers (bounded: the unit
+    /// ids and ranges given, at most 2000 requests, a pause between them). The node's Modbus
+    /// mapper does the scan (on RTU it already holds the line).
+    Modbus {
+        /// `host:port` of a Modbus TCP device or gateway.
+        #[arg(long, conflicts_with = "serial", required_unless_present = "serial")]
+        tcp: Option<String>,
+        /// A serial port (Modbus RTU), as the mapper's host sees it.
+        #[arg(long)]
+        serial: Option<String>,
+        /// Baud rate of the serial line.
+        #[arg(long, requires = "serial")]
+        baud: Option<u32>,
+        /// Unit ids to try: `1-10`, `1,3,7`.
+        #[arg(long, default_value = "1-10")]
+        units: String,
+        /// Holding registers to scan, e.g. `0-99` (default, with input 0-99, when no range is given).
+        #[arg(long)]
+        holding: Option<String>,
+        /// Input registers to scan.
+        #[arg(long)]
+        input: Option<String>,
+        /// Coils to scan.
+        #[arg(long)]
+        coils: Option<String>,
+        /// Discrete inputs to scan.
+        #[arg(long)]
+        discrete: Option<String>,
+        /// Prefix of the draft's model and device names.
+        #[arg(long, default_value = "discovered")]
+        name: String,
+        /// Write the draft profile here instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        broker: cli::BrokerArgs,
     },
 }
 
@@ -224,6 +271,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             println!("user {name} saved in {}", credentials.display());
             Ok(())
+        }
+        Command::Discover {
+            command:
+                DiscoverCommand::Modbus {
+                    tcp,
+                    serial,
+                    baud,
+                    units,
+                    holding,
+                    input,
+                    coils,
+                    discrete,
+                    name,
+                    output,
+                    broker,
+                },
+        } => {
+            let mut target = serde_json::json!({"units": units, "name": name});
+            if let Some(t) = tcp {
+                target["tcp"] = t.into();
+            }
+            if let Some(path) = serial {
+                target["serial"] = serde_json::json!({"path": path, "baudRate": baud});
+            }
+            for (key, range) in [
+                ("holding", holding),
+                ("input", input),
+                ("coils", coils),
+                ("discrete", discrete),
+            ] {
+                if let Some(r) = range {
+                    target[key] = r.into();
+                }
+            }
+            cli::discover("modbus", target, output.as_deref(), &broker).await
         }
         Command::Device { command } => match command {
             DeviceCommand::Validate { files } => cli::device_validate(&files),

@@ -18,7 +18,7 @@
 //! * **Counting**: every request sent is counted per connection ([`ModbusConn::requests`]) and per
 //!   driver ([`ModbusDriver::requests`]), so coalesced and per-property polling can be compared.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, Weak};
 use std::time::Duration;
@@ -35,8 +35,10 @@ use tokio_serial::SerialPortBuilderExt;
 
 use crate::codec::{self, CodecError, PlanLimits, Span};
 use crate::config::{self, ConfigError, ConnSettings, Endpoint, SerialSettings};
+use crate::discover;
 use edgetwin_mapper_sdk::{
-    read_result, written, Driver, DriverError, LinkLost, PropertyResult, ReadResult, Reading,
+    read_result, written, Discovered, Driver, DriverError, LinkLost, PropertyResult, ReadResult,
+    Reading,
 };
 
 /// The Modbus TCP/RTU driver. One value serves every Modbus device of the mapper.
@@ -430,6 +432,20 @@ impl Driver for ModbusDriver {
         Some(conn.requests())
     }
 
+    async fn discover(&self, target: &Value) -> Result<Discovered, String> {
+        let req: discover::ScanRequest =
+            serde_json::from_value(target.clone()).map_err(|e| format!("the scan request: {e}"))?;
+        let found = self.scan(&req, discover::Limits::default()).await?;
+        let lines = found
+            .iter()
+            .map(|(unit, regs)| format!("unit {unit}: {} register(s) and bit(s)", regs.len()))
+            .collect();
+        Ok(Discovered {
+            profile: discover::draft(&req, &found)?,
+            found: lines,
+        })
+    }
+
     async fn connect(&self, device: &ResolvedDevice) -> Result<ModbusConn, DriverError> {
         let s = config::settings(device).map_err(config_err)?;
         let (line, rtu) = match &s.endpoint {
@@ -617,5 +633,182 @@ impl ModbusDriver {
             Ok(_) => Ok(()),
             Err(exc) => Err(exception(exc, &op)),
         }
+    }
+}
+
+impl ModbusDriver {
+    /// Scans for units and registers (see [`crate::discover`]): what answered, per unit.
+    pub async fn scan(
+        &self,
+        req: &discover::ScanRequest,
+        limits: discover::Limits,
+    ) -> Result<BTreeMap<u8, discover::Found>, String> {
+        use discover::Table;
+        let plan = discover::plan(req)?;
+        let endpoint = match (&req.tcp, &req.serial) {
+            (Some(hp), _) => {
+                let (host, port) = hp
+                    .rsplit_once(':')
+                    .ok_or_else(|| format!("tcp {hp:?}: expected host:port"))?;
+                let port = port
+                    .parse()
+                    .map_err(|_| format!("tcp {hp:?}: the port must be a number"))?;
+                Endpoint::Tcp {
+                    host: host.to_string(),
+                    port,
+                }
+            }
+            (None, Some(s)) => Endpoint::Rtu(SerialSettings {
+                path: s.path.clone(),
+                baud_rate: s.baud_rate.unwrap_or(9600),
+                data_bits: Default::default(),
+                parity: Default::default(),
+                stop_bits: Default::default(),
+            }),
+            (None, None) => return Err("no target".into()),
+        };
+        let rtu = matches!(endpoint, Endpoint::Rtu(_));
+        let settings = ConnSettings {
+            endpoint,
+            slave: plan.units.first().copied().unwrap_or(1),
+            timeout: limits.timeout,
+        };
+        let mut conn = ModbusConn {
+            line: self.open_line(&settings).await.map_err(|e| e.to_string())?,
+            slave: settings.slave,
+            timeout: limits.timeout,
+            rtu,
+            isolated: HashSet::new(),
+            resolved: HashMap::new(),
+            requests: 0,
+        };
+        let mut budget = limits.max_requests;
+        let mut found = BTreeMap::new();
+        'units: for unit in plan.units {
+            conn.slave = unit;
+            let mut regs = discover::Found::new();
+            let mut present = false;
+            for (table, range) in &plan.ranges {
+                let register = match table {
+                    Table::Holding => RegisterType::HoldingRegister,
+                    Table::Input => RegisterType::InputRegister,
+                    Table::Coils => RegisterType::CoilRegister,
+                    Table::Discrete => RegisterType::DiscreteInputRegister,
+                };
+                let mut start = *range.start();
+                loop {
+                    let count = (discover::BLOCK - 1).min(range.end() - start) + 1;
+                    let answer = self
+                        .scan_request(
+                            &mut conn,
+                            &Op::Read(register, start, count),
+                            &mut budget,
+                            limits,
+                            &settings,
+                        )
+                        .await?;
+                    match answer {
+                        // Silent, or a gateway saying nothing is behind it: no such unit.
+                        None => {
+                            if !present {
+                                tracing::debug!(unit, "no answer; unit absent");
+                                continue 'units;
+                            }
+                        }
+                        Some(Ok(a)) => {
+                            present = true;
+                            insert(&mut regs, *table, start, &a);
+                        }
+                        Some(Err(_)) => {
+                            // The unit answered: it is there, but not every address of the
+                            // block is. One by one, then.
+                            present = true;
+                            for addr in start..start + count {
+                                let one = self
+                                    .scan_request(
+                                        &mut conn,
+                                        &Op::Read(register, addr, 1),
+                                        &mut budget,
+                                        limits,
+                                        &settings,
+                                    )
+                                    .await?;
+                                if let Some(Ok(a)) = one {
+                                    insert(&mut regs, *table, addr, &a);
+                                }
+                            }
+                        }
+                    }
+                    if start + count > *range.end() {
+                        break;
+                    }
+                    start += count;
+                }
+            }
+            if present {
+                tracing::info!(unit, registers = regs.len(), "unit found");
+                found.insert(unit, regs);
+            }
+        }
+        Ok(found)
+    }
+
+    /// One scan request within the budget, after the pause. `None`: no answer (timeout, link
+    /// error, or an exception meaning no such unit); the line is reopened when it broke.
+    async fn scan_request(
+        &self,
+        conn: &mut ModbusConn,
+        op: &Op,
+        budget: &mut u32,
+        limits: discover::Limits,
+        settings: &ConnSettings,
+    ) -> Result<Option<Outcome>, String> {
+        if *budget == 0 {
+            return Err(format!(
+                "stopped after {} requests (the scan's limit): ask for fewer units or registers",
+                limits.max_requests
+            ));
+        }
+        *budget -= 1;
+        tokio::time::sleep(limits.pause).await;
+        let answer = match self.request(conn, op).await {
+            Ok(Err(
+                ExceptionCode::GatewayPathUnavailable
+                | ExceptionCode::GatewayTargetDevice
+                | ExceptionCode::ServerDeviceFailure,
+            )) => None,
+            Ok(outcome) => Some(outcome),
+            Err(_) => None,
+        };
+        if conn.line.broken.load(Ordering::Relaxed) {
+            // A late answer would be taken for the next request's (TCP): start afresh.
+            conn.line = self.open_line(settings).await.map_err(|e| e.to_string())?;
+        }
+        Ok(answer)
+    }
+}
+
+impl ModbusDriver {
+    async fn open_line(&self, s: &ConnSettings) -> Result<Arc<Line>, DriverError> {
+        match &s.endpoint {
+            Endpoint::Tcp { host, port } => self.connect_tcp(host, *port, s).await,
+            Endpoint::Rtu(serial) => self.connect_rtu(serial, s),
+        }
+    }
+}
+
+fn insert(regs: &mut discover::Found, table: discover::Table, start: u16, a: &Answer) {
+    match a {
+        Answer::Words(ws) => {
+            for (i, w) in ws.iter().enumerate() {
+                regs.insert((table, start + i as u16), *w);
+            }
+        }
+        Answer::Bits(bs) => {
+            for (i, b) in bs.iter().enumerate() {
+                regs.insert((table, start + i as u16), u16::from(*b));
+            }
+        }
+        Answer::Done => {}
     }
 }

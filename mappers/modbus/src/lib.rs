@@ -4,6 +4,7 @@
 
 pub mod codec;
 pub mod config;
+pub mod discover;
 pub mod driver;
 
 pub use driver::{ModbusConn, ModbusDriver};

@@ -628,3 +628,83 @@ fn modbus_mapper_serves_kubeedge_sample_devices_converted_with_device_convert() 
         t["reported"]["temperature"] == json!(0)
     });
 }
+
+#[test]
+fn modbus_discover_finds_the_simulators_units_and_registers_as_a_draft_that_serves_them() {
+    // The simulator serves units 1 and 2 with holding registers 0-49 (50-99 invalid) and input
+    // registers 0-1; unit 3 is not there.
+    let port = free_port();
+    let sim = Sim::tcp(port);
+    let node = Node::start(&[]);
+    let mut mapper = Mapper::start(&node);
+    node.retained_until("mappers/modbus/status", Duration::from_secs(15), |v| {
+        v.is_some_and(|v| v["state"] == "online")
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let draft = dir.path().join("draft.yaml");
+    let out = node.cli(&[
+        "discover",
+        "modbus",
+        "--tcp",
+        &format!("127.0.0.1:{port}"),
+        "--units",
+        "1-3",
+        "--holding",
+        "0-59",
+        "--input",
+        "0-9",
+        "-o",
+        draft.to_str().unwrap(),
+    ]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}\n{}", mapper.log());
+    assert!(
+        said.contains("unit 1: 52 register") && said.contains("unit 2: 52 register"),
+        "{said}"
+    );
+    assert!(!said.contains("unit 3"), "{said}");
+    let yaml = std::fs::read_to_string(&draft).unwrap();
+    assert!(
+        yaml.contains("name: hr49") && !yaml.contains("name: hr50"),
+        "{yaml}"
+    );
+    assert!(
+        yaml.contains("name: ir1") && !yaml.contains("name: ir2"),
+        "{yaml}"
+    );
+    assert!(yaml.contains("# read 54321"), "{yaml}");
+    // No write reached the device: a scan only reads.
+    assert!(sim.writes().is_empty(), "{:?}", sim.writes());
+    let out = node.cli(&["device", "validate", draft.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Applied, the draft's devices are served with the simulator's values.
+    let out = node.cli(&["device", "apply", draft.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    node.twin_until("discovered-u1", |t| t["reported"]["hr9"] == json!(54321));
+    node.twin_until("discovered-u2", |t| t["reported"]["hr33"] == json!(222));
+    mapper.assert_running();
+}
+
+#[test]
+fn modbus_discover_without_a_mapper_says_so_at_once() {
+    let node = Node::start(&[]);
+    let out = node.cli(&[
+        "discover",
+        "modbus",
+        "--tcp",
+        "127.0.0.1:1",
+        "--timeout-ms",
+        "2000",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("mappers/modbus/status"), "{err}");
+}

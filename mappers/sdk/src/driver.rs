@@ -75,6 +75,15 @@ impl Reading {
     }
 }
 
+/// What a discovery scan found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Discovered {
+    /// A draft profile of it (edgetwin YAML), for the engineer to edit and apply.
+    pub profile: String,
+    /// A line per device found, in words.
+    pub found: Vec<String>,
+}
+
 /// One property's result inside a working link.
 pub type PropertyResult<T> = Result<T, Refusal>;
 
@@ -144,6 +153,20 @@ pub trait Driver: Send + Sync + 'static {
     fn pushed(&self, conn: &mut Self::Conn) -> Option<mpsc::Receiver<Pushed>> {
         let _ = conn;
         None
+    }
+
+    /// Optional: a commissioning scan (`edgetwin discover <protocol>`): `target` says what to
+    /// scan in the protocol's terms; the answer is a draft profile (YAML) and a line per thing
+    /// found. It runs beside the device tasks (on a serial line the driver already holds, it
+    /// shares it). The default says this mapper cannot discover.
+    fn discover(&self, target: &Value) -> impl Future<Output = Result<Discovered, String>> + Send {
+        let _ = target;
+        async {
+            Err(format!(
+                "the {} mapper cannot discover devices",
+                self.protocol()
+            ))
+        }
     }
 
     /// Optional: how many protocol requests this connection has sent so far (cumulative), so the

@@ -35,8 +35,8 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Parser};
 pub use driver::{
-    ordered, read_result, shortest_f32, written, Driver, DriverError, LinkLost, PropertyResult,
-    Pushed, ReadResult, Reading, Refusal, PUSH_QUEUE,
+    ordered, read_result, shortest_f32, written, Discovered, Driver, DriverError, LinkLost,
+    PropertyResult, Pushed, ReadResult, Reading, Refusal, PUSH_QUEUE,
 };
 pub use runtime::{run, RuntimeError, RuntimeOptions, TlsFiles};
 use tokio_util::sync::CancellationToken;

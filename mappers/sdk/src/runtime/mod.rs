@@ -26,8 +26,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use edgetwin_contract::{
-    DeltaMsg, DeviceId, DeviceState, DeviceStatusMsg, MapperState, MapperStatusMsg, ProtocolName,
-    Topic,
+    DeltaMsg, DeviceId, DeviceState, DeviceStatusMsg, DiscoverRequest, DiscoverResult, MapperState,
+    MapperStatusMsg, ProtocolName, Topic,
 };
 use edgetwin_profile::ResolvedDevice;
 use rumqttc::{
@@ -312,7 +312,11 @@ pub async fn run<D: Driver>(driver: D, opts: RuntimeOptions) -> Result<(), Runti
                 Some(Packet::ConnAck(_)) => {
                     info!(protocol = %protocol, "connected to the broker; subscribing");
                     // The filters of `Topic::MapperDevice` and `Topic::Delta`.
-                    let filters = [format!("mappers/{protocol}/devices/+"), "dt/+/delta".to_string()];
+                    let filters = [
+                        format!("mappers/{protocol}/devices/+"),
+                        "dt/+/delta".to_string(),
+                        Topic::MapperDiscover(protocol.clone()).to_topic_string(),
+                    ];
                     for f in filters {
                         if let Err(e) = client.try_subscribe(&f, QoS::AtLeastOnce) {
                             error!(filter = %f, error = %e, "cannot subscribe");
@@ -419,6 +423,9 @@ struct Handle {
     join: JoinHandle<()>,
 }
 
+/// The longest a discovery scan may run.
+pub const DISCOVER_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Most deltas parked for devices not assigned (yet); deltas of other protocols' devices also
 /// arrive on `dt/+/delta`, so this bounds the memory they can take.
 const MAX_PARKED: usize = 10_000;
@@ -441,8 +448,56 @@ impl<D: Driver> Dispatcher<D> {
         match Topic::parse(topic) {
             Some(Topic::MapperDevice(p, d)) if p == self.protocol => self.assign(d, payload),
             Some(Topic::Delta(d)) => self.delta(d, payload),
+            Some(Topic::MapperDiscover(p)) if p == self.protocol => self.discover(payload),
             _ => debug!(topic, "ignoring message"),
         }
+    }
+
+    /// Runs a commissioning scan beside the device tasks and publishes what it found.
+    fn discover(&mut self, payload: &[u8]) {
+        let req: DiscoverRequest = match serde_json::from_slice(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "discovery request is not {{\"id\", \"target\"}}; ignored");
+                return;
+            }
+        };
+        info!(id = %req.id, target = %req.target, "discovery requested");
+        let (driver, out, token) = (self.driver.clone(), self.out.clone(), self.root.clone());
+        let topic = Topic::MapperDiscoverResult(self.protocol.clone()).to_topic_string();
+        self.tracker.spawn(async move {
+            let scan = tokio::time::timeout(DISCOVER_TIMEOUT, driver.discover(&req.target));
+            let result = tokio::select! {
+                _ = token.cancelled() => Err("the mapper is stopping".to_string()),
+                r = scan => r.unwrap_or_else(|_| Err(format!(
+                    "the scan took longer than {} s; ask for fewer units or registers",
+                    DISCOVER_TIMEOUT.as_secs()
+                ))),
+            };
+            let msg = match result {
+                Ok(d) => {
+                    info!(id = %req.id, found = d.found.len(), "discovery done");
+                    DiscoverResult {
+                        id: req.id,
+                        ok: true,
+                        profile: Some(d.profile),
+                        found: d.found,
+                        error: None,
+                    }
+                }
+                Err(e) => {
+                    warn!(id = %req.id, error = %e, "discovery failed");
+                    DiscoverResult {
+                        id: req.id,
+                        ok: false,
+                        profile: None,
+                        found: Vec::new(),
+                        error: Some(e),
+                    }
+                }
+            };
+            out.json(&topic, &msg, false);
+        });
     }
 
     fn assign(&mut self, id: DeviceId, payload: &[u8]) {
