@@ -41,7 +41,11 @@ fn check(
         return Err(err("must start with a letter or digit"));
     }
     if !chars.all(|c| c.is_ascii_alphanumeric() || rest_extra.contains(&c)) {
-        return Err(err("may only contain letters, digits, '_', '.' and '-'"));
+        return Err(err(if rest_extra.contains(&'.') {
+            "may only contain letters, digits, '_', '.' and '-'"
+        } else {
+            "may only contain letters, digits, '_' and '-'"
+        }));
     }
     Ok(())
 }

@@ -53,6 +53,43 @@ enum Command {
 
 #[derive(Subcommand)]
 enum DiscoverCommand {
+    /// Browse an OPC UA server's address space for variables (bounded: from --root, at most
+    /// --depth levels and --max-nodes nodes; the standard Server object left out). The node's
+    /// OPC UA mapper does the browse.
+    Opcua {
+        /// The server, `opc.tcp://host:port/path`.
+        #[arg(long)]
+        url: String,
+        /// Security policy: None or Basic256Sha256.
+        #[arg(long)]
+        security_policy: Option<String>,
+        /// Security mode: None, Sign or SignAndEncrypt.
+        #[arg(long)]
+        security_mode: Option<String>,
+        /// User name at the server.
+        #[arg(long)]
+        server_user: Option<String>,
+        /// File with that user's password, on the mapper's host.
+        #[arg(long, requires = "server_user")]
+        server_password_file: Option<String>,
+        /// Where to start browsing (default the Objects folder, i=85).
+        #[arg(long)]
+        root: Option<String>,
+        /// Levels below the root.
+        #[arg(long, default_value_t = 4)]
+        depth: u32,
+        /// Nodes in all.
+        #[arg(long, default_value_t = 500)]
+        max_nodes: usize,
+        /// Name of the draft's model and device.
+        #[arg(long, default_value = "discovered-opcua")]
+        name: String,
+        /// Write the draft profile here instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        broker: cli::BrokerArgs,
+    },
     /// Scan a Modbus TCP endpoint or serial line for unit ids and registers (bounded: the unit
     /// ids and ranges given, at most 2000 requests, a pause between them). The node's Modbus
     /// mapper does the scan (on RTU it already holds the line).
@@ -274,6 +311,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Discover {
             command:
+                DiscoverCommand::Opcua {
+                    url,
+                    security_policy,
+                    security_mode,
+                    server_user,
+                    server_password_file,
+                    root,
+                    depth,
+                    max_nodes,
+                    name,
+                    output,
+                    broker,
+                },
+        } => {
+            let mut target = serde_json::json!({"url": url, "depth": depth, "maxNodes": max_nodes, "name": name});
+            for (key, v) in [
+                ("securityPolicy", security_policy),
+                ("securityMode", security_mode),
+                ("userName", server_user),
+                ("passwordFile", server_password_file),
+                ("root", root),
+            ] {
+                if let Some(v) = v {
+                    target[key] = v.into();
+                }
+            }
+            cli::discover("opcua", target, output.as_deref(), &broker).await
+        }
+        Command::Discover {
+            command:
                 DiscoverCommand::Modbus {
                     tcp,
                     serial,
@@ -317,5 +384,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             DeviceCommand::Apply { files, broker } => cli::device_apply(&files, &broker).await,
             DeviceCommand::List { json, broker } => cli::device_list(&broker, json).await,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }

@@ -291,7 +291,14 @@ fn expected(s: &Map<String, Value>, types: &[&str], def: Option<&str>) -> String
             }
             "string" => match def {
                 Some("Duration") => "a duration with a unit, e.g. 250ms, 1s, 5m or 1h 30m".into(),
-                Some("DeviceId" | "PropertyName" | "ProtocolName") => format!(
+                Some("PropertyName") => format!(
+                    "a name of letters, digits, '_' or '-', starting with a letter, digit or '_'{}",
+                    s.get("maxLength")
+                        .and_then(Value::as_u64)
+                        .map(|m| format!(", at most {m} long"))
+                        .unwrap_or_default()
+                ),
+                Some("DeviceId" | "ProtocolName") => format!(
                     "a name of letters, digits, '_', '.' or '-', starting with a letter or digit{}",
                     s.get("maxLength")
                         .and_then(Value::as_u64)

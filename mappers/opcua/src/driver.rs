@@ -37,17 +37,19 @@ use opcua::client::{
 };
 use opcua::crypto::{CertificateStore, SecurityPolicy as UaPolicy};
 use opcua::types::{
-    AttributeId, DataChangeFilter, DataChangeTrigger, DataValue, DeadbandType, ExtensionObject,
-    MessageSecurityMode, MonitoredItemCreateRequest, MonitoringMode, MonitoringParameters, NodeId,
-    ReadValueId, StatusCode, TimestampsToReturn, VariantScalarTypeId, WriteValue,
+    AttributeId, BrowseDescription, BrowseDirection, DataChangeFilter, DataChangeTrigger,
+    DataValue, DeadbandType, ExtensionObject, MessageSecurityMode, MonitoredItemCreateRequest,
+    MonitoringMode, MonitoringParameters, NodeClass, NodeId, ReadValueId, ReferenceTypeId,
+    StatusCode, TimestampsToReturn, VariantScalarTypeId, WriteValue,
 };
 use serde_json::Value;
 
 use crate::codec::{self, CodecError, NodeAddress};
 use crate::config::{self, ConfigError, ConnSettings, Identity};
+use crate::discover;
 use edgetwin_mapper_sdk::{
-    read_result, written, Driver, DriverError, LinkLost, PropertyResult, Pushed, ReadResult,
-    Reading, PUSH_QUEUE,
+    read_result, written, Discovered, Driver, DriverError, LinkLost, PropertyResult, Pushed,
+    ReadResult, Reading, PUSH_QUEUE,
 };
 use tokio::sync::mpsc;
 
@@ -501,6 +503,28 @@ impl Driver for OpcuaDriver {
         "opcua"
     }
 
+    async fn discover(&self, target: &Value) -> Result<Discovered, String> {
+        let req: discover::BrowseRequest = serde_json::from_value(target.clone())
+            .map_err(|e| format!("the browse request: {e}"))?;
+        let vars = self.browse(&req).await?;
+        let found = vars
+            .iter()
+            .map(|v| {
+                format!(
+                    "{} {} ({}{})",
+                    v.node_id,
+                    v.browse_name,
+                    v.ty,
+                    if v.writable { ", writable" } else { "" }
+                )
+            })
+            .collect();
+        Ok(Discovered {
+            profile: discover::draft(&req, &vars)?,
+            found,
+        })
+    }
+
     fn requests_made(&self, conn: &OpcuaConn) -> Option<u64> {
         Some(conn.requests())
     }
@@ -885,4 +909,140 @@ async fn subscribe(
 /// Client handles are 1-based (async-opcua replaces 0 with its own).
 fn handle_of(i: usize) -> u32 {
     u32::try_from(i + 1).unwrap_or(u32::MAX)
+}
+
+impl OpcuaDriver {
+    /// The variables under the request's root (see [`crate::discover`]): their node ids, browse
+    /// names, model types and whether they can be written.
+    pub async fn browse(
+        &self,
+        req: &discover::BrowseRequest,
+    ) -> Result<Vec<discover::Variable>, String> {
+        // The connection settings as a device profile would give them, checked the same way.
+        let mut section = serde_json::json!({"url": req.url});
+        for (k, v) in [
+            ("securityPolicy", &req.security_policy),
+            ("securityMode", &req.security_mode),
+            ("userName", &req.user_name),
+            ("passwordFile", &req.password_file),
+        ] {
+            if let Some(v) = v {
+                section[k] = Value::from(v.as_str());
+            }
+        }
+        let resolved: ResolvedDevice = serde_json::from_value(serde_json::json!({
+            "device": {"apiVersion": "edgetwin/v1", "kind": "Device", "metadata": {"name": "browse"},
+                "spec": {"deviceModelRef": "browse", "protocol": {"opcua": section}, "properties": []}},
+            "model": {"apiVersion": "edgetwin/v1", "kind": "DeviceModel", "metadata": {"name": "browse"},
+                "spec": {"protocol": "opcua", "properties": []}},
+        }))
+        .map_err(|e| format!("the server settings: {e}"))?;
+        let s = config::settings(&resolved).map_err(|e| e.to_string())?;
+        let core = self.open(&s).await.map_err(|e| e.to_string())?;
+        let session = core.session.clone();
+        let root = match codec::parse_node_id(req.root.as_deref().unwrap_or("i=85")) {
+            Ok(NodeAddress::Id(id)) => id,
+            _ => {
+                return Err(format!(
+                    "root {:?} is not a node id like i=85 or ns=2;s=Plant",
+                    req.root
+                ))
+            }
+        };
+        let (depth, max) = (req.depth.unwrap_or(4), req.max_nodes.unwrap_or(500));
+        let wait = s.timeout.max(Duration::from_secs(1)) * 4;
+        let mut frontier = vec![root];
+        let mut seen: HashSet<NodeId> = HashSet::new();
+        let mut vars: Vec<(NodeId, String)> = Vec::new();
+        'levels: for _ in 0..=depth {
+            if frontier.is_empty() {
+                break;
+            }
+            let descs: Vec<BrowseDescription> = frontier
+                .iter()
+                .map(|n| BrowseDescription {
+                    node_id: n.clone(),
+                    browse_direction: BrowseDirection::Forward,
+                    reference_type_id: ReferenceTypeId::HierarchicalReferences.into(),
+                    include_subtypes: true,
+                    node_class_mask: NodeClass::Object as u32 | NodeClass::Variable as u32,
+                    result_mask: 0x3f,
+                })
+                .collect();
+            let mut next = Vec::new();
+            for chunk in descs.chunks(100) {
+                let results = tokio::time::timeout(wait, session.browse(chunk, 1000, None))
+                    .await
+                    .map_err(|_| format!("{}: no answer to Browse within {wait:?}", s.url))?
+                    .map_err(|e| format!("{}: Browse failed: {e}", s.url))?;
+                for r in results {
+                    for rd in r.references.unwrap_or_default() {
+                        let id = rd.node_id.node_id.clone();
+                        // Another server's node, or the standard Server object's: not the
+                        // plant's.
+                        if rd.node_id.server_index != 0 || id.namespace == 0 {
+                            continue;
+                        }
+                        if !seen.insert(id.clone()) {
+                            continue;
+                        }
+                        if seen.len() > max {
+                            tracing::warn!(max, "browse stopped at its node limit");
+                            break 'levels;
+                        }
+                        if rd.node_class == NodeClass::Variable {
+                            vars.push((id.clone(), rd.browse_name.name.to_string()));
+                        }
+                        next.push(id);
+                    }
+                }
+            }
+            frontier = next;
+        }
+        // Each variable's type and access level, in one Read per hundred.
+        let mut out = Vec::new();
+        for chunk in vars.chunks(50) {
+            let ids: Vec<ReadValueId> = chunk
+                .iter()
+                .flat_map(|(id, _)| {
+                    [
+                        read_id(id, AttributeId::DataType),
+                        read_id(id, AttributeId::AccessLevel),
+                    ]
+                })
+                .collect();
+            let values =
+                tokio::time::timeout(wait, session.read(&ids, TimestampsToReturn::Neither, 0.0))
+                    .await
+                    .map_err(|_| format!("{}: no answer to Read within {wait:?}", s.url))?
+                    .map_err(|e| format!("{}: Read failed: {e}", s.url))?;
+            for ((id, name), pair) in chunk.iter().zip(values.chunks(2)) {
+                let ty = match pair.first().and_then(|d| d.value.as_ref()) {
+                    Some(opcua::types::Variant::NodeId(t)) if t.namespace == 0 => {
+                        match &t.identifier {
+                            opcua::types::Identifier::Numeric(n) => discover::model_type(*n),
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                };
+                let Some(ty) = ty else {
+                    tracing::debug!(node = %id, "variable of a type a profile cannot hold; left out");
+                    continue;
+                };
+                let writable = matches!(
+                    pair.get(1).and_then(|d| d.value.as_ref()),
+                    Some(opcua::types::Variant::Byte(b)) if b & 2 != 0
+                );
+                out.push(discover::Variable {
+                    node_id: id.to_string(),
+                    browse_name: name.clone(),
+                    ty,
+                    writable,
+                });
+            }
+        }
+        let _ = tokio::time::timeout(s.timeout, session.disconnect()).await;
+        Ok(out)
+    }
 }

@@ -5,6 +5,7 @@
 
 pub mod codec;
 pub mod config;
+pub mod discover;
 pub mod driver;
 
 pub use driver::{ClientOptions, OpcuaConn, OpcuaDriver};

@@ -318,3 +318,51 @@ fn opcua_mapper_passes_the_sdk_compliance_suite() {
         ..ComplianceSpec::default()
     });
 }
+
+#[test]
+fn opcua_discover_browses_the_server_into_a_draft_that_serves_its_values() {
+    let sim = Sim::start(free_port());
+    let node = Node::start(&[]);
+    let mut mapper = Mapper::start(&node);
+    node.retained_until("mappers/opcua/status", Duration::from_secs(15), |v| {
+        v.is_some_and(|v| v["state"] == "online")
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let draft = dir.path().join("draft.yaml");
+    let out = node.cli(&[
+        "discover",
+        "opcua",
+        "--url",
+        &sim.url(),
+        "--name",
+        "boiler",
+        "-o",
+        draft.to_str().unwrap(),
+    ]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}\n{}", mapper.log());
+    // The simulator's own variables, with their types; not the standard Server object's.
+    assert!(said.contains("ns=2;s=Int16 Int16 (int)"), "{said}");
+    assert!(
+        said.contains("ns=2;s=Setpoint Setpoint (float, writable)"),
+        "{said}"
+    );
+    assert!(!said.contains("ServerStatus"), "{said}");
+    let yaml = std::fs::read_to_string(&draft).unwrap();
+    let out = node.cli(&["device", "validate", draft.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}\n{yaml}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = node.cli(&["device", "apply", draft.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    node.twin_until("boiler", |t| {
+        t["reported"]["Int16"] == json!(-1234) && t["reported"]["String"] == json!("EDGE-1")
+    });
+    mapper.assert_running();
+}
