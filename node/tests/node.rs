@@ -473,3 +473,32 @@ fn node_counts_the_messages_a_stalled_subscriber_never_gets() {
     });
     drop(s);
 }
+
+#[test]
+fn cli_device_apply_of_a_file_that_clashes_with_the_folder_is_refused_and_the_folder_device_stays()
+{
+    let node = Node::start(&["c-9"]);
+    // The devices folder defines model `thermostat`; this file defines it again.
+    let f = node.dir.path().join("again.yaml");
+    std::fs::write(&f, format!("{MODEL_YAML}---\n{}", device_yaml("c-10"))).unwrap();
+    let out = node.cli(&["device", "apply", f.to_str().unwrap()]);
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already defined"), "{err}");
+    let list = String::from_utf8_lossy(&node.cli(&["device", "list"]).stdout).to_string();
+    assert!(list.contains("c-9") && !list.contains("c-10"), "{list}");
+    // The next folder scan (SIGHUP) keeps the folder's device.
+    edgetwin_testkit::signal(node.pid(), "HUP");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !node.log().contains("SIGHUP received") {
+        assert!(std::time::Instant::now() < deadline, "{}", node.log());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let list = String::from_utf8_lossy(&node.cli(&["device", "list"]).stdout).to_string();
+    assert!(list.contains("c-9"), "{list}");
+    node.twin_until("c-9", |t| t["device"] == "c-9");
+}
