@@ -328,6 +328,30 @@ pub fn decode(v: &BleVisitor, ty: PropertyType, b: &[u8]) -> Result<Value, Codec
     number(apply_scale(raw, v.scale, v.value_offset), ty)
 }
 
+/// [`encode`], refusing a value the characteristic cannot hold exactly: the bytes are decoded
+/// back for a property of type `ty`, and a value that reads back as another (a float32's
+/// precision, a scaled integer's resolution) is [`CodecError::OutOfRange`] naming what it would
+/// hold. Compared by value (`25` is held by `25.0`).
+pub fn encode_exact(
+    v: &BleVisitor,
+    ty: PropertyType,
+    value: &Value,
+) -> Result<Vec<u8>, CodecError> {
+    let bytes = encode(v, value)?;
+    if matches!(v.data_type, BleDataType::Utf8 | BleDataType::Bool) {
+        return Ok(bytes);
+    }
+    let held = decode(v, ty, &bytes)?;
+    if edgetwin_contract::value::same_value(&held, value) {
+        Ok(bytes)
+    } else {
+        Err(CodecError::OutOfRange(format!(
+            "{value} cannot be held: {} here holds {held}",
+            data_type_name(v.data_type)
+        )))
+    }
+}
+
 /// Encodes a desired value into characteristic bytes (the inverse of [`decode`]).
 pub fn encode(v: &BleVisitor, value: &Value) -> Result<Vec<u8>, CodecError> {
     let dt = v.data_type;
@@ -488,6 +512,21 @@ mod tests {
             scale,
             ..visitor(dt)
         }
+    }
+
+    #[test]
+    fn codec_a_value_the_characteristic_cannot_hold_is_refused() {
+        let t = scaled(BleDataType::Int16, 0.01);
+        assert!(encode_exact(&t, PropertyType::Float, &json!(21.5)).is_ok());
+        assert!(
+            encode_exact(&t, PropertyType::Float, &json!(25)).is_ok(),
+            "25 is held by 25.0"
+        );
+        let e = encode_exact(&t, PropertyType::Float, &json!(21.555)).unwrap_err();
+        assert!(e.to_string().contains("cannot be held"), "{e}");
+        let f = visitor(BleDataType::Float32);
+        assert!(encode_exact(&f, PropertyType::Float, &json!(232.1)).is_ok());
+        assert!(encode_exact(&f, PropertyType::Float, &json!(0.1234567891)).is_err());
     }
 
     #[test]

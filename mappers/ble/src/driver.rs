@@ -424,7 +424,8 @@ impl<T: Transport> BleDriver<T> {
     ) -> Result<(), DriverError> {
         let name = prop.name.as_str();
         let spec = conn.spec(name)?;
-        let bytes = codec::encode(&spec.visitor, value).map_err(|e| codec_error(name, e))?;
+        let bytes =
+            codec::encode_exact(&spec.visitor, spec.ty, value).map_err(|e| codec_error(name, e))?;
         conn.check_link()?;
         conn.requests += 1;
         self.bounded(
