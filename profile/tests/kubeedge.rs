@@ -155,3 +155,52 @@ fn kubeedge_yaml_given_to_the_loader_says_how_to_convert_it() {
     );
     assert_eq!(errors[0].line, Some(1));
 }
+
+#[test]
+fn kubeedge_opcua_device_converts_its_connection_and_node_ids() {
+    // KubeEdge's OPC UA sample (mappers-go build/crd-samples/devices/opcua-device.yaml, a
+    // v1alpha2 document) in the v1beta1 layout: the same fields under protocol.configData and
+    // visitors.configData.
+    let text = "\
+apiVersion: devices.kubeedge.io/v1beta1
+kind: DeviceModel
+metadata: {name: opcua-model}
+spec:
+  protocol: opcua
+  properties:
+    - {name: temperature, type: INT, accessMode: ReadOnly}
+    - {name: switcher, type: BOOLEAN, accessMode: ReadWrite}
+---
+apiVersion: devices.kubeedge.io/v1beta1
+kind: Device
+metadata: {name: lamp}
+spec:
+  deviceModelRef: {name: opcua-model}
+  protocol:
+    protocolName: opcua
+    configData:
+      url: opc.tcp://192.168.56.103:4840
+      userName: testuser
+      password: /ca/pass
+      certificate: /ca/clientcert.pem
+      privateKey: /ca/clientkey.pem
+      securityMode: Sign
+      securityPolicy: Basic256Sha256
+      remoteCertificate: /ca/servercert.pem
+  properties:
+    - name: temperature
+      visitors: {protocolName: opcua, configData: {nodeID: ns=2;i=2}}
+    - name: switcher
+      visitors: {protocolName: opcua, configData: {nodeID: ns=2;i=3}}
+";
+    let c = convert("lamp.yaml", text, &ConvertOptions::default()).unwrap();
+    let docs = parse_str("out.yaml", &c.yaml).unwrap_or_else(|e| panic!("{e:#?}\n{}", c.yaml));
+    let set = validate(&[("out.yaml".into(), docs)], &BTreeMap::new())
+        .unwrap_or_else(|e| panic!("{e:#?}\n{}", c.yaml));
+    assert_eq!(set.devices.len(), 1);
+    assert!(c.yaml.contains("passwordFile: /ca/pass"), "{}", c.yaml);
+    assert!(c.yaml.contains("nodeID: ns=2;i=3"), "{}", c.yaml);
+    assert!(note(&c.notes, "spec.protocol.configData.remoteCertificate")
+        .message
+        .contains("no equal"));
+}
