@@ -366,3 +366,35 @@ fn opcua_discover_browses_the_server_into_a_draft_that_serves_its_values() {
     });
     mapper.assert_running();
 }
+
+#[test]
+fn opcua_mapper_an_integer_desired_on_a_double_node_settles_with_one_write() {
+    let sim = Sim::start(free_port());
+    let node = Node::start_with_profile(&profile_yaml(
+        "station",
+        "station-1",
+        &anonymous(&sim),
+        "200ms",
+        &station_props(),
+    ));
+    let _mapper = Mapper::start(&node);
+    node.twin_until("station-1", |t| t["reported"]["setpoint"].is_number());
+    // `25`, not `25.0`: the node holds it as 25.0 on the float property, and the server's
+    // Double reads back 25.0, which meets it.
+    node.pub_("dt/station-1/desired", r#"{"setpoint": 25}"#);
+    sim.wait_write_of("ns=2;s=Setpoint", &json!(25.0));
+    node.twin_until("station-1", |t| t["reported"]["setpoint"] == json!(25.0));
+    let setpoint_writes = || {
+        sim.writes()
+            .into_iter()
+            .filter(|w| w["write"] == "ns=2;s=Setpoint")
+            .count()
+    };
+    // Ten more collect cycles: before, every report resent the delta and the node was written
+    // again each time.
+    let watch_until = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < watch_until && setpoint_writes() == 1 {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(setpoint_writes(), 1, "{:?}", sim.writes());
+}
