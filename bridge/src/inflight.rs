@@ -10,6 +10,10 @@
 
 use std::collections::{HashMap, VecDeque};
 
+/// The "sequence number" of a publish that is not an outbox record (the node's presence on
+/// `{prefix}node/status`): tracked for its packet id like any other, never acked in the outbox.
+pub const UNTRACKED: u64 = u64::MAX;
+
 /// Publishes handed to rumqttc and not yet acknowledged, for one connection.
 #[derive(Debug, Default)]
 pub struct Inflight {

@@ -91,7 +91,7 @@ use tracing::{debug, error, info, warn};
 pub use config::BridgeConfig;
 use config::{OutboxPolicy, UpRoute};
 use edgetwin_broker::LocalClient;
-use edgetwin_contract::now_ms;
+use edgetwin_contract::{now_ms, MapperState, NodePresenceMsg};
 use inflight::Inflight;
 pub use metrics::BridgeMetrics;
 
@@ -298,7 +298,19 @@ pub fn start(
     }
     info!(records = report.records, bytes = report.bytes, path = %path.display(), "outbox opened");
 
+    let presence = Presence {
+        topic: format!("{prefix}node/status"),
+        boot_ms: now_ms(),
+    };
     let mut opts = MqttOptions::new(cfg.client_id(node_id), endpoint.host.clone(), endpoint.port);
+    // The cloud broker publishes this when the connection dies without a DISCONNECT (a crash,
+    // a lost link, a frozen node past 1.5 keep-alives): the node's presence says offline.
+    opts.set_last_will(rumqttc::LastWill::new(
+        presence.topic.clone(),
+        presence.payload(MapperState::Offline, Some("connection lost")),
+        QoS::AtLeastOnce,
+        true,
+    ));
     opts.set_keep_alive(Duration::from_secs(u64::from(cfg.keep_alive_s)))
         .set_clean_session(false)
         .set_manual_acks(true)
@@ -389,6 +401,7 @@ pub fn start(
         ),
         tracker: tracker.clone(),
         host: format!("{}:{}", endpoint.host, endpoint.port),
+        presence,
     };
     let ticker_shared = shared.clone();
     let ticker_stop = stop.clone();
@@ -926,9 +939,47 @@ struct Session {
     backoff: edgetwin_retry::Backoff,
     tracker: TaskTracker,
     host: String,
+    presence: Presence,
+}
+
+/// The node's presence at the cloud: the retained `{prefix}node/status`, `online` at every
+/// connection, `offline` with a reason at a clean stop, and the MQTT will (also `offline`) when
+/// the connection dies.
+struct Presence {
+    topic: String,
+    /// When this bridge (the node process) started, ms: a new `boot` is a restart.
+    boot_ms: i64,
+}
+
+impl Presence {
+    fn payload(&self, state: MapperState, reason: Option<&str>) -> Vec<u8> {
+        let msg = NodePresenceMsg {
+            state,
+            ts: now_ms(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            boot: self.boot_ms,
+            reason: reason.map(str::to_string),
+        };
+        msg.to_json_bytes()
+    }
 }
 
 impl Session {
+    /// Publishes the node's presence (retained, QoS 1) outside the outbox: it says what is true
+    /// now, so it never waits behind a backlog and is never replayed.
+    fn publish_presence(&self, state: MapperState, reason: Option<&str>) {
+        let mut g = self.shared.inflight();
+        g.queue(inflight::UNTRACKED);
+        let payload = self.presence.payload(state, reason);
+        if let Err(e) =
+            self.client
+                .try_publish(self.presence.topic.clone(), QoS::AtLeastOnce, true, payload)
+        {
+            g.unqueue_last();
+            warn!(error = %e, "cannot publish the node's presence");
+        }
+    }
+
     async fn run(mut self, mut eventloop: EventLoop, stop: CancellationToken) {
         let mut connected_before = false;
         loop {
@@ -939,6 +990,8 @@ impl Session {
             match event {
                 Ok(Event::Incoming(rumqttc::Packet::ConnAck(ack))) => {
                     let epoch = self.shared.inflight().on_connected();
+                    // First on the new connection, before the sender queues anything of it.
+                    self.publish_presence(MapperState::Online, None);
                     let filters = self.down.iter().map(|f| {
                         rumqttc::SubscribeFilter::new(
                             format!("{}{f}", self.prefix),
@@ -967,7 +1020,7 @@ impl Session {
                 }
                 Ok(Event::Incoming(rumqttc::Packet::PubAck(ack))) => {
                     let seq = self.shared.inflight().on_puback(ack.pkid);
-                    if let Some(seq) = seq {
+                    if let Some(seq) = seq.filter(|s| *s != inflight::UNTRACKED) {
                         self.shared.metrics.acked.inc();
                         let _ = self.acks.send(seq);
                         self.shared.space.notify_one();
@@ -1011,6 +1064,29 @@ impl Session {
             }
         }
         if self.conn.borrow().connected {
+            // A clean stop: say so (the DISCONNECT keeps the broker from publishing the will).
+            self.publish_presence(MapperState::Offline, Some("stopped"));
+            let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                loop {
+                    match eventloop.poll().await {
+                        Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                            let _ = self.shared.inflight().on_outgoing(pkid);
+                        }
+                        Ok(Event::Incoming(rumqttc::Packet::PubAck(ack))) => {
+                            match self.shared.inflight().on_puback(ack.pkid) {
+                                Some(inflight::UNTRACKED) => break,
+                                Some(seq) => {
+                                    let _ = self.acks.send(seq);
+                                }
+                                None => {}
+                            }
+                        }
+                        Err(_) => break,
+                        _ => {}
+                    }
+                }
+            })
+            .await;
             let _ = self.client.try_disconnect();
             let _ = tokio::time::timeout(Duration::from_millis(500), async {
                 loop {

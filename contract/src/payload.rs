@@ -341,6 +341,32 @@ pub struct GetResult {
     pub twin: TwinDoc,
 }
 
+/// `{prefix}node/status` at the cloud (retained): the node's presence, published by its bridge on
+/// every connection (`online`), at a clean stop (`offline`, reason `stopped`), and as its MQTT will
+/// (`offline`, reason `connection lost`) when the connection dies.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct NodePresenceMsg {
+    /// `online` or `offline`.
+    pub state: MapperState,
+    /// When it was said (ms); for the will, when the node connected.
+    pub ts: TimestampMs,
+    /// The node's version.
+    pub version: String,
+    /// When the node process started (ms): a new value is a restart.
+    pub boot: TimestampMs,
+    /// Why the node is offline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl NodePresenceMsg {
+    /// The JSON payload.
+    pub fn to_json_bytes(&self) -> Vec<u8> {
+        // A struct of strings and numbers always serializes.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
 /// `mappers/{protocol}/discover`: a commissioning scan for that protocol's mapper.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct DiscoverRequest {

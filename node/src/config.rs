@@ -110,10 +110,35 @@ pub struct TwinConfig {
     pub snapshot_interval_s: u64,
 }
 
+/// The node id when the config names none: the host name when it makes a valid id (as most do),
+/// else `edgetwin-` and the first 12 digits of the machine id, else `edgetwin-node`. One fixed
+/// default would give every node of a fleet the same name at the cloud.
+pub fn default_node_id(hostname: Option<&str>, machine_id: Option<&str>) -> NodeId {
+    if let Some(h) = hostname
+        .map(str::trim)
+        .filter(|h| !h.is_empty() && *h != "localhost")
+    {
+        if let Ok(id) = NodeId::new(h) {
+            return id;
+        }
+    }
+    if let Some(m) = machine_id.map(str::trim).filter(|m| m.len() >= 12) {
+        if let Ok(id) = NodeId::new(format!("edgetwin-{}", &m[..12])) {
+            return id;
+        }
+    }
+    NodeId::new("edgetwin-node").expect("constant id is valid")
+}
+
 impl Default for NodeConfig {
     fn default() -> Self {
         NodeConfig {
-            node_id: NodeId::new("edgetwin-node").expect("constant id is valid"),
+            node_id: default_node_id(
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .as_deref(),
+                std::fs::read_to_string("/etc/machine-id").ok().as_deref(),
+            ),
             data_dir: PathBuf::from("./edgetwin-data"),
             devices_dir: PathBuf::from("./devices"),
             devices_scan_interval_ms: 2000,
@@ -378,6 +403,24 @@ mod tests {
             .expect_err("unknown field");
         assert!(err.contains("line 3"), "{err}");
         assert!(err.contains("lisen_v5"), "{err}");
+    }
+
+    #[test]
+    fn config_default_node_id_is_the_host_name_else_the_machine_id() {
+        let id = |h, m| default_node_id(h, m).to_string();
+        assert_eq!(id(Some("plant-7\n"), None), "plant-7");
+        assert_eq!(
+            id(
+                Some("localhost"),
+                Some("4b2c1f0a9e8d7c6b5a4f3e2d1c0b9a88\n")
+            ),
+            "edgetwin-4b2c1f0a9e8d"
+        );
+        assert_eq!(
+            id(Some("bad/name"), Some("4b2c1f0a9e8d7c6b")),
+            "edgetwin-4b2c1f0a9e8d"
+        );
+        assert_eq!(id(None, None), "edgetwin-node");
     }
 
     #[test]

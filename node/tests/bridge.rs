@@ -415,3 +415,60 @@ fn bridge_reconnect_republishes_every_twin_document_the_cloud_lost() {
         );
     }
 }
+
+#[test]
+fn bridge_presence_is_online_on_connect_offline_via_the_will_on_kill_9_and_stopped_on_sigterm() {
+    let cloud = Mosquitto::start();
+    let topic = format!("{PREFIX}node/status");
+    let mut node = Node::start_with_config(&["p-1"], &bridge_yaml(cloud.port, ""));
+    let at = |want: &'static str| {
+        retained_until(cloud.port, &topic, Duration::from_secs(15), |v| {
+            v.is_some_and(|v| v["state"] == want)
+        })
+        .unwrap()
+    };
+    let online = at("online");
+    assert!(
+        online["boot"].as_i64().is_some() && online["version"].is_string(),
+        "{online}"
+    );
+    // A crash: the cloud broker publishes the will as soon as the socket closes.
+    node.kill9();
+    let dead = at("offline");
+    assert_eq!(dead["reason"], "connection lost", "{dead}");
+    // Back, with a new boot; then a clean stop says so itself.
+    node.restart();
+    let again = at("online");
+    assert!(
+        again["boot"].as_i64() > online["boot"].as_i64(),
+        "{again} after {online}"
+    );
+    assert!(node.stop().success());
+    let stopped = at("offline");
+    assert_eq!(stopped["reason"], "stopped", "{stopped}");
+    assert!(stopped["boot"] == again["boot"], "{stopped}");
+}
+
+#[test]
+fn bridge_presence_of_a_frozen_node_turns_offline_through_its_will() {
+    let cloud = Mosquitto::start();
+    let topic = format!("{PREFIX}node/status");
+    // keep_alive_s: 5 (bridge_yaml).
+    let node = Node::start_with_config(&["p-2"], &bridge_yaml(cloud.port, ""));
+    retained_until(cloud.port, &topic, Duration::from_secs(15), |v| {
+        v.is_some_and(|v| v["state"] == "online")
+    });
+    signal(node.pid(), "STOP");
+    // The cloud broker notices after 1.5 keep-alives counted from the node's last packet, at its
+    // own check's granularity (11-12 s seen with Mosquitto 2.0.11), then publishes the will.
+    let dead = retained_until(cloud.port, &topic, Duration::from_secs(25), |v| {
+        v.is_some_and(|v| v["state"] == "offline")
+    })
+    .unwrap();
+    signal(node.pid(), "CONT");
+    assert_eq!(dead["reason"], "connection lost", "{dead}");
+    // Thawed, it reconnects and is online again.
+    retained_until(cloud.port, &topic, Duration::from_secs(20), |v| {
+        v.is_some_and(|v| v["state"] == "online")
+    });
+}
