@@ -323,9 +323,11 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
         metrics.clone(),
     ));
     let (reg, first) = profiles.await.context("profile loading panicked")?;
-    if let Some(set) = first {
-        service.apply_registry_now(&set).await?;
-    }
+    // Also with no profile at all: the registry is what registers the node's own twin, so a
+    // containers-only node can be told its containers.
+    service
+        .apply_registry_now(&first.unwrap_or_default())
+        .await?;
     let rescan = Arc::new(Notify::new());
     tracker.spawn(registry::run(
         reg,

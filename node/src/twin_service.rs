@@ -462,7 +462,7 @@ impl TwinService {
                 let Some(reporter) = self.devices.get(&d).map(|r| r.reporter.clone()) else {
                     let r = Rejection {
                         code: ErrorCode::UnknownDevice,
-                        message: format!("device {d:?} is not registered on this node"),
+                        message: format!("device \"{d}\" is not registered on this node"),
                     };
                     return self.reject(b, &d, topic, None, r);
                 };
@@ -580,7 +580,7 @@ impl TwinService {
         let Some(reg) = self.devices.get(&device) else {
             let r = Rejection {
                 code: ErrorCode::UnknownDevice,
-                message: format!("device {device:?} is not registered on this node"),
+                message: format!("device \"{device}\" is not registered on this node"),
             };
             return self.reject(b, &device, topic, id, r);
         };
@@ -678,7 +678,7 @@ impl TwinService {
         else {
             let r = Rejection {
                 code: ErrorCode::UnknownDevice,
-                message: format!("device {device:?} is not registered on this node"),
+                message: format!("device \"{device}\" is not registered on this node"),
             };
             return self.reject(b, &device, topic, req.id, r);
         };

@@ -206,3 +206,19 @@ fn containers_declared_survive_a_restart_with_the_cloud_down_and_come_back() {
     wait_state(name, "running");
     docker(&["rm", "-f", name]);
 }
+
+#[test]
+fn containers_a_node_without_any_device_profile_still_has_its_twin() {
+    let mut node = Node::start_with_config(&[], &containers_yaml());
+    assert!(node.stop().success());
+    std::fs::remove_file(node.dir.path().join("devices/thermostats.yaml")).unwrap();
+    node.restart();
+    let out = node.cli(&["twin", "get", NODE]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let twin: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(twin["model"], "edgetwin-node", "{twin}");
+}
