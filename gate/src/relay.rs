@@ -329,6 +329,15 @@ pub(crate) async fn serve(
     let opened = if client_id.is_empty() {
         None
     } else {
+        // A client that reconnects at once may reach us before its old connection has read the
+        // DISCONNECT it sent (with a session expiry that ends the session): give the old
+        // connection a moment to finish, then take over as before.
+        let patience = tokio::time::Instant::now() + TAKEOVER_PATIENCE;
+        while tokio::time::Instant::now() < patience
+            && lock(&shared.sessions).held_by_another(&upstream_id, conn_id)
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         loop {
             let o = lock(&shared.sessions).open(
                 &upstream_id,
@@ -564,6 +573,10 @@ async fn authenticate(
 /// Acknowledges a PUBLISH the gate does not pass on, for the side that will never see it:
 /// PUBACK for QoS 1, PUBREC for QoS 2 (whose packet id goes into `held`, so the PUBREL that
 /// follows is answered here too). `reason` is the MQTT 5 reason the sender is told, if any.
+/// How long a CONNECT waits for an older connection of its client id to finish before taking the
+/// session over from it.
+const TAKEOVER_PATIENCE: Duration = Duration::from_millis(200);
+
 fn ack_unforwarded(
     version: Version,
     p: &packet::PublishView,

@@ -216,6 +216,15 @@ impl Sessions {
         Some(opened)
     }
 
+    /// Whether another connection than `conn` holds `client`'s session right now (a takeover,
+    /// or a client that reconnects before its old connection has finished: that one may still
+    /// have a DISCONNECT to read that ends the session).
+    pub fn held_by_another(&self, client: &str, conn: u64) -> bool {
+        self.kept
+            .get(client)
+            .is_some_and(|k| matches!(k.held, Held::By(c) if c != conn))
+    }
+
     /// Connection `conn` of `client` ended (or sent DISCONNECT) with `expiry` seconds of session
     /// to run (the CONNECT's, or its DISCONNECT's) and `subs`. A session with no time left stays
     /// in the table as expired until the broker's copy is ended: by the next CONNECT of the
@@ -405,6 +414,22 @@ mod tests {
         s.close("a", 1, 60, none(), t);
         let o = s.open("a", true, 60, 2, t).unwrap();
         assert!(o.clear_first && !o.clean_start && !o.present);
+    }
+
+    #[test]
+    fn a_session_is_held_by_another_connection_until_that_one_closes() {
+        let mut s = Sessions::default();
+        let t = Instant::now();
+        s.open("a", false, 60, 1, t);
+        assert!(s.held_by_another("a", 2), "connection 1 still holds it");
+        assert!(!s.held_by_another("a", 1));
+        s.close("a", 1, 0, none(), t);
+        assert!(
+            !s.held_by_another("a", 2),
+            "closed (with expiry 0): nobody holds it"
+        );
+        let o = s.open("a", false, 60, 2, t).unwrap();
+        assert!(!o.present, "the DISCONNECT's expiry 0 ended it");
     }
 
     #[test]
