@@ -45,6 +45,11 @@ pub struct AgentTask {
     pub metrics: Arc<ContainerMetrics>,
 }
 
+/// `node/containers/status` is published when it changes, and at least this often even when it
+/// does not (a heartbeat for the cloud, which receives it through the bridge): publishing it at
+/// every reconcile tick sent 8,640 unchanged copies a day, queued in the outbox during outages.
+pub const STATUS_HEARTBEAT: Duration = Duration::from_secs(300);
+
 impl AgentTask {
     /// Runs until shutdown.
     pub async fn run(mut self, shutdown: CancellationToken) {
@@ -52,6 +57,7 @@ impl AgentTask {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_reported: Option<Value> = None;
         let mut last_invalid: Option<Vec<String>> = None;
+        let mut last_status: Option<(Value, tokio::time::Instant)> = None;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -61,18 +67,18 @@ impl AgentTask {
                     self.link
                         .publish(Message::new(Topic::ContainersResult.to_topic_string(), result))
                         .await;
-                    self.publish_status().await;
+                    self.publish_status(&mut last_status).await;
                 }
                 changed = self.desired.changed() => {
                     if changed.is_err() {
                         break;
                     }
                     self.reconcile(&mut last_reported, &mut last_invalid).await;
-                    self.publish_status().await;
+                    self.publish_status(&mut last_status).await;
                 }
                 _ = tick.tick() => {
                     self.reconcile(&mut last_reported, &mut last_invalid).await;
-                    self.publish_status().await;
+                    self.publish_status(&mut last_status).await;
                 }
             }
             self.metrics.update(self.agent.metrics());
@@ -144,20 +150,35 @@ impl AgentTask {
         }
     }
 
-    async fn publish_status(&mut self) {
-        match self.agent.status().await {
-            Ok(status) => match serde_json::to_vec(&status) {
-                Ok(p) => {
-                    self.link
-                        .publish(Message::retained(
-                            Topic::ContainersStatus.to_topic_string(),
-                            p,
-                        ))
-                        .await
-                }
-                Err(e) => warn!(error = %e, "cannot encode container status"),
-            },
-            Err(e) => warn!(error = %e, "container runtime status unavailable"),
+    /// Publishes `node/containers/status` when the containers changed since `last` (or the
+    /// heartbeat is due).
+    async fn publish_status(&mut self, last: &mut Option<(Value, tokio::time::Instant)>) {
+        let status = match self.agent.status().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "container runtime status unavailable");
+                return;
+            }
+        };
+        let containers = serde_json::to_value(&status.containers).unwrap_or(Value::Null);
+        let now = tokio::time::Instant::now();
+        let unchanged = last
+            .as_ref()
+            .is_some_and(|(c, at)| *c == containers && now.duration_since(*at) < STATUS_HEARTBEAT);
+        if unchanged {
+            return;
+        }
+        match serde_json::to_vec(&status) {
+            Ok(p) => {
+                self.link
+                    .publish(Message::retained(
+                        Topic::ContainersStatus.to_topic_string(),
+                        p,
+                    ))
+                    .await;
+                *last = Some((containers, now));
+            }
+            Err(e) => warn!(error = %e, "cannot encode container status"),
         }
     }
 }

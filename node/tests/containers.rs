@@ -222,3 +222,30 @@ fn containers_a_node_without_any_device_profile_still_has_its_twin() {
     let twin: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(twin["model"], "edgetwin-node", "{twin}");
 }
+
+#[test]
+fn containers_status_is_published_when_it_changes_not_at_every_reconcile() {
+    let node = Node::start_with_config(&[], &containers_yaml());
+    // Declared (nothing): the agent reconciles every 500 ms.
+    node.pub_(&format!("dt/{NODE}/desired"), r#"{"containers": {}}"#);
+    let reconciles = || {
+        node.metric("edgetwin_container_reconciles_total")
+            .unwrap_or(0.0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while reconciles() < 1.0 {
+        assert!(Instant::now() < deadline, "no reconcile");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sub = Subscriber::start(node.port, "status-watch", "node/containers/status");
+    // The retained copy arrives; then, through six more reconciles of an unchanged runtime,
+    // nothing else.
+    sub.wait_until(Duration::from_secs(10), |got| !got.is_empty());
+    let from = reconciles();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reconciles() < from + 6.0 {
+        assert!(Instant::now() < deadline, "reconciles stopped");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(sub.received().len(), 1, "{:?}", sub.received());
+}
