@@ -90,6 +90,9 @@ impl From<Forward> for Input {
 /// The protocol name the container agent reports under (`mapper:containers` in metadata).
 pub const CONTAINER_AGENT_SOURCE: &str = "containers";
 
+/// The node twin's one property: the declared containers.
+pub const NODE_CONTAINERS: &str = "containers";
+
 /// A registered device: what every part of the node needs to know about it, computed once per
 /// registry change. Models are shared (`Arc`), so a device costs its id, a protocol name and
 /// a hash.
@@ -184,7 +187,7 @@ pub type NodeTwin = (
 fn node_model_spec() -> ModelSpec {
     let mut properties = BTreeMap::new();
     properties.insert(
-        "containers".to_string(),
+        NODE_CONTAINERS.to_string(),
         PropertySpec {
             ty: edgetwin_contract::PropertyType::Object,
             access: edgetwin_contract::AccessMode::ReadWrite,
@@ -584,6 +587,24 @@ impl TwinService {
             };
             return self.reject(b, &device, topic, id, r);
         };
+        // The node twin's declared containers are checked before they are stored: a spec the
+        // agent cannot carry out must not become the state it restores after a reboot.
+        if side == Side::Desired && self.node.as_ref() == Some(&device) {
+            if let Some(Some(v)) = patch
+                .props
+                .iter()
+                .find(|(k, _)| k.as_str() == NODE_CONTAINERS)
+                .map(|(_, v)| v)
+            {
+                if let Err(errors) = edgetwin_containers::parse_desired(v) {
+                    let r = Rejection {
+                        code: ErrorCode::DeviceConfig,
+                        message: format!("desired.containers: {}", errors.join("; ")),
+                    };
+                    return self.reject(b, &device, topic, id, r);
+                }
+            }
+        }
         let spec = reg.spec.clone();
         let period = last_seen_period(reg.stale_after_ms);
         self.touch(b, &device);
@@ -1190,7 +1211,9 @@ pub fn take_snapshot(store: &TwinStore, metrics: &Metrics) {
 
 /// The node twin's `desired.containers`, if set.
 fn node_desired_containers(twin: &Twin) -> Option<serde_json::Value> {
-    twin.desired.get("containers").and_then(|e| e.value.clone())
+    twin.desired
+        .get(NODE_CONTAINERS)
+        .and_then(|e| e.value.clone())
 }
 
 /// The delta message of a twin, if desired and reported differ.

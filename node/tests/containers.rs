@@ -249,3 +249,46 @@ fn containers_status_is_published_when_it_changes_not_at_every_reconcile() {
     }
     assert_eq!(sub.received().len(), 1, "{:?}", sub.received());
 }
+
+#[test]
+fn containers_an_invalid_declaration_is_refused_unstored_and_a_reboot_restores_the_last_valid() {
+    let mut node = Node::start_with_config(&[], &containers_yaml());
+    let name = "et-node-valid-1";
+    node.pub_(
+        &format!("dt/{NODE}/desired"),
+        &json!({"containers": {name: sleeper(IMAGE)}}).to_string(),
+    );
+    wait_state(name, "running");
+    // An image that is not a string: refused at once, nothing stored.
+    let msgs = node.probe(
+        &[&format!("dt/{NODE}/error")],
+        &[(
+            &format!("dt/{NODE}/desired"),
+            r#"{"containers": {"et-node-bad": {"image": 5}}}"#,
+        )],
+        1,
+    );
+    let err = payload(on(&msgs, &format!("dt/{NODE}/error")));
+    assert_eq!(err["code"], "device_config", "{err}");
+    let twin = node.twin(NODE);
+    assert!(twin["desired"]["containers"].get(name).is_some(), "{twin}");
+    assert!(
+        twin["desired"]["containers"].get("et-node-bad").is_none(),
+        "{twin}"
+    );
+    // The container goes away while the node is down; at the next start (no cloud) the node
+    // brings back what was declared last, validly.
+    assert!(node.stop().success());
+    docker(&["rm", "-f", name]);
+    node.restart();
+    wait_state(name, "running");
+    node.pub_(
+        &format!("dt/{NODE}/desired"),
+        &json!({"containers": {}}).to_string(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while docker(&["inspect", name]).status.success() {
+        assert!(Instant::now() < deadline, "{name} was not removed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
