@@ -497,7 +497,11 @@ impl CommandHandler {
             Ok(c) => c,
             Err(e) => {
                 return Handled {
-                    result: CommandResult::err(e.id.clone().unwrap_or_default(), e.to_string()),
+                    result: CommandResult::err(
+                        e.id.clone().unwrap_or_default(),
+                        Outcome::Invalid.as_str(),
+                        e.to_string(),
+                    ),
                     action: e.action,
                     outcome: Outcome::Invalid,
                     duplicate: false,
@@ -511,6 +515,7 @@ impl CommandHandler {
                 return Handled {
                     result: CommandResult::err(
                         cmd.id.clone(),
+                        Outcome::Invalid.as_str(),
                         format!("invalid command: {}", errors.join("; ")),
                     ),
                     action,
@@ -558,7 +563,7 @@ impl CommandHandler {
             Err(e) => {
                 let store = !matches!(e, RuntimeError::Unreachable { .. });
                 (
-                    CommandResult::err(cmd.id.clone(), e.to_string()),
+                    CommandResult::err(cmd.id.clone(), e.kind(), e.to_string()),
                     Outcome::Failed(e.kind()),
                     store,
                 )
@@ -692,7 +697,7 @@ mod tests {
     #[test]
     fn id_store_returns_what_was_put_and_survives_reopen() {
         let (dir, s) = store();
-        let r = CommandResult::err("a", "boom");
+        let r = CommandResult::err("a", "runtime_error", "boom");
         s.put("a", &r, 1000).unwrap();
         assert_eq!(s.get("a", 1001).unwrap(), Some(r.clone()));
         drop(s);

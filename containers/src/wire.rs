@@ -222,7 +222,11 @@ pub struct CommandResult {
     pub id: String,
     /// Whether the command succeeded.
     pub ok: bool,
-    /// What went wrong (when `ok` is false).
+    /// Why it failed, machine-readable (when `ok` is false): `invalid`, `image_not_present`,
+    /// `name_taken`, `no_such_container`, `unreachable`, `runtime_error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// What went wrong (when `ok` is false), in words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// The container after the command (run, start, stop, restart).
@@ -242,6 +246,7 @@ impl CommandResult {
         Self {
             id: id.into(),
             ok: true,
+            code: None,
             error: None,
             container: None,
             containers: None,
@@ -249,9 +254,10 @@ impl CommandResult {
         }
     }
 
-    /// A failure.
-    pub fn err(id: impl Into<String>, error: impl Into<String>) -> Self {
+    /// A failure, with its code.
+    pub fn err(id: impl Into<String>, code: &str, error: impl Into<String>) -> Self {
         Self {
+            code: Some(code.to_string()),
             error: Some(error.into()),
             ok: false,
             ..Self::ok(id)
@@ -605,10 +611,14 @@ mod tests {
 
     #[test]
     fn result_omits_absent_fields() {
-        let r = CommandResult::err("x", "boom");
+        let r = CommandResult::err("x", "runtime_error", "boom");
         assert_eq!(
             String::from_utf8(r.to_bytes()).unwrap(),
-            r#"{"id":"x","ok":false,"error":"boom"}"#
+            r#"{"id":"x","ok":false,"code":"runtime_error","error":"boom"}"#
         );
+        // A result stored by a build before codes reads as one without.
+        let old: CommandResult =
+            serde_json::from_str(r#"{"id":"y","ok":false,"error":"boom"}"#).unwrap();
+        assert_eq!(old.code, None);
     }
 }

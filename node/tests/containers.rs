@@ -100,6 +100,7 @@ fn containers_command_runs_once_per_id_and_status_is_retained() {
     );
     let r = payload(&msgs[0]);
     assert_eq!(r["ok"], false);
+    assert_eq!(r["code"], "image_not_present", "{r}");
     assert!(r["error"].as_str().unwrap().contains("nosuch:image"), "{r}");
     assert!(
         node.metrics()
