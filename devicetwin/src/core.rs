@@ -484,8 +484,18 @@ impl Twin {
         changed
     }
 
-    /// Marks an `online` device `stale` when its last reading (or, before any, its `online`
-    /// status) is more than `bound_ms` old at `now_ms`; `message` says why. Returns whether it
+    /// Whether an `online` device's last reading (or, before any, its `online` status) is more
+    /// than `bound_ms` old at `now_ms`.
+    pub fn is_quiet(&self, bound_ms: i64, now_ms: i64) -> bool {
+        self.status.state == DeviceState::Online
+            && self
+                .status
+                .last_seen
+                .max(self.status.ts)
+                .is_some_and(|since| now_ms.saturating_sub(since) > bound_ms)
+    }
+
+    /// Marks the device `stale` when [`Twin::is_quiet`]; `message` says why. Returns whether it
     /// changed. The next reading makes it `online` again.
     pub fn mark_stale(
         &mut self,
@@ -493,13 +503,7 @@ impl Twin {
         now_ms: i64,
         message: impl FnOnce() -> String,
     ) -> bool {
-        if self.status.state != DeviceState::Online {
-            return false;
-        }
-        let Some(since) = self.status.last_seen.max(self.status.ts) else {
-            return false;
-        };
-        if now_ms.saturating_sub(since) <= bound_ms {
+        if !self.is_quiet(bound_ms, now_ms) {
             return false;
         }
         self.status.state = DeviceState::Stale;

@@ -331,12 +331,8 @@ fn profile_files(args: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for a in args {
         if a.is_dir() {
-            let mut found: Vec<PathBuf> = std::fs::read_dir(a)
-                .with_context(|| format!("cannot read folder {}", a.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
-                .collect();
-            found.sort();
+            let found = edgetwin_node::yaml_files(a)
+                .with_context(|| format!("cannot read folder {}", a.display()))?;
             if found.is_empty() {
                 bail!("{}: no .yaml or .yml file in this folder", a.display());
             }

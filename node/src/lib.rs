@@ -24,6 +24,7 @@ mod sessions;
 mod twin_service;
 
 pub use config::NodeConfig;
+pub use registry::yaml_files;
 pub use serve::{serve, Control};
 
 /// `serve` must stay spawnable on a multi-threaded runtime (a library user's, or a test's).

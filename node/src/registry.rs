@@ -155,7 +155,8 @@ impl Registry {
     pub fn scan(&mut self) -> Option<Arc<ProfileSet>> {
         let mut on_disk: BTreeMap<String, String> = BTreeMap::new();
         for dir in [&self.devices_dir, &self.applied_dir] {
-            for path in yaml_files(dir) {
+            // A folder that is not there (yet) holds no profile.
+            for path in yaml_files(dir).unwrap_or_default() {
                 match std::fs::read_to_string(&path) {
                     Ok(text) => {
                         on_disk.insert(path.display().to_string(), text);
@@ -447,17 +448,17 @@ fn file_of(e: &ProfileError) -> String {
     e.file.to_string()
 }
 
-fn yaml_files(dir: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
+/// The profile files of a folder as the node loads them: its `.yaml` and `.yml` files (not those
+/// of subfolders), sorted. Also what `edgetwin device validate DIR` checks.
+pub fn yaml_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let entries = std::fs::read_dir(dir)?;
     let mut out: Vec<PathBuf> = entries
         .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
         .collect();
     out.sort();
-    out
+    Ok(out)
 }
 
 fn safe_file_name(name: &str) -> Option<String> {

@@ -293,17 +293,11 @@ fn expected(s: &Map<String, Value>, types: &[&str], def: Option<&str>) -> String
                 Some("Duration") => "a duration with a unit, e.g. 250ms, 1s, 5m or 1h 30m".into(),
                 Some("PropertyName") => format!(
                     "a name of letters, digits, '_' or '-', starting with a letter, digit or '_'{}",
-                    s.get("maxLength")
-                        .and_then(Value::as_u64)
-                        .map(|m| format!(", at most {m} long"))
-                        .unwrap_or_default()
+                    at_most(s)
                 ),
                 Some("DeviceId" | "ProtocolName") => format!(
                     "a name of letters, digits, '_', '.' or '-', starting with a letter or digit{}",
-                    s.get("maxLength")
-                        .and_then(Value::as_u64)
-                        .map(|m| format!(", at most {m} long"))
-                        .unwrap_or_default()
+                    at_most(s)
                 ),
                 _ => "text".into(),
             },
@@ -318,6 +312,14 @@ fn expected(s: &Map<String, Value>, types: &[&str], def: Option<&str>) -> String
     } else {
         words.join(" or ")
     }
+}
+
+/// `, at most N long` for a schema with `maxLength`.
+fn at_most(s: &Map<String, Value>) -> String {
+    s.get("maxLength")
+        .and_then(Value::as_u64)
+        .map(|m| format!(", at most {m} long"))
+        .unwrap_or_default()
 }
 
 /// A value as the engineer wrote it, in words.

@@ -492,7 +492,11 @@ impl Converter<'_> {
         let tcp = c["ip"].is_string() || c["tcp"].is_object();
         if tcp {
             out["communicateMode"] = Value::from("TCP");
-            out["ip"] = c["ip"].clone().or(&c["tcp"]["ip"]);
+            out["ip"] = if c["ip"].is_null() {
+                c["tcp"]["ip"].clone()
+            } else {
+                c["ip"].clone()
+            };
             let port = c["port"].as_u64().or(c["tcp"]["port"].as_u64());
             if let Some(port) = port {
                 out["port"] = Value::from(port);
@@ -665,19 +669,5 @@ fn number(v: &Value) -> Option<Value> {
             })
         }
         _ => None,
-    }
-}
-
-trait OrValue {
-    fn or(self, other: &Value) -> Value;
-}
-
-impl OrValue for Value {
-    fn or(self, other: &Value) -> Value {
-        if self.is_null() {
-            other.clone()
-        } else {
-            self
-        }
     }
 }

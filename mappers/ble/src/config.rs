@@ -17,12 +17,9 @@ pub enum ConfigError {
     /// Neither `macAddress` nor `name` is given (validation normally prevents this).
     #[error("device {0}: give macAddress or name")]
     NoTarget(String),
-    /// A property has no `ble` visitor.
-    #[error("property {0} has no ble visitor")]
-    NoVisitor(String),
-    /// A property is not in the device's model.
-    #[error("property {0} is not in the device's model")]
-    NotInModel(String),
+    /// A property cannot be served: no ble visitor, or not in the model.
+    #[error(transparent)]
+    Visitor(#[from] edgetwin_profile::VisitorError),
     /// A UUID of a property is not valid.
     #[error("property {prop}: {error}")]
     Uuid {
@@ -53,10 +50,7 @@ pub fn property<'a>(
     prop: &'a DeviceProperty,
 ) -> Result<(&'a BleVisitor, PropertyType, CharAddr), ConfigError> {
     let name = prop.name.as_str().to_string();
-    let (v, ty) = device.visitor::<BleVisitor>(prop).map_err(|e| match e {
-        edgetwin_profile::VisitorError::NoVisitor { .. } => ConfigError::NoVisitor(name.clone()),
-        edgetwin_profile::VisitorError::NotInModel(_) => ConfigError::NotInModel(name.clone()),
-    })?;
+    let (v, ty) = device.visitor::<BleVisitor>(prop)?;
     let uuid = |s: &str| {
         codec::parse_uuid(s).map_err(|error| ConfigError::Uuid {
             prop: name.clone(),

@@ -25,12 +25,9 @@ pub enum ConfigError {
         /// What is missing.
         what: &'static str,
     },
-    /// A property has no `modbus` visitor.
-    #[error("property {0} has no modbus visitor")]
-    NoVisitor(String),
-    /// A property is not in the device's model.
-    #[error("property {0} is not in the device's model")]
-    NotInModel(String),
+    /// A property cannot be served: no modbus visitor, or not in the model.
+    #[error(transparent)]
+    Visitor(#[from] edgetwin_profile::VisitorError),
     /// Two devices on one serial line ask for different line settings.
     #[error("serial line {path} is already open as {open}; this device wants {wanted}")]
     LineSettings {
@@ -41,17 +38,6 @@ pub enum ConfigError {
         /// Settings this device asks for.
         wanted: String,
     },
-}
-
-impl From<edgetwin_profile::VisitorError> for ConfigError {
-    fn from(e: edgetwin_profile::VisitorError) -> ConfigError {
-        match e {
-            edgetwin_profile::VisitorError::NoVisitor { property, .. } => {
-                ConfigError::NoVisitor(property)
-            }
-            edgetwin_profile::VisitorError::NotInModel(p) => ConfigError::NotInModel(p),
-        }
-    }
 }
 
 /// Serial line settings of an RTU device.

@@ -448,10 +448,8 @@ impl Driver for ModbusDriver {
 
     async fn connect(&self, device: &ResolvedDevice) -> Result<ModbusConn, DriverError> {
         let s = config::settings(device).map_err(config_err)?;
-        let (line, rtu) = match &s.endpoint {
-            Endpoint::Tcp { host, port } => (self.connect_tcp(host, *port, &s).await?, false),
-            Endpoint::Rtu(serial) => (self.connect_rtu(serial, &s)?, true),
-        };
+        let line = self.open_line(&s).await?;
+        let rtu = matches!(s.endpoint, Endpoint::Rtu(_));
         let resolved = device
             .device
             .spec

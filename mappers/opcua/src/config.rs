@@ -18,12 +18,9 @@ pub enum ConfigError {
     /// The device has no `opcua` protocol section.
     #[error("device {0} has no opcua protocol section")]
     NotOpcua(String),
-    /// A property has no `opcua` visitor.
-    #[error("property {0} has no opcua visitor")]
-    NoVisitor(String),
-    /// A property is not in the device's model.
-    #[error("property {0} is not in the device's model")]
-    NotInModel(String),
+    /// A property cannot be served: no opcua visitor, or not in the model.
+    #[error(transparent)]
+    Visitor(#[from] edgetwin_profile::VisitorError),
     /// The security settings do not go together (validation normally prevents this).
     #[error("device {device}: {what}")]
     Security {
@@ -32,17 +29,6 @@ pub enum ConfigError {
         /// What is wrong.
         what: &'static str,
     },
-}
-
-impl From<edgetwin_profile::VisitorError> for ConfigError {
-    fn from(e: edgetwin_profile::VisitorError) -> ConfigError {
-        match e {
-            edgetwin_profile::VisitorError::NoVisitor { property, .. } => {
-                ConfigError::NoVisitor(property)
-            }
-            edgetwin_profile::VisitorError::NotInModel(p) => ConfigError::NotInModel(p),
-        }
-    }
 }
 
 /// How the client authenticates its user.

@@ -39,6 +39,25 @@ pub struct BrowseRequest {
     pub name: Option<String>,
 }
 
+impl BrowseRequest {
+    /// The server's settings as a device's `opcua` section: what the browse connects with, and
+    /// what the draft's device gets.
+    pub fn section(&self) -> Value {
+        let mut section = json!({"url": self.url});
+        for (k, v) in [
+            ("securityPolicy", &self.security_policy),
+            ("securityMode", &self.security_mode),
+            ("userName", &self.user_name),
+            ("passwordFile", &self.password_file),
+        ] {
+            if let Some(v) = v {
+                section[k] = Value::from(v.as_str());
+            }
+        }
+        section
+    }
+}
+
 /// One variable found.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Variable {
@@ -111,17 +130,7 @@ pub fn draft(req: &BrowseRequest, vars: &[Variable]) -> Result<String, String> {
         "metadata": {"name": name},
         "spec": {"protocol": "opcua", "properties": props},
     });
-    let mut section = json!({"url": req.url});
-    for (k, v) in [
-        ("securityPolicy", &req.security_policy),
-        ("securityMode", &req.security_mode),
-        ("userName", &req.user_name),
-        ("passwordFile", &req.password_file),
-    ] {
-        if let Some(v) = v {
-            section[k] = Value::from(v.as_str());
-        }
-    }
+    let section = req.section();
     let dprops: Vec<Value> = named
         .iter()
         .map(|(n, v)| json!({"name": n, "visitors": {"opcua": {"nodeID": v.node_id}}}))

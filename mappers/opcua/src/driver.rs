@@ -919,17 +919,7 @@ impl OpcuaDriver {
         req: &discover::BrowseRequest,
     ) -> Result<Vec<discover::Variable>, String> {
         // The connection settings as a device profile would give them, checked the same way.
-        let mut section = serde_json::json!({"url": req.url});
-        for (k, v) in [
-            ("securityPolicy", &req.security_policy),
-            ("securityMode", &req.security_mode),
-            ("userName", &req.user_name),
-            ("passwordFile", &req.password_file),
-        ] {
-            if let Some(v) = v {
-                section[k] = Value::from(v.as_str());
-            }
-        }
+        let section = req.section();
         let resolved: ResolvedDevice = serde_json::from_value(serde_json::json!({
             "device": {"apiVersion": "edgetwin/v1", "kind": "Device", "metadata": {"name": "browse"},
                 "spec": {"deviceModelRef": "browse", "protocol": {"opcua": section}, "properties": []}},

@@ -17,23 +17,9 @@ pub enum ConfigError {
     /// The device has no `serial` protocol section.
     #[error("device {0} has no serial protocol section")]
     NotSerial(String),
-    /// A property has no `serial` visitor.
-    #[error("property {0} has no serial visitor")]
-    NoVisitor(String),
-    /// A property is not in the device's model.
-    #[error("property {0} is not in the device's model")]
-    NotInModel(String),
-}
-
-impl From<edgetwin_profile::VisitorError> for ConfigError {
-    fn from(e: edgetwin_profile::VisitorError) -> ConfigError {
-        match e {
-            edgetwin_profile::VisitorError::NoVisitor { property, .. } => {
-                ConfigError::NoVisitor(property)
-            }
-            edgetwin_profile::VisitorError::NotInModel(p) => ConfigError::NotInModel(p),
-        }
-    }
+    /// A property cannot be served: no serial visitor, or not in the model.
+    #[error(transparent)]
+    Visitor(#[from] edgetwin_profile::VisitorError),
 }
 
 /// Settings of one serial line.
