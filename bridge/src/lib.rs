@@ -196,6 +196,7 @@ pub struct Bridge {
     tap: tokio::task::JoinHandle<()>,
     flush_timeout: Duration,
     intake: Intake,
+    health: Arc<watch::Sender<Option<Bytes>>>,
 }
 
 /// The bridge's local side: a local client subscribed to the `up` filters (see
@@ -259,6 +260,17 @@ impl Intake {
 /// Told whether the outbox can append (`None`) or why not, each time that changes; the node
 /// turns it into a readiness check.
 pub type HealthHook = Box<dyn Fn(Option<&str>) + Send + Sync>;
+
+/// See [`Bridge::health_feed`].
+#[derive(Clone)]
+pub struct HealthFeed(Arc<watch::Sender<Option<Bytes>>>);
+
+impl HealthFeed {
+    /// Replaces the document the cloud is to see.
+    pub fn set(&self, document: Bytes) {
+        self.0.send_replace(Some(document));
+    }
+}
 
 /// Opens the outbox and starts the bridge's local tasks; the cloud connection starts with
 /// [`Bridge::connect`], once the node's internal consumers are subscribed (so commands the cloud
@@ -381,11 +393,20 @@ pub fn start(
     tracker.spawn(run_sender(
         shared.clone(),
         client.clone(),
-        conn_rx,
+        conn_rx.clone(),
         cfg.replay_max_msgs_per_s,
         stop.clone(),
     ));
     tracker.spawn(run_acker(shared.clone(), acks_rx));
+    let (health_tx, health_rx) = watch::channel(None);
+    tracker.spawn(run_state_feed(
+        shared.clone(),
+        client.clone(),
+        conn_rx,
+        health_rx,
+        format!("{prefix}{}", edgetwin_contract::Topic::NodeHealth.to_topic_string()),
+        stop.clone(),
+    ));
     let session = Session {
         shared: shared.clone(),
         client,
@@ -427,6 +448,7 @@ pub fn start(
             tap,
             flush_timeout: Duration::from_millis(cfg.flush_timeout_ms),
             intake,
+            health: Arc::new(health_tx),
         },
         inbound_rx,
     ))
@@ -436,6 +458,13 @@ impl Bridge {
     /// Where the front door hands clients' messages on the up routes.
     pub fn intake(&self) -> Intake {
         self.intake.clone()
+    }
+
+    /// Where the node hands its latest health document: the bridge publishes it retained as
+    /// `{prefix}node/health`, outside the outbox (it says what is true now, so a backlog never
+    /// delays it and an outage never queues stale copies), at once and again at every connection.
+    pub fn health_feed(&self) -> HealthFeed {
+        HealthFeed(self.health.clone())
     }
 
     /// Starts the cloud connection (once; later calls do nothing).
@@ -927,6 +956,63 @@ async fn run_acker(shared: Arc<Shared>, mut acks: mpsc::UnboundedReceiver<u64>) 
 }
 
 /// The cloud connection: drives rumqttc's event loop, tracks acks, reconnects with backoff.
+/// Publishes a retained state document (QoS 1) outside the outbox: its PUBACK releases no record.
+fn publish_untracked(
+    shared: &Shared,
+    client: &AsyncClient,
+    topic: &str,
+    payload: impl Into<Vec<u8>>,
+) -> Result<(), rumqttc::ClientError> {
+    // Queued under the same lock as the publish, so the session binds its packet id to no record.
+    let mut g = shared.inflight();
+    g.queue(inflight::UNTRACKED);
+    let r = client.try_publish(topic, QoS::AtLeastOnce, true, payload.into());
+    if r.is_err() {
+        g.unqueue_last();
+    }
+    r
+}
+
+/// Keeps the cloud's retained copy of a state document current: published when it changes while
+/// connected, and once more on every new connection (the cloud may have lost it; what changed
+/// while offline is sent then, once, not queued).
+async fn run_state_feed(
+    shared: Arc<Shared>,
+    client: AsyncClient,
+    mut conn: watch::Receiver<ConnState>,
+    mut doc: watch::Receiver<Option<Bytes>>,
+    topic: String,
+    stop: CancellationToken,
+) {
+    let mut pending = false;
+    let mut published_in: Option<u64> = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            r = conn.changed() => if r.is_err() { break },
+            r = doc.changed() => {
+                if r.is_err() { break }
+                pending = true;
+            }
+        }
+        let c = *conn.borrow_and_update();
+        if !c.connected || (!pending && published_in == Some(c.epoch)) {
+            continue;
+        }
+        let Some(payload) = doc.borrow_and_update().clone() else {
+            continue;
+        };
+        match publish_untracked(&shared, &client, &topic, payload.to_vec()) {
+            Ok(()) => {
+                pending = false;
+                published_in = Some(c.epoch);
+            }
+            // Tried again at the next change or connection.
+            Err(e) => warn!(topic = %topic, error = %e, "cannot publish a state document"),
+        }
+    }
+}
+
 struct Session {
     shared: Arc<Shared>,
     client: AsyncClient,
@@ -968,14 +1054,9 @@ impl Session {
     /// Publishes the node's presence (retained, QoS 1) outside the outbox: it says what is true
     /// now, so it never waits behind a backlog and is never replayed.
     fn publish_presence(&self, state: MapperState, reason: Option<&str>) {
-        let mut g = self.shared.inflight();
-        g.queue(inflight::UNTRACKED);
         let payload = self.presence.payload(state, reason);
-        if let Err(e) =
-            self.client
-                .try_publish(self.presence.topic.clone(), QoS::AtLeastOnce, true, payload)
+        if let Err(e) = publish_untracked(&self.shared, &self.client, &self.presence.topic, payload)
         {
-            g.unqueue_last();
             warn!(error = %e, "cannot publish the node's presence");
         }
     }

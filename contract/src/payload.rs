@@ -359,6 +359,70 @@ pub struct NodePresenceMsg {
     pub reason: Option<String>,
 }
 
+/// `node/health` (retained, locally and as `{prefix}node/health` at the cloud): the node's health,
+/// derived from the same metrics registry `/metrics` serves, published when something in it
+/// changed (see docs/contract.md §2.8) and at least every minute.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct NodeHealthMsg {
+    /// When it was measured (ms).
+    pub ts: TimestampMs,
+    /// The node's version.
+    pub version: String,
+    /// Seconds since the node process started.
+    pub uptime_s: u64,
+    /// What `/readyz` answers.
+    pub ready: bool,
+    /// The failing readiness checks (`name: why`), or the phase (`starting`, `stopping`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failing: Vec<String>,
+    /// CPU used by the node process since the previous sample, percent of one core.
+    pub cpu_percent: f64,
+    /// Resident memory of the node process.
+    pub memory_rss_bytes: u64,
+    /// The filesystem holding the data dir.
+    pub disk: DiskHealth,
+    /// The bridge's outbox; absent without a bridge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbox: Option<OutboxHealth>,
+    /// Every mapper that ever announced itself, by protocol, with its state.
+    pub mappers: BTreeMap<String, MapperState>,
+    /// Registered devices by twin status (`online`, `offline`, `stale`, `error`, `unknown`).
+    pub devices: BTreeMap<String, u64>,
+    /// Containers of the runtime by state; absent without a container agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub containers: Option<BTreeMap<String, u64>>,
+}
+
+/// Free space where the node keeps its data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DiskHealth {
+    /// Bytes an unprivileged writer can still use.
+    pub free_bytes: u64,
+    /// Size of the filesystem.
+    pub total_bytes: u64,
+}
+
+/// The durable outbox towards the cloud.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct OutboxHealth {
+    /// Records waiting.
+    pub records: u64,
+    /// Their stored size.
+    pub bytes: u64,
+    /// Age of the oldest waiting record, seconds (0 when empty).
+    pub oldest_age_s: u64,
+    /// Records dropped since the node started (outbox limits, damage).
+    pub dropped: u64,
+}
+
+impl NodeHealthMsg {
+    /// The JSON payload.
+    pub fn to_json_bytes(&self) -> Vec<u8> {
+        // Strings, numbers and maps of them always serialize.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
 impl NodePresenceMsg {
     /// The JSON payload.
     pub fn to_json_bytes(&self) -> Vec<u8> {

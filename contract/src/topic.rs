@@ -41,6 +41,8 @@ pub enum Topic {
     ContainersResult,
     /// `node/containers/status`: container states (retained).
     ContainersStatus,
+    /// `node/health`: the node's health document (retained).
+    NodeHealth,
     /// `node/devices/apply`: profile YAML sent by `edgetwin device apply`.
     DevicesApply,
     /// `node/devices/apply/result`: the answer to an apply request.
@@ -112,6 +114,7 @@ impl Topic {
             Topic::ContainersCmd => "node/containers/cmd".into(),
             Topic::ContainersResult => "node/containers/result".into(),
             Topic::ContainersStatus => "node/containers/status".into(),
+            Topic::NodeHealth => "node/health".into(),
             Topic::DevicesApply => "node/devices/apply".into(),
             Topic::DevicesApplyResult => "node/devices/apply/result".into(),
             Topic::DevicesList => "node/devices/list".into(),
@@ -143,6 +146,7 @@ impl Topic {
             ["node", "containers", "cmd"] => Topic::ContainersCmd,
             ["node", "containers", "result"] => Topic::ContainersResult,
             ["node", "containers", "status"] => Topic::ContainersStatus,
+            ["node", "health"] => Topic::NodeHealth,
             ["node", "devices", "apply"] => Topic::DevicesApply,
             ["node", "devices", "apply", "result"] => Topic::DevicesApplyResult,
             ["node", "devices", "list"] => Topic::DevicesList,
@@ -189,6 +193,7 @@ mod tests {
             Topic::ContainersCmd,
             Topic::ContainersResult,
             Topic::ContainersStatus,
+            Topic::NodeHealth,
             Topic::DevicesApply,
             Topic::DevicesApplyResult,
             Topic::DevicesList,

@@ -72,6 +72,7 @@ pub fn bounded_by_registry(topic: &str, dir: &dyn DeviceDirectory) -> bool {
             Topic::ContainersCmd
             | Topic::ContainersResult
             | Topic::ContainersStatus
+            | Topic::NodeHealth
             | Topic::DevicesApply
             | Topic::DevicesApplyResult
             | Topic::DevicesList

@@ -89,6 +89,24 @@ impl Health {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner).0 = Phase::Stopping;
     }
 
+    /// What keeps the node from being ready, one line each: the phase when not serving, then
+    /// every failing check as `name: why` (no durations, so it only changes when the truth does).
+    pub fn failing(&self) -> Vec<String> {
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let phase = match inner.0 {
+            Phase::Starting => Some("starting".to_string()),
+            Phase::Stopping => Some("stopping".to_string()),
+            Phase::Serving => None,
+        };
+        phase
+            .into_iter()
+            .chain(inner.1.iter().filter_map(|(name, e)| match &e.verdict {
+                Verdict::Ok => None,
+                Verdict::Failing(why) => Some(format!("{name}: {why}")),
+            }))
+            .collect()
+    }
+
     /// The current verdict.
     pub fn report(&self) -> Report {
         let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
@@ -144,6 +162,7 @@ mod tests {
         assert!(r.text.contains("outbox: failing"), "{}", r.text);
         assert!(r.text.contains("disk full"), "{}", r.text);
         assert!(r.text.contains("twin store: ok"), "{}", r.text);
+        assert_eq!(h.failing(), vec!["outbox: disk full".to_string()]);
         h.set("outbox", Verdict::Ok);
         assert!(h.report().ready);
     }

@@ -15,6 +15,7 @@ mod inprocess;
 mod intake;
 mod mapper_metrics;
 mod metrics;
+mod node_health;
 #[cfg(test)]
 mod node_tests;
 mod registry;

@@ -35,6 +35,13 @@ pub struct StatusLabels {
     pub status: String,
 }
 
+/// Labels of per-mapper series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapperLabels {
+    /// The mapper's protocol.
+    pub protocol: String,
+}
+
 /// Labels of restored twins.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RestoredLabels {
@@ -79,6 +86,8 @@ pub struct Metrics {
     pub store_snapshot_damaged: Gauge,
     /// When the last twin store snapshot was written (unix seconds; 0 = none yet).
     pub store_snapshot_timestamp: Gauge,
+    /// 1 while a mapper is online (its status says so), 0 once its status or will says offline.
+    pub mapper_up: Family<MapperLabels, Gauge>,
     /// Latest counters of every mapper, re-exported.
     pub mappers: Arc<MapperMetrics>,
     /// Latest counters of the container agent.
@@ -109,6 +118,7 @@ impl Metrics {
             store_restored: Family::default(),
             store_snapshot_damaged: Gauge::default(),
             store_snapshot_timestamp: Gauge::default(),
+            mapper_up: Family::default(),
             mappers: Arc::new(MapperMetrics::default()),
             containers: Arc::default(),
             bridge: Default::default(),
@@ -200,6 +210,11 @@ impl Metrics {
                 from: from.to_string(),
             });
         }
+        registry.register(
+            "mapper_up",
+            "1 while a mapper is online, 0 once its status (or its will) said offline",
+            m.mapper_up.clone(),
+        );
         registry.register_collector(Box::new(m.mappers.clone()));
         registry.register_collector(Box::new(m.containers.clone()));
         m.bridge.register(&mut registry);
@@ -220,7 +235,7 @@ impl Metrics {
             let _ = m.twin_updates_accepted.get_or_create(&labels);
             let _ = m.twin_updates_unchanged.get_or_create(&labels);
         }
-        for status in ["unknown", "online", "offline", "error"] {
+        for status in ["unknown", "online", "offline", "error", "stale"] {
             let _ = m.devices.get_or_create(&StatusLabels {
                 status: status.to_string(),
             });

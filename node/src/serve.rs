@@ -297,6 +297,24 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
         info!(socket = %ccfg.runtime_socket, node = %node, "container agent started");
     }
 
+    metrics.register_with(|r| {
+        r.register_collector(Box::new(crate::node_health::ProcessCollector::new(
+            cfg.data_dir.clone(),
+        )))
+    });
+    let (health_link, _) =
+        LocalClient::connect(&broker, "health", &[], 1, intake.clone(), &tracker).await?;
+    tracker.spawn(
+        crate::node_health::HealthTask {
+            metrics: metrics.clone(),
+            readiness: health.clone(),
+            link: health_link,
+            cloud: bridge.as_ref().map(|b| b.health_feed()),
+            containers: cfg.containers.is_some(),
+        }
+        .run(intake.clone()),
+    );
+
     let (reg_link, reg_in) = LocalClient::connect(
         &broker,
         "registry",

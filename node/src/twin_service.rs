@@ -750,6 +750,12 @@ impl TwinService {
             return;
         };
         let served = self.served_by(&protocol);
+        self.metrics
+            .mapper_up
+            .get_or_create(&crate::metrics::MapperLabels {
+                protocol: protocol.to_string(),
+            })
+            .set(i64::from(msg.state == MapperState::Online));
         if msg.state == MapperState::Offline {
             // Its will (or its clean stop): nobody else will say its devices are gone.
             let message = format!("mapper {protocol} is offline");

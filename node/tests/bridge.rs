@@ -472,3 +472,64 @@ fn bridge_presence_of_a_frozen_node_turns_offline_through_its_will() {
         v.is_some_and(|v| v["state"] == "online")
     });
 }
+
+#[test]
+fn bridge_health_document_is_retained_at_the_cloud_follows_changes_and_stays_quiet_otherwise() {
+    let cloud = Mosquitto::start();
+    let topic = format!("{PREFIX}node/health");
+    let node = Node::start_with_config(&["p-3"], &bridge_yaml(cloud.port, ""));
+    let ready = cloud
+        .retained_until(&topic, Duration::from_secs(20), |v| {
+            v.is_some_and(|v| v["ready"] == true)
+        })
+        .unwrap();
+    assert!(ready["uptime_s"].is_u64(), "{ready}");
+    assert!(ready["memory_rss_bytes"].as_u64() > Some(1 << 20), "{ready}");
+    assert!(
+        ready["disk"]["free_bytes"].as_u64() > Some(0)
+            && ready["disk"]["total_bytes"].as_u64() >= ready["disk"]["free_bytes"].as_u64(),
+        "{ready}"
+    );
+    assert_eq!(ready["outbox"]["dropped"], 0, "{ready}");
+    let devices: u64 = ready["devices"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert_eq!(devices, 1, "one registered device: {ready}");
+    assert!(ready.get("containers").is_none(), "no agent: {ready}");
+
+    // Nothing changes: the samples every 2 s are not sent.
+    let watch = Subscriber::start(cloud.port, "health-watch", &topic);
+    let first = watch.wait_until(Duration::from_secs(10), |got| !got.is_empty());
+    std::thread::sleep(Duration::from_secs(7));
+    let quiet = watch.received().len() - first.len();
+    assert!(quiet <= 1, "{quiet} health documents in 7 quiet seconds");
+
+    // A mapper comes and goes: each change is at the cloud within a sample or two.
+    node.pub_(
+        "mappers/modbus/status",
+        r#"{"state":"online","ts":1,"version":"t"}"#,
+    );
+    cloud
+        .retained_until(&topic, Duration::from_secs(10), |v| {
+            v.is_some_and(|v| v["mappers"]["modbus"] == "online")
+        })
+        .unwrap();
+    node.pub_(
+        "mappers/modbus/status",
+        r#"{"state":"offline","ts":2,"version":"t"}"#,
+    );
+    let gone = cloud
+        .retained_until(&topic, Duration::from_secs(10), |v| {
+            v.is_some_and(|v| v["mappers"]["modbus"] == "offline" && v["devices"]["offline"] == 1)
+        })
+        .unwrap();
+    // The node's own retained copy says the same.
+    let local = retained_until(node.port, "node/health", Duration::from_secs(5), |v| {
+        v.is_some_and(|v| v["ts"] == gone["ts"])
+    })
+    .unwrap();
+    assert_eq!(local, gone);
+}
