@@ -48,6 +48,15 @@
 //!   property reads back the desired value, or when desired changes (so the new value is tried).
 //!   While a write error names the current desired value, the delta leaves that property out:
 //!   the device is not written again until someone changes desired.
+//! - **Per-entry properties** ([`PropertySpec::per_entry`], e.g. the node twin's `containers`):
+//!   on the desired side each key of the object is its own last-writer-wins register, stored as
+//!   `{property}.{key}` (property names never hold a `.`), so a patch `{"p": {"a": 1, "b": null}}`
+//!   sets `a` and removes `b` and leaves every other entry alone, and two writers editing
+//!   different entries both win. `{"p": null}` removes every entry. The document shows the
+//!   entries as one object (`{}` once every entry is removed: an empty declared set, unlike a
+//!   property never written), with metadata per entry (`p.a`) and for the whole (`p`: the
+//!   newest entry's `ts` and `source`, the largest `version`). A value stored whole before the
+//!   property became per-entry is split into entries, with its metadata, at the next patch.
 //! - **Values are canonical.** Object values are stored with their keys sorted (recursively), so
 //!   two patches with the same object in different key order store the same bytes.
 
@@ -82,6 +91,9 @@ pub struct PropertySpec {
     pub minimum: Option<f64>,
     /// Inclusive upper bound for numbers.
     pub maximum: Option<f64>,
+    /// An `object` property whose desired entries are separate registers (see the module doc's
+    /// *Per-entry properties*); otherwise a value is replaced whole.
+    pub per_entry: bool,
 }
 
 /// A device model as the twin needs it: its name and its properties.
@@ -380,8 +392,8 @@ impl Twin {
                 format!("{ERRORS_KEY} is only allowed in reported patches"),
             ));
         }
-        let patch = &typed(model, patch);
-        let mut applied = self.merge(Side::Desired, patch, source, now_ms);
+        let writes = self.per_entry(model, &typed(model, patch));
+        let mut applied = self.merge(Side::Desired, writes, patch.ts, source, now_ms);
         // A new desired value is tried again, whatever became of the last one.
         for name in &applied.changed {
             let write_failed = self
@@ -418,7 +430,12 @@ impl Twin {
             spec_of(model, name.as_str())?;
         }
         let patch = &typed(model, patch);
-        let mut applied = self.merge(Side::Reported, patch, source, now_ms);
+        let writes = patch
+            .props
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), v.clone()))
+            .collect();
+        let mut applied = self.merge(Side::Reported, writes, patch.ts, source, now_ms);
         let at = patch.ts.unwrap_or(now_ms).min(now_ms);
         if !patch.props.is_empty() {
             self.status.last_seen = Some(self.status.last_seen.map_or(at, |seen| seen.max(at)));
@@ -544,7 +561,12 @@ impl Twin {
     /// whose write of this very value failed for good (a lasting write error naming it).
     pub fn delta(&self) -> Map<String, Value> {
         let mut delta = Map::new();
+        let mut per_entry = false;
         for (name, entry) in &self.desired {
+            if name.contains('.') {
+                per_entry = true;
+                continue;
+            }
             let Some(want) = &entry.value else { continue };
             let given_up = self.status.errors.get(name).is_some_and(|e| {
                 e.op == PropertyOp::Write && e.value.as_ref().is_some_and(|v| same_value(v, want))
@@ -557,7 +579,35 @@ impl Twin {
                 delta.insert(name.clone(), want.clone());
             }
         }
+        if per_entry {
+            // Per-entry properties compare as the object their entries make.
+            let (desired, _) = side_doc(&self.desired);
+            for (name, want) in desired {
+                let registers = format!("{name}.");
+                if delta.contains_key(&name) || !self.desired.keys().any(|k| k.starts_with(&registers)) {
+                    continue;
+                }
+                let have = self.reported.get(&name).and_then(|e| e.value.as_ref());
+                if have.is_none_or(|have| !same_value(have, &want)) {
+                    delta.insert(name, want);
+                }
+            }
+        }
         delta
+    }
+
+    /// The desired value of `name` as the document shows it (a per-entry property's entries as
+    /// one object); `None` when never set or removed.
+    pub fn desired_value(&self, name: &str) -> Option<Value> {
+        if let Some(e) = self.desired.get(name) {
+            return e.value.clone();
+        }
+        let registers = format!("{name}.");
+        let mut entries = self.desired.range(registers.clone()..);
+        if !entries.next().is_some_and(|(k, _)| k.starts_with(&registers)) {
+            return None;
+        }
+        side_doc(&self.desired).0.remove(name)
     }
 
     /// The wire twin document; tombstones are omitted from values and metadata.
@@ -579,7 +629,63 @@ impl Twin {
         }
     }
 
-    fn merge(&mut self, side: Side, patch: &Patch, source: Source, now_ms: i64) -> Applied {
+    /// The patch with every per-entry property's object turned into one write per entry
+    /// register (`null` for the property: a removal of each entry there is). A value of such a
+    /// property still stored whole is split into registers first, keeping its metadata.
+    fn per_entry(&mut self, model: &ModelSpec, patch: &Patch) -> Vec<(String, Option<Value>)> {
+        let mut out: BTreeMap<String, Option<Value>> = patch
+            .props
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), v.clone()))
+            .collect();
+        for (name, spec) in &model.properties {
+            if !spec.per_entry {
+                continue;
+            }
+            let Some(value) = out.remove(name) else {
+                continue;
+            };
+            if let Some(whole) = self.desired.remove(name) {
+                if let Some(Value::Object(map)) = &whole.value {
+                    for (key, v) in map {
+                        self.desired.insert(
+                            format!("{name}.{key}"),
+                            Entry {
+                                value: Some(v.clone()),
+                                ..whole.clone()
+                            },
+                        );
+                    }
+                }
+            }
+            let writes: Vec<(String, Option<Value>)> = match value {
+                Some(Value::Object(map)) => map.into_iter().map(|(k, v)| (k, (!v.is_null()).then_some(v))).collect(),
+                _ => {
+                    let prefix = format!("{name}.");
+                    self.desired
+                        .iter()
+                        .filter(|(k, e)| k.starts_with(&prefix) && e.value.is_some())
+                        .map(|(k, _)| (k[prefix.len()..].to_string(), None))
+                        .collect()
+                }
+            };
+            for (key, v) in writes {
+                // Entry keys come from a JSON object: any string. The register name is an
+                // internal key; only its first `.` is read back (by `side_doc`).
+                out.insert(format!("{name}.{key}"), v);
+            }
+        }
+        out.into_iter().collect()
+    }
+
+    fn merge(
+        &mut self,
+        side: Side,
+        writes: Vec<(String, Option<Value>)>,
+        patch_ts: Option<i64>,
+        source: Source,
+        now_ms: i64,
+    ) -> Applied {
         let new_version = self.version.saturating_add(1);
         let src_id = source.id();
         let mut applied = Applied::default();
@@ -587,13 +693,11 @@ impl Twin {
             Side::Desired => &mut self.desired,
             Side::Reported => &mut self.reported,
         };
-        for (name, value) in &patch.props {
+        for (name, value) in &writes {
             let name = name.as_str();
             let new_canon = canonical_opt(value.as_ref());
             let current = entries.get(name);
-            let ts = patch
-                .ts
-                .unwrap_or_else(|| node_stamp(current.map(|c| c.ts), now_ms));
+            let ts = patch_ts.unwrap_or_else(|| node_stamp(current.map(|c| c.ts), now_ms));
             let wins = current.is_none_or(|cur| {
                 let (cur_ts, cur_src, cur_canon) = cur.lww_key();
                 (ts, src_id.as_str(), new_canon.as_str()).cmp(&(
@@ -683,18 +787,34 @@ fn side_doc(
 ) -> (Map<String, Value>, BTreeMap<String, PropertyMeta>) {
     let mut values = Map::new();
     let mut meta = BTreeMap::new();
+    let meta_of = |e: &Entry| PropertyMeta {
+        version: e.version,
+        ts: e.ts,
+        source: e.source.clone(),
+    };
     for (name, entry) in entries {
-        if let Some(v) = &entry.value {
-            values.insert(name.clone(), v.clone());
-            meta.insert(
-                name.clone(),
-                PropertyMeta {
-                    version: entry.version,
-                    ts: entry.ts,
-                    source: entry.source.clone(),
-                },
-            );
+        let Some((prop, key)) = name.split_once('.') else {
+            if let Some(v) = &entry.value {
+                values.insert(name.clone(), v.clone());
+                meta.insert(name.clone(), meta_of(entry));
+            }
+            continue;
+        };
+        // An entry register of a per-entry property: tombstones count too (an emptied set is
+        // `{}`, not absent), and the whole's metadata is the newest entry's.
+        let slot = values
+            .entry(prop.to_string())
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let (Value::Object(map), Some(v)) = (slot, &entry.value) {
+            map.insert(key.to_string(), v.clone());
+            meta.insert(name.clone(), meta_of(entry));
         }
+        let whole = meta.entry(prop.to_string()).or_insert_with(|| meta_of(entry));
+        if (entry.ts, entry.source.id()) > (whole.ts, whole.source.id()) {
+            whole.ts = entry.ts;
+            whole.source = entry.source.clone();
+        }
+        whole.version = whole.version.max(entry.version);
     }
     (values, meta)
 }

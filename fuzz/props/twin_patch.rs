@@ -62,6 +62,7 @@ fn model() -> ModelSpec {
                 access,
                 minimum: min,
                 maximum: max,
+                per_entry: false,
             },
         );
     }

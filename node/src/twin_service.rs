@@ -193,6 +193,9 @@ fn node_model_spec() -> ModelSpec {
             access: edgetwin_contract::AccessMode::ReadWrite,
             minimum: None,
             maximum: None,
+            // Each declared container is its own register: a patch names the containers it
+            // changes, and edits of different containers from the cloud and on the node both win.
+            per_entry: true,
         },
     );
     ModelSpec {
@@ -590,13 +593,26 @@ impl TwinService {
         // The node twin's declared containers are checked before they are stored: a spec the
         // agent cannot carry out must not become the state it restores after a reboot.
         if side == Side::Desired && self.node.as_ref() == Some(&device) {
-            if let Some(Some(v)) = patch
+            if let Some(Some(serde_json::Value::Object(entries))) = patch
                 .props
                 .iter()
                 .find(|(k, _)| k.as_str() == NODE_CONTAINERS)
                 .map(|(_, v)| v)
             {
-                if let Err(errors) = edgetwin_containers::parse_desired(v) {
+                // Each container is its own register: what is checked is the declared set this
+                // patch would leave (its entries over the current ones; `null` removes one).
+                let mut set = match self.twins.get(&device).and_then(node_desired_containers) {
+                    Some(serde_json::Value::Object(m)) => m,
+                    _ => serde_json::Map::new(),
+                };
+                for (name, spec) in entries {
+                    if spec.is_null() {
+                        set.remove(name);
+                    } else {
+                        set.insert(name.clone(), spec.clone());
+                    }
+                }
+                if let Err(errors) = edgetwin_containers::parse_desired(&serde_json::Value::Object(set)) {
                     let r = Rejection {
                         code: ErrorCode::DeviceConfig,
                         message: format!("desired.containers: {}", errors.join("; ")),
@@ -1213,9 +1229,7 @@ pub fn take_snapshot(store: &TwinStore, metrics: &Metrics) {
 
 /// The node twin's `desired.containers`, if set.
 fn node_desired_containers(twin: &Twin) -> Option<serde_json::Value> {
-    twin.desired
-        .get(NODE_CONTAINERS)
-        .and_then(|e| e.value.clone())
+    twin.desired_value(NODE_CONTAINERS)
 }
 
 /// The delta message of a twin, if desired and reported differ.
@@ -1338,6 +1352,7 @@ pub fn model_spec(name: &str, model: &edgetwin_profile::DeviceModel) -> ModelSpe
                         access: p.access_mode,
                         minimum: p.minimum,
                         maximum: p.maximum,
+                        per_entry: false,
                     },
                 )
             })

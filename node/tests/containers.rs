@@ -11,6 +11,15 @@ use serde_json::{json, Value};
 
 const NODE: &str = "test-node";
 
+/// Every test node is `test-node` on one shared daemon, and a node's reconcile owns every
+/// container labelled managed: a test that empties its declared set removes the others'. Tests
+/// that declare containers take turns.
+static DECLARING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn declaring() -> std::sync::MutexGuard<'static, ()> {
+    DECLARING.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn containers_yaml() -> String {
     format!(
         "containers:\n  runtime_socket: unix://{}\n  reconcile_interval_ms: 500\n",
@@ -113,6 +122,7 @@ fn containers_command_runs_once_per_id_and_status_is_retained() {
 
 #[test]
 fn containers_desired_in_the_node_twin_are_reconciled_and_reported() {
+    let _turn = declaring();
     let node = Node::start_with_config(&[], &containers_yaml());
     let name = "et-node-decl-1";
     let patch = json!({"containers": {name: sleeper(IMAGE)}}).to_string();
@@ -136,7 +146,7 @@ fn containers_desired_in_the_node_twin_are_reconciled_and_reported() {
     wait_state_in(name, &["exited", "created"]);
     node.pub_(
         &format!("dt/{NODE}/desired"),
-        &json!({"containers": {}}).to_string(),
+        &json!({"containers": {name: null}}).to_string(),
     );
     let deadline = Instant::now() + Duration::from_secs(30);
     while state(name).is_some() {
@@ -164,6 +174,7 @@ fn containers_invalid_desired_spec_is_reported_on_the_error_topic() {
 
 #[test]
 fn containers_desired_through_the_cloud_broker_are_reconciled() {
+    let _turn = declaring();
     let cloud = Mosquitto::start();
     let extra = format!(
         "{}bridge:\n  url: mqtt://127.0.0.1:{}\n  keep_alive_s: 5\n  reconnect: {{initial_ms: 100, max_ms: 400}}\n",
@@ -186,6 +197,7 @@ fn containers_desired_through_the_cloud_broker_are_reconciled() {
 
 #[test]
 fn containers_declared_survive_a_restart_with_the_cloud_down_and_come_back() {
+    let _turn = declaring();
     // A bridge to a cloud broker that is not there: the node must work from its own store.
     let dead_cloud = free_port();
     let extra = format!(
@@ -226,9 +238,24 @@ fn containers_a_node_without_any_device_profile_still_has_its_twin() {
 
 #[test]
 fn containers_status_is_published_when_it_changes_not_at_every_reconcile() {
+    let _turn = declaring();
     let node = Node::start_with_config(&[], &containers_yaml());
-    // Declared (nothing): the agent reconciles every 500 ms.
-    node.pub_(&format!("dt/{NODE}/desired"), r#"{"containers": {}}"#);
+    // A declared set, emptied again: the agent reconciles it every 500 ms.
+    let name = "et-node-status-1";
+    node.pub_(
+        &format!("dt/{NODE}/desired"),
+        &json!({"containers": {name: sleeper(IMAGE)}}).to_string(),
+    );
+    wait_state(name, "running");
+    node.pub_(
+        &format!("dt/{NODE}/desired"),
+        &json!({"containers": {name: null}}).to_string(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while state(name).is_some() {
+        assert!(Instant::now() < deadline, "{name} was not removed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let reconciles = || {
         node.metric("edgetwin_container_reconciles_total")
             .unwrap_or(0.0)
@@ -253,6 +280,7 @@ fn containers_status_is_published_when_it_changes_not_at_every_reconcile() {
 
 #[test]
 fn containers_an_invalid_declaration_is_refused_unstored_and_a_reboot_restores_the_last_valid() {
+    let _turn = declaring();
     let mut node = Node::start_with_config(&[], &containers_yaml());
     let name = "et-node-valid-1";
     node.pub_(
@@ -283,13 +311,71 @@ fn containers_an_invalid_declaration_is_refused_unstored_and_a_reboot_restores_t
     docker(&["rm", "-f", name]);
     node.restart();
     wait_state(name, "running");
+    // `null` for the property removes every declared container.
     node.pub_(
         &format!("dt/{NODE}/desired"),
-        &json!({"containers": {}}).to_string(),
+        &json!({"containers": null}).to_string(),
     );
     let deadline = Instant::now() + Duration::from_secs(30);
     while docker(&["inspect", name]).status.success() {
         assert!(Instant::now() < deadline, "{name} was not removed");
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn containers_a_patch_naming_one_container_leaves_the_others_declared_and_running() {
+    let _turn = declaring();
+    let node = Node::start_with_config(&[], &containers_yaml());
+    let (a, b) = ("et-node-merge-a", "et-node-merge-b");
+    node.pub_(
+        &format!("dt/{NODE}/desired"),
+        &json!({"containers": {a: sleeper(IMAGE), b: sleeper(IMAGE)}}).to_string(),
+    );
+    wait_state(a, "running");
+    wait_state(b, "running");
+    let started_b = docker(&["inspect", "-f", "{{.State.StartedAt}}", b]).stdout;
+    // Only `a` is named: it is stopped, `b` stays declared and is not touched.
+    let mut stopped = sleeper(IMAGE);
+    stopped["state"] = json!("stopped");
+    node.pub_(
+        &format!("dt/{NODE}/desired"),
+        &json!({"containers": {a: stopped}}).to_string(),
+    );
+    wait_state_in(a, &["exited", "created"]);
+    let twin = node.twin(NODE);
+    assert_eq!(twin["desired"]["containers"][b], sleeper(IMAGE), "{twin}");
+    assert_eq!(twin["desired"]["containers"][a]["state"], "stopped", "{twin}");
+    assert!(
+        twin["metadata"]["desired"]["containers.a"].is_null()
+            && twin["metadata"]["desired"][format!("containers.{a}")]["version"].is_u64(),
+        "per-entry metadata: {twin}"
+    );
+    assert_eq!(state(b).as_deref(), Some("running"));
+    assert_eq!(
+        docker(&["inspect", "-f", "{{.State.StartedAt}}", b]).stdout,
+        started_b,
+        "b was restarted"
+    );
+    // A `null` entry removes that one container only.
+    node.pub_(
+        &format!("dt/{NODE}/desired"),
+        &json!({"containers": {b: null}}).to_string(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while state(b).is_some() {
+        assert!(Instant::now() < deadline, "{b} was not removed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let twin = node.twin_until(NODE, |t| t["desired"]["containers"].get(b).is_none());
+    assert!(twin["desired"]["containers"].get(a).is_some(), "{twin}");
+    node.pub_(
+        &format!("dt/{NODE}/desired"),
+        &json!({"containers": null}).to_string(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while state(a).is_some() {
+        assert!(Instant::now() < deadline, "{a} was not removed");
+        std::thread::sleep(Duration::from_millis(200));
     }
 }

@@ -13,6 +13,7 @@ fn model() -> ModelSpec {
         access,
         minimum,
         maximum,
+        per_entry: false,
     };
     ModelSpec {
         name: "thermostat".into(),
@@ -1053,4 +1054,138 @@ fn errors_are_checked_against_the_model_and_only_allowed_in_reported_patches() {
             "{bad}"
         );
     }
+}
+
+// ---- per-entry properties ----
+
+fn entries_model() -> ModelSpec {
+    ModelSpec {
+        name: "node".into(),
+        properties: BTreeMap::from([(
+            "containers".to_string(),
+            PropertySpec {
+                ty: PropertyType::Object,
+                access: AccessMode::ReadWrite,
+                minimum: None,
+                maximum: None,
+                per_entry: true,
+            },
+        )]),
+    }
+}
+
+fn declare(t: &mut Twin, v: Value, source: Source, now: i64) -> Applied {
+    t.apply_desired(&entries_model(), &patch(v), source, now)
+        .expect("accepted")
+}
+
+fn declared(t: &Twin) -> Option<Value> {
+    t.desired_value("containers")
+}
+
+#[test]
+fn per_entry_patch_changes_only_the_entries_it_names() {
+    let mut t = twin();
+    declare(
+        &mut t,
+        json!({"containers": {"web": {"image": "a"}, "db": {"image": "b"}, "mq": {"image": "c"}}}),
+        Source::Local,
+        10,
+    );
+    let a = declare(
+        &mut t,
+        json!({"containers": {"web": {"image": "a2"}, "mq": null}}),
+        Source::Local,
+        20,
+    );
+    assert_eq!(a.changed, vec!["containers.mq", "containers.web"]);
+    assert_eq!(
+        declared(&t),
+        Some(json!({"db": {"image": "b"}, "web": {"image": "a2"}}))
+    );
+    let doc = t.to_doc();
+    assert_eq!(doc.desired["containers"], declared(&t).expect("set"));
+    let meta = &doc.metadata.desired;
+    assert_eq!(meta["containers.db"].ts, 10);
+    assert_eq!(meta["containers.web"].ts, 20);
+    assert!(!meta.contains_key("containers.mq"), "a removed entry has no metadata");
+    assert_eq!(
+        (meta["containers"].ts, meta["containers"].version),
+        (20, t.version)
+    );
+}
+
+#[test]
+fn per_entry_edits_of_different_entries_from_two_sides_both_win_in_any_order() {
+    let base = json!({"containers": {"web": {"image": "a"}, "db": {"image": "b"}}});
+    let cloud = json!({"ts": 100, "containers": {"web": {"image": "cloud"}}});
+    let local = json!({"ts": 90, "containers": {"db": null, "new": {"image": "n"}}});
+    let run = |first: &Value, second: &Value| {
+        let mut t = twin();
+        declare(&mut t, json!({"ts": 1, "containers": base["containers"]}), Source::Local, 1);
+        declare(&mut t, first.clone(), Source::Cloud, 200);
+        declare(&mut t, second.clone(), Source::Local, 300);
+        t
+    };
+    let (a, b) = (run(&cloud, &local), run(&local, &cloud));
+    let want = json!({"new": {"image": "n"}, "web": {"image": "cloud"}});
+    assert_eq!(declared(&a), Some(want.clone()));
+    assert_eq!(declared(&b), Some(want));
+    // The same entry written on both sides: the later write wins wherever it arrives first.
+    let mut t = twin();
+    declare(&mut t, json!({"ts": 50, "containers": {"web": {"image": "late"}}}), Source::Cloud, 60);
+    declare(&mut t, json!({"ts": 40, "containers": {"web": {"image": "early"}}}), Source::Local, 70);
+    assert_eq!(declared(&t), Some(json!({"web": {"image": "late"}})));
+}
+
+#[test]
+fn per_entry_null_removes_every_entry_and_leaves_an_empty_declared_set() {
+    let mut t = twin();
+    assert_eq!(declared(&t), None, "never declared");
+    declare(&mut t, json!({"containers": {"web": {"image": "a"}}}), Source::Local, 10);
+    declare(&mut t, json!({"containers": null}), Source::Local, 20);
+    assert_eq!(declared(&t), Some(json!({})), "declared, and empty");
+    assert_eq!(t.to_doc().desired["containers"], json!({}));
+    // An empty object names no entry: nothing changes.
+    declare(&mut t, json!({"containers": {"web": {"image": "b"}}}), Source::Local, 30);
+    let a = declare(&mut t, json!({"containers": {}}), Source::Local, 40);
+    assert!(!a.is_change());
+    assert_eq!(declared(&t), Some(json!({"web": {"image": "b"}})));
+}
+
+#[test]
+fn per_entry_value_stored_whole_before_is_split_keeping_its_metadata() {
+    let mut t = twin();
+    // As an older build stored it: one register for the whole object.
+    let mut whole = entries_model();
+    if let Some(p) = whole.properties.get_mut("containers") {
+        p.per_entry = false;
+    }
+    t.apply_desired(
+        &whole,
+        &patch(json!({"containers": {"web": {"image": "a"}, "db": {"image": "b"}}})),
+        Source::Cloud,
+        10,
+    )
+    .expect("accepted");
+    assert_eq!(declared(&t), Some(json!({"db": {"image": "b"}, "web": {"image": "a"}})));
+    declare(&mut t, json!({"containers": {"db": null}}), Source::Local, 20);
+    assert_eq!(declared(&t), Some(json!({"web": {"image": "a"}})));
+    let meta = &t.to_doc().metadata.desired;
+    assert_eq!((meta["containers.web"].ts, meta["containers.web"].source.id()), (10, Source::Cloud.id()));
+}
+
+#[test]
+fn per_entry_delta_compares_the_whole_declared_set() {
+    let mut t = twin();
+    declare(&mut t, json!({"containers": {"web": {"image": "a"}}}), Source::Local, 10);
+    assert_eq!(t.delta().get("containers"), Some(&json!({"web": {"image": "a"}})));
+    t.apply_reported(
+        &entries_model(),
+        &patch(json!({"containers": {"web": {"image": "a"}}})),
+        mapper(),
+        20,
+    )
+    .expect("accepted");
+    assert!(t.delta().is_empty(), "{:?}", t.delta());
 }

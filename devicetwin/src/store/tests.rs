@@ -14,6 +14,7 @@ fn model() -> ModelSpec {
         access: AccessMode::ReadWrite,
         minimum: None,
         maximum: None,
+        per_entry: false,
     };
     ModelSpec {
         name: "m".into(),
