@@ -364,6 +364,8 @@ mod tests {
                 exit_code: None,
                 restart_count: Some(0),
                 started_at: None,
+                finished_at: None,
+                restarting: false,
                 labels: spec.labels.clone(),
                 error: None,
             };

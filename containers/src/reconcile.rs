@@ -371,6 +371,8 @@ mod tests {
             exit_code: None,
             restart_count: Some(0),
             started_at: None,
+            finished_at: None,
+            restarting: false,
             labels: spec.labels,
             error: None,
         }
@@ -385,6 +387,8 @@ mod tests {
             exit_code: None,
             restart_count: None,
             started_at: None,
+            finished_at: None,
+            restarting: false,
             labels: BTreeMap::new(),
             error: None,
         }
@@ -573,6 +577,8 @@ mod tests {
             exit_code: None,
             restart_count: Some(0),
             started_at: None,
+            finished_at: None,
+            restarting: false,
             labels: spec.labels.clone(),
             error: None,
         };
@@ -682,6 +688,8 @@ mod tests {
                             exit_code: None,
                             restart_count: Some(0),
                             started_at: None,
+                            finished_at: None,
+                            restarting: false,
                             labels,
                             error: None,
                         }

@@ -6,6 +6,25 @@
 //! the node (the agent never pulls: edge nodes are often air-gapped, images are imported or
 //! pre-pulled), the name is taken, the container does not exist, the runtime cannot be reached
 //! (nothing happened; safe to retry), and anything else the runtime refused.
+//!
+//! # Reading states leniently (Podman)
+//!
+//! bollard decodes `State.Status` into a closed enum of Docker's words, so one word it does not
+//! know makes the whole inspect (or list) fail: Podman 4.x's compat API leaks libpod's own
+//! `stopped` (a process that exited, not yet cleaned up by conmon; so a `run` whose process exits
+//! at once was reported failed), and could leak `configured`, `initialized`, `stopping`.
+//! When bollard's typed decode fails, the agent reads the raw JSON of the same answer itself
+//! ([`decode_inspect`], bollard's `json_data_content` feature keeps it) and maps the word with
+//! [`map_status`]:
+//!
+//! | runtime word | ours | why |
+//! |---|---|---|
+//! | `created`, `configured`, `initialized` | `created` | exists, never started (Podman: storage set up / OCI container made) |
+//! | `running`, `restarting`, `stopping` | `running` | the process still runs (or the restart policy is about to run it again), as Docker's `State.Running` says |
+//! | `paused` | `paused` | |
+//! | `exited`, `stopped` | `exited` | Podman's `stopped` is an exited process whose cleanup is pending |
+//! | `dead`, `removing` | `dead` | going away; the reconcile recreates a managed one |
+//! | `unknown`, empty, anything else | `unknown` | |
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -24,6 +43,7 @@ use bollard::query_parameters::{
 };
 use bollard::Docker;
 use futures_util::StreamExt;
+use serde_json::Value;
 
 use crate::spec::{ContainerSpec, RestartPolicy, LABEL_MANAGED, LABEL_SPEC_HASH};
 pub use crate::wire::ContainerState;
@@ -40,12 +60,18 @@ pub struct ContainerInfo {
     pub image: String,
     /// State.
     pub state: ContainerState,
-    /// Exit code of the last run (only when exited or dead).
+    /// Exit code of the last run (when exited or dead, or while the runtime's restart policy
+    /// waits to restart it).
     pub exit_code: Option<i64>,
     /// Restarts done by the runtime under the restart policy.
     pub restart_count: Option<u64>,
     /// Last start, ms since the epoch.
     pub started_at: Option<TimestampMs>,
+    /// Last exit, ms since the epoch (absent if it never exited).
+    pub finished_at: Option<TimestampMs>,
+    /// The runtime's restart policy is between two runs (Docker's `State.Restarting`; `state` is
+    /// then `running`, as Docker's `State.Running` says).
+    pub restarting: bool,
     /// Labels.
     pub labels: BTreeMap<String, String>,
     /// The runtime's last error for this container (e.g. a failed start), if any.
@@ -356,38 +382,133 @@ pub fn parse_docker_time(s: &str) -> Option<TimestampMs> {
     i64::try_from(ms).ok().filter(|ms| *ms > 0)
 }
 
+/// Maps a runtime's `State.Status` word (Docker's or Podman's) to ours; see the module doc for
+/// the table and the reasons.
+pub fn map_status(status: &str) -> ContainerState {
+    match status.to_ascii_lowercase().as_str() {
+        "created" | "configured" | "initialized" => ContainerState::Created,
+        "running" | "restarting" | "stopping" => ContainerState::Running,
+        "paused" => ContainerState::Paused,
+        "exited" | "stopped" => ContainerState::Exited,
+        "dead" | "removing" => ContainerState::Dead,
+        _ => ContainerState::Unknown,
+    }
+}
+
+/// The fields of an inspect answer the agent reads, however they were decoded.
+struct Inspected {
+    id: String,
+    name: String,
+    image: String,
+    status: String,
+    restarting: bool,
+    exit_code: Option<i64>,
+    restart_count: Option<u64>,
+    started_at: Option<String>,
+    finished_at: Option<String>,
+    labels: BTreeMap<String, String>,
+    error: Option<String>,
+}
+
+impl Inspected {
+    fn into_info(self) -> ContainerInfo {
+        let state = map_status(&self.status);
+        let restarting = self.restarting || self.status == "restarting";
+        let exited = matches!(state, ContainerState::Exited | ContainerState::Dead);
+        ContainerInfo {
+            id: self.id,
+            name: self.name.trim_start_matches('/').to_string(),
+            image: self.image,
+            state,
+            // While running, Docker's ExitCode is 0, which says nothing.
+            exit_code: (exited || restarting).then_some(self.exit_code).flatten(),
+            restart_count: self.restart_count,
+            started_at: self.started_at.as_deref().and_then(parse_docker_time),
+            finished_at: self.finished_at.as_deref().and_then(parse_docker_time),
+            restarting,
+            labels: self.labels,
+            error: self.error.filter(|e| !e.is_empty()),
+        }
+    }
+}
+
 fn info_from_inspect(r: ContainerInspectResponse) -> ContainerInfo {
     let state = r.state.unwrap_or_default();
-    let mapped = match state.status {
-        Some(ContainerStateStatusEnum::CREATED) => ContainerState::Created,
-        Some(ContainerStateStatusEnum::RUNNING)
-        | Some(ContainerStateStatusEnum::RESTARTING)
-        | Some(ContainerStateStatusEnum::STOPPING) => ContainerState::Running,
-        Some(ContainerStateStatusEnum::PAUSED) => ContainerState::Paused,
-        Some(ContainerStateStatusEnum::EXITED) => ContainerState::Exited,
-        Some(ContainerStateStatusEnum::DEAD) | Some(ContainerStateStatusEnum::REMOVING) => {
-            ContainerState::Dead
-        }
-        Some(ContainerStateStatusEnum::EMPTY) | None => ContainerState::Unknown,
-    };
     let config = r.config.unwrap_or_default();
-    ContainerInfo {
+    Inspected {
         id: r.id.unwrap_or_default(),
-        name: r
-            .name
-            .unwrap_or_default()
-            .trim_start_matches('/')
-            .to_string(),
+        name: r.name.unwrap_or_default(),
         image: config.image.or(r.image).unwrap_or_default(),
-        state: mapped,
-        exit_code: matches!(mapped, ContainerState::Exited | ContainerState::Dead)
-            .then_some(state.exit_code)
-            .flatten(),
+        status: state
+            .status
+            .map(|s: ContainerStateStatusEnum| s.as_ref().to_string())
+            .unwrap_or_default(),
+        restarting: state.restarting.unwrap_or(false),
+        exit_code: state.exit_code,
         restart_count: r.restart_count.and_then(|n| u64::try_from(n).ok()),
-        started_at: state.started_at.as_deref().and_then(parse_docker_time),
+        started_at: state.started_at,
+        finished_at: state.finished_at,
         labels: config.labels.unwrap_or_default().into_iter().collect(),
-        error: state.error.filter(|e| !e.is_empty()),
+        error: state.error,
     }
+    .into_info()
+}
+
+/// Reads the fields the agent needs from raw inspect JSON, accepting any state word (the
+/// fallback when bollard's typed decode refused the answer).
+fn info_from_json(v: &Value) -> Result<ContainerInfo, String> {
+    let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
+    let id = text(v.get("Id")).ok_or("no \"Id\" in the inspect answer")?;
+    let state = v.get("State");
+    let at = |key: &str| state.and_then(|s| s.get(key));
+    let config = v.get("Config");
+    let labels = config
+        .and_then(|c| c.get("Labels"))
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Inspected {
+        id,
+        name: text(v.get("Name")).unwrap_or_default(),
+        image: text(config.and_then(|c| c.get("Image")))
+            .or_else(|| text(v.get("Image")))
+            .unwrap_or_default(),
+        status: text(at("Status")).unwrap_or_default(),
+        restarting: at("Restarting").and_then(Value::as_bool).unwrap_or(false),
+        exit_code: at("ExitCode").and_then(Value::as_i64),
+        restart_count: v.get("RestartCount").and_then(Value::as_u64),
+        started_at: text(at("StartedAt")),
+        finished_at: text(at("FinishedAt")),
+        labels,
+        error: text(at("Error")),
+    }
+    .into_info())
+}
+
+/// Decodes an inspect answer (`GET /containers/{id}/json`): with bollard's types when they
+/// accept it, else leniently (any state word, see [`map_status`]). Live answers that bollard
+/// refused come through here, as do the recorded ones of the tests.
+pub fn decode_inspect(body: &[u8]) -> Result<ContainerInfo, String> {
+    if let Ok(r) = serde_json::from_slice::<ContainerInspectResponse>(body) {
+        return Ok(info_from_inspect(r));
+    }
+    let v: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
+    info_from_json(&v)
+}
+
+/// The container ids of a list answer (`GET /containers/json`) bollard refused: the agent needs
+/// only the ids, and inspects each.
+pub fn decode_list_ids(body: &[u8]) -> Result<Vec<String>, String> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
+    let items = v.as_array().ok_or("the list answer is not a JSON array")?;
+    Ok(items
+        .iter()
+        .filter_map(|c| c.get("Id").and_then(Value::as_str).map(str::to_string))
+        .collect())
 }
 
 #[async_trait]
@@ -462,13 +583,18 @@ impl ContainerRuntime for DockerRuntime {
     async fn list(&self) -> Result<Vec<ContainerInfo>, RuntimeError> {
         let c = self.client().await?;
         let opts = ListContainersOptionsBuilder::default().all(true).build();
-        let summaries = c
-            .list_containers(Some(opts))
-            .await
-            .map_err(|e| self.fail(e, Ctx::Other))?;
-        let mut out = Vec::with_capacity(summaries.len());
-        for s in summaries {
-            let Some(id) = s.id else { continue };
+        let ids = match c.list_containers(Some(opts)).await {
+            Ok(summaries) => summaries.into_iter().filter_map(|s| s.id).collect(),
+            // A state word bollard does not know (Podman's `stopped`): read the ids ourselves.
+            Err(bollard::errors::Error::JsonDataError {
+                contents, message, ..
+            }) => decode_list_ids(contents.as_bytes()).map_err(|e| {
+                RuntimeError::Other(format!("unreadable container list ({message}): {e}"))
+            })?,
+            Err(e) => return Err(self.fail(e, Ctx::Other)),
+        };
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
             match self.inspect(&id).await {
                 Ok(info) => out.push(info),
                 // Removed between list and inspect.
@@ -482,10 +608,21 @@ impl ContainerRuntime for DockerRuntime {
 
     async fn inspect(&self, name: &str) -> Result<ContainerInfo, RuntimeError> {
         let c = self.client().await?;
-        c.inspect_container(name, None::<InspectContainerOptions>)
+        match c
+            .inspect_container(name, None::<InspectContainerOptions>)
             .await
-            .map(info_from_inspect)
-            .map_err(|e| self.fail(e, Ctx::Container(name)))
+        {
+            Ok(r) => Ok(info_from_inspect(r)),
+            // A state word bollard does not know (Podman's `stopped`): read the JSON ourselves.
+            Err(bollard::errors::Error::JsonDataError {
+                contents, message, ..
+            }) => decode_inspect(contents.as_bytes()).map_err(|e| {
+                RuntimeError::Other(format!(
+                    "unreadable inspect answer for {name} ({message}): {e}"
+                ))
+            }),
+            Err(e) => Err(self.fail(e, Ctx::Container(name))),
+        }
     }
 
     async fn logs(&self, name: &str, tail: u32) -> Result<Vec<String>, RuntimeError> {
@@ -520,6 +657,92 @@ mod tests {
         );
         assert_eq!(parse_docker_time("0001-01-01T00:00:00Z"), None);
         assert_eq!(parse_docker_time("garbage"), None);
+    }
+
+    const PODMAN_INSPECT_STOPPED: &str =
+        include_str!("../tests/data/podman-4.9-inspect-stopped.json");
+    const PODMAN_LIST: &str = include_str!("../tests/data/podman-4.9-list.json");
+
+    #[test]
+    fn podman_stopped_is_refused_by_bollard_and_read_as_exited_by_us() {
+        let typed = serde_json::from_str::<ContainerInspectResponse>(PODMAN_INSPECT_STOPPED);
+        let e = typed.unwrap_err().to_string();
+        assert!(e.contains("unknown variant `stopped`"), "{e}");
+        let info = decode_inspect(PODMAN_INSPECT_STOPPED.as_bytes()).unwrap();
+        assert_eq!(info.name, "crashy");
+        assert_eq!(info.image, "localhost/bb:local");
+        assert_eq!(info.state, ContainerState::Exited);
+        assert_eq!(info.exit_code, Some(3));
+        assert_eq!(info.restart_count, Some(0));
+        assert_eq!(info.started_at, Some(1_715_677_923_512));
+        assert_eq!(info.finished_at, Some(1_715_677_923_540));
+        assert!(info.managed());
+        assert_eq!(info.error, None);
+    }
+
+    #[test]
+    fn lenient_and_typed_decodes_agree_on_a_state_bollard_knows() {
+        let docker_words = PODMAN_INSPECT_STOPPED.replace("\"stopped\"", "\"exited\"");
+        let typed = info_from_inspect(serde_json::from_str(&docker_words).unwrap());
+        let lenient = info_from_json(&serde_json::from_str(&docker_words).unwrap()).unwrap();
+        assert_eq!(typed, lenient);
+        assert_eq!(decode_inspect(docker_words.as_bytes()).unwrap(), typed);
+    }
+
+    #[test]
+    fn podman_list_with_stopped_is_read_for_its_ids() {
+        let typed = serde_json::from_str::<Vec<bollard::models::ContainerSummary>>(PODMAN_LIST);
+        assert!(typed.is_err(), "bollard refuses State \"stopped\"");
+        assert_eq!(
+            decode_list_ids(PODMAN_LIST.as_bytes()).unwrap(),
+            vec![
+                "5c0e1b7a3f52d9e4a6b8c1d2e3f40516273849a0b1c2d3e4f5a6b7c8d9e0f1a2".to_string(),
+                "9a8b7c6d5e4f30211f0e1d2c3b4a59687766554433221100ffeeddccbbaa9988".to_string()
+            ]
+        );
+    }
+
+    #[test]
+    fn every_podman_and_docker_state_word_maps_to_a_state() {
+        use ContainerState::*;
+        for (word, want) in [
+            ("configured", Created),
+            ("created", Created),
+            ("initialized", Created),
+            ("running", Running),
+            ("restarting", Running),
+            ("stopping", Running),
+            ("paused", Paused),
+            ("stopped", Exited),
+            ("exited", Exited),
+            ("removing", Dead),
+            ("dead", Dead),
+            ("unknown", Unknown),
+            ("", Unknown),
+            ("bad state", Unknown),
+        ] {
+            assert_eq!(map_status(word), want, "{word:?}");
+        }
+    }
+
+    #[test]
+    fn every_stopped_like_podman_answer_decodes_with_the_mapped_state() {
+        for (word, want) in [
+            ("configured", ContainerState::Created),
+            ("initialized", ContainerState::Created),
+            ("stopping", ContainerState::Running),
+            ("removing", ContainerState::Dead),
+            ("unknown", ContainerState::Unknown),
+        ] {
+            let body = PODMAN_INSPECT_STOPPED.replace("\"stopped\"", &format!("\"{word}\""));
+            assert_eq!(
+                decode_inspect(body.as_bytes()).unwrap().state,
+                want,
+                "{word}"
+            );
+        }
+        let no_id = br#"{"State": {"Status": "stopped"}}"#;
+        assert!(decode_inspect(no_id).unwrap_err().contains("Id"));
     }
 
     #[test]
