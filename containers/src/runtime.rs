@@ -25,6 +25,19 @@
 //! | `exited`, `stopped` | `exited` | Podman's `stopped` is an exited process whose cleanup is pending |
 //! | `dead`, `removing` | `dead` | going away; the reconcile recreates a managed one |
 //! | `unknown`, empty, anything else | `unknown` | |
+//!
+//! # Stopping with a signal on API < 1.42
+//!
+//! The stop endpoint's `signal` parameter exists from API 1.42 (Docker 23); older daemons
+//! (Debian 12's Docker 20.10 speaks 1.41) ignore it silently and send the image's stop signal, so
+//! `stop signal=SIGKILL` took the whole timeout. On a negotiated API below 1.42 a stop with a
+//! signal is carried out as the stop endpoint would: send the signal with the kill endpoint, wait
+//! (wait endpoint, condition `not-running`) up to the timeout (default
+//! [`DEFAULT_STOP_TIMEOUT`]), then SIGKILL and wait again. Docker's kill marks the container as
+//! stopped by hand, as stop does, so `unless-stopped` does not bring it back; `always` does not
+//! either when the signal is SIGKILL or the image declares no stop signal (Docker cancels the
+//! restart then), but it would restart an image with its own STOPSIGNAL that exits on another
+//! signal (a limit of the kill endpoint).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -37,11 +50,12 @@ use bollard::models::{
     PortBinding, RestartPolicy as DockerRestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, InspectContainerOptions, ListContainersOptionsBuilder,
-    LogsOptionsBuilder, RemoveContainerOptionsBuilder, RestartContainerOptionsBuilder,
-    StartContainerOptions, StopContainerOptionsBuilder,
+    CreateContainerOptionsBuilder, InspectContainerOptions, KillContainerOptions,
+    ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    RestartContainerOptionsBuilder, StartContainerOptions, StopContainerOptionsBuilder,
+    WaitContainerOptions,
 };
-use bollard::Docker;
+use bollard::{ClientVersion, Docker};
 use futures_util::StreamExt;
 use serde_json::Value;
 
@@ -182,12 +196,23 @@ pub trait ContainerRuntime: Send + Sync {
 /// Default time a Docker API request may take before the runtime counts as unreachable.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Kill after this long when a stop gives no timeout (Docker's own default).
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The first API version whose stop endpoint takes a `signal`.
+pub const STOP_SIGNAL_API: ClientVersion = ClientVersion {
+    major_version: 1,
+    minor_version: 42,
+};
+
 /// [`ContainerRuntime`] on the Docker Engine API over a unix socket (Docker's
 /// `/var/run/docker.sock`, or Podman's API socket). Connects lazily and again after a failure,
 /// so the node may start before the runtime.
 pub struct DockerRuntime {
     socket: PathBuf,
     timeout: Duration,
+    /// The highest API version to speak (negotiation only ever lowers it).
+    api: ClientVersion,
     client: Mutex<Option<Docker>>,
 }
 
@@ -206,8 +231,24 @@ impl DockerRuntime {
         Self {
             socket: PathBuf::from(path),
             timeout: DEFAULT_REQUEST_TIMEOUT,
+            api: *bollard::API_DEFAULT_VERSION,
             client: Mutex::new(None),
         }
+    }
+
+    /// Speaks at most API `major.minor` (default: bollard's, lowered to the daemon's by
+    /// negotiation). Pinning an old version lets tests exercise what older daemons get.
+    pub fn with_api_version(mut self, major: usize, minor: usize) -> Self {
+        self.api = ClientVersion {
+            major_version: major,
+            minor_version: minor,
+        };
+        self
+    }
+
+    /// The API version agreed with the daemon, e.g. `1.41` (connects if needed).
+    pub async fn api_version(&self) -> Result<String, RuntimeError> {
+        Ok(self.client().await?.client_version().to_string())
     }
 
     /// Sets how long one API request may take (default [`DEFAULT_REQUEST_TIMEOUT`]; a stop adds
@@ -243,12 +284,8 @@ impl DockerRuntime {
             return Ok(c);
         }
         let path = self.socket.to_string_lossy().to_string();
-        let docker = Docker::connect_with_unix(
-            &path,
-            self.timeout.as_secs().max(1),
-            bollard::API_DEFAULT_VERSION,
-        )
-        .map_err(|e| self.fail(e, Ctx::Other))?;
+        let docker = Docker::connect_with_unix(&path, self.timeout.as_secs().max(1), &self.api)
+            .map_err(|e| self.fail(e, Ctx::Other))?;
         // The daemon may speak an older API (Debian 12's Docker 20.10: 1.41).
         let docker = docker
             .negotiate_version()
@@ -351,6 +388,86 @@ impl DockerRuntime {
             labels: Some(spec.labels.clone().into_iter().collect()),
             host_config: Some(host_config),
             ..Default::default()
+        }
+    }
+
+    /// What the stop endpoint does, for daemons whose stop ignores `signal`: `signal`, wait up
+    /// to `timeout`, SIGKILL, wait.
+    async fn stop_by_kill(
+        &self,
+        c: &Docker,
+        name: &str,
+        signal: &str,
+        timeout: Duration,
+    ) -> Result<(), RuntimeError> {
+        if !self.is_running(name).await? {
+            return Ok(()); // as the stop endpoint: a stopped container is left as is
+        }
+        self.kill(c, name, signal).await?;
+        if self.exits_within(c, name, timeout).await? {
+            return Ok(());
+        }
+        tracing::info!(
+            container = name,
+            signal,
+            timeout_s = timeout.as_secs(),
+            "container did not stop on its signal in time; killing it"
+        );
+        self.kill(c, name, "SIGKILL").await?;
+        if self.exits_within(c, name, self.timeout).await? {
+            return Ok(());
+        }
+        Err(RuntimeError::Other(format!(
+            "container {name} still runs {} s after SIGKILL",
+            self.timeout.as_secs()
+        )))
+    }
+
+    async fn is_running(&self, name: &str) -> Result<bool, RuntimeError> {
+        let info = self.inspect(name).await?;
+        Ok(info.state == ContainerState::Running || info.state == ContainerState::Paused)
+    }
+
+    /// Sends `signal`; a container that exited meanwhile is fine.
+    async fn kill(&self, c: &Docker, name: &str, signal: &str) -> Result<(), RuntimeError> {
+        let opts = KillContainerOptions {
+            signal: signal.to_string(),
+        };
+        match c.kill_container(name, Some(opts)).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let err = self.fail(e, Ctx::Container(name));
+                // 409 "is not running": it exited between our look and the kill.
+                if self.is_running(name).await? {
+                    Err(err)
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// Whether the container is not running within `within`.
+    async fn exits_within(
+        &self,
+        c: &Docker,
+        name: &str,
+        within: Duration,
+    ) -> Result<bool, RuntimeError> {
+        use bollard::errors::Error as E;
+        // The wait answers when the container is not running (at once if it is not already);
+        // the client's own deadline must not cut it short.
+        let c = c.clone().with_timeout(within + self.timeout);
+        let opts = WaitContainerOptions {
+            condition: "not-running".to_string(),
+        };
+        let mut wait = c.wait_container(name, Some(opts));
+        match tokio::time::timeout(within, wait.next()).await {
+            Err(_) => Ok(false),
+            // bollard turns a non-zero exit code into an error: it exited all the same.
+            Ok(Some(Ok(_))) | Ok(Some(Err(E::DockerContainerWaitError { .. }))) => Ok(true),
+            Ok(Some(Err(e))) => Err(self.fail(e, Ctx::Container(name))),
+            Ok(None) => Ok(!self.is_running(name).await?),
         }
     }
 
@@ -544,6 +661,14 @@ impl ContainerRuntime for DockerRuntime {
         timeout: Option<Duration>,
     ) -> Result<(), RuntimeError> {
         let c = self.client().await?;
+        if let Some(s) = signal {
+            if c.client_version() < STOP_SIGNAL_API {
+                // The stop endpoint would ignore the signal (see the module doc).
+                return self
+                    .stop_by_kill(&c, name, s, timeout.unwrap_or(DEFAULT_STOP_TIMEOUT))
+                    .await;
+            }
+        }
         let mut opts = StopContainerOptionsBuilder::default();
         if let Some(s) = signal {
             opts = opts.signal(s);
