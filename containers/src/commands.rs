@@ -42,9 +42,12 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use crate::runtime::{ContainerRuntime, RuntimeError};
+use crate::crashloop;
+use crate::runtime::{ContainerInfo, ContainerRuntime, RuntimeError};
 use crate::spec::{self, ContainerSpec, RawSpec, LABEL_COMMAND_ID};
-use crate::wire::{parse_command, CommandAction, CommandResult, ContainerCommand, TimestampMs};
+use crate::wire::{
+    parse_command, CommandAction, CommandResult, ContainerCommand, ContainerStatus, TimestampMs,
+};
 
 /// Default number of command ids remembered.
 pub const DEFAULT_MAX_ENTRIES: usize = 1000;
@@ -629,11 +632,11 @@ impl CommandHandler {
                     }
                     Err(e) => return Err(e),
                 };
-                result.container = Some(info.to_status());
+                result.container = Some(status_of(info));
             }
             Request::Start(name) => {
                 rt.start(&name).await?;
-                result.container = rt.inspect(&name).await.ok().map(|i| i.to_status());
+                result.container = rt.inspect(&name).await.ok().map(status_of);
             }
             Request::Stop {
                 name,
@@ -641,16 +644,16 @@ impl CommandHandler {
                 timeout,
             } => {
                 rt.stop(&name, signal.as_deref(), timeout).await?;
-                result.container = rt.inspect(&name).await.ok().map(|i| i.to_status());
+                result.container = rt.inspect(&name).await.ok().map(status_of);
             }
             Request::Restart { name, timeout } => {
                 rt.restart(&name, timeout).await?;
-                result.container = rt.inspect(&name).await.ok().map(|i| i.to_status());
+                result.container = rt.inspect(&name).await.ok().map(status_of);
             }
             Request::Remove { name, force } => rt.remove(&name, force).await?,
             Request::List => {
                 let all = rt.list().await?;
-                result.containers = Some(all.iter().map(|i| i.to_status()).collect());
+                result.containers = Some(all.into_iter().map(status_of).collect());
             }
             Request::Logs { name, tail } => {
                 let lines = rt.logs(&name, tail).await?;
@@ -659,6 +662,13 @@ impl CommandHandler {
         }
         Ok(result)
     }
+}
+
+/// The wire form of a container in a command result, a crash loop of the runtime's restart policy
+/// named (the agent's own restarts are known to the agent only: they show in the status and the
+/// node twin).
+fn status_of(info: ContainerInfo) -> ContainerStatus {
+    crashloop::annotate(info, None, &crashloop::BackoffPolicy::default(), now_ms()).to_status()
 }
 
 fn outcome_of(r: &CommandResult) -> Outcome {

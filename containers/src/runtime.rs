@@ -90,6 +90,9 @@ pub struct ContainerInfo {
     pub labels: BTreeMap<String, String>,
     /// The runtime's last error for this container (e.g. a failed start), if any.
     pub error: Option<String>,
+    /// The agent's restart back-off for this container, in ms (set by the agent, never by a
+    /// runtime; see [`crate::crashloop::annotate`]).
+    pub backoff_ms: Option<u64>,
 }
 
 impl ContainerInfo {
@@ -110,8 +113,10 @@ impl ContainerInfo {
             image: self.image.clone(),
             state: self.state,
             started_at: self.started_at,
+            finished_at: self.finished_at,
             exit_code: self.exit_code,
             restart_count: self.restart_count,
+            backoff_ms: self.backoff_ms,
         }
     }
 }
@@ -545,6 +550,7 @@ impl Inspected {
             restarting,
             labels: self.labels,
             error: self.error.filter(|e| !e.is_empty()),
+            backoff_ms: None,
         }
     }
 }

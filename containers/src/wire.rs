@@ -6,7 +6,8 @@
 //!   (`name` is required except for `list`, `image` for `run`);
 //! - `node/containers/result`: [`CommandResult`] `{"id","ok","error"?,"container"?,"containers"?,"logs"?}`;
 //! - `node/containers/status` (retained): [`StatusMsg`]
-//!   `{"ts","containers":[{"name","image","state","started_at"?,"exit_code"?,"restart_count"?}]}`.
+//!   `{"ts","containers":[{"name","image","state","started_at"?,"finished_at"?,"exit_code"?,
+//!   "restart_count"?,"backoff_ms"?}]}`.
 //!
 //! Field names here are the contract: renaming one is a breaking change. Commands are parsed by
 //! [`parse_command`], which reports every bad field by name (serde alone would say "invalid type"
@@ -153,7 +154,9 @@ impl ContainerCommand {
 }
 
 /// Container state vocabulary (Docker's, with `restarting` folded into `running` and
-/// `removing` into `dead`, as Docker's own `State.Running` does).
+/// `removing` into `dead`, as Docker's own `State.Running` does; Podman's words are mapped by
+/// [`crate::runtime::map_status`]), plus `crash_loop`, which the agent derives
+/// ([`crate::crashloop`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ContainerState {
@@ -169,17 +172,22 @@ pub enum ContainerState {
     Dead,
     /// The runtime reported a state we do not know.
     Unknown,
+    /// Restarted again and again, each run short (see [`crate::crashloop`]); never read from a
+    /// runtime, only reported.
+    #[serde(rename = "crash_loop")]
+    CrashLoop,
 }
 
 impl ContainerState {
     /// Every state (for per-state gauges).
-    pub const ALL: [ContainerState; 6] = [
+    pub const ALL: [ContainerState; 7] = [
         Self::Created,
         Self::Running,
         Self::Paused,
         Self::Exited,
         Self::Dead,
         Self::Unknown,
+        Self::CrashLoop,
     ];
 
     /// Wire spelling (also the metrics label value).
@@ -191,6 +199,7 @@ impl ContainerState {
             Self::Exited => "exited",
             Self::Dead => "dead",
             Self::Unknown => "unknown",
+            Self::CrashLoop => "crash_loop",
         }
     }
 }
@@ -207,12 +216,20 @@ pub struct ContainerStatus {
     /// Last start, ms since the epoch (absent if never started).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<TimestampMs>,
-    /// Exit code of the last run (when exited).
+    /// Last exit, ms since the epoch (absent if it never exited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<TimestampMs>,
+    /// Exit code of the last run (when exited, or between two restarts of a crash loop).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i64>,
-    /// How often the runtime restarted it under its restart policy.
+    /// How often it was restarted: by the runtime under its restart policy, plus (declared
+    /// containers) by the agent since the last run of 10 min.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart_count: Option<u64>,
+    /// The agent's wait before it starts this exited declared container again (its restart
+    /// back-off), in ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_ms: Option<u64>,
 }
 
 /// A result on `node/containers/result`.

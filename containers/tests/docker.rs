@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use edgetwin_containers::{
-    parse_desired, Agent, CommandResult, ContainerRuntime, ContainerState, DesiredContainer,
-    DockerRuntime, RuntimeError,
+    parse_desired, Agent, BackoffPolicy, CommandResult, ContainerRuntime, ContainerState,
+    DesiredContainer, DockerRuntime, RuntimeError,
 };
 use serde_json::{json, Value};
 
@@ -734,6 +734,112 @@ async fn status_reports_every_container_and_metrics_count_them_by_state() {
         .any(|c| c["name"] == name && c["state"] == "running"));
     let m = f.agent.metrics();
     assert!(m.containers_by_state[&ContainerState::Running] >= 1);
-    assert_eq!(m.containers_by_state.len(), 6);
+    assert_eq!(m.containers_by_state.len(), 7);
+    cleanup(&f.runtime, &[name]).await;
+}
+
+#[tokio::test]
+async fn crash_loop_of_a_declared_container_is_reported_and_the_agents_restarts_back_off() {
+    let _one = RECONCILE_LOCK.lock().await;
+    let rt = Arc::new(DockerRuntime::new(&daemon().socket));
+    let data = tempfile::tempdir().unwrap();
+    // The default back-off's shape (first restart at once, then doubling), in seconds not tens.
+    let agent = Agent::new(rt.clone(), data.path())
+        .unwrap()
+        .with_backoff(BackoffPolicy {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(4),
+            reset_after: Duration::from_secs(600),
+        });
+    let name = "crash-declared";
+    cleanup(&rt, &[name]).await;
+    let d = desired(
+        json!({name: {"image": IMAGE, "args": script("exit 3"), "restart": "no",
+                                  "state": "running"}}),
+    );
+    // Reconcile every 100 ms, as a very impatient node would.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut ticks, mut starts) = (0u32, 0u32);
+    let reported = loop {
+        let rep = agent.reconcile(&d).await;
+        ticks += 1;
+        starts += rep.outcomes.iter().filter(|o| o.action == "start").count() as u32;
+        assert_eq!(rep.error_count(), 0, "{rep:?}");
+        let entry = rep.reported[name].clone();
+        if entry["state"] == "crash_loop" {
+            break entry;
+        }
+        assert!(Instant::now() < deadline, "never crash_loop: {entry}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Created and started once, then restarted at once, after 1 s, after 2 s: the third restart
+    // makes it a crash loop.
+    assert_eq!(starts, 3, "{reported}");
+    assert_eq!(reported["restart_count"], 3, "{reported}");
+    assert!(
+        ticks >= starts + 1 + 5,
+        "the back-off held starts back: {ticks} ticks, {starts} starts"
+    );
+    // Exited at once: code 3, waiting 4 s; or the third run has not ended yet.
+    if reported.get("finished_at").is_some() && reported["exit_code"] == 3 {
+        assert_eq!(reported["backoff_ms"], 4000, "{reported}");
+    }
+    // Docker itself never restarted it (restart policy no).
+    assert_eq!(rt.inspect(name).await.unwrap().restart_count, Some(0));
+
+    // Once exited, the status says so too, with the exit code and the back-off.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = agent.status().await.unwrap();
+        let mine = s.containers.iter().find(|c| c.name == name).unwrap();
+        if mine.exit_code == Some(3) {
+            assert_eq!(mine.state, ContainerState::CrashLoop, "{mine:?}");
+            assert_eq!(mine.restart_count, Some(3));
+            assert_eq!(mine.backoff_ms, Some(4000));
+            assert!(mine.finished_at.is_some());
+            break;
+        }
+        assert!(Instant::now() < deadline, "never exited: {mine:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(agent.metrics().containers_by_state[&ContainerState::CrashLoop] >= 1);
+    cleanup(&rt, &[name]).await;
+}
+
+#[tokio::test]
+async fn crash_loop_of_the_runtime_restart_policy_is_reported_in_status_and_list() {
+    let f = fixture();
+    let name = "crash-on-failure";
+    cleanup(&f.runtime, &[name]).await;
+    let r = send(
+        &f.agent,
+        json!({"id": "crash-run", "action": "run", "name": name, "image": IMAGE,
+               "args": script("exit 3"), "restart": "on-failure"}),
+    )
+    .await;
+    assert!(r.ok, "a container that exits at once is still run: {r:?}");
+    // Docker restarts it after 100 ms, 200 ms, 400 ms ...
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mine = loop {
+        let s = f.agent.status().await.unwrap();
+        let mine = s.containers.into_iter().find(|c| c.name == name).unwrap();
+        if mine.state == ContainerState::CrashLoop {
+            break mine;
+        }
+        assert!(Instant::now() < deadline, "never crash_loop: {mine:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(mine.restart_count.unwrap() >= 3, "{mine:?}");
+    assert_eq!(mine.backoff_ms, None, "Docker's back-off is its own");
+    let l = send(&f.agent, json!({"id": "crash-list", "action": "list"})).await;
+    let listed = l.containers.unwrap();
+    let listed = listed.iter().find(|c| c.name == name).unwrap();
+    assert_eq!(listed.state, ContainerState::CrashLoop, "{listed:?}");
+    // Between two restarts Docker keeps the last exit code.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while f.runtime.inspect(name).await.unwrap().exit_code != Some(3) {
+        assert!(Instant::now() < deadline, "exit code 3 never seen");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     cleanup(&f.runtime, &[name]).await;
 }
