@@ -493,7 +493,11 @@ mod tests {
                 .cloned()
                 .ok_or(RuntimeError::NoSuchContainer { name: name.into() })
         }
-        async fn logs(&self, name: &str, _tail: u32) -> Result<Vec<String>, RuntimeError> {
+        async fn logs(
+            &self,
+            name: &str,
+            _query: &crate::runtime::LogsQuery,
+        ) -> Result<Vec<crate::wire::LogLine>, RuntimeError> {
             self.inspect(name).await.map(|_| Vec::new())
         }
     }

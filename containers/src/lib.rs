@@ -31,6 +31,10 @@ pub use crashloop::{BackoffPolicy, RestartDecision};
 pub use reconcile::{
     parse_desired, plan, report, report_with_errors, Action, DesiredContainer, DesiredState,
 };
-pub use runtime::{ContainerInfo, ContainerRuntime, ContainerState, DockerRuntime, RuntimeError};
+pub use runtime::{
+    ContainerInfo, ContainerRuntime, ContainerState, DockerRuntime, LogsQuery, RuntimeError,
+};
 pub use spec::ContainerSpec;
-pub use wire::{CommandAction, CommandResult, ContainerCommand, ContainerStatus, StatusMsg};
+pub use wire::{
+    CommandAction, CommandResult, ContainerCommand, ContainerStatus, LogLine, LogStream, StatusMsg,
+};

@@ -61,7 +61,7 @@ use serde_json::Value;
 
 use crate::spec::{ContainerSpec, RestartPolicy, LABEL_MANAGED, LABEL_SPEC_HASH};
 pub use crate::wire::ContainerState;
-use crate::wire::{ContainerStatus, TimestampMs};
+use crate::wire::{ContainerStatus, LogLine, LogStream, TimestampMs};
 
 /// What a runtime says about one container.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,8 +194,50 @@ pub trait ContainerRuntime: Send + Sync {
     async fn list(&self) -> Result<Vec<ContainerInfo>, RuntimeError>;
     /// One container.
     async fn inspect(&self, name: &str) -> Result<ContainerInfo, RuntimeError>;
-    /// The last `tail` lines (stdout and stderr interleaved), oldest first.
-    async fn logs(&self, name: &str, tail: u32) -> Result<Vec<String>, RuntimeError>;
+    /// The last `query.tail` lines (stdout and stderr interleaved, each marked), oldest first.
+    async fn logs(&self, name: &str, query: &LogsQuery) -> Result<Vec<LogLine>, RuntimeError>;
+}
+
+/// What a logs read asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogsQuery {
+    /// The last this many lines.
+    pub tail: u32,
+    /// Only lines logged at or after this Unix time, in seconds (the API's precision).
+    pub since_s: Option<i64>,
+    /// Give each line its timestamp.
+    pub timestamps: bool,
+}
+
+/// Splits the runtime's log frames into lines. Docker sends one frame per logged message, which
+/// is one line (its newline kept) or, for a line longer than 16 KiB or output without a final
+/// newline, a part of one; a frame is never merged with the next, so a timestamp (a frame's
+/// first word, with `timestamps`) always starts a line.
+pub fn log_lines(
+    frames: impl IntoIterator<Item = (LogStream, Vec<u8>)>,
+    timestamps: bool,
+) -> Vec<LogLine> {
+    let mut out = Vec::new();
+    for (stream, bytes) in frames {
+        let text = String::from_utf8_lossy(&bytes);
+        let text = text.strip_suffix('\n').unwrap_or(&text);
+        let (ts, text) = match text.split_once(' ') {
+            Some((t, rest)) if timestamps => match parse_docker_time(t) {
+                Some(ms) => (Some(ms), rest),
+                None => (None, text),
+            },
+            _ => (None, text),
+        };
+        // A frame holding several lines (not what Docker sends) gives each the frame's time.
+        for line in text.split('\n') {
+            out.push(LogLine {
+                ts,
+                stream,
+                line: line.strip_suffix('\r').unwrap_or(line).to_string(),
+            });
+        }
+    }
+    out
 }
 
 /// Default time a Docker API request may take before the runtime counts as unreachable.
@@ -756,23 +798,31 @@ impl ContainerRuntime for DockerRuntime {
         }
     }
 
-    async fn logs(&self, name: &str, tail: u32) -> Result<Vec<String>, RuntimeError> {
+    async fn logs(&self, name: &str, query: &LogsQuery) -> Result<Vec<LogLine>, RuntimeError> {
+        use bollard::container::LogOutput;
         let c = self.client().await?;
-        let opts = LogsOptionsBuilder::default()
+        let mut opts = LogsOptionsBuilder::default()
             .stdout(true)
             .stderr(true)
-            .tail(&tail.to_string())
-            .build();
-        let mut stream = c.logs(name, Some(opts));
-        let mut bytes = Vec::new();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| self.fail(e, Ctx::Container(name)))?;
-            bytes.extend_from_slice(&chunk.into_bytes());
+            .timestamps(query.timestamps)
+            .tail(&query.tail.to_string());
+        if let Some(s) = query.since_s {
+            // The API takes an i32; 0 means "from the start", so the epoch itself is 1 s later.
+            opts = opts.since(i32::try_from(s.max(1)).unwrap_or(i32::MAX));
         }
-        Ok(String::from_utf8_lossy(&bytes)
-            .lines()
-            .map(str::to_string)
-            .collect())
+        let mut stream = c.logs(name, Some(opts.build()));
+        let mut frames = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let frame = match chunk.map_err(|e| self.fail(e, Ctx::Container(name)))? {
+                LogOutput::StdOut { message } | LogOutput::Console { message } => {
+                    (LogStream::Stdout, message.to_vec())
+                }
+                LogOutput::StdErr { message } => (LogStream::Stderr, message.to_vec()),
+                LogOutput::StdIn { .. } => continue,
+            };
+            frames.push(frame);
+        }
+        Ok(log_lines(frames, query.timestamps))
     }
 }
 
@@ -874,6 +924,43 @@ mod tests {
         }
         let no_id = br#"{"State": {"Status": "stopped"}}"#;
         assert!(decode_inspect(no_id).unwrap_err().contains("Id"));
+    }
+
+    #[test]
+    fn log_frames_become_marked_lines_with_their_timestamps() {
+        let frames = vec![
+            (
+                LogStream::Stdout,
+                b"2026-11-23T11:32:40.123456789Z out one\n".to_vec(),
+            ),
+            (
+                LogStream::Stderr,
+                b"2026-11-23T11:32:40.200000000Z err\r\n".to_vec(),
+            ),
+            (
+                LogStream::Stdout,
+                b"2026-11-23T11:32:41.000000000Z partial".to_vec(),
+            ),
+        ];
+        let lines = log_lines(frames.clone(), true);
+        let got: Vec<_> = lines
+            .iter()
+            .map(|l| (l.ts, l.stream, l.line.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (Some(1_795_433_560_123), LogStream::Stdout, "out one"),
+                (Some(1_795_433_560_200), LogStream::Stderr, "err"),
+                (Some(1_795_433_561_000), LogStream::Stdout, "partial"),
+            ]
+        );
+        // Without timestamps the first word is text, even when it looks like a time.
+        let plain = log_lines(frames, false);
+        assert_eq!(plain[0].ts, None);
+        assert_eq!(plain[0].line, "2026-11-23T11:32:40.123456789Z out one");
+        let two = log_lines([(LogStream::Stdout, b"a\nb\n".to_vec())], false);
+        assert_eq!(two.len(), 2);
     }
 
     #[test]

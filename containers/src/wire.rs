@@ -2,9 +2,11 @@
 //!
 //! - `node/containers/cmd`: [`ContainerCommand`]
 //!   `{"id","action":"run"|"start"|"stop"|"restart"|"remove"|"list"|"logs","name","image"?,"env"?,
-//!   "args"?,"ports"?,"mounts"?,"restart"?,"limits"?,"signal"?,"timeout_s"?,"force"?,"tail"?}`
+//!   "args"?,"ports"?,"mounts"?,"restart"?,"limits"?,"signal"?,"timeout_s"?,"force"?,"tail"?,
+//!   "since"?,"timestamps"?}`
 //!   (`name` is required except for `list`, `image` for `run`);
-//! - `node/containers/result`: [`CommandResult`] `{"id","ok","error"?,"container"?,"containers"?,"logs"?}`;
+//! - `node/containers/result`: [`CommandResult`] `{"id","ok","error"?,"container"?,"containers"?,"logs"?}`,
+//!   `logs` being `[{"stream":"stdout"|"stderr","line","ts"?}]` ([`LogLine`]);
 //! - `node/containers/status` (retained): [`StatusMsg`]
 //!   `{"ts","containers":[{"name","image","state","started_at"?,"finished_at"?,"exit_code"?,
 //!   "restart_count"?,"backoff_ms"?}]}`.
@@ -129,6 +131,13 @@ pub struct ContainerCommand {
     /// Number of last log lines (`logs`, default 100).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tail: Option<u32>,
+    /// Only lines since then (`logs`): an RFC 3339 UTC time, or a duration meaning that long
+    /// ago (`10m`, `2h`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// Give each line the runtime's timestamp (`logs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamps: Option<bool>,
 }
 
 impl ContainerCommand {
@@ -149,6 +158,8 @@ impl ContainerCommand {
             timeout_s: None,
             force: None,
             tail: None,
+            since: None,
+            timestamps: None,
         }
     }
 }
@@ -254,7 +265,29 @@ pub struct CommandResult {
     pub containers: Option<Vec<ContainerStatus>>,
     /// Last log lines (logs), oldest first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub logs: Option<Vec<String>>,
+    pub logs: Option<Vec<LogLine>>,
+}
+
+/// Which output of a container a log line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogStream {
+    /// Standard output (also everything of a container with a TTY, which has no stderr).
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// One line of a `logs` result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// When the runtime logged it, ms since the epoch (only with `timestamps: true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ts: Option<TimestampMs>,
+    /// stdout or stderr.
+    pub stream: LogStream,
+    /// The text, without its newline.
+    pub line: String,
 }
 
 impl CommandResult {
@@ -330,6 +363,8 @@ const COMMAND_KEYS: &[&str] = &[
     "timeout_s",
     "force",
     "tail",
+    "since",
+    "timestamps",
 ];
 
 /// Parses a `node/containers/cmd` payload, checking every field's type and naming every bad or
@@ -406,15 +441,10 @@ pub fn parse_command(payload: &[u8]) -> Result<ContainerCommand, CommandParseErr
     let limits = opt_limits(&obj, "limits", &mut errors);
     let signal = opt_str(&obj, "signal", &mut errors);
     let timeout_s = opt_u32(&obj, "timeout_s", &mut errors);
-    let force = match obj.get("force") {
-        None | Some(Value::Null) => None,
-        Some(Value::Bool(b)) => Some(*b),
-        Some(_) => {
-            errors.push("force: must be true or false".into());
-            None
-        }
-    };
+    let force = opt_bool(&obj, "force", &mut errors);
     let tail = opt_u32(&obj, "tail", &mut errors);
+    let since = opt_str(&obj, "since", &mut errors);
+    let timestamps = opt_bool(&obj, "timestamps", &mut errors);
     match (errors.is_empty(), id, action) {
         (true, Some(id), Some(action)) => Ok(ContainerCommand {
             id,
@@ -431,6 +461,8 @@ pub fn parse_command(payload: &[u8]) -> Result<ContainerCommand, CommandParseErr
             timeout_s,
             force,
             tail,
+            since,
+            timestamps,
         }),
         (_, id, action) => Err(CommandParseError { id, action, errors }),
     }
@@ -442,6 +474,17 @@ fn opt_str(obj: &Map<String, Value>, key: &str, errors: &mut Vec<String>) -> Opt
         Some(Value::String(s)) => Some(s.clone()),
         Some(_) => {
             errors.push(format!("{key}: must be a string"));
+            None
+        }
+    }
+}
+
+fn opt_bool(obj: &Map<String, Value>, key: &str, errors: &mut Vec<String>) -> Option<bool> {
+    match obj.get(key) {
+        None | Some(Value::Null) => None,
+        Some(Value::Bool(b)) => Some(*b),
+        Some(_) => {
+            errors.push(format!("{key}: must be true or false"));
             None
         }
     }

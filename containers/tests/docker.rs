@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use edgetwin_containers::{
     parse_desired, Agent, BackoffPolicy, CommandResult, ContainerRuntime, ContainerState,
-    DesiredContainer, DockerRuntime, RuntimeError,
+    DesiredContainer, DockerRuntime, LogStream, RuntimeError,
 };
 use serde_json::{json, Value};
 
@@ -342,7 +342,11 @@ async fn commands_logs_return_the_last_lines() {
             json!({"id": format!("logs-all-{n}"), "action": "logs", "name": name}),
         )
         .await;
-        if all.logs.as_deref() == Some(&["a".to_string(), "b".to_string()][..]) {
+        let lines: Option<Vec<&str>> = all
+            .logs
+            .as_ref()
+            .map(|l| l.iter().map(|l| l.line.as_str()).collect());
+        if lines == Some(vec!["a", "b"]) {
             break;
         }
         assert!(Instant::now() < deadline, "logs never showed a, b: {all:?}");
@@ -353,7 +357,110 @@ async fn commands_logs_return_the_last_lines() {
         json!({"id": "logs-tail", "action": "logs", "name": name, "tail": 1}),
     )
     .await;
-    assert_eq!(last.logs.unwrap(), vec!["b".to_string()]);
+    let last = last.logs.unwrap();
+    assert_eq!(last.len(), 1);
+    assert_eq!(
+        (last[0].line.as_str(), last[0].stream, last[0].ts),
+        ("b", LogStream::Stdout, None)
+    );
+    cleanup(&f.runtime, &[name]).await;
+}
+
+#[tokio::test]
+async fn commands_logs_mark_streams_give_timestamps_and_honour_since() {
+    let f = fixture();
+    let name = "cmd-logs-streams";
+    cleanup(&f.runtime, &[name]).await;
+    let before = edgetwin_containers::commands::now_ms();
+    assert!(
+        send(
+            &f.agent,
+            json!({"id": "ls-run", "action": "run", "name": name, "image": IMAGE,
+            "args": script("echo out1; echo err1 >&2; echo out2; echo err2 >&2; sleep 3600")})
+        )
+        .await
+        .ok
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut n = 0;
+    let lines = loop {
+        n += 1;
+        let r = send(
+            &f.agent,
+            json!({"id": format!("ls-{n}"), "action": "logs", "name": name, "timestamps": true}),
+        )
+        .await;
+        assert!(r.ok, "{r:?}");
+        let lines = r.logs.unwrap();
+        if lines.len() == 4 {
+            break lines;
+        }
+        assert!(Instant::now() < deadline, "never 4 lines: {lines:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut by_stream: Vec<(LogStream, &str)> =
+        lines.iter().map(|l| (l.stream, l.line.as_str())).collect();
+    // The two streams are logged apart, so their relative order is not guaranteed.
+    by_stream.sort_by_key(|(s, l)| (*s == LogStream::Stderr, *l));
+    assert_eq!(
+        by_stream,
+        vec![
+            (LogStream::Stdout, "out1"),
+            (LogStream::Stdout, "out2"),
+            (LogStream::Stderr, "err1"),
+            (LogStream::Stderr, "err2"),
+        ]
+    );
+    for l in &lines {
+        let ts = l.ts.expect("timestamps asked for");
+        assert!(
+            ts >= before - 2000 && ts <= edgetwin_containers::commands::now_ms(),
+            "{l:?}"
+        );
+    }
+    let wire: Value = serde_json::to_value(&lines[0]).unwrap();
+    assert!(wire["stream"].is_string() && wire["line"].is_string() && wire["ts"].is_i64());
+
+    // Everything was logged before a minute from now, and within the last 10 minutes.
+    let r = send(
+        &f.agent,
+        json!({"id": "ls-future", "action": "logs", "name": name,
+               "since": humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(60)).to_string()}),
+    )
+    .await;
+    assert_eq!(r.logs.unwrap(), vec![], "nothing since a minute from now");
+    let r = send(
+        &f.agent,
+        json!({"id": "ls-10m", "action": "logs", "name": name, "since": "10m"}),
+    )
+    .await;
+    let recent = r.logs.unwrap();
+    assert_eq!(recent.len(), 4, "{recent:?}");
+    assert!(
+        recent.iter().all(|l| l.ts.is_none()),
+        "no timestamps unless asked"
+    );
+
+    for (extra, needle) in [
+        (
+            json!({"since": "last tuesday"}),
+            "since: \"last tuesday\" is neither",
+        ),
+        (
+            json!({"timestamps": 1}),
+            "timestamps: must be true or false",
+        ),
+    ] {
+        let mut cmd = json!({"id": "ls-bad", "action": "logs", "name": name});
+        for (k, v) in extra.as_object().unwrap() {
+            cmd[k] = v.clone();
+        }
+        let bad = send(&f.agent, cmd).await;
+        assert!(!bad.ok);
+        assert_eq!(bad.code.as_deref(), Some("invalid"));
+        let e = bad.error.unwrap();
+        assert!(e.contains(needle), "{e}");
+    }
     cleanup(&f.runtime, &[name]).await;
 }
 
