@@ -92,8 +92,9 @@ pub struct MetricsSnapshot {
     pub reconcile_runs: u64,
     /// Failed reconcile actions (and reconciles that could not read the runtime).
     pub reconcile_errors: u64,
-    /// Restarts done by the runtime under restart policies, as observed (increases of a
-    /// container's restart count between two observations).
+    /// Restarts as observed: increases of a container's reported restart count between two
+    /// observations (the runtime's restart-policy restarts plus, for declared containers, the
+    /// agent's own; see [`crate::crashloop`]).
     pub restarts: u64,
 }
 

@@ -179,7 +179,8 @@ pub trait ContainerRuntime: Send + Sync {
     /// Starts a container (a running one is left as is).
     async fn start(&self, name: &str) -> Result<(), RuntimeError>;
     /// Stops a container with `signal` (runtime default: the image's stop signal, else SIGTERM),
-    /// killing it after `timeout` (runtime default 10 s). A stopped one is left as is.
+    /// killing it after `timeout` (runtime default 10 s). A stopped one is left as is. On Docker
+    /// API < 1.42 a `signal` is sent with kill (see the module doc).
     async fn stop(
         &self,
         name: &str,
