@@ -6,7 +6,9 @@
 //! The agent holds no container state of its own: the runtime is the truth, read again for every
 //! reconcile and status, so a node restart needs nothing but the same desired set (the runtime's
 //! containers carry the labels that tie them to the agent). The only file is the command id store
-//! (see [`crate::commands`]).
+//! (see [`crate::commands`]). The one thing kept in memory is how often the agent itself
+//! restarted each declared container, for its restart back-off and crash-loop verdict
+//! ([`crate::crashloop`]); losing it on a node restart costs at most one early restart.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -15,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::Value;
 
 use crate::commands::{now_ms, CommandHandler, IdStore, StoreError};
+use crate::crashloop::{self, AgentRestarts, BackoffPolicy, RestartDecision};
 use crate::reconcile::{plan, report_with_errors, Action, DesiredContainer};
 use crate::runtime::{ContainerInfo, ContainerRuntime, ContainerState, RuntimeError};
 use crate::wire::{CommandResult, StatusMsg};
@@ -89,8 +92,9 @@ pub struct MetricsSnapshot {
     pub reconcile_runs: u64,
     /// Failed reconcile actions (and reconciles that could not read the runtime).
     pub reconcile_errors: u64,
-    /// Restarts done by the runtime under restart policies, as observed (increases of a
-    /// container's restart count between two observations).
+    /// Restarts as observed: increases of a container's reported restart count between two
+    /// observations (the runtime's restart-policy restarts plus, for declared containers, the
+    /// agent's own; see [`crate::crashloop`]).
     pub restarts: u64,
 }
 
@@ -107,6 +111,9 @@ pub struct Agent {
     commands: CommandHandler,
     counters: Mutex<Counters>,
     reconciling: tokio::sync::Mutex<()>,
+    backoff: BackoffPolicy,
+    /// The agent's own restarts per declared container name.
+    restarts: Mutex<BTreeMap<String, AgentRestarts>>,
 }
 
 impl Agent {
@@ -136,7 +143,16 @@ impl Agent {
             runtime,
             counters: Mutex::new(counters),
             reconciling: tokio::sync::Mutex::new(()),
+            backoff: BackoffPolicy::default(),
+            restarts: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Spaces the agent's own restarts of declared containers by `policy` (default
+    /// [`BackoffPolicy::default`]: 10 s doubling to 5 min, reset after a 10 min run).
+    pub fn with_backoff(mut self, policy: BackoffPolicy) -> Self {
+        self.backoff = policy;
+        self
     }
 
     /// The runtime.
@@ -194,11 +210,18 @@ impl Agent {
                 };
             }
         };
-        self.observe(&actual);
+        let now = now_ms();
+        if let Ok(mut memory) = self.restarts.lock() {
+            crashloop::settle(&mut memory, desired, &actual, &self.backoff, now);
+        }
+        self.observe(&self.annotated(actual.clone(), now));
         let actions = plan(desired, &actual);
         let mut outcomes = Vec::with_capacity(actions.len());
         let mut errors = BTreeMap::new();
         for action in &actions {
+            if !self.may_apply(action, &actual, now) {
+                continue;
+            }
             let result = self.apply(action).await;
             let error = result.err();
             if let Some(e) = &error {
@@ -220,18 +243,71 @@ impl Agent {
         let failed = outcomes.iter().filter(|o| o.error.is_some()).count() as u64;
         self.bump(|s| s.reconcile_errors += failed);
         let (actual, error) = match self.runtime.list().await {
-            Ok(a) => {
-                self.observe(&a);
-                (a, None)
-            }
+            Ok(a) => (a, None),
             Err(e) => (actual, Some(e.to_string())),
         };
+        let actual = self.annotated(actual, now_ms());
+        self.observe(&actual);
         ReconcileReport {
             reported: report_with_errors(&actual, desired, &errors),
             outcomes,
             error,
             actual,
         }
+    }
+
+    /// Whether `action` may run now, keeping the agent's restart memory: a start waits out the
+    /// back-off, a create or recreate that starts begins a fresh count, anything else forgets.
+    fn may_apply(&self, action: &Action, actual: &[ContainerInfo], now: i64) -> bool {
+        let Ok(mut memory) = self.restarts.lock() else {
+            return true;
+        };
+        let name = action.name();
+        match action {
+            Action::Start { name } => {
+                let Some(info) = actual.iter().find(|c| &c.name == name) else {
+                    return true;
+                };
+                match crashloop::decide_restart(&self.backoff, memory.get(name).copied(), info, now)
+                {
+                    RestartDecision::Start { next } => {
+                        memory.insert(name.clone(), next);
+                        true
+                    }
+                    RestartDecision::Wait { until, backoff } => {
+                        tracing::debug!(container = %name, until, backoff_ms = backoff.as_millis() as u64,
+                            "reconcile: restart held back");
+                        false
+                    }
+                }
+            }
+            Action::Create { start: true, .. } | Action::Recreate { start: true, .. } => {
+                memory.insert(
+                    name.to_string(),
+                    AgentRestarts {
+                        count: 0,
+                        last_start: now,
+                    },
+                );
+                true
+            }
+            _ => {
+                memory.remove(name);
+                true
+            }
+        }
+    }
+
+    /// The containers as reported: crash loops named, the agent's restarts and back-off added.
+    fn annotated(&self, actual: Vec<ContainerInfo>, now: i64) -> Vec<ContainerInfo> {
+        let memory = self.restarts.lock().map(|m| m.clone()).unwrap_or_default();
+        actual
+            .into_iter()
+            .map(|c| {
+                let mine = c.managed().then(|| memory.get(&c.name).copied()).flatten();
+                crashloop::annotate(c, mine, &self.backoff, now)
+            })
+            .collect()
     }
 
     async fn apply(&self, action: &Action) -> Result<(), String> {
@@ -262,7 +338,7 @@ impl Agent {
 
     /// The retained `node/containers/status`: every container of the runtime.
     pub async fn status(&self) -> Result<StatusMsg, RuntimeError> {
-        let all = self.runtime.list().await?;
+        let all = self.annotated(self.runtime.list().await?, now_ms());
         self.observe(&all);
         Ok(StatusMsg {
             ts: now_ms(),
@@ -364,8 +440,11 @@ mod tests {
                 exit_code: None,
                 restart_count: Some(0),
                 started_at: None,
+                finished_at: None,
+                restarting: false,
                 labels: spec.labels.clone(),
                 error: None,
+                backoff_ms: None,
             };
             all.insert(spec.name.clone(), info.clone());
             Ok(info)
@@ -415,7 +494,11 @@ mod tests {
                 .cloned()
                 .ok_or(RuntimeError::NoSuchContainer { name: name.into() })
         }
-        async fn logs(&self, name: &str, _tail: u32) -> Result<Vec<String>, RuntimeError> {
+        async fn logs(
+            &self,
+            name: &str,
+            _query: &crate::runtime::LogsQuery,
+        ) -> Result<Vec<crate::wire::LogLine>, RuntimeError> {
             self.inspect(name).await.map(|_| Vec::new())
         }
     }

@@ -30,8 +30,10 @@
 //! transaction. A file that cannot be opened because it is corrupt is renamed to
 //! `*.corrupt-{ms}` and a fresh one is started (losing only the idempotency window).
 //!
-//! Logs results are bounded to the last lines that fit [`MAX_LOG_BYTES`], which keeps the result
-//! inside one MQTT message and the store bounded (at most `max_entries` × that).
+//! Logs results are bounded to the last lines whose JSON fits [`MAX_LOG_BYTES`], which keeps the
+//! result inside one MQTT message and the store bounded (at most `max_entries` × that). A logs
+//! result stored by a build whose `logs` were plain strings no longer decodes: a redelivery of
+//! it within the window reads the logs again (harmless, logs change nothing).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -42,9 +44,13 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use crate::runtime::{ContainerRuntime, RuntimeError};
+use crate::crashloop;
+use crate::runtime::{ContainerInfo, ContainerRuntime, LogsQuery, RuntimeError};
 use crate::spec::{self, ContainerSpec, RawSpec, LABEL_COMMAND_ID};
-use crate::wire::{parse_command, CommandAction, CommandResult, ContainerCommand, TimestampMs};
+use crate::wire::{
+    parse_command, CommandAction, CommandResult, ContainerCommand, ContainerStatus, LogLine,
+    TimestampMs,
+};
 
 /// Default number of command ids remembered.
 pub const DEFAULT_MAX_ENTRIES: usize = 1000;
@@ -311,7 +317,51 @@ pub enum Request {
         name: String,
         /// Lines.
         tail: u32,
+        /// Only lines since then.
+        since: Option<Since>,
+        /// Timestamp each line.
+        timestamps: bool,
     },
+}
+
+/// The `since` of a logs command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Since {
+    /// A time, ms since the epoch.
+    At(TimestampMs),
+    /// That long before the command runs.
+    Ago(Duration),
+}
+
+impl Since {
+    /// Parses an RFC 3339 UTC time (`2026-01-01T10:00:00Z`) or a duration (`10m`, `1h30m`).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if let Ok(t) = humantime::parse_rfc3339_weak(s.trim_end_matches('Z')) {
+            let ms = t
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .and_then(|d| i64::try_from(d.as_millis()).ok())
+                .ok_or_else(|| format!("{s:?} is before 1970"))?;
+            return Ok(Self::At(ms));
+        }
+        match humantime::parse_duration(s) {
+            Ok(d) if d.is_zero() => Err(format!("{s:?} is no time ago (give e.g. 10m)")),
+            Ok(d) => Ok(Self::Ago(d)),
+            Err(_) => Err(format!(
+                "{s:?} is neither an RFC 3339 UTC time (2026-01-01T10:00:00Z) nor a duration meaning that long ago (30s, 10m, 2h, 1d)"
+            )),
+        }
+    }
+
+    /// The Unix time in seconds it stands for at `now` (rounded down: the runtime's precision).
+    pub fn unix_s(self, now: TimestampMs) -> i64 {
+        let ms = match self {
+            Self::At(ms) => ms,
+            Self::Ago(d) => now.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+        };
+        ms.div_euclid(1000)
+    }
 }
 
 /// Checks a parsed command's values and the fields its action uses; every problem is
@@ -328,7 +378,7 @@ pub fn validate(cmd: &ContainerCommand) -> Result<Request, Vec<String>> {
         CommandAction::Restart => &["name", "timeout_s"],
         CommandAction::Remove => &["name", "force"],
         CommandAction::List => &[],
-        CommandAction::Logs => &["name", "tail"],
+        CommandAction::Logs => &["name", "tail", "since", "timestamps"],
     };
     let present = [
         ("name", cmd.name.is_some()),
@@ -343,6 +393,8 @@ pub fn validate(cmd: &ContainerCommand) -> Result<Request, Vec<String>> {
         ("timeout_s", cmd.timeout_s.is_some()),
         ("force", cmd.force.is_some()),
         ("tail", cmd.tail.is_some()),
+        ("since", cmd.since.is_some()),
+        ("timestamps", cmd.timestamps.is_some()),
     ];
     for (field, is_present) in present {
         if is_present && !used.contains(&field) {
@@ -374,6 +426,14 @@ pub fn validate(cmd: &ContainerCommand) -> Result<Request, Vec<String>> {
     if cmd.tail.is_some_and(|t| t > MAX_TAIL) {
         errors.push(format!("tail: at most {MAX_TAIL}"));
     }
+    let since = match cmd.since.as_deref().map(Since::parse) {
+        Some(Ok(s)) => Some(s),
+        Some(Err(e)) => {
+            errors.push(format!("since: {e}"));
+            None
+        }
+        None => None,
+    };
     let timeout = cmd.timeout_s.map(|t| Duration::from_secs(u64::from(t)));
     let request = match a {
         CommandAction::Run => {
@@ -409,6 +469,8 @@ pub fn validate(cmd: &ContainerCommand) -> Result<Request, Vec<String>> {
         CommandAction::Logs => Request::Logs {
             name,
             tail: cmd.tail.unwrap_or(DEFAULT_TAIL),
+            since,
+            timestamps: cmd.timestamps.unwrap_or(false),
         },
     };
     if errors.is_empty() {
@@ -629,11 +691,11 @@ impl CommandHandler {
                     }
                     Err(e) => return Err(e),
                 };
-                result.container = Some(info.to_status());
+                result.container = Some(status_of(info));
             }
             Request::Start(name) => {
                 rt.start(&name).await?;
-                result.container = rt.inspect(&name).await.ok().map(|i| i.to_status());
+                result.container = rt.inspect(&name).await.ok().map(status_of);
             }
             Request::Stop {
                 name,
@@ -641,24 +703,41 @@ impl CommandHandler {
                 timeout,
             } => {
                 rt.stop(&name, signal.as_deref(), timeout).await?;
-                result.container = rt.inspect(&name).await.ok().map(|i| i.to_status());
+                result.container = rt.inspect(&name).await.ok().map(status_of);
             }
             Request::Restart { name, timeout } => {
                 rt.restart(&name, timeout).await?;
-                result.container = rt.inspect(&name).await.ok().map(|i| i.to_status());
+                result.container = rt.inspect(&name).await.ok().map(status_of);
             }
             Request::Remove { name, force } => rt.remove(&name, force).await?,
             Request::List => {
                 let all = rt.list().await?;
-                result.containers = Some(all.iter().map(|i| i.to_status()).collect());
+                result.containers = Some(all.into_iter().map(status_of).collect());
             }
-            Request::Logs { name, tail } => {
-                let lines = rt.logs(&name, tail).await?;
+            Request::Logs {
+                name,
+                tail,
+                since,
+                timestamps,
+            } => {
+                let query = LogsQuery {
+                    tail,
+                    since_s: since.map(|s| s.unix_s(now_ms())),
+                    timestamps,
+                };
+                let lines = rt.logs(&name, &query).await?;
                 result.logs = Some(bound_lines(lines, MAX_LOG_BYTES));
             }
         }
         Ok(result)
     }
+}
+
+/// The wire form of a container in a command result, a crash loop of the runtime's restart policy
+/// named (the agent's own restarts are known to the agent only: they show in the status and the
+/// node twin).
+fn status_of(info: ContainerInfo) -> ContainerStatus {
+    crashloop::annotate(info, None, &crashloop::BackoffPolicy::default(), now_ms()).to_status()
 }
 
 fn outcome_of(r: &CommandResult) -> Outcome {
@@ -669,12 +748,12 @@ fn outcome_of(r: &CommandResult) -> Outcome {
     }
 }
 
-/// Keeps the last lines whose total length (plus newlines) fits `max_bytes`.
-fn bound_lines(lines: Vec<String>, max_bytes: usize) -> Vec<String> {
-    let mut total = 0usize;
+/// Keeps the last lines whose JSON (each entry plus its comma) fits `max_bytes`.
+fn bound_lines(lines: Vec<LogLine>, max_bytes: usize) -> Vec<LogLine> {
+    let mut total = 2usize; // the brackets
     let mut keep = 0usize;
     for l in lines.iter().rev() {
-        total += l.len() + 1;
+        total += serde_json::to_string(l).map_or(usize::MAX / 2, |j| j.len()) + 1;
         if total > max_bytes {
             break;
         }
@@ -797,9 +876,81 @@ mod tests {
     }
 
     #[test]
-    fn logs_are_bounded_to_the_last_lines_that_fit() {
-        let lines: Vec<String> = (0..10).map(|i| format!("line{i}")).collect();
-        let kept = bound_lines(lines, 12);
-        assert_eq!(kept, vec!["line8".to_string(), "line9".to_string()]);
+    fn logs_are_bounded_to_the_last_lines_whose_json_fits() {
+        let line = |i| LogLine {
+            ts: None,
+            stream: crate::wire::LogStream::Stdout,
+            line: format!("line{i}"),
+        };
+        let lines: Vec<LogLine> = (0..10).map(line).collect();
+        // {"stream":"stdout","line":"line9"} is 34 bytes, plus a comma; plus the brackets.
+        let kept = bound_lines(lines, 2 + 2 * 35);
+        assert_eq!(kept, vec![line(8), line(9)]);
+    }
+
+    fn logs_cmd(extra: serde_json::Value) -> Result<Request, Vec<String>> {
+        let mut v = serde_json::json!({"id": "l", "action": "logs", "name": "web"});
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        let cmd = parse_command(v.to_string().as_bytes()).map_err(|e| e.errors)?;
+        validate(&cmd)
+    }
+
+    #[test]
+    fn logs_since_takes_an_rfc3339_time_or_a_duration_ago() {
+        let Request::Logs {
+            since,
+            timestamps,
+            tail,
+            ..
+        } = logs_cmd(serde_json::json!({"since": "2026-11-23T11:32:40Z", "timestamps": true}))
+            .unwrap()
+        else {
+            panic!("not logs")
+        };
+        assert_eq!(
+            (since, timestamps, tail),
+            (Some(Since::At(1_795_433_560_000)), true, 100)
+        );
+        let Request::Logs { since, .. } = logs_cmd(serde_json::json!({"since": "10m"})).unwrap()
+        else {
+            panic!("not logs")
+        };
+        assert_eq!(since, Some(Since::Ago(Duration::from_secs(600))));
+        assert_eq!(
+            Since::Ago(Duration::from_secs(600)).unix_s(1_000_000_999),
+            999_400
+        );
+        assert_eq!(Since::At(1_795_433_560_999).unix_s(0), 1_795_433_560);
+    }
+
+    #[test]
+    fn logs_bad_options_are_refused_naming_the_field() {
+        for (extra, needle) in [
+            (
+                serde_json::json!({"since": "yesterday"}),
+                "since: \"yesterday\" is neither",
+            ),
+            (
+                serde_json::json!({"since": "0s"}),
+                "since: \"0s\" is no time ago",
+            ),
+            (serde_json::json!({"since": 5}), "since: must be a string"),
+            (
+                serde_json::json!({"timestamps": "yes"}),
+                "timestamps: must be true or false",
+            ),
+            (serde_json::json!({"tail": 1001}), "tail: at most 1000"),
+        ] {
+            let e = logs_cmd(extra.clone()).unwrap_err().join("; ");
+            assert!(e.contains(needle), "{extra}: {e}");
+        }
+        let mut stop = ContainerCommand::new("x", CommandAction::Stop, Some("web"));
+        stop.since = Some("10m".into());
+        assert_eq!(
+            validate(&stop).unwrap_err(),
+            vec!["since: not used by action stop".to_string()]
+        );
     }
 }

@@ -10,6 +10,7 @@
 //!   [`DockerRuntime`] on bollard.
 //! - [`commands`]: [`CommandHandler`]: raw command payload → result,
 //!   idempotent by command id through a small durable redb store.
+//! - [`crashloop`]: the pure crash-loop rule and the agent's restart back-off.
 //! - [`reconcile`]: the pure planner (`desired` + `actual` → actions), `parse_desired` and
 //!   `report` for the node twin.
 //! - [`agent`]: [`Agent`], what the node daemon owns: commands, reconcile, status and
@@ -18,6 +19,7 @@
 
 pub mod agent;
 pub mod commands;
+pub mod crashloop;
 pub mod reconcile;
 pub mod runtime;
 pub mod spec;
@@ -25,9 +27,14 @@ pub mod wire;
 
 pub use agent::{Agent, AgentError, MetricsSnapshot, ReconcileOutcome, ReconcileReport};
 pub use commands::{CommandHandler, IdStore, StoreError};
+pub use crashloop::{BackoffPolicy, RestartDecision};
 pub use reconcile::{
     parse_desired, plan, report, report_with_errors, Action, DesiredContainer, DesiredState,
 };
-pub use runtime::{ContainerInfo, ContainerRuntime, ContainerState, DockerRuntime, RuntimeError};
+pub use runtime::{
+    ContainerInfo, ContainerRuntime, ContainerState, DockerRuntime, LogsQuery, RuntimeError,
+};
 pub use spec::ContainerSpec;
-pub use wire::{CommandAction, CommandResult, ContainerCommand, ContainerStatus, StatusMsg};
+pub use wire::{
+    CommandAction, CommandResult, ContainerCommand, ContainerStatus, LogLine, LogStream, StatusMsg,
+};

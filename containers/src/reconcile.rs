@@ -8,7 +8,8 @@
 //! limits?: {memory_bytes?, cpus?}, state: "running"|"stopped"}`; a `null` entry (a removed
 //! desired property) means "not desired".
 //!
-//! Reported entry: `{image, state, exit_code?, restart_count?, started_at?, error?}`.
+//! Reported entry: `{image, state, exit_code?, restart_count?, started_at?, finished_at?,
+//! backoff_ms?, error?}`; `state` may be `crash_loop` (see [`crate::crashloop`]).
 //!
 //! # Rules of [`plan`]
 //!
@@ -168,7 +169,11 @@ pub fn plan(desired: &BTreeMap<String, DesiredContainer>, actual: &[ContainerInf
             });
             continue;
         }
-        let running = matches!(have.state, ContainerState::Running | ContainerState::Paused);
+        // crash_loop is only ever reported, but should one come in, it is being restarted.
+        let running = matches!(
+            have.state,
+            ContainerState::Running | ContainerState::Paused | ContainerState::CrashLoop
+        );
         match (want.state, running) {
             (DesiredState::Running, false) => actions.push(Action::Start { name: name.clone() }),
             (DesiredState::Stopped, true) => actions.push(Action::Stop { name: name.clone() }),
@@ -294,6 +299,12 @@ fn reported_entry(c: &ContainerInfo) -> Value {
     if let Some(x) = c.started_at {
         m.insert("started_at".into(), json!(x));
     }
+    if let Some(x) = c.finished_at {
+        m.insert("finished_at".into(), json!(x));
+    }
+    if let Some(x) = c.backoff_ms {
+        m.insert("backoff_ms".into(), json!(x));
+    }
     if let Some(e) = &c.error {
         m.insert("error".into(), json!(e));
     }
@@ -371,8 +382,11 @@ mod tests {
             exit_code: None,
             restart_count: Some(0),
             started_at: None,
+            finished_at: None,
+            restarting: false,
             labels: spec.labels,
             error: None,
+            backoff_ms: None,
         }
     }
 
@@ -385,8 +399,11 @@ mod tests {
             exit_code: None,
             restart_count: None,
             started_at: None,
+            finished_at: None,
+            restarting: false,
             labels: BTreeMap::new(),
             error: None,
+            backoff_ms: None,
         }
     }
 
@@ -573,8 +590,11 @@ mod tests {
             exit_code: None,
             restart_count: Some(0),
             started_at: None,
+            finished_at: None,
+            restarting: false,
             labels: spec.labels.clone(),
             error: None,
+            backoff_ms: None,
         };
         for a in actions {
             match a {
@@ -682,8 +702,11 @@ mod tests {
                             exit_code: None,
                             restart_count: Some(0),
                             started_at: None,
+                            finished_at: None,
+                            restarting: false,
                             labels,
                             error: None,
+                            backoff_ms: None,
                         }
                     })
                 })
@@ -703,9 +726,12 @@ mod tests {
                 Some(c) => {
                     c.spec_hash() == Some(d.spec.fingerprint().as_str())
                         && match d.state {
-                            DesiredState::Running => {
-                                matches!(c.state, ContainerState::Running | ContainerState::Paused)
-                            }
+                            DesiredState::Running => matches!(
+                                c.state,
+                                ContainerState::Running
+                                    | ContainerState::Paused
+                                    | ContainerState::CrashLoop
+                            ),
                             DesiredState::Stopped => {
                                 matches!(c.state, ContainerState::Created | ContainerState::Exited)
                             }

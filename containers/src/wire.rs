@@ -2,11 +2,14 @@
 //!
 //! - `node/containers/cmd`: [`ContainerCommand`]
 //!   `{"id","action":"run"|"start"|"stop"|"restart"|"remove"|"list"|"logs","name","image"?,"env"?,
-//!   "args"?,"ports"?,"mounts"?,"restart"?,"limits"?,"signal"?,"timeout_s"?,"force"?,"tail"?}`
+//!   "args"?,"ports"?,"mounts"?,"restart"?,"limits"?,"signal"?,"timeout_s"?,"force"?,"tail"?,
+//!   "since"?,"timestamps"?}`
 //!   (`name` is required except for `list`, `image` for `run`);
-//! - `node/containers/result`: [`CommandResult`] `{"id","ok","error"?,"container"?,"containers"?,"logs"?}`;
+//! - `node/containers/result`: [`CommandResult`] `{"id","ok","error"?,"container"?,"containers"?,"logs"?}`,
+//!   `logs` being `[{"stream":"stdout"|"stderr","line","ts"?}]` ([`LogLine`]);
 //! - `node/containers/status` (retained): [`StatusMsg`]
-//!   `{"ts","containers":[{"name","image","state","started_at"?,"exit_code"?,"restart_count"?}]}`.
+//!   `{"ts","containers":[{"name","image","state","started_at"?,"finished_at"?,"exit_code"?,
+//!   "restart_count"?,"backoff_ms"?}]}`.
 //!
 //! Field names here are the contract: renaming one is a breaking change. Commands are parsed by
 //! [`parse_command`], which reports every bad field by name (serde alone would say "invalid type"
@@ -128,6 +131,13 @@ pub struct ContainerCommand {
     /// Number of last log lines (`logs`, default 100).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tail: Option<u32>,
+    /// Only lines since then (`logs`): an RFC 3339 UTC time, or a duration meaning that long
+    /// ago (`10m`, `2h`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// Give each line the runtime's timestamp (`logs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamps: Option<bool>,
 }
 
 impl ContainerCommand {
@@ -148,12 +158,16 @@ impl ContainerCommand {
             timeout_s: None,
             force: None,
             tail: None,
+            since: None,
+            timestamps: None,
         }
     }
 }
 
 /// Container state vocabulary (Docker's, with `restarting` folded into `running` and
-/// `removing` into `dead`, as Docker's own `State.Running` does).
+/// `removing` into `dead`, as Docker's own `State.Running` does; Podman's words are mapped by
+/// [`crate::runtime::map_status`]), plus `crash_loop`, which the agent derives
+/// ([`crate::crashloop`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ContainerState {
@@ -169,17 +183,22 @@ pub enum ContainerState {
     Dead,
     /// The runtime reported a state we do not know.
     Unknown,
+    /// Restarted again and again, each run short (see [`crate::crashloop`]); never read from a
+    /// runtime, only reported.
+    #[serde(rename = "crash_loop")]
+    CrashLoop,
 }
 
 impl ContainerState {
     /// Every state (for per-state gauges).
-    pub const ALL: [ContainerState; 6] = [
+    pub const ALL: [ContainerState; 7] = [
         Self::Created,
         Self::Running,
         Self::Paused,
         Self::Exited,
         Self::Dead,
         Self::Unknown,
+        Self::CrashLoop,
     ];
 
     /// Wire spelling (also the metrics label value).
@@ -191,6 +210,7 @@ impl ContainerState {
             Self::Exited => "exited",
             Self::Dead => "dead",
             Self::Unknown => "unknown",
+            Self::CrashLoop => "crash_loop",
         }
     }
 }
@@ -207,12 +227,20 @@ pub struct ContainerStatus {
     /// Last start, ms since the epoch (absent if never started).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<TimestampMs>,
-    /// Exit code of the last run (when exited).
+    /// Last exit, ms since the epoch (absent if it never exited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<TimestampMs>,
+    /// Exit code of the last run (when exited, or between two restarts of a crash loop).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i64>,
-    /// How often the runtime restarted it under its restart policy.
+    /// How often it was restarted: by the runtime under its restart policy, plus (declared
+    /// containers) by the agent since the last run of 10 min.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart_count: Option<u64>,
+    /// The agent's wait before it starts this exited declared container again (its restart
+    /// back-off), in ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_ms: Option<u64>,
 }
 
 /// A result on `node/containers/result`.
@@ -237,7 +265,29 @@ pub struct CommandResult {
     pub containers: Option<Vec<ContainerStatus>>,
     /// Last log lines (logs), oldest first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub logs: Option<Vec<String>>,
+    pub logs: Option<Vec<LogLine>>,
+}
+
+/// Which output of a container a log line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogStream {
+    /// Standard output (also everything of a container with a TTY, which has no stderr).
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// One line of a `logs` result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// When the runtime logged it, ms since the epoch (only with `timestamps: true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ts: Option<TimestampMs>,
+    /// stdout or stderr.
+    pub stream: LogStream,
+    /// The text, without its newline.
+    pub line: String,
 }
 
 impl CommandResult {
@@ -313,6 +363,8 @@ const COMMAND_KEYS: &[&str] = &[
     "timeout_s",
     "force",
     "tail",
+    "since",
+    "timestamps",
 ];
 
 /// Parses a `node/containers/cmd` payload, checking every field's type and naming every bad or
@@ -389,15 +441,10 @@ pub fn parse_command(payload: &[u8]) -> Result<ContainerCommand, CommandParseErr
     let limits = opt_limits(&obj, "limits", &mut errors);
     let signal = opt_str(&obj, "signal", &mut errors);
     let timeout_s = opt_u32(&obj, "timeout_s", &mut errors);
-    let force = match obj.get("force") {
-        None | Some(Value::Null) => None,
-        Some(Value::Bool(b)) => Some(*b),
-        Some(_) => {
-            errors.push("force: must be true or false".into());
-            None
-        }
-    };
+    let force = opt_bool(&obj, "force", &mut errors);
     let tail = opt_u32(&obj, "tail", &mut errors);
+    let since = opt_str(&obj, "since", &mut errors);
+    let timestamps = opt_bool(&obj, "timestamps", &mut errors);
     match (errors.is_empty(), id, action) {
         (true, Some(id), Some(action)) => Ok(ContainerCommand {
             id,
@@ -414,6 +461,8 @@ pub fn parse_command(payload: &[u8]) -> Result<ContainerCommand, CommandParseErr
             timeout_s,
             force,
             tail,
+            since,
+            timestamps,
         }),
         (_, id, action) => Err(CommandParseError { id, action, errors }),
     }
@@ -425,6 +474,17 @@ fn opt_str(obj: &Map<String, Value>, key: &str, errors: &mut Vec<String>) -> Opt
         Some(Value::String(s)) => Some(s.clone()),
         Some(_) => {
             errors.push(format!("{key}: must be a string"));
+            None
+        }
+    }
+}
+
+fn opt_bool(obj: &Map<String, Value>, key: &str, errors: &mut Vec<String>) -> Option<bool> {
+    match obj.get(key) {
+        None | Some(Value::Null) => None,
+        Some(Value::Bool(b)) => Some(*b),
+        Some(_) => {
+            errors.push(format!("{key}: must be true or false"));
             None
         }
     }

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use edgetwin_containers::{
-    parse_desired, Agent, CommandResult, ContainerRuntime, ContainerState, DesiredContainer,
-    DockerRuntime, RuntimeError,
+    parse_desired, Agent, BackoffPolicy, CommandResult, ContainerRuntime, ContainerState,
+    DesiredContainer, DockerRuntime, LogStream, RuntimeError,
 };
 use serde_json::{json, Value};
 
@@ -118,6 +118,136 @@ async fn commands_stop_leaves_the_container_exited_with_its_exit_code() {
     cleanup(&f.runtime, &[name]).await;
 }
 
+fn script(sh: &str) -> Value {
+    json!(["/bin/busybox", "sh", "-c", sh])
+}
+
+/// A runtime speaking at most API 1.41, the stop endpoint without `signal` (Debian 12's Docker
+/// 20.10 speaks 1.41 anyway; on a newer daemon the pin keeps these tests on the kill path).
+async fn runtime_1_41() -> Arc<DockerRuntime> {
+    let rt = Arc::new(DockerRuntime::new(&daemon().socket).with_api_version(1, 41));
+    assert_eq!(rt.api_version().await.unwrap(), "1.41");
+    rt
+}
+
+#[tokio::test]
+async fn daemon_api_version_is_negotiated() {
+    let rt = DockerRuntime::new(&daemon().socket);
+    let v = rt.api_version().await.unwrap();
+    eprintln!("the test daemon speaks API {v}");
+    assert!(v.starts_with("1."), "{v}");
+}
+
+#[tokio::test]
+async fn stop_with_sigkill_on_api_1_41_kills_a_container_ignoring_term_at_once() {
+    let rt = runtime_1_41().await;
+    let data = tempfile::tempdir().unwrap();
+    let agent = Agent::new(rt.clone(), data.path()).unwrap();
+    let name = "stop-kill-141";
+    cleanup(&rt, &[name]).await;
+    let r = send(
+        &agent,
+        json!({"id": "sk-run", "action": "run", "name": name, "image": IMAGE,
+               "args": script("trap '' TERM; while true; do sleep 0.2; done")}),
+    )
+    .await;
+    assert!(r.ok, "{r:?}");
+    let t0 = Instant::now();
+    let s = send(
+        &agent,
+        json!({"id": "sk-stop", "action": "stop", "name": name, "signal": "SIGKILL", "timeout_s": 30}),
+    )
+    .await;
+    let took = t0.elapsed();
+    assert!(s.ok, "{s:?}");
+    let c = s.container.unwrap();
+    assert_eq!((c.state, c.exit_code), (ContainerState::Exited, Some(137)));
+    assert!(
+        took < Duration::from_secs(5),
+        "stop took {took:?}: the signal was ignored"
+    );
+    cleanup(&rt, &[name]).await;
+}
+
+#[tokio::test]
+async fn stop_with_sigusr1_on_api_1_41_runs_the_containers_handler_and_it_stays_stopped() {
+    let rt = runtime_1_41().await;
+    let data = tempfile::tempdir().unwrap();
+    let agent = Agent::new(rt.clone(), data.path()).unwrap();
+    let name = "stop-usr1-141";
+    cleanup(&rt, &[name]).await;
+    let r = send(
+        &agent,
+        json!({"id": "su-run", "action": "run", "name": name, "image": IMAGE, "restart": "always",
+               "args": script("trap 'exit 7' USR1; trap '' TERM; while true; do sleep 0.2; done")}),
+    )
+    .await;
+    assert!(r.ok, "{r:?}");
+    let t0 = Instant::now();
+    let s = send(
+        &agent,
+        json!({"id": "su-stop", "action": "stop", "name": name, "signal": "SIGUSR1", "timeout_s": 30}),
+    )
+    .await;
+    assert!(s.ok, "{s:?}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    assert_eq!(
+        s.container.unwrap().exit_code,
+        Some(7),
+        "the USR1 handler ran"
+    );
+    // Restart policy always: a stop must not be undone by the runtime. Proving that nothing
+    // happens takes a wait; Docker's first restart would come after 100 ms.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let info = rt.inspect(name).await.unwrap();
+    assert_eq!(
+        (info.state, info.restart_count),
+        (ContainerState::Exited, Some(0))
+    );
+    cleanup(&rt, &[name]).await;
+}
+
+#[tokio::test]
+async fn stop_with_an_ignored_signal_on_api_1_41_kills_after_the_timeout() {
+    let rt = runtime_1_41().await;
+    let name = "stop-ignored-141";
+    cleanup(&rt, &[name]).await;
+    let spec = edgetwin_containers::ContainerSpec {
+        args: polite_ignoring_usr1(),
+        ..edgetwin_containers::ContainerSpec::new(name, IMAGE)
+    };
+    rt.run(&spec).await.unwrap();
+    let t0 = Instant::now();
+    rt.stop(name, Some("SIGUSR1"), Some(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    let took = t0.elapsed();
+    let info = rt.inspect(name).await.unwrap();
+    assert_eq!(
+        (info.state, info.exit_code),
+        (ContainerState::Exited, Some(137))
+    );
+    assert!(
+        took >= Duration::from_secs(1),
+        "killed before the timeout: {took:?}"
+    );
+    assert!(took < Duration::from_secs(8), "{took:?}");
+    // Stopping a stopped container is fine, as with the stop endpoint.
+    rt.stop(name, Some("SIGUSR1"), None).await.unwrap();
+    cleanup(&rt, &[name]).await;
+}
+
+fn polite_ignoring_usr1() -> Vec<String> {
+    [
+        "/bin/busybox",
+        "sh",
+        "-c",
+        "trap '' USR1 TERM; while true; do sleep 0.2; done",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 #[tokio::test]
 async fn commands_start_and_restart_bring_a_stopped_container_back() {
     let f = fixture();
@@ -212,7 +342,11 @@ async fn commands_logs_return_the_last_lines() {
             json!({"id": format!("logs-all-{n}"), "action": "logs", "name": name}),
         )
         .await;
-        if all.logs.as_deref() == Some(&["a".to_string(), "b".to_string()][..]) {
+        let lines: Option<Vec<&str>> = all
+            .logs
+            .as_ref()
+            .map(|l| l.iter().map(|l| l.line.as_str()).collect());
+        if lines == Some(vec!["a", "b"]) {
             break;
         }
         assert!(Instant::now() < deadline, "logs never showed a, b: {all:?}");
@@ -223,7 +357,110 @@ async fn commands_logs_return_the_last_lines() {
         json!({"id": "logs-tail", "action": "logs", "name": name, "tail": 1}),
     )
     .await;
-    assert_eq!(last.logs.unwrap(), vec!["b".to_string()]);
+    let last = last.logs.unwrap();
+    assert_eq!(last.len(), 1);
+    assert_eq!(
+        (last[0].line.as_str(), last[0].stream, last[0].ts),
+        ("b", LogStream::Stdout, None)
+    );
+    cleanup(&f.runtime, &[name]).await;
+}
+
+#[tokio::test]
+async fn commands_logs_mark_streams_give_timestamps_and_honour_since() {
+    let f = fixture();
+    let name = "cmd-logs-streams";
+    cleanup(&f.runtime, &[name]).await;
+    let before = edgetwin_containers::commands::now_ms();
+    assert!(
+        send(
+            &f.agent,
+            json!({"id": "ls-run", "action": "run", "name": name, "image": IMAGE,
+            "args": script("echo out1; echo err1 >&2; echo out2; echo err2 >&2; sleep 3600")})
+        )
+        .await
+        .ok
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut n = 0;
+    let lines = loop {
+        n += 1;
+        let r = send(
+            &f.agent,
+            json!({"id": format!("ls-{n}"), "action": "logs", "name": name, "timestamps": true}),
+        )
+        .await;
+        assert!(r.ok, "{r:?}");
+        let lines = r.logs.unwrap();
+        if lines.len() == 4 {
+            break lines;
+        }
+        assert!(Instant::now() < deadline, "never 4 lines: {lines:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut by_stream: Vec<(LogStream, &str)> =
+        lines.iter().map(|l| (l.stream, l.line.as_str())).collect();
+    // The two streams are logged apart, so their relative order is not guaranteed.
+    by_stream.sort_by_key(|(s, l)| (*s == LogStream::Stderr, *l));
+    assert_eq!(
+        by_stream,
+        vec![
+            (LogStream::Stdout, "out1"),
+            (LogStream::Stdout, "out2"),
+            (LogStream::Stderr, "err1"),
+            (LogStream::Stderr, "err2"),
+        ]
+    );
+    for l in &lines {
+        let ts = l.ts.expect("timestamps asked for");
+        assert!(
+            ts >= before - 2000 && ts <= edgetwin_containers::commands::now_ms(),
+            "{l:?}"
+        );
+    }
+    let wire: Value = serde_json::to_value(&lines[0]).unwrap();
+    assert!(wire["stream"].is_string() && wire["line"].is_string() && wire["ts"].is_i64());
+
+    // Everything was logged before a minute from now, and within the last 10 minutes.
+    let r = send(
+        &f.agent,
+        json!({"id": "ls-future", "action": "logs", "name": name,
+               "since": humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(60)).to_string()}),
+    )
+    .await;
+    assert_eq!(r.logs.unwrap(), vec![], "nothing since a minute from now");
+    let r = send(
+        &f.agent,
+        json!({"id": "ls-10m", "action": "logs", "name": name, "since": "10m"}),
+    )
+    .await;
+    let recent = r.logs.unwrap();
+    assert_eq!(recent.len(), 4, "{recent:?}");
+    assert!(
+        recent.iter().all(|l| l.ts.is_none()),
+        "no timestamps unless asked"
+    );
+
+    for (extra, needle) in [
+        (
+            json!({"since": "last tuesday"}),
+            "since: \"last tuesday\" is neither",
+        ),
+        (
+            json!({"timestamps": 1}),
+            "timestamps: must be true or false",
+        ),
+    ] {
+        let mut cmd = json!({"id": "ls-bad", "action": "logs", "name": name});
+        for (k, v) in extra.as_object().unwrap() {
+            cmd[k] = v.clone();
+        }
+        let bad = send(&f.agent, cmd).await;
+        assert!(!bad.ok);
+        assert_eq!(bad.code.as_deref(), Some("invalid"));
+        let e = bad.error.unwrap();
+        assert!(e.contains(needle), "{e}");
+    }
     cleanup(&f.runtime, &[name]).await;
 }
 
@@ -604,6 +841,112 @@ async fn status_reports_every_container_and_metrics_count_them_by_state() {
         .any(|c| c["name"] == name && c["state"] == "running"));
     let m = f.agent.metrics();
     assert!(m.containers_by_state[&ContainerState::Running] >= 1);
-    assert_eq!(m.containers_by_state.len(), 6);
+    assert_eq!(m.containers_by_state.len(), 7);
+    cleanup(&f.runtime, &[name]).await;
+}
+
+#[tokio::test]
+async fn crash_loop_of_a_declared_container_is_reported_and_the_agents_restarts_back_off() {
+    let _one = RECONCILE_LOCK.lock().await;
+    let rt = Arc::new(DockerRuntime::new(&daemon().socket));
+    let data = tempfile::tempdir().unwrap();
+    // The default back-off's shape (first restart at once, then doubling), in seconds not tens.
+    let agent = Agent::new(rt.clone(), data.path())
+        .unwrap()
+        .with_backoff(BackoffPolicy {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(4),
+            reset_after: Duration::from_secs(600),
+        });
+    let name = "crash-declared";
+    cleanup(&rt, &[name]).await;
+    let d = desired(
+        json!({name: {"image": IMAGE, "args": script("exit 3"), "restart": "no",
+                                  "state": "running"}}),
+    );
+    // Reconcile every 100 ms, as a very impatient node would.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut ticks, mut starts) = (0u32, 0u32);
+    let reported = loop {
+        let rep = agent.reconcile(&d).await;
+        ticks += 1;
+        starts += rep.outcomes.iter().filter(|o| o.action == "start").count() as u32;
+        assert_eq!(rep.error_count(), 0, "{rep:?}");
+        let entry = rep.reported[name].clone();
+        if entry["state"] == "crash_loop" {
+            break entry;
+        }
+        assert!(Instant::now() < deadline, "never crash_loop: {entry}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Created and started once, then restarted at once, after 1 s, after 2 s: the third restart
+    // makes it a crash loop.
+    assert_eq!(starts, 3, "{reported}");
+    assert_eq!(reported["restart_count"], 3, "{reported}");
+    assert!(
+        ticks >= starts + 1 + 5,
+        "the back-off held starts back: {ticks} ticks, {starts} starts"
+    );
+    // Exited at once: code 3, waiting 4 s; or the third run has not ended yet.
+    if reported.get("finished_at").is_some() && reported["exit_code"] == 3 {
+        assert_eq!(reported["backoff_ms"], 4000, "{reported}");
+    }
+    // Docker itself never restarted it (restart policy no).
+    assert_eq!(rt.inspect(name).await.unwrap().restart_count, Some(0));
+
+    // Once exited, the status says so too, with the exit code and the back-off.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = agent.status().await.unwrap();
+        let mine = s.containers.iter().find(|c| c.name == name).unwrap();
+        if mine.exit_code == Some(3) {
+            assert_eq!(mine.state, ContainerState::CrashLoop, "{mine:?}");
+            assert_eq!(mine.restart_count, Some(3));
+            assert_eq!(mine.backoff_ms, Some(4000));
+            assert!(mine.finished_at.is_some());
+            break;
+        }
+        assert!(Instant::now() < deadline, "never exited: {mine:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(agent.metrics().containers_by_state[&ContainerState::CrashLoop] >= 1);
+    cleanup(&rt, &[name]).await;
+}
+
+#[tokio::test]
+async fn crash_loop_of_the_runtime_restart_policy_is_reported_in_status_and_list() {
+    let f = fixture();
+    let name = "crash-on-failure";
+    cleanup(&f.runtime, &[name]).await;
+    let r = send(
+        &f.agent,
+        json!({"id": "crash-run", "action": "run", "name": name, "image": IMAGE,
+               "args": script("exit 3"), "restart": "on-failure"}),
+    )
+    .await;
+    assert!(r.ok, "a container that exits at once is still run: {r:?}");
+    // Docker restarts it after 100 ms, 200 ms, 400 ms ...
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mine = loop {
+        let s = f.agent.status().await.unwrap();
+        let mine = s.containers.into_iter().find(|c| c.name == name).unwrap();
+        if mine.state == ContainerState::CrashLoop {
+            break mine;
+        }
+        assert!(Instant::now() < deadline, "never crash_loop: {mine:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(mine.restart_count.unwrap() >= 3, "{mine:?}");
+    assert_eq!(mine.backoff_ms, None, "Docker's back-off is its own");
+    let l = send(&f.agent, json!({"id": "crash-list", "action": "list"})).await;
+    let listed = l.containers.unwrap();
+    let listed = listed.iter().find(|c| c.name == name).unwrap();
+    assert_eq!(listed.state, ContainerState::CrashLoop, "{listed:?}");
+    // Between two restarts Docker keeps the last exit code.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while f.runtime.inspect(name).await.unwrap().exit_code != Some(3) {
+        assert!(Instant::now() < deadline, "exit code 3 never seen");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     cleanup(&f.runtime, &[name]).await;
 }
