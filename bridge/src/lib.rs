@@ -404,7 +404,10 @@ pub fn start(
         client.clone(),
         conn_rx,
         health_rx,
-        format!("{prefix}{}", edgetwin_contract::Topic::NodeHealth.to_topic_string()),
+        format!(
+            "{prefix}{}",
+            edgetwin_contract::Topic::NodeHealth.to_topic_string()
+        ),
         stop.clone(),
     ));
     let session = Session {
@@ -837,8 +840,8 @@ async fn run_sender(
             },
         };
         let epoch = state.epoch;
-        let mut cursor: Option<u64> = None;
         let mut pacer = Pacer::new(replay_rate);
+        let mut ahead = ReadAhead::new(shared.outbox.clone());
         loop {
             if stop.is_cancelled() {
                 return;
@@ -858,80 +861,160 @@ async fn run_sender(
                 }
                 continue;
             }
-            let outbox = shared.outbox.clone();
-            let now = now_ms();
-            let records = match tokio::task::spawn_blocking(move || {
-                outbox.peek(cursor, space.min(MAX_PEEK), now)
-            })
-            .await
-            {
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) => {
+            let r = match ahead.next().await {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = shared.appended.notified() => {}
+                        _ = conn.changed() => {}
+                        // Expired records are dropped by peek; look again now and then.
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    }
+                    continue;
+                }
+                Err(e) => {
                     error!(error = %e, "outbox peek failed; retrying in 1 s");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
-                Err(e) => {
-                    error!(error = %e, "outbox peek task failed; retrying in 1 s");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
+            };
+            let backlog = r.ts_ms < state.since_ms;
+            if backlog {
+                if let Some(p) = pacer.as_mut() {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = p.wait() => {}
+                    }
+                }
+            }
+            let seq = r.seq;
+            let qos = if r.qos == 0 {
+                QoS::AtMostOnce
+            } else {
+                QoS::AtLeastOnce
+            };
+            let queued = {
+                let mut g = shared.inflight();
+                if !g.is_current(epoch) {
+                    None
+                } else {
+                    g.queue(seq);
+                    let sent = client.try_publish(r.topic, qos, r.retain, r.payload);
+                    if sent.is_err() {
+                        g.unqueue_last();
+                    }
+                    Some(sent)
                 }
             };
-            if records.is_empty() {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = shared.appended.notified() => {}
-                    _ = conn.changed() => {}
-                    // Expired records are dropped by peek; look again now and then.
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            match queued {
+                None => continue 'connection,
+                Some(Ok(())) => {}
+                Some(Err(e)) => {
+                    warn!(seq, error = %e, "cloud connection queue full; retrying");
+                    // Not sent: read again from it (what followed it was not sent either).
+                    ahead.restart_at(seq);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
                 }
-                continue;
             }
-            for r in records {
-                let backlog = r.ts_ms < state.since_ms;
-                if backlog {
-                    if let Some(p) = pacer.as_mut() {
-                        tokio::select! {
-                            _ = stop.cancelled() => return,
-                            _ = p.wait() => {}
-                        }
-                    }
-                }
-                let seq = r.seq;
-                let qos = if r.qos == 0 {
-                    QoS::AtMostOnce
-                } else {
-                    QoS::AtLeastOnce
-                };
-                let queued = {
-                    let mut g = shared.inflight();
-                    if !g.is_current(epoch) {
-                        None
-                    } else {
-                        g.queue(seq);
-                        let sent = client.try_publish(r.topic.clone(), qos, r.retain, r.payload);
-                        if sent.is_err() {
-                            g.unqueue_last();
-                        }
-                        Some(sent)
-                    }
-                };
-                match queued {
-                    None => continue 'connection,
-                    Some(Ok(())) => {}
-                    Some(Err(e)) => {
-                        warn!(topic = %r.topic, error = %e, "cloud connection queue full; retrying");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        break;
-                    }
-                }
-                cursor = Some(seq);
-                shared.metrics.sent.inc();
-                if backlog {
-                    shared.metrics.replayed.inc();
-                }
+            shared.metrics.sent.inc();
+            if backlog {
+                shared.metrics.replayed.inc();
             }
         }
+    }
+}
+
+/// Most bytes of records read ahead of the window.
+const READ_AHEAD_BYTES: usize = 4 * 1024 * 1024;
+/// Most records read ahead of the window.
+const MAX_READ_AHEAD: usize = 2048;
+
+type PeekTask = tokio::task::JoinHandle<Result<Vec<edgetwin_outbox::Record>, String>>;
+
+/// Outbox records read ahead of the window, oldest first, with the next read already under way
+/// while the ones read are sent. A PUBACK frees one slot at a time; reading on demand cost a
+/// read per slot, and every read waits for the outbox's lock, which an ack's fsync holds: the
+/// window ran dry behind each ack commit (a drain at 0.2x Mosquitto's bridge).
+struct ReadAhead {
+    outbox: Arc<Outbox>,
+    /// The last sequence number read (the next read starts after it).
+    cursor: Option<u64>,
+    ready: std::collections::VecDeque<edgetwin_outbox::Record>,
+    pending: Option<PeekTask>,
+    /// The last read found nothing after `cursor`: read again only once everything read is sent.
+    drained: bool,
+    /// Records per read, from the size of the records read last (bounded in bytes).
+    batch: usize,
+}
+
+impl ReadAhead {
+    fn new(outbox: Arc<Outbox>) -> ReadAhead {
+        ReadAhead {
+            outbox,
+            cursor: None,
+            ready: std::collections::VecDeque::new(),
+            pending: None,
+            drained: false,
+            batch: MAX_PEEK,
+        }
+    }
+
+    fn start_read(&mut self) {
+        if self.pending.is_some() {
+            return;
+        }
+        let (outbox, cursor, n) = (self.outbox.clone(), self.cursor, self.batch);
+        self.pending = Some(tokio::task::spawn_blocking(move || {
+            outbox.peek(cursor, n, now_ms()).map_err(|e| e.to_string())
+        }));
+    }
+
+    async fn finish_read(&mut self) -> Result<(), String> {
+        let Some(task) = self.pending.take() else {
+            return Ok(());
+        };
+        let records = task.await.map_err(|e| e.to_string())??;
+        match records.last() {
+            None => self.drained = true,
+            Some(last) => {
+                self.cursor = Some(last.seq);
+                self.drained = false;
+                let bytes: usize = records
+                    .iter()
+                    .map(|r| r.topic.len() + r.payload.len() + 64)
+                    .sum();
+                let per_record = (bytes / records.len()).max(1);
+                self.batch = (READ_AHEAD_BYTES / 2 / per_record).clamp(16, MAX_READ_AHEAD);
+                self.ready.extend(records);
+            }
+        }
+        Ok(())
+    }
+
+    /// The next record to send; `None` when the outbox holds nothing after what was read.
+    async fn next(&mut self) -> Result<Option<edgetwin_outbox::Record>, String> {
+        if self.pending.as_ref().is_some_and(|t| t.is_finished()) {
+            self.finish_read().await?;
+        }
+        // Keep a read under way while at most half a read is left.
+        if self.ready.len() <= self.batch / 2 && !self.drained {
+            self.start_read();
+        }
+        if self.ready.is_empty() {
+            self.start_read();
+            self.finish_read().await?;
+        }
+        Ok(self.ready.pop_front())
+    }
+
+    /// Forgets what was read from `seq` on, to read it again.
+    fn restart_at(&mut self, seq: u64) {
+        self.ready.clear();
+        self.pending = None;
+        self.drained = false;
+        self.cursor = seq.checked_sub(1);
     }
 }
 

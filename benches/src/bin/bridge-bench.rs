@@ -46,6 +46,10 @@ struct Args {
     /// edgetwin's `bridge.replay_max_msgs_per_s` (0 = unpaced, the drain at full speed).
     #[arg(long, default_value_t = 0)]
     replay_rate: u32,
+    /// In-flight window of both bridges (edgetwin's `max_inflight_messages`, the edge
+    /// Mosquitto's `max_inflight_messages`).
+    #[arg(long, default_value_t = INFLIGHT)]
+    window: u16,
     /// The edgetwin binary (default: next to this program).
     #[arg(long)]
     edgetwin: Option<PathBuf>,
@@ -179,7 +183,9 @@ async fn cloud_subscriber(
         let _client = client;
         loop {
             match el.poll().await {
-                Ok(Event::Incoming(Packet::Publish(p))) => {
+                // Only telemetry: the node's presence and health documents (`{"ts": ...}` too)
+                // arrive under the same prefix, at the first connection, long before the drain.
+                Ok(Event::Incoming(Packet::Publish(p))) if p.topic.ends_with("/telemetry") => {
                     let now = Instant::now();
                     let ids = point_ids(&p.payload);
                     let mut a = sink.lock().unwrap_or_else(|e| e.into_inner());
@@ -320,6 +326,7 @@ fn start_edgetwin(
     dir: &Path,
     proxy: SocketAddr,
     replay_rate: u32,
+    window: u16,
 ) -> Result<(ChildGuard, SocketAddr, SocketAddr)> {
     let ports = procs::free_ports(3)?;
     let data = dir.join("data");
@@ -339,7 +346,7 @@ fn start_edgetwin(
     writeln!(t, "  url: mqtt://{proxy}")?;
     writeln!(t, "  topic_prefix: {PREFIX}")?;
     writeln!(t, "  up: [{{filter: dt/+/telemetry}}]")?;
-    writeln!(t, "  max_inflight_messages: {INFLIGHT}")?;
+    writeln!(t, "  max_inflight_messages: {window}")?;
     writeln!(t, "  replay_max_msgs_per_s: {replay_rate}")?;
     writeln!(t, "  reconnect: {{initial_ms: 100, max_ms: 1000}}")?;
     std::fs::write(&conf, t)?;
@@ -358,6 +365,7 @@ fn start_mosquitto_bridge(
     bin: &Path,
     dir: &Path,
     proxy: SocketAddr,
+    window: u16,
 ) -> Result<(ChildGuard, SocketAddr)> {
     let port = procs::free_ports(1)?[0];
     let conf = dir.join("edge-mosquitto.conf");
@@ -366,7 +374,7 @@ fn start_mosquitto_bridge(
     writeln!(t, "allow_anonymous true")?;
     writeln!(t, "persistence false")?;
     writeln!(t, "set_tcp_nodelay true")?;
-    writeln!(t, "max_inflight_messages {}", QUEUES.max_inflight)?;
+    writeln!(t, "max_inflight_messages {window}")?;
     writeln!(t, "max_queued_messages {}", QUEUES.max_queued)?;
     writeln!(t, "log_dest stderr")?;
     writeln!(t, "log_type error")?;
@@ -410,7 +418,7 @@ async fn run_one(
         "edgetwin" => {
             let bin = edgetwin_bin.context("no edgetwin binary")?;
             let (child, mqtt, http) =
-                start_edgetwin(bin, dir.path(), proxy.addr, args.replay_rate)?;
+                start_edgetwin(bin, dir.path(), proxy.addr, args.replay_rate, args.window)?;
             (
                 Edge::Edgetwin {
                     _child: child,
@@ -420,7 +428,8 @@ async fn run_one(
             )
         }
         _ => {
-            let (child, addr) = start_mosquitto_bridge(mosquitto_bin, dir.path(), proxy.addr)?;
+            let (child, addr) =
+                start_mosquitto_bridge(mosquitto_bin, dir.path(), proxy.addr, args.window)?;
             (Edge::Mosquitto { _child: child }, addr)
         }
     };
@@ -550,7 +559,8 @@ async fn main() -> Result<()> {
     println!("edge -> TCP proxy -> cloud Mosquitto -> subscriber (QoS 1); all on 127.0.0.1");
     println!("{}", QUEUES.describe());
     println!(
-        "edgetwin bridge: max_inflight_messages {INFLIGHT}, replay_max_msgs_per_s {} (0 = unpaced), durable outbox (fsync per append batch and per ack batch)",
+        "edgetwin bridge: max_inflight_messages {}, replay_max_msgs_per_s {} (0 = unpaced), durable outbox (fsync per append batch and per ack batch)",
+        args.window,
         args.replay_rate
     );
     println!("mosquitto bridge: in-memory queue (persistence false), cleansession false, restart_timeout 1 s\n");
