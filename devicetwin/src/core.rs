@@ -584,7 +584,9 @@ impl Twin {
             let (desired, _) = side_doc(&self.desired);
             for (name, want) in desired {
                 let registers = format!("{name}.");
-                if delta.contains_key(&name) || !self.desired.keys().any(|k| k.starts_with(&registers)) {
+                if delta.contains_key(&name)
+                    || !self.desired.keys().any(|k| k.starts_with(&registers))
+                {
                     continue;
                 }
                 let have = self.reported.get(&name).and_then(|e| e.value.as_ref());
@@ -604,7 +606,10 @@ impl Twin {
         }
         let registers = format!("{name}.");
         let mut entries = self.desired.range(registers.clone()..);
-        if !entries.next().is_some_and(|(k, _)| k.starts_with(&registers)) {
+        if !entries
+            .next()
+            .is_some_and(|(k, _)| k.starts_with(&registers))
+        {
             return None;
         }
         side_doc(&self.desired).0.remove(name)
@@ -659,7 +664,10 @@ impl Twin {
                 }
             }
             let writes: Vec<(String, Option<Value>)> = match value {
-                Some(Value::Object(map)) => map.into_iter().map(|(k, v)| (k, (!v.is_null()).then_some(v))).collect(),
+                Some(Value::Object(map)) => map
+                    .into_iter()
+                    .map(|(k, v)| (k, (!v.is_null()).then_some(v)))
+                    .collect(),
                 _ => {
                     let prefix = format!("{name}.");
                     self.desired
@@ -809,7 +817,9 @@ fn side_doc(
             map.insert(key.to_string(), v.clone());
             meta.insert(name.clone(), meta_of(entry));
         }
-        let whole = meta.entry(prop.to_string()).or_insert_with(|| meta_of(entry));
+        let whole = meta
+            .entry(prop.to_string())
+            .or_insert_with(|| meta_of(entry));
         if (entry.ts, entry.source.id()) > (whole.ts, whole.source.id()) {
             whole.ts = entry.ts;
             whole.source = entry.source.clone();

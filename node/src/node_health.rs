@@ -159,7 +159,9 @@ fn count(v: f64) -> u64 {
 
 /// The health document of one scrape.
 pub fn document(s: &Samples, cx: &Context) -> NodeHealthMsg {
-    let started = s.value("edgetwin_process_start_time_seconds").unwrap_or(0.0);
+    let started = s
+        .value("edgetwin_process_start_time_seconds")
+        .unwrap_or(0.0);
     let uptime = (cx.now_ms as f64 / 1000.0 - started).max(0.0);
     let mappers = s
         .by_label("edgetwin_mapper_up", "protocol")
@@ -197,10 +199,7 @@ pub fn document(s: &Samples, cx: &Context) -> NodeHealthMsg {
         outbox: cx.bridge.then(|| OutboxHealth {
             records: count(s.value("edgetwin_outbox_records").unwrap_or(0.0)),
             bytes: count(s.value("edgetwin_outbox_bytes").unwrap_or(0.0)),
-            oldest_age_s: count(
-                s.value("edgetwin_outbox_oldest_age_seconds")
-                    .unwrap_or(0.0),
-            ),
+            oldest_age_s: count(s.value("edgetwin_outbox_oldest_age_seconds").unwrap_or(0.0)),
             dropped: count(s.sum("edgetwin_outbox_dropped_records_total")),
         }),
         mappers,
@@ -437,7 +436,10 @@ edgetwin_odd{path="a \"quoted\", b\\c",x="}"} 7
     #[test]
     fn node_health_samples_read_labels_with_escapes_and_exponents() {
         let s = Samples::parse(TEXT);
-        assert_eq!(s.value("edgetwin_process_resident_memory_bytes"), Some(2.5e7));
+        assert_eq!(
+            s.value("edgetwin_process_resident_memory_bytes"),
+            Some(2.5e7)
+        );
         let odd = s.by_label("edgetwin_odd", "path");
         assert_eq!(odd.get("a \"quoted\", b\\c"), Some(&7.0));
         assert_eq!(s.by_label("edgetwin_odd", "x").get("}"), Some(&7.0));
@@ -493,14 +495,32 @@ edgetwin_odd{path="a \"quoted\", b\\c",x="}"} 7
         assert!(worth_publishing(&base, &noise, HEARTBEAT), "heartbeat");
         for (what, changed) in [
             ("readiness", with(&|d| d.ready = false)),
-            ("a device", with(&|d| *d.devices.entry("online".into()).or_default() -= 1)),
-            ("a mapper", with(&|d| {
-                d.mappers.insert("modbus".into(), MapperState::Offline);
-            })),
-            ("a container", with(&|d| d.containers = Some(BTreeMap::new()))),
-            ("a drop", with(&|d| d.outbox.as_mut().map_or((), |o| o.dropped += 1))),
-            ("backlog gone", with(&|d| d.outbox.as_mut().map_or((), |o| o.records = 0))),
-            ("backlog grew", with(&|d| d.outbox.as_mut().map_or((), |o| o.records += 1000))),
+            (
+                "a device",
+                with(&|d| *d.devices.entry("online".into()).or_default() -= 1),
+            ),
+            (
+                "a mapper",
+                with(&|d| {
+                    d.mappers.insert("modbus".into(), MapperState::Offline);
+                }),
+            ),
+            (
+                "a container",
+                with(&|d| d.containers = Some(BTreeMap::new())),
+            ),
+            (
+                "a drop",
+                with(&|d| d.outbox.as_mut().map_or((), |o| o.dropped += 1)),
+            ),
+            (
+                "backlog gone",
+                with(&|d| d.outbox.as_mut().map_or((), |o| o.records = 0)),
+            ),
+            (
+                "backlog grew",
+                with(&|d| d.outbox.as_mut().map_or((), |o| o.records += 1000)),
+            ),
             ("memory +10%", with(&|d| d.memory_rss_bytes += 2_500_000)),
             ("disk low", with(&|d| d.disk.free_bytes = 900_000_000)),
             ("cpu busy", with(&|d| d.cpu_percent = 80.0)),
@@ -516,8 +536,16 @@ edgetwin_odd{path="a \"quoted\", b\\c",x="}"} 7
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("encodes");
         let s = Samples::parse(&text);
-        assert!(s.value("edgetwin_process_resident_memory_bytes").unwrap_or(0.0) > 1e6, "{text}");
-        assert!(s.value("edgetwin_process_cpu_seconds_total").is_some(), "{text}");
+        assert!(
+            s.value("edgetwin_process_resident_memory_bytes")
+                .unwrap_or(0.0)
+                > 1e6,
+            "{text}"
+        );
+        assert!(
+            s.value("edgetwin_process_cpu_seconds_total").is_some(),
+            "{text}"
+        );
         let free = s.value("edgetwin_data_dir_free_bytes").unwrap_or(0.0);
         let size = s.value("edgetwin_data_dir_size_bytes").unwrap_or(0.0);
         assert!(free > 0.0 && size >= free, "{text}");

@@ -612,7 +612,9 @@ impl TwinService {
                         set.insert(name.clone(), spec.clone());
                     }
                 }
-                if let Err(errors) = edgetwin_containers::parse_desired(&serde_json::Value::Object(set)) {
+                if let Err(errors) =
+                    edgetwin_containers::parse_desired(&serde_json::Value::Object(set))
+                {
                     let r = Rejection {
                         code: ErrorCode::DeviceConfig,
                         message: format!("desired.containers: {}", errors.join("; ")),

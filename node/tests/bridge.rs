@@ -484,7 +484,10 @@ fn bridge_health_document_is_retained_at_the_cloud_follows_changes_and_stays_qui
         })
         .unwrap();
     assert!(ready["uptime_s"].is_u64(), "{ready}");
-    assert!(ready["memory_rss_bytes"].as_u64() > Some(1 << 20), "{ready}");
+    assert!(
+        ready["memory_rss_bytes"].as_u64() > Some(1 << 20),
+        "{ready}"
+    );
     assert!(
         ready["disk"]["free_bytes"].as_u64() > Some(0)
             && ready["disk"]["total_bytes"].as_u64() >= ready["disk"]["free_bytes"].as_u64(),

@@ -345,7 +345,10 @@ fn containers_a_patch_naming_one_container_leaves_the_others_declared_and_runnin
     wait_state_in(a, &["exited", "created"]);
     let twin = node.twin(NODE);
     assert_eq!(twin["desired"]["containers"][b], sleeper(IMAGE), "{twin}");
-    assert_eq!(twin["desired"]["containers"][a]["state"], "stopped", "{twin}");
+    assert_eq!(
+        twin["desired"]["containers"][a]["state"], "stopped",
+        "{twin}"
+    );
     assert!(
         twin["metadata"]["desired"]["containers.a"].is_null()
             && twin["metadata"]["desired"][format!("containers.{a}")]["version"].is_u64(),

@@ -1108,7 +1108,10 @@ fn per_entry_patch_changes_only_the_entries_it_names() {
     let meta = &doc.metadata.desired;
     assert_eq!(meta["containers.db"].ts, 10);
     assert_eq!(meta["containers.web"].ts, 20);
-    assert!(!meta.contains_key("containers.mq"), "a removed entry has no metadata");
+    assert!(
+        !meta.contains_key("containers.mq"),
+        "a removed entry has no metadata"
+    );
     assert_eq!(
         (meta["containers"].ts, meta["containers"].version),
         (20, t.version)
@@ -1122,7 +1125,12 @@ fn per_entry_edits_of_different_entries_from_two_sides_both_win_in_any_order() {
     let local = json!({"ts": 90, "containers": {"db": null, "new": {"image": "n"}}});
     let run = |first: &Value, second: &Value| {
         let mut t = twin();
-        declare(&mut t, json!({"ts": 1, "containers": base["containers"]}), Source::Local, 1);
+        declare(
+            &mut t,
+            json!({"ts": 1, "containers": base["containers"]}),
+            Source::Local,
+            1,
+        );
         declare(&mut t, first.clone(), Source::Cloud, 200);
         declare(&mut t, second.clone(), Source::Local, 300);
         t
@@ -1133,8 +1141,18 @@ fn per_entry_edits_of_different_entries_from_two_sides_both_win_in_any_order() {
     assert_eq!(declared(&b), Some(want));
     // The same entry written on both sides: the later write wins wherever it arrives first.
     let mut t = twin();
-    declare(&mut t, json!({"ts": 50, "containers": {"web": {"image": "late"}}}), Source::Cloud, 60);
-    declare(&mut t, json!({"ts": 40, "containers": {"web": {"image": "early"}}}), Source::Local, 70);
+    declare(
+        &mut t,
+        json!({"ts": 50, "containers": {"web": {"image": "late"}}}),
+        Source::Cloud,
+        60,
+    );
+    declare(
+        &mut t,
+        json!({"ts": 40, "containers": {"web": {"image": "early"}}}),
+        Source::Local,
+        70,
+    );
     assert_eq!(declared(&t), Some(json!({"web": {"image": "late"}})));
 }
 
@@ -1142,12 +1160,22 @@ fn per_entry_edits_of_different_entries_from_two_sides_both_win_in_any_order() {
 fn per_entry_null_removes_every_entry_and_leaves_an_empty_declared_set() {
     let mut t = twin();
     assert_eq!(declared(&t), None, "never declared");
-    declare(&mut t, json!({"containers": {"web": {"image": "a"}}}), Source::Local, 10);
+    declare(
+        &mut t,
+        json!({"containers": {"web": {"image": "a"}}}),
+        Source::Local,
+        10,
+    );
     declare(&mut t, json!({"containers": null}), Source::Local, 20);
     assert_eq!(declared(&t), Some(json!({})), "declared, and empty");
     assert_eq!(t.to_doc().desired["containers"], json!({}));
     // An empty object names no entry: nothing changes.
-    declare(&mut t, json!({"containers": {"web": {"image": "b"}}}), Source::Local, 30);
+    declare(
+        &mut t,
+        json!({"containers": {"web": {"image": "b"}}}),
+        Source::Local,
+        30,
+    );
     let a = declare(&mut t, json!({"containers": {}}), Source::Local, 40);
     assert!(!a.is_change());
     assert_eq!(declared(&t), Some(json!({"web": {"image": "b"}})));
@@ -1168,18 +1196,40 @@ fn per_entry_value_stored_whole_before_is_split_keeping_its_metadata() {
         10,
     )
     .expect("accepted");
-    assert_eq!(declared(&t), Some(json!({"db": {"image": "b"}, "web": {"image": "a"}})));
-    declare(&mut t, json!({"containers": {"db": null}}), Source::Local, 20);
+    assert_eq!(
+        declared(&t),
+        Some(json!({"db": {"image": "b"}, "web": {"image": "a"}}))
+    );
+    declare(
+        &mut t,
+        json!({"containers": {"db": null}}),
+        Source::Local,
+        20,
+    );
     assert_eq!(declared(&t), Some(json!({"web": {"image": "a"}})));
     let meta = &t.to_doc().metadata.desired;
-    assert_eq!((meta["containers.web"].ts, meta["containers.web"].source.id()), (10, Source::Cloud.id()));
+    assert_eq!(
+        (
+            meta["containers.web"].ts,
+            meta["containers.web"].source.id()
+        ),
+        (10, Source::Cloud.id())
+    );
 }
 
 #[test]
 fn per_entry_delta_compares_the_whole_declared_set() {
     let mut t = twin();
-    declare(&mut t, json!({"containers": {"web": {"image": "a"}}}), Source::Local, 10);
-    assert_eq!(t.delta().get("containers"), Some(&json!({"web": {"image": "a"}})));
+    declare(
+        &mut t,
+        json!({"containers": {"web": {"image": "a"}}}),
+        Source::Local,
+        10,
+    );
+    assert_eq!(
+        t.delta().get("containers"),
+        Some(&json!({"web": {"image": "a"}}))
+    );
     t.apply_reported(
         &entries_model(),
         &patch(json!({"containers": {"web": {"image": "a"}}})),
