@@ -47,8 +47,10 @@ pub struct BridgeConfig {
     /// The durable outbox bounds.
     #[serde(default)]
     pub outbox: OutboxConfig,
-    /// Most backlog records (appended before the current connection came up) sent per second;
-    /// records appended while connected are not paced. `0` = unpaced. Default 2000.
+    /// Most backlog telemetry records (bulk lane, appended before the current connection came
+    /// up) sent per second, for a cloud that rate-limits; the control lane and records appended
+    /// while connected are not paced. `0` = unpaced, the default: the backlog drains as fast
+    /// as the link and the cloud broker take it.
     #[serde(default = "default_replay_rate")]
     pub replay_max_msgs_per_s: u32,
     /// Most QoS 1 publishes waiting for PUBACK at once. Default 100.
@@ -98,6 +100,35 @@ pub struct UpRoute {
     /// retained messages on every (re)connect, so the cloud converges to the current documents.
     #[serde(default)]
     pub retain: bool,
+    /// The outbox lane its messages wait in (default: `bulk` for a filter ending in
+    /// `/telemetry`, `control` for every other).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lane: Option<Lane>,
+}
+
+/// The two lanes of the outbox. The bridge sends every waiting `control` record before any
+/// `bulk` one and keeps a tenth of the in-flight window for `control`, so twin documents,
+/// statuses, errors and command results never wait behind a telemetry backlog. Order is kept
+/// within a lane (per device too), not across lanes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Lane {
+    /// State and answers: small, never behind telemetry.
+    Control,
+    /// Telemetry: the bulk of the traffic and of any backlog.
+    Bulk,
+}
+
+impl UpRoute {
+    /// The lane this route's messages wait in.
+    pub fn lane(&self) -> Lane {
+        self.lane
+            .unwrap_or(if self.filter.rsplit('/').next() == Some("telemetry") {
+                Lane::Bulk
+            } else {
+                Lane::Control
+            })
+    }
 }
 
 /// Bounds of the durable outbox (`{data_dir}/outbox.redb`).
@@ -137,7 +168,9 @@ fn default_keep_alive_s() -> u16 {
     30
 }
 fn default_replay_rate() -> u32 {
-    2000
+    // Unpaced: a fixed rate made a day's backlog take hours (2000 msg/s drained at 0.04x the
+    // link), and state no longer waits behind telemetry (it has its own lane and slots).
+    0
 }
 fn default_inflight() -> u16 {
     100
@@ -151,6 +184,7 @@ pub fn default_up() -> Vec<UpRoute> {
     let r = |filter: &str, retain| UpRoute {
         filter: filter.to_string(),
         retain,
+        lane: None,
     };
     vec![
         r("dt/+/twin", true),

@@ -13,8 +13,8 @@
 //! # Up path
 //! Clients' messages come from the front door ([`Intake`]); besides, an in-process rumqttd link
 //! subscribes to the `up` filters. The *tap* drains whatever waits on
-//! it into one batch and appends it to the outbox in one durable transaction; only then can the
-//! sender see it. Every record is published as `{prefix}{local topic}` with QoS 1 (retained if
+//! it into one batch and appends it to the outbox in one durable transaction per lane
+//! ([`lanes`]: control, then bulk); only then can the sender see it. Every record is published as `{prefix}{local topic}` with QoS 1 (retained if
 //! its route says so) and stays in the outbox until the cloud broker's PUBACK for it arrives.
 //! Retained routes are unsubscribed and subscribed again on the tap link at every (re)connect, so
 //! rumqttd hands over its retained messages (the current twin documents, statuses) once more and
@@ -35,18 +35,22 @@
 //! not sent twice. The price is that records sent but not acked before the loss are sent again
 //! (at-least-once; the cloud may see duplicates, never gaps).
 //!
-//! # Order
-//! Records are sent in sequence (append) order, so order is kept per topic and per device; a
-//! resend after a reconnect restarts from the oldest unacked record, so the cloud may see `a b a b
-//! c` but never `b` before the first `a`. MQTT 3.1.1 brokers acknowledge in order, and the
+//! # Order and lanes
+//! Every waiting control record goes before any bulk one, and bulk records never fill the last
+//! tenth of the window, so state never waits behind a telemetry backlog. Within a lane, records
+//! are sent in sequence (append) order, so order is kept per topic and per device; a resend after
+//! a reconnect restarts from the oldest unacked record, so the cloud may see `a b a b c` but
+//! never `b` before the first `a`. The sender reads each lane ahead of the window
+//! (`ReadAhead`), the next read already under way, and rumqttc (vendored) writes every publish
+//! waiting in its channel before one flush. MQTT 3.1.1 brokers acknowledge in order, and the
 //! in-flight window (`max_inflight_messages`) never exceeds rumqttc's, so no packet-id collision
 //! reorders anything.
 //!
 //! # Replay pacing
-//! Records appended before the current connection came up are the *backlog*; they are sent at
-//! most `replay_max_msgs_per_s` (token bucket with 100 ms of burst), so a long outage does not
-//! saturate the uplink or trip the cloud's rate limits. Records appended while connected are not
-//! paced; they queue behind the backlog (a global FIFO is what keeps per-device order).
+//! Bulk records appended before the current connection came up are the *backlog*. By default it
+//! drains unpaced, as fast as the cloud acknowledges; `replay_max_msgs_per_s` caps it (token
+//! bucket with 100 ms of burst) for a cloud that rate-limits its clients. Control records and
+//! records appended while connected are never paced.
 //!
 //! # Down path
 //! The cloud session is persistent (`clean_session = false`, fixed client id), so what the cloud
@@ -71,6 +75,7 @@
 
 pub mod config;
 pub mod inflight;
+pub mod lanes;
 pub mod metrics;
 
 use std::path::Path;
@@ -93,6 +98,7 @@ use config::{OutboxPolicy, UpRoute};
 use edgetwin_broker::LocalClient;
 use edgetwin_contract::{now_ms, MapperState, NodePresenceMsg};
 use inflight::Inflight;
+use lanes::Lane;
 pub use metrics::BridgeMetrics;
 
 /// Most records appended per outbox transaction.
@@ -128,7 +134,7 @@ struct ConnState {
 
 /// State shared by the bridge's tasks.
 struct Shared {
-    outbox: Arc<Outbox>,
+    outbox: lanes::Lanes,
     metrics: Arc<BridgeMetrics>,
     /// Whether the outbox can append (`None`) or why not, reported through `on_health`.
     outbox_error: Mutex<Option<String>>,
@@ -148,10 +154,22 @@ impl Shared {
         if self.outbox_error().is_none() {
             return;
         }
-        let outbox = self.outbox.clone();
-        match tokio::task::spawn_blocking(move || outbox.probe(now_ms())).await {
+        let lanes: Vec<Arc<Outbox>> = self
+            .outbox
+            .all()
+            .iter()
+            .map(|(_, o)| (*o).clone())
+            .collect();
+        let probed = tokio::task::spawn_blocking(move || {
+            lanes
+                .iter()
+                .try_for_each(|o| o.probe(now_ms()))
+                .map_err(|e| e.to_string())
+        })
+        .await;
+        match probed {
             Ok(Ok(())) => self.set_outbox_health(None),
-            Ok(Err(e)) => self.set_outbox_health(Some(e.to_string())),
+            Ok(Err(e)) => self.set_outbox_health(Some(e)),
             Err(e) => self.set_outbox_health(Some(e.to_string())),
         }
     }
@@ -286,7 +304,6 @@ pub fn start(
 ) -> anyhow::Result<(Bridge, mpsc::UnboundedReceiver<Inbound>)> {
     let endpoint = config::parse_url(&cfg.url).map_err(|e| anyhow::anyhow!("bridge.url: {e}"))?;
     let prefix = cfg.topic_prefix(node_id);
-    let path = data_dir.join("outbox.redb");
     let limits = Limits {
         max_bytes: cfg.outbox.max_bytes,
         max_age_ms: cfg.outbox.max_age_s.saturating_mul(1000),
@@ -296,19 +313,7 @@ pub fn start(
             OutboxPolicy::RejectNew => OverflowPolicy::RejectNew,
         },
     };
-    let (outbox, report) = Outbox::open(&path, limits)
-        .with_context(|| format!("cannot open the outbox {}", path.display()))?;
-    if let Some(q) = &report.quarantined_file {
-        warn!(path = %q.renamed_to.display(), reason = %q.reason, salvaged = q.salvaged, lost_at_least = q.lost_at_least, "damaged outbox file moved aside; the records that still read were kept");
-        metrics.damaged(q.lost_at_least);
-    }
-    if !report.quarantined_records.is_empty() {
-        warn!(
-            records = report.quarantined_records.len(),
-            "undecodable outbox records quarantined"
-        );
-    }
-    info!(records = report.records, bytes = report.bytes, path = %path.display(), "outbox opened");
+    let outbox = lanes::Lanes::open(data_dir, limits, &metrics)?;
 
     let presence = Presence {
         topic: format!("{prefix}node/status"),
@@ -352,7 +357,7 @@ pub fn start(
     eventloop.set_network_options(net);
 
     let shared = Arc::new(Shared {
-        outbox: Arc::new(outbox),
+        outbox,
         metrics,
         outbox_error: Mutex::new(None),
         on_health,
@@ -640,25 +645,36 @@ async fn tap_batch(
     prefix: &str,
 ) {
     let now = now_ms();
-    let mut records: Vec<NewRecord> = broker
+    let mut records: Vec<(Lane, NewRecord)> = broker
         .drain(..)
         .filter(|f| !echoes.take(&f.publish.topic, &f.publish.payload))
         .filter_map(|f| to_record(&f, routes, prefix, now))
         .collect();
     let mut waiting = Vec::with_capacity(front.len());
     for m in front.drain(..) {
-        if let Some(r) = record_for(&m.topic, &m.payload, routes, prefix, now) {
-            records.push(r);
-        }
-        waiting.push(m);
+        let lane = record_for(&m.topic, &m.payload, routes, prefix, now).map(|(lane, r)| {
+            records.push((lane, r));
+            lane
+        });
+        waiting.push((m, lane));
     }
-    let result = append(shared, records, now).await;
-    for m in waiting {
+    let (control, bulk): (Vec<_>, Vec<_>) =
+        records.into_iter().partition(|(l, _)| *l == Lane::Control);
+    let strip = |v: Vec<(Lane, NewRecord)>| v.into_iter().map(|(_, r)| r).collect::<Vec<_>>();
+    // Control first: it is what the sender takes first too.
+    let control = append(shared, Lane::Control, strip(control), now).await;
+    let bulk = append(shared, Lane::Bulk, strip(bulk), now).await;
+    for (m, lane) in waiting {
+        let result = match lane {
+            Some(Lane::Control) => control.clone(),
+            Some(Lane::Bulk) => bulk.clone(),
+            None => Ok(()),
+        };
         // Expected before the answer: the front door passes the message on only after it.
         if result.is_ok() {
             echoes.expect(&m.topic, &m.payload);
         }
-        let _ = m.done.send(result.clone());
+        let _ = m.done.send(result);
     }
 }
 
@@ -726,7 +742,7 @@ impl Echoes {
     }
 }
 
-fn to_record(f: &Forward, routes: &[UpRoute], prefix: &str, now: i64) -> Option<NewRecord> {
+fn to_record(f: &Forward, routes: &[UpRoute], prefix: &str, now: i64) -> Option<(Lane, NewRecord)> {
     let Ok(topic) = std::str::from_utf8(&f.publish.topic) else {
         debug!("ignoring a message with a non-UTF-8 topic");
         return None;
@@ -740,29 +756,35 @@ fn record_for(
     routes: &[UpRoute],
     prefix: &str,
     now: i64,
-) -> Option<NewRecord> {
+) -> Option<(Lane, NewRecord)> {
     let route = routes
         .iter()
         .find(|r| edgetwin_contract::topic::filter::matches(&r.filter, topic))?;
-    Some(NewRecord {
+    let record = NewRecord {
         ts_ms: now,
         topic: format!("{prefix}{topic}"),
         payload: payload.to_vec(),
         qos: 1,
         retain: route.retain,
         key: topic.to_string(),
-    })
+    };
+    Some((route.lane(), record))
 }
 
 /// Appends in one transaction; `Err` (the outbox's error) when nothing was appended. Records the
 /// outbox's limits refused count as appended: that loss is the configured policy's, counted in
 /// `outbox_dropped_records_total`.
-async fn append(shared: &Arc<Shared>, records: Vec<NewRecord>, now: i64) -> Result<(), String> {
+async fn append(
+    shared: &Arc<Shared>,
+    lane: Lane,
+    records: Vec<NewRecord>,
+    now: i64,
+) -> Result<(), String> {
     if records.is_empty() {
         return Ok(());
     }
     let n = records.len();
-    let outbox = shared.outbox.clone();
+    let outbox = shared.outbox.get(lane).clone();
     let result = match tokio::task::spawn_blocking(move || outbox.append(records, now)).await {
         Ok(Ok(report)) => {
             shared.set_outbox_health(None);
@@ -774,7 +796,8 @@ async fn append(shared: &Arc<Shared>, records: Vec<NewRecord>, now: i64) -> Resu
                     "outbox refused records (limits; see outbox_dropped_records_total)"
                 );
             }
-            debug!(records = n, "appended to outbox");
+            debug!(records = n, lane = ?lane, "appended to outbox");
+            shared.outbox.appended(lane);
             Ok(())
         }
         Ok(Err(e)) => {
@@ -841,7 +864,12 @@ async fn run_sender(
         };
         let epoch = state.epoch;
         let mut pacer = Pacer::new(replay_rate);
-        let mut ahead = ReadAhead::new(shared.outbox.clone());
+        let mut control = ReadAhead::new(shared.clone(), Lane::Control);
+        let mut bulk = ReadAhead::new(shared.clone(), Lane::Bulk);
+        // Telemetry never takes the whole window: a control record (a twin document, an error,
+        // a command result) finds a slot at once even while a backlog drains.
+        let reserve = (shared.window / 10).clamp(1, shared.window.saturating_sub(1).max(1));
+        let reserve = if shared.window <= 1 { 0 } else { reserve };
         loop {
             if stop.is_cancelled() {
                 return;
@@ -861,7 +889,24 @@ async fn run_sender(
                 }
                 continue;
             }
-            let r = match ahead.next().await {
+            let next = match control.next().await {
+                Ok(Some(r)) => Ok(Some((Lane::Control, r))),
+                Ok(None) if space > reserve => {
+                    bulk.next().await.map(|r| r.map(|r| (Lane::Bulk, r)))
+                }
+                Ok(None) => {
+                    // Only bulk records wait, and the rest of the window is control's.
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = shared.space.notified() => {}
+                        _ = shared.appended.notified() => {}
+                        _ = conn.changed() => {}
+                    }
+                    continue;
+                }
+                Err(e) => Err(e),
+            };
+            let (lane, r) = match next {
                 Ok(Some(r)) => r,
                 Ok(None) => {
                     tokio::select! {
@@ -880,7 +925,7 @@ async fn run_sender(
                 }
             };
             let backlog = r.ts_ms < state.since_ms;
-            if backlog {
+            if backlog && lane == Lane::Bulk {
                 if let Some(p) = pacer.as_mut() {
                     tokio::select! {
                         _ = stop.cancelled() => return,
@@ -899,7 +944,7 @@ async fn run_sender(
                 if !g.is_current(epoch) {
                     None
                 } else {
-                    g.queue(seq);
+                    g.queue(lanes::tag(lane, seq));
                     let sent = client.try_publish(r.topic, qos, r.retain, r.payload);
                     if sent.is_err() {
                         g.unqueue_last();
@@ -913,7 +958,10 @@ async fn run_sender(
                 Some(Err(e)) => {
                     warn!(seq, error = %e, "cloud connection queue full; retrying");
                     // Not sent: read again from it (what followed it was not sent either).
-                    ahead.restart_at(seq);
+                    match lane {
+                        Lane::Control => control.restart_at(seq),
+                        Lane::Bulk => bulk.restart_at(seq),
+                    }
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }
@@ -938,34 +986,47 @@ type PeekTask = tokio::task::JoinHandle<Result<Vec<edgetwin_outbox::Record>, Str
 /// read per slot, and every read waits for the outbox's lock, which an ack's fsync holds: the
 /// window ran dry behind each ack commit (a drain at 0.2x Mosquitto's bridge).
 struct ReadAhead {
-    outbox: Arc<Outbox>,
+    shared: Arc<Shared>,
+    lane: Lane,
     /// The last sequence number read (the next read starts after it).
     cursor: Option<u64>,
     ready: std::collections::VecDeque<edgetwin_outbox::Record>,
     pending: Option<PeekTask>,
-    /// The last read found nothing after `cursor`: read again only once everything read is sent.
-    drained: bool,
+    /// The lane's append count when the read under way started.
+    reading_at: u64,
+    /// The lane's append count when a read last found nothing after `cursor`: no read again
+    /// until it moves.
+    empty_at: Option<u64>,
     /// Records per read, from the size of the records read last (bounded in bytes).
     batch: usize,
 }
 
 impl ReadAhead {
-    fn new(outbox: Arc<Outbox>) -> ReadAhead {
+    fn new(shared: Arc<Shared>, lane: Lane) -> ReadAhead {
         ReadAhead {
-            outbox,
+            shared,
+            lane,
             cursor: None,
             ready: std::collections::VecDeque::new(),
             pending: None,
-            drained: false,
+            reading_at: 0,
+            empty_at: None,
             batch: MAX_PEEK,
         }
+    }
+
+    /// Whether the lane may hold records after `cursor` that were not read yet.
+    fn fresh(&self) -> bool {
+        self.empty_at != Some(self.shared.outbox.appends(self.lane))
     }
 
     fn start_read(&mut self) {
         if self.pending.is_some() {
             return;
         }
-        let (outbox, cursor, n) = (self.outbox.clone(), self.cursor, self.batch);
+        let outbox = self.shared.outbox.get(self.lane).clone();
+        let (cursor, n) = (self.cursor, self.batch);
+        self.reading_at = self.shared.outbox.appends(self.lane);
         self.pending = Some(tokio::task::spawn_blocking(move || {
             outbox.peek(cursor, n, now_ms()).map_err(|e| e.to_string())
         }));
@@ -977,10 +1038,10 @@ impl ReadAhead {
         };
         let records = task.await.map_err(|e| e.to_string())??;
         match records.last() {
-            None => self.drained = true,
+            None => self.empty_at = Some(self.reading_at),
             Some(last) => {
                 self.cursor = Some(last.seq);
-                self.drained = false;
+                self.empty_at = None;
                 let bytes: usize = records
                     .iter()
                     .map(|r| r.topic.len() + r.payload.len() + 64)
@@ -999,10 +1060,14 @@ impl ReadAhead {
             self.finish_read().await?;
         }
         // Keep a read under way while at most half a read is left.
-        if self.ready.len() <= self.batch / 2 && !self.drained {
+        let fresh = self.fresh();
+        if self.ready.len() <= self.batch / 2 && fresh {
             self.start_read();
         }
         if self.ready.is_empty() {
+            if !fresh && self.pending.is_none() {
+                return Ok(None);
+            }
             self.start_read();
             self.finish_read().await?;
         }
@@ -1013,7 +1078,7 @@ impl ReadAhead {
     fn restart_at(&mut self, seq: u64) {
         self.ready.clear();
         self.pending = None;
-        self.drained = false;
+        self.empty_at = None;
         self.cursor = seq.checked_sub(1);
     }
 }
@@ -1022,16 +1087,27 @@ impl ReadAhead {
 async fn run_acker(shared: Arc<Shared>, mut acks: mpsc::UnboundedReceiver<u64>) {
     let mut buf = Vec::new();
     while acks.recv_many(&mut buf, 8192).await > 0 {
-        let seqs = std::mem::take(&mut buf);
-        let n = seqs.len();
-        let outbox = shared.outbox.clone();
-        match tokio::task::spawn_blocking(move || outbox.ack(&seqs)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                warn!(error = %e, records = n, "outbox ack failed; these records will be sent again")
+        let (mut control, mut bulk) = (Vec::new(), Vec::new());
+        for t in buf.drain(..) {
+            match lanes::untag(t) {
+                (Lane::Control, seq) => control.push(seq),
+                (Lane::Bulk, seq) => bulk.push(seq),
             }
-            Err(e) => {
-                warn!(error = %e, records = n, "outbox ack task failed; these records will be sent again")
+        }
+        for (lane, seqs) in [(Lane::Control, control), (Lane::Bulk, bulk)] {
+            if seqs.is_empty() {
+                continue;
+            }
+            let n = seqs.len();
+            let outbox = shared.outbox.get(lane).clone();
+            match tokio::task::spawn_blocking(move || outbox.ack(&seqs)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    warn!(error = %e, records = n, lane = ?lane, "outbox ack failed; these records will be sent again")
+                }
+                Err(e) => {
+                    warn!(error = %e, records = n, lane = ?lane, "outbox ack task failed; these records will be sent again")
+                }
             }
         }
         shared.sync_metrics().await;

@@ -536,3 +536,49 @@ fn bridge_health_document_is_retained_at_the_cloud_follows_changes_and_stays_qui
     .unwrap();
     assert_eq!(local, gone);
 }
+
+#[test]
+fn bridge_a_twin_document_overtakes_a_telemetry_backlog() {
+    let cloud = Mosquitto::start();
+    let link = TcpProxy::start(cloud.port);
+    let sub = Subscriber::start(cloud.port, "cloud-app-lanes", &format!("{PREFIX}dt/#"));
+    let node = Node::start_with_config(&["l-1"], &bridge_yaml(link.port, ""));
+    wait_connected(&node, true);
+    link.cut();
+    wait_connected(&node, false);
+    let n = 20_000u32;
+    publish_lines(node.port, "dt/l-1/telemetry", &telemetry(0..n, 0));
+    metric_until(
+        &node,
+        "edgetwin_outbox_records",
+        Duration::from_secs(30),
+        |v| v >= f64::from(n),
+    );
+    // An engineer changes desired while the backlog waits: the new twin document is queued
+    // after every telemetry message.
+    node.pub_("dt/l-1/desired", r#"{"setpoint": 21.5}"#);
+    metric_until(
+        &node,
+        "edgetwin_outbox_records",
+        Duration::from_secs(10),
+        |v| v > f64::from(n),
+    );
+    link.heal();
+    let got = sub.wait_until(Duration::from_secs(120), |g| {
+        first_arrivals(&seqs(g)).len() >= n as usize
+    });
+    let twin_at = got
+        .iter()
+        .position(|(t, p)| t.ends_with("/dt/l-1/twin") && p.contains("21.5"))
+        .expect("the new twin document reached the cloud");
+    let before = first_arrivals(&seqs(&got[..twin_at])).len();
+    assert!(
+        before < 1_000,
+        "{before} of {n} telemetry messages went up before the twin document"
+    );
+    assert_eq!(
+        first_arrivals(&seqs(&got)),
+        (0..n).collect::<Vec<_>>(),
+        "telemetry keeps its order in its own lane"
+    );
+}

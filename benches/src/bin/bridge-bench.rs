@@ -170,6 +170,8 @@ struct Arrivals {
     first: Option<Instant>,
     last: Option<Instant>,
     duplicates: usize,
+    /// When the live status message published during the drain arrived.
+    live_at: Option<Instant>,
 }
 
 async fn cloud_subscriber(
@@ -183,6 +185,13 @@ async fn cloud_subscriber(
         let _client = client;
         loop {
             match el.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p)))
+                    if p.topic.ends_with("/status")
+                        && p.payload.windows(10).any(|w| w == b"bench-live") =>
+                {
+                    let mut a = sink.lock().unwrap_or_else(|e| e.into_inner());
+                    a.live_at.get_or_insert(Instant::now());
+                }
                 // Only telemetry: the node's presence and health documents (`{"ts": ...}` too)
                 // arrive under the same prefix, at the first connection, long before the drain.
                 Ok(Event::Incoming(Packet::Publish(p))) if p.topic.ends_with("/telemetry") => {
@@ -238,6 +247,25 @@ fn batch_of(ids: std::ops::Range<u64>) -> String {
 }
 
 /// Publishes `payloads` (device i % 10) at QoS 1 and waits for every PUBACK.
+/// One QoS 1 message, acknowledged by the edge broker.
+async fn publish_one(edge: SocketAddr, topic: &str, payload: &str) -> Result<()> {
+    let (client, mut el) = loadgen::connect("bench-live", edge, INFLIGHT).await?;
+    client
+        .publish(topic, QoS::AtLeastOnce, false, payload.to_string())
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline.into(), el.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => break,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => bail!("live publisher failed: {e}"),
+            Err(_) => bail!("live publisher: no PUBACK within 10 s"),
+        }
+    }
+    let _ = client.disconnect().await;
+    Ok(())
+}
+
 async fn publish_all(edge: SocketAddr, payloads: Vec<String>) -> Result<()> {
     let (client, mut el) = loadgen::connect("bench-publisher", edge, INFLIGHT).await?;
     let total = payloads.len();
@@ -345,7 +373,10 @@ fn start_edgetwin(
     writeln!(t, "bridge:")?;
     writeln!(t, "  url: mqtt://{proxy}")?;
     writeln!(t, "  topic_prefix: {PREFIX}")?;
-    writeln!(t, "  up: [{{filter: dt/+/telemetry}}]")?;
+    writeln!(
+        t,
+        "  up: [{{filter: dt/+/telemetry}}, {{filter: dt/+/status, retain: true}}]"
+    )?;
     writeln!(t, "  max_inflight_messages: {window}")?;
     writeln!(t, "  replay_max_msgs_per_s: {replay_rate}")?;
     writeln!(t, "  reconnect: {{initial_ms: 100, max_ms: 1000}}")?;
@@ -386,6 +417,7 @@ fn start_mosquitto_bridge(
     writeln!(t, "bridge_protocol_version mqttv311")?;
     writeln!(t, "restart_timeout 1")?;
     writeln!(t, "topic dt/+/telemetry out 1 \"\" {PREFIX}")?;
+    writeln!(t, "topic dt/+/status out 1 \"\" {PREFIX}")?;
     std::fs::write(&conf, t)?;
     let mut cmd = Command::new(bin);
     cmd.arg("-c").arg(&conf);
@@ -398,6 +430,8 @@ fn start_mosquitto_bridge(
 struct Outcome {
     system: &'static str,
     to_first: Duration,
+    /// From publishing a status message a tenth into the drain to its arrival at the cloud.
+    live_latency: Option<Duration>,
     drain: Duration,
     duplicates: usize,
     up_bytes_per_msg: f64,
@@ -465,6 +499,7 @@ async fn run_one(
     let healed = Instant::now();
     proxy.heal();
     let deadline = healed + Duration::from_secs(600);
+    let mut live_sent: Option<Instant> = None;
     loop {
         let got = arrivals
             .lock()
@@ -473,6 +508,16 @@ async fn run_one(
             .len();
         if got >= n {
             break;
+        }
+        // A live message in the middle of the drain: how long does it wait behind the backlog?
+        if live_sent.is_none() && got >= n / 10 {
+            live_sent = Some(Instant::now());
+            publish_one(
+                edge_addr,
+                "dt/dev-0/status",
+                r#"{"state":"online","ts":1,"message":"bench-live"}"#,
+            )
+            .await?;
         }
         if Instant::now() > deadline {
             bail!("{which}: only {got} of {n} messages reached the cloud within 600 s");
@@ -488,6 +533,16 @@ async fn run_one(
             last - first,
             a.duplicates,
         )
+    };
+    let live_deadline = Instant::now() + Duration::from_secs(30);
+    let live_latency = loop {
+        let at = arrivals.lock().unwrap_or_else(|e| e.into_inner()).live_at;
+        match (at, live_sent) {
+            (Some(at), Some(sent)) => break Some(at.saturating_duration_since(sent)),
+            (_, None) => break None,
+            _ if Instant::now() > live_deadline => break None,
+            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
     };
     // Let PUBACK-side traffic settle before reading the byte counter.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -532,6 +587,7 @@ async fn run_one(
     Ok(Outcome {
         system: which,
         to_first,
+        live_latency,
         drain,
         duplicates,
         up_bytes_per_msg,
@@ -569,6 +625,7 @@ async fn main() -> Result<()> {
         "heal -> first msg",
         "drain time",
         "drain rate",
+        "live msg during drain",
         "dup",
         "upstream B/msg",
     ]);
@@ -578,6 +635,9 @@ async fn main() -> Result<()> {
             format!("{:.0} ms", o.to_first.as_secs_f64() * 1000.0),
             format!("{:.0} ms", o.drain.as_secs_f64() * 1000.0),
             format!("{:.0} msg/s", n as f64 / o.drain.as_secs_f64().max(1e-9)),
+            o.live_latency.map_or("-".to_string(), |d| {
+                format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+            }),
             o.duplicates.to_string(),
             format!("{:.1}", o.up_bytes_per_msg),
         ]);
