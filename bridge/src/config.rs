@@ -53,6 +53,10 @@ pub struct BridgeConfig {
     /// as the link and the cloud broker take it.
     #[serde(default = "default_replay_rate")]
     pub replay_max_msgs_per_s: u32,
+    /// Require every message from the cloud to be signed by a trusted key (absent: not
+    /// required). See [`crate::signed`].
+    #[serde(default)]
+    pub signatures: Option<SignaturesConfig>,
     /// Most QoS 1 publishes waiting for PUBACK at once. Default 100.
     #[serde(default = "default_inflight")]
     pub max_inflight_messages: u16,
@@ -104,6 +108,21 @@ pub struct UpRoute {
     /// `/telemetry`, `control` for every other).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lane: Option<Lane>,
+}
+
+/// `bridge.signatures`: the keys whose signatures the node accepts on cloud messages.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignaturesConfig {
+    /// Key id → Ed25519 public key (32 bytes, base64), as `edgetwin key generate` prints it.
+    pub keys: std::collections::BTreeMap<String, String>,
+    /// Longest validity an envelope may claim, seconds (bounds replays). Default 3600.
+    #[serde(default = "default_max_validity_s")]
+    pub max_validity_s: u64,
+}
+
+fn default_max_validity_s() -> u64 {
+    3600
 }
 
 /// The two lanes of the outbox. The bridge sends every waiting `control` record before any
@@ -342,6 +361,14 @@ impl BridgeConfig {
         }
         if self.max_inflight_messages == 0 {
             errors.push("bridge.max_inflight_messages: must be at least 1".to_string());
+        }
+        if let Some(sig) = &self.signatures {
+            if let Err(e) = crate::signed::Verifier::new(&sig.keys, sig.max_validity_s) {
+                errors.push(format!("bridge.signatures.keys: {e}"));
+            }
+            if sig.max_validity_s == 0 {
+                errors.push("bridge.signatures.max_validity_s: must be at least 1".to_string());
+            }
         }
         if self.outbox.max_bytes < 64 * 1024 {
             errors.push("bridge.outbox.max_bytes: must be at least 65536".to_string());

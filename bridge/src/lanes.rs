@@ -116,7 +116,7 @@ impl Lanes {
 
 /// Two outboxes' statistics as one.
 pub fn combine(a: &Stats, b: &Stats) -> Stats {
-    let mut dropped = a.dropped.clone();
+    let mut dropped = a.dropped;
     dropped.merge(&b.dropped);
     Stats {
         records: a.records + b.records,

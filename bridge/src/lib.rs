@@ -77,6 +77,7 @@ pub mod config;
 pub mod inflight;
 pub mod lanes;
 pub mod metrics;
+pub mod signed;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -116,8 +117,12 @@ const MAX_PACKET_BYTES: usize = 4 * 1024 * 1024;
 pub struct Inbound {
     /// The cloud topic without the prefix.
     pub topic: String,
-    /// The payload as received.
+    /// The payload as received (with signatures required: the message inside the verified
+    /// envelope).
     pub payload: Bytes,
+    /// With signatures required: why the message was refused (then `payload` is what came, and
+    /// nothing may be done with it but answering that it was refused).
+    pub refused: Option<String>,
     /// Fire once the message took effect; the cloud broker gets its PUBACK then. Dropping it
     /// leaves the message unacknowledged, so the cloud delivers it again after a reconnect.
     pub done: oneshot::Sender<()>,
@@ -315,6 +320,12 @@ pub fn start(
     };
     let outbox = lanes::Lanes::open(data_dir, limits, &metrics)?;
 
+    let verifier = cfg
+        .signatures
+        .as_ref()
+        .map(|s| signed::Verifier::new(&s.keys, s.max_validity_s))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("bridge.signatures.keys: {e}"))?;
     let presence = Presence {
         topic: format!("{prefix}node/status"),
         boot_ms: now_ms(),
@@ -431,6 +442,7 @@ pub fn start(
         tracker: tracker.clone(),
         host: format!("{}:{}", endpoint.host, endpoint.port),
         presence,
+        verifier,
     };
     let ticker_shared = shared.clone();
     let ticker_stop = stop.clone();
@@ -1185,6 +1197,7 @@ struct Session {
     tracker: TaskTracker,
     host: String,
     presence: Presence,
+    verifier: Option<signed::Verifier>,
 }
 
 /// The node's presence at the cloud: the retained `{prefix}node/status`, `online` at every
@@ -1357,10 +1370,28 @@ impl Session {
             return;
         };
         debug!(topic = %topic, "message from the cloud");
+        let (payload, refused) = match &self.verifier {
+            None => (p.payload.clone(), None),
+            Some(v) => match v.open(&p.topic, &p.payload, now_ms()) {
+                Ok(msg) => (Bytes::from(msg), None),
+                Err(r) => {
+                    warn!(topic = %topic, reason = r.reason(), error = %r, "cloud message refused: signatures are required");
+                    self.shared
+                        .metrics
+                        .refused
+                        .get_or_create(&metrics::ReasonLabels {
+                            reason: r.reason().to_string(),
+                        })
+                        .inc();
+                    (p.payload.clone(), Some(r.to_string()))
+                }
+            },
+        };
         let (done, done_rx) = oneshot::channel();
         let inbound = Inbound {
             topic,
-            payload: p.payload.clone(),
+            payload,
+            refused,
             done,
         };
         if self.inbound.send(inbound).is_err() {

@@ -55,6 +55,8 @@ pub struct BridgeMetrics {
     pub outbox_appended: Counter,
     /// Records dropped, by reason.
     pub outbox_dropped: Family<ReasonLabels, Counter>,
+    /// Cloud messages refused because signatures are required, by reason.
+    pub refused: Family<ReasonLabels, Counter>,
     /// The outbox counters as last seen, to turn its since-open totals into increments.
     last: Mutex<Seen>,
 }
@@ -134,6 +136,16 @@ impl BridgeMetrics {
             "Records stored in the outbox",
             self.outbox_appended.clone(),
         );
+        registry.register(
+            "bridge_refused_messages",
+            "Messages from the cloud refused for want of a valid signature (bridge.signatures), by reason",
+            self.refused.clone(),
+        );
+        for reason in crate::signed::Refusal::REASONS {
+            let _ = self.refused.get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            });
+        }
         registry.register(
             "outbox_dropped_records",
             "Records dropped from or refused by the outbox, by reason",

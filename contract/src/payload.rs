@@ -527,6 +527,9 @@ pub enum ErrorCode {
     WriteNotHeld,
     /// (mapper) A value the device pushes sent nothing within its `silenceTimeout`.
     Silent,
+    /// (bridge) A message from the cloud lacked a valid signature by a key the node trusts
+    /// (`bridge.signatures`); nothing was done.
+    Unauthenticated,
 }
 
 impl ErrorCode {
@@ -548,11 +551,12 @@ impl ErrorCode {
             ErrorCode::DeviceConfig => "device_config",
             ErrorCode::WriteNotHeld => "write_not_held",
             ErrorCode::Silent => "silent",
+            ErrorCode::Unauthenticated => "unauthenticated",
         }
     }
 
     /// Every code, for pre-registering metric label values.
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::MalformedJson,
         ErrorCode::UnknownDevice,
         ErrorCode::UnknownProperty,
@@ -568,6 +572,7 @@ impl ErrorCode {
         ErrorCode::DeviceConfig,
         ErrorCode::WriteNotHeld,
         ErrorCode::Silent,
+        ErrorCode::Unauthenticated,
     ];
 }
 

@@ -49,6 +49,40 @@ enum Command {
         #[command(subcommand)]
         command: UserCommand,
     },
+    /// Ed25519 keys for signed cloud commands (`bridge.signatures`).
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Make a signing key: writes the private key (PKCS#8 PEM, mode 0600; never overwrites) and
+    /// prints the public key for the nodes' `bridge.signatures.keys`.
+    Generate {
+        /// Where the private key goes.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign a command or desired patch for one node's cloud topic; prints the envelope to
+    /// publish on that topic instead of the message.
+    Sign {
+        /// The private key file (`key generate`).
+        #[arg(long)]
+        key: PathBuf,
+        /// The key's id in the nodes' `bridge.signatures.keys`.
+        #[arg(long)]
+        id: String,
+        /// The full cloud topic, prefix included (e.g. `edgetwin/plant-7/node/containers/cmd`).
+        #[arg(long)]
+        topic: String,
+        /// How long the envelope is valid (e.g. `10m`; at most the node's `max_validity_s`).
+        #[arg(long, default_value = "10m")]
+        valid_for: humantime::Duration,
+        /// The message (JSON); read from standard input when absent.
+        message: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -373,6 +407,59 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             cli::discover("modbus", target, output.as_deref(), &broker).await
+        }
+        Command::Key {
+            command: KeyCommand::Generate { out },
+        } => {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let pem = edgetwin_bridge::signed::generate().map_err(|e| anyhow::anyhow!(e))?;
+            let signer = edgetwin_bridge::signed::Signer::from_pkcs8(pem.as_bytes())
+                .map_err(|e| anyhow::anyhow!(e))?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&out)
+                .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
+            f.write_all(pem.as_bytes())
+                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
+            println!("{}", signer.public_key());
+            eprintln!(
+                "private key written to {}; put the line above in bridge.signatures.keys",
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Key {
+            command:
+                KeyCommand::Sign {
+                    key,
+                    id,
+                    topic,
+                    valid_for,
+                    message,
+                },
+        } => {
+            let der = std::fs::read(&key)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", key.display()))?;
+            let signer = edgetwin_bridge::signed::Signer::from_pkcs8(&der)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?;
+            let message = match message {
+                Some(m) => m,
+                None => std::io::read_to_string(std::io::stdin()).map_err(|e| {
+                    anyhow::anyhow!("cannot read the message from standard input: {e}")
+                })?,
+            };
+            let message = message.trim_end_matches(['\r', '\n']);
+            serde_json::from_str::<serde_json::Value>(message)
+                .map_err(|e| anyhow::anyhow!("the message is not JSON: {e}"))?;
+            let valid_ms =
+                i64::try_from(std::time::Duration::from(valid_for).as_millis()).unwrap_or(i64::MAX);
+            let exp = edgetwin_contract::now_ms().saturating_add(valid_ms);
+            let envelope = signer.seal(&id, &topic, exp, message);
+            println!("{}", serde_json::to_string(&envelope)?);
+            Ok(())
         }
         Command::Device { command } => match command {
             DeviceCommand::Validate { files } => cli::device_validate(&files),

@@ -428,7 +428,7 @@ edgetwin_odd{path="a \"quoted\", b\\c",x="}"} 7
             failing: vec![],
             bridge: true,
             containers: true,
-            cpu_percent: 3.14,
+            cpu_percent: 3.12,
             now_ms: 1_060_500,
         }
     }

@@ -577,6 +577,15 @@ async fn route_cloud_messages(
             m = inbound.recv() => m,
         };
         let Some(msg) = msg else { break };
+        if let Some(why) = &msg.refused {
+            // Signatures are required and this one has none that holds: nothing is done; the
+            // sender learns why where it would have learnt the outcome (both go upstream).
+            if let Some(answer) = refusal_answer(&msg.topic, &msg.payload, why) {
+                relay.publish(answer).await;
+            }
+            let _ = msg.done.send(());
+            continue;
+        }
         match edgetwin_contract::Topic::parse(&msg.topic) {
             Some(edgetwin_contract::Topic::Desired(device)) => {
                 let patch = InjectedPatch {
@@ -593,6 +602,53 @@ async fn route_cloud_messages(
                 relay.publish(Message::new(msg.topic, msg.payload)).await;
                 let _ = msg.done.send(());
             }
+        }
+    }
+}
+
+/// The answer to a cloud message refused for want of a valid signature: an error on the
+/// device's error topic for a desired patch, a failed result for a container command.
+fn refusal_answer(topic: &str, payload: &[u8], why: &str) -> Option<Message> {
+    use edgetwin_contract::{ErrorCode, ErrorMsg, Topic};
+    // The request id, to match the answer: from the payload, or the message inside an envelope.
+    let value = serde_json::from_slice::<serde_json::Value>(payload).ok();
+    let inner = value
+        .as_ref()
+        .and_then(|v| v["msg"].as_str())
+        .and_then(|m| serde_json::from_str::<serde_json::Value>(m).ok());
+    let id = inner
+        .as_ref()
+        .or(value.as_ref())
+        .and_then(|v| v.get("id").or_else(|| v.get("$id")))
+        .and_then(|v| v.as_str())
+        .map(str::to_string);
+    let message = format!("refused: {why}");
+    match Topic::parse(topic) {
+        Some(Topic::Desired(device)) => {
+            let e = ErrorMsg {
+                id,
+                code: ErrorCode::Unauthenticated,
+                message,
+                topic: topic.to_string(),
+            };
+            let body = serde_json::to_vec(&e).unwrap_or_default();
+            Some(Message::new(Topic::Error(device).to_topic_string(), body))
+        }
+        Some(Topic::ContainersCmd) => {
+            let body = serde_json::json!({
+                "id": id.unwrap_or_default(),
+                "ok": false,
+                "code": ErrorCode::Unauthenticated.as_str(),
+                "error": message,
+            });
+            Some(Message::new(
+                Topic::ContainersResult.to_topic_string(),
+                body.to_string(),
+            ))
+        }
+        _ => {
+            tracing::warn!(topic, "refused cloud message on a topic with no answer");
+            None
         }
     }
 }

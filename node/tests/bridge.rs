@@ -582,3 +582,102 @@ fn bridge_a_twin_document_overtakes_a_telemetry_backlog() {
         "telemetry keeps its order in its own lane"
     );
 }
+
+#[test]
+fn bridge_with_signatures_required_refuses_unsigned_commands_and_applies_signed_ones() {
+    let cloud = Mosquitto::start();
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("ops.key");
+    let made = run(Command::new(edgetwin_bin())
+        .args(["key", "generate", "--out"])
+        .arg(&key));
+    assert!(made.status.success(), "{made:?}");
+    let public = String::from_utf8(made.stdout).unwrap().trim().to_string();
+    let signatures = format!("  signatures:\n    keys: {{ops: \"{public}\"}}\n");
+    let node = Node::start_with_config(&["s-1"], &bridge_yaml(cloud.port, &signatures));
+    wait_connected(&node, true);
+    let before = node.twin("s-1")["version"].as_u64().unwrap();
+    let desired = format!("{PREFIX}dt/s-1/desired");
+    let answers = Subscriber::start(cloud.port, "sig-answers", &format!("{PREFIX}+/+/+"));
+
+    // Unsigned: refused and answered where the outcome would have been; nothing changes.
+    cloud.pub_(&desired, r#"{"$id": "p-1", "setpoint": 30}"#);
+    cloud.pub_(
+        &format!("{PREFIX}node/containers/cmd"),
+        r#"{"id": "c-1", "action": "list"}"#,
+    );
+    let got = answers.wait_until(Duration::from_secs(15), |g| {
+        g.iter().any(|(t, _)| t.ends_with("dt/s-1/error"))
+            && g.iter().any(|(t, _)| t.ends_with("node/containers/result"))
+    });
+    let find = |suffix: &str| -> serde_json::Value {
+        let (_, p) = got.iter().find(|(t, _)| t.ends_with(suffix)).unwrap();
+        serde_json::from_str(p).unwrap()
+    };
+    let e = find("dt/s-1/error");
+    assert_eq!(
+        (e["code"].as_str(), e["id"].as_str()),
+        (Some("unauthenticated"), Some("p-1")),
+        "{e}"
+    );
+    let r = find("node/containers/result");
+    assert_eq!(
+        (r["ok"].as_bool(), r["code"].as_str(), r["id"].as_str()),
+        (Some(false), Some("unauthenticated"), Some("c-1")),
+        "{r}"
+    );
+
+    // Signed by a key the node does not trust: refused too.
+    let stranger = keys.path().join("stranger.key");
+    assert!(run(Command::new(edgetwin_bin())
+        .args(["key", "generate", "--out"])
+        .arg(&stranger))
+    .status
+    .success());
+    let sign = |key: &std::path::Path, id: &str, msg: &str| -> String {
+        let out = run(Command::new(edgetwin_bin())
+            .args(["key", "sign", "--key"])
+            .arg(key)
+            .args(["--id", id, "--topic", &desired, msg]));
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    cloud.pub_(&desired, &sign(&stranger, "ops", r#"{"setpoint": 31}"#));
+    metric_until(
+        &node,
+        "edgetwin_bridge_refused_messages_total{reason=\"bad_signature\"}",
+        Duration::from_secs(10),
+        |v| v == 1.0,
+    );
+
+    // Signed with the trusted key by `edgetwin key sign`: applied.
+    cloud.pub_(&desired, &sign(&key, "ops", r#"{"setpoint": 22}"#));
+    node.twin_until("s-1", |t| t["desired"]["setpoint"] == 22.0);
+
+    // Signed in Python with the `cryptography` package, from the same key file: applied.
+    let script = r#"
+import base64, json, sys, time
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+key = load_pem_private_key(open(sys.argv[1], "rb").read(), password=None)
+topic, msg = sys.argv[2], sys.argv[3]
+exp = int(time.time() * 1000) + 600_000
+sig = key.sign(f"edgetwin-sig-v1\n{topic}\n{exp}\n{msg}".encode())
+print(json.dumps({"msg": msg, "exp": exp, "key": "ops", "sig": base64.b64encode(sig).decode()}))
+"#;
+    let py = run(Command::new(python())
+        .args(["-c", script])
+        .arg(&key)
+        .args([&desired, r#"{"setpoint": 23}"#]));
+    assert!(py.status.success(), "{py:?}");
+    cloud.pub_(&desired, String::from_utf8(py.stdout).unwrap().trim());
+    let twin = node.twin_until("s-1", |t| t["desired"]["setpoint"] == 23.0);
+    assert_eq!(
+        twin["version"].as_u64(),
+        Some(before + 2),
+        "only the two signed patches changed the twin: {twin}"
+    );
+    assert_eq!(
+        node.metric("edgetwin_bridge_refused_messages_total{reason=\"unsigned\"}"),
+        Some(2.0)
+    );
+}
