@@ -210,6 +210,7 @@ pub fn default_up() -> Vec<UpRoute> {
         r("dt/+/status", true),
         r("dt/+/telemetry", false),
         r("dt/+/error", false),
+        r("dt/+/desired/result", false),
         r("node/containers/result", false),
         r("node/containers/status", true),
     ]

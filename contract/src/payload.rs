@@ -615,6 +615,16 @@ pub enum MapperState {
     Offline,
 }
 
+impl MapperState {
+    /// The state as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MapperState::Online => "online",
+            MapperState::Offline => "offline",
+        }
+    }
+}
+
 /// `mappers/{protocol}/status` (retained; also the mapper's will).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct MapperStatusMsg {

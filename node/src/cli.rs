@@ -43,18 +43,18 @@ pub struct BrokerArgs {
     pub key: Option<std::path::PathBuf>,
 }
 
-struct Session {
-    client: AsyncClient,
-    events: EventLoop,
+pub(crate) struct Session {
+    pub(crate) client: AsyncClient,
+    pub(crate) events: EventLoop,
     /// Messages that arrived while waiting for an acknowledgement (a retained message can come
     /// before the SUBACK is seen).
     backlog: std::collections::VecDeque<(String, Vec<u8>)>,
-    broker: String,
+    pub(crate) broker: String,
     timeout: Duration,
 }
 
 impl Session {
-    async fn connect(args: &BrokerArgs) -> anyhow::Result<Session> {
+    pub(crate) async fn connect(args: &BrokerArgs) -> anyhow::Result<Session> {
         let (host, port) = args
             .broker
             .rsplit_once(':')
@@ -125,7 +125,7 @@ impl Session {
         }
     }
 
-    async fn subscribe(&mut self, filters: &[String]) -> anyhow::Result<()> {
+    pub(crate) async fn subscribe(&mut self, filters: &[String]) -> anyhow::Result<()> {
         for f in filters {
             self.client.subscribe(f.clone(), QoS::AtLeastOnce).await?;
         }
@@ -139,7 +139,7 @@ impl Session {
         .await
     }
 
-    async fn publish(&mut self, topic: String, payload: Vec<u8>) -> anyhow::Result<()> {
+    pub(crate) async fn publish(&mut self, topic: String, payload: Vec<u8>) -> anyhow::Result<()> {
         self.client
             .publish(topic, QoS::AtLeastOnce, false, payload)
             .await?;
@@ -149,8 +149,27 @@ impl Session {
         .await
     }
 
+    /// Waits for the next publish on any subscribed topic, however long it takes.
+    pub(crate) async fn next_message_forever(&mut self) -> anyhow::Result<(String, Vec<u8>)> {
+        if let Some(m) = self.backlog.pop_front() {
+            return Ok(m);
+        }
+        loop {
+            match self.events.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    return Ok((p.topic.to_string(), p.payload.to_vec()))
+                }
+                Ok(_) => {}
+                Err(e) => bail!("connection to {} lost: {e}", self.broker),
+            }
+        }
+    }
+
     /// Waits for the next publish on any subscribed topic; `waiting` names the answer awaited.
-    async fn next_message(&mut self, waiting: &str) -> anyhow::Result<(String, Vec<u8>)> {
+    pub(crate) async fn next_message(
+        &mut self,
+        waiting: &str,
+    ) -> anyhow::Result<(String, Vec<u8>)> {
         if let Some(m) = self.backlog.pop_front() {
             return Ok(m);
         }
@@ -162,7 +181,7 @@ impl Session {
     }
 }
 
-fn request_id() -> String {
+pub(crate) fn request_id() -> String {
     format!("cli-{:016x}", rand::random::<u64>())
 }
 
@@ -669,7 +688,7 @@ pub fn device_table(
 }
 
 /// `3 s ago`, `5 min ago`, `2 h ago`, `4 d ago`.
-fn ago(ms: i64) -> String {
+pub(crate) fn ago(ms: i64) -> String {
     let s = ms.max(0) / 1000;
     match s {
         0..=119 => format!("{s} s ago"),

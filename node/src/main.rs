@@ -1,6 +1,7 @@
 //! `edgetwin`: the node daemon (`serve`) and the field engineer's tools (`twin`, `device`).
 
 mod cli;
+mod fleet;
 
 use edgetwin_node::{config, serve};
 use std::path::PathBuf;
@@ -49,10 +50,72 @@ enum Command {
         #[command(subcommand)]
         command: UserCommand,
     },
+    /// The cloud operator's view of many nodes, through the cloud broker only: presence and
+    /// health, twins, desired patches and container commands with their answers.
+    Fleet {
+        #[command(subcommand)]
+        command: FleetCommand,
+    },
     /// Ed25519 keys for signed cloud commands (`bridge.signatures`).
     Key {
         #[command(subcommand)]
         command: KeyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum FleetCommand {
+    /// Every node the cloud broker knows, with its presence and health.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        fleet: fleet::FleetArgs,
+    },
+    /// A device's twin document as the cloud holds it.
+    Twin {
+        /// The node (the name in its topic prefix).
+        node: String,
+        /// The device.
+        device: String,
+        #[command(flatten)]
+        fleet: fleet::FleetArgs,
+    },
+    /// A node's twin documents, statuses, errors, health and container results as they arrive,
+    /// until Ctrl-C.
+    Watch {
+        /// The node.
+        node: String,
+        /// Only this device.
+        #[arg(long)]
+        device: Option<String>,
+        /// Each with its arrival time and its JSON indented.
+        #[arg(long)]
+        pretty: bool,
+        #[command(flatten)]
+        fleet: fleet::FleetArgs,
+    },
+    /// Send a desired patch to a node's device and wait for the node's answer.
+    Set {
+        /// The node.
+        node: String,
+        /// The device.
+        device: String,
+        /// `property=value` pairs (values are JSON, else strings) or one JSON object.
+        #[arg(required = true)]
+        patch: Vec<String>,
+        #[command(flatten)]
+        fleet: fleet::FleetArgs,
+    },
+    /// Send a container command (JSON, as on `node/containers/cmd`) and wait for its result.
+    Containers {
+        /// The node.
+        node: String,
+        /// The command, e.g. `{"action": "list"}` (an `id` is added when missing).
+        command: String,
+        #[command(flatten)]
+        fleet: fleet::FleetArgs,
     },
 }
 
@@ -408,6 +471,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             cli::discover("modbus", target, output.as_deref(), &broker).await
         }
+        Command::Fleet { command } => match command {
+            FleetCommand::List { json, fleet } => fleet::list(&fleet, json).await,
+            FleetCommand::Twin {
+                node,
+                device,
+                fleet,
+            } => fleet::twin(&fleet, &node, &device).await,
+            FleetCommand::Watch {
+                node,
+                device,
+                pretty,
+                fleet,
+            } => fleet::watch(&fleet, &node, device.as_deref(), pretty).await,
+            FleetCommand::Set {
+                node,
+                device,
+                patch,
+                fleet,
+            } => fleet::set(&fleet, &node, &device, &patch).await,
+            FleetCommand::Containers {
+                node,
+                command,
+                fleet,
+            } => fleet::containers(&fleet, &node, &command).await,
+        },
         Command::Key {
             command: KeyCommand::Generate { out },
         } => {
