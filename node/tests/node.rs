@@ -392,9 +392,14 @@ fn metrics_doc_dashboard_and_endpoint_agree() {
         "mappers/modbus/metrics",
         r#"{"ts":1,"devices":{"m-2":{"reads":1,"read_errors":0,"writes":0,"write_errors":0,"poll_overruns":0,"read_latency":{"sum":0,"count":0,"buckets":[]}}}}"#,
     );
+    // A mapper that announced itself (`edgetwin_mapper_up` has a series per mapper seen).
+    node.pub_(
+        "mappers/modbus/status",
+        r#"{"state":"online","ts":1,"version":"t"}"#,
+    );
     let exported: std::collections::BTreeSet<String> = node
         .metrics_until(std::time::Duration::from_secs(10), |m| {
-            m.contains("edgetwin_mapper_reads_total{")
+            m.contains("edgetwin_mapper_reads_total{") && m.contains("edgetwin_mapper_up{")
         })
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
