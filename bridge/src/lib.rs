@@ -673,9 +673,11 @@ async fn tap_batch(
     let (control, bulk): (Vec<_>, Vec<_>) =
         records.into_iter().partition(|(l, _)| *l == Lane::Control);
     let strip = |v: Vec<(Lane, NewRecord)>| v.into_iter().map(|(_, r)| r).collect::<Vec<_>>();
-    // Control first: it is what the sender takes first too.
-    let control = append(shared, Lane::Control, strip(control), now).await;
-    let bulk = append(shared, Lane::Bulk, strip(bulk), now).await;
+    // Two files: their commits (and fsyncs) run side by side, not one after the other.
+    let (control, bulk) = tokio::join!(
+        append(shared, Lane::Control, strip(control), now),
+        append(shared, Lane::Bulk, strip(bulk), now)
+    );
     for (m, lane) in waiting {
         let result = match lane {
             Some(Lane::Control) => control.clone(),
