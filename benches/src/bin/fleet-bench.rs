@@ -52,9 +52,12 @@ struct Args {
     /// RSS are then not measured.
     #[arg(long)]
     cloud: Option<std::net::SocketAddr>,
+    /// The topic root of the simulated nodes (`{root}sim-N/`); benches sharing a cluster need
+    /// different roots.
+    #[arg(long, default_value = "fleet/")]
+    root: String,
 }
 
-const ROOT: &str = "fleet/";
 const UP: [&str; 2] = ["dt/+/telemetry", "dt/+/desired/result"];
 
 /// What the cloud-side observer saw.
@@ -66,6 +69,7 @@ struct Seen {
 }
 
 async fn observer(
+    root: String,
     cloud: std::net::SocketAddr,
     seen: Arc<Mutex<Seen>>,
 ) -> Result<rumqttc::AsyncClient> {
@@ -74,9 +78,9 @@ async fn observer(
         &client,
         &mut el,
         &[
-            &format!("{ROOT}+/node/status"),
-            &format!("{ROOT}+/dt/+/desired/result"),
-            &format!("{ROOT}+/dt/+/telemetry"),
+            &format!("{root}+/node/status"),
+            &format!("{root}+/dt/+/desired/result"),
+            &format!("{root}+/dt/+/telemetry"),
         ],
         QoS::AtLeastOnce,
     )
@@ -90,7 +94,7 @@ async fn observer(
                     if p.topic.ends_with("/telemetry") {
                         s.telemetry += 1;
                     } else if p.topic.ends_with("/node/status") {
-                        let node = p.topic[ROOT.len()..]
+                        let node = p.topic[root.len()..]
                             .split('/')
                             .next()
                             .unwrap_or("")
@@ -119,6 +123,7 @@ async fn observer(
 /// One simulated node: its bridge, its telemetry, its answers.
 /// What every simulated node shares.
 struct World<'a> {
+    root: &'a str,
     cloud: std::net::SocketAddr,
     broker: &'a EmbeddedBroker,
     data: &'a std::path::Path,
@@ -132,7 +137,7 @@ async fn start_node(i: usize, w: &World<'_>) -> Result<()> {
     let node = format!("sim-{i}");
     let cfg: BridgeConfig = serde_json::from_value(serde_json::json!({
         "url": format!("mqtt://{}", w.cloud),
-        "topic_prefix": format!("{ROOT}{node}/"),
+        "topic_prefix": format!("{}{node}/", w.root),
         "client_id": node,
         "keep_alive_s": 30,
         "reconnect": {"initial_ms": 200, "max_ms": 5000},
@@ -225,7 +230,7 @@ async fn main() -> Result<()> {
     };
     let cloud_pid = local.as_ref().map(|m| m.child.pid());
     let seen = Arc::new(Mutex::new(Seen::default()));
-    let observer = observer(cloud_addr, seen.clone()).await?;
+    let observer = observer(args.root.clone(), cloud_addr, seen.clone()).await?;
     let offered = Arc::new(AtomicUsize::new(0));
     let cloud_rss =
         cloud_pid.map(|pid| RssSampler::start(pid, Duration::from_secs(1), offered.clone()));
@@ -236,6 +241,7 @@ async fn main() -> Result<()> {
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
     let world = World {
+        root: &args.root,
         cloud: cloud_addr,
         broker: &broker,
         data: dir.path(),
@@ -284,7 +290,7 @@ async fn main() -> Result<()> {
         let patch = serde_json::json!({"$id": id, "setpoint": k});
         observer
             .publish(
-                format!("{ROOT}sim-{node}/dt/dev/desired"),
+                format!("{}sim-{node}/dt/dev/desired", args.root),
                 QoS::AtLeastOnce,
                 false,
                 patch.to_string(),
