@@ -37,16 +37,18 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 PY=${EDGETWIN_TEST_PYTHON:-python3}
-if ! "$PY" -c 'import paho.mqtt, pymodbus, serial, asyncua' 2>/dev/null; then
-  echo "test.sh: installing paho-mqtt, pymodbus, asyncua (pip)"
-  "$PY" -m pip install -q --disable-pip-version-check 'paho-mqtt>=2,<3' 'pymodbus==3.16.1' 'pyserial>=3.5' 'asyncua==2.1.0' \
-    || "$PY" -m pip install -q --disable-pip-version-check --break-system-packages 'paho-mqtt>=2,<3' 'pymodbus==3.16.1' 'pyserial>=3.5' 'asyncua==2.1.0'
+PY_PEERS=('paho-mqtt>=2,<3' 'pymodbus==3.16.1' 'pyserial>=3.5' 'asyncua==2.1.0' 'cryptography' 'zstandard')
+PY_IMPORTS='import paho.mqtt, pymodbus, serial, asyncua, cryptography, zstandard'
+if ! "$PY" -c "$PY_IMPORTS" 2>/dev/null; then
+  echo "test.sh: installing paho-mqtt, pymodbus, pyserial, asyncua, cryptography, zstandard (pip)"
+  "$PY" -m pip install -q --disable-pip-version-check "${PY_PEERS[@]}" \
+    || "$PY" -m pip install -q --disable-pip-version-check --break-system-packages "${PY_PEERS[@]}"
 fi
 
 for p in mosquitto_pub mosquitto_sub mosquitto_rr socat dbus-daemon pkg-config; do
   command -v "$p" >/dev/null 2>&1 || { echo "test.sh: peer $p is still missing" >&2; exit 1; }
 done
-"$PY" -c 'import paho.mqtt, pymodbus, serial, asyncua' || { echo "test.sh: a Python peer (paho-mqtt, pymodbus, pyserial, asyncua) is still missing" >&2; exit 1; }
+"$PY" -c "$PY_IMPORTS" || { echo "test.sh: a Python peer (${PY_PEERS[*]}) is still missing" >&2; exit 1; }
 export PATH="$PATH:/usr/sbin"
 export EDGETWIN_TEST_PYTHON="$PY"
 # A CI build is cold and never rebuilt, so incremental state is only disk used (it was as large

@@ -53,6 +53,10 @@ pub struct BridgeConfig {
     /// as the link and the cloud broker take it.
     #[serde(default = "default_replay_rate")]
     pub replay_max_msgs_per_s: u32,
+    /// Batch and compress telemetry upstream (absent: one upstream message per message). See
+    /// [`crate::batch`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<crate::batch::BatchConfig>,
     /// Require every message from the cloud to be signed by a trusted key (absent: not
     /// required). See [`crate::signed`].
     #[serde(default)]
@@ -359,6 +363,9 @@ impl BridgeConfig {
                     "bridge.down[{i}]: {f:?} is not a valid MQTT filter"
                 ));
             }
+        }
+        if let Some(b) = &self.batch {
+            errors.extend(b.check());
         }
         if self.max_inflight_messages == 0 {
             errors.push("bridge.max_inflight_messages: must be at least 1".to_string());

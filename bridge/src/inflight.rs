@@ -5,22 +5,42 @@
 //! were queued (its request channel is FIFO, and after a packet-id collision it stops taking new
 //! requests until the colliding one went out). So the sender queues an outbox `seq` here *while
 //! holding the lock* under which it calls `try_publish`, and the event loop pops the oldest
-//! queued `seq` for each `Outgoing::Publish(pkid)`; a PUBACK for `pkid` then names exactly one
-//! `seq`. A lost connection forgets everything (see the bridge module doc for why).
+//! queued [`Ticket`] for each `Outgoing::Publish(pkid)`; a PUBACK for `pkid` then names exactly
+//! the records that publish carried: one, or a whole batch ([`crate::batch`]). A lost connection
+//! forgets everything (see the bridge module doc for why).
 
 use std::collections::{HashMap, VecDeque};
 
-/// The "sequence number" of a publish that is not an outbox record (the node's presence on
-/// `{prefix}node/status`): tracked for its packet id like any other, never acked in the outbox.
-pub const UNTRACKED: u64 = u64::MAX;
+/// What one publish carries, released by its PUBACK.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ticket {
+    /// Not an outbox record (the node's presence, its health document): tracked for its packet
+    /// id like any other, never acked in the outbox.
+    Untracked,
+    /// One outbox record (its in-flight tag, [`crate::lanes::tag`]).
+    One(u64),
+    /// A batch: every record in it, in outbox order.
+    Batch(Vec<u64>),
+}
+
+impl Ticket {
+    /// The in-flight tags of the records the publish carried.
+    pub fn tags(&self) -> &[u64] {
+        match self {
+            Ticket::Untracked => &[],
+            Ticket::One(t) => std::slice::from_ref(t),
+            Ticket::Batch(t) => t,
+        }
+    }
+}
 
 /// Publishes handed to rumqttc and not yet acknowledged, for one connection.
 #[derive(Debug, Default)]
 pub struct Inflight {
     /// Queued with rumqttc, packet id not yet known (oldest first).
-    queued: VecDeque<u64>,
+    queued: VecDeque<Ticket>,
     /// Written to the socket, waiting for PUBACK.
-    on_wire: HashMap<u16, u64>,
+    on_wire: HashMap<u16, Ticket>,
     /// Connection generation; bumped on every CONNACK.
     epoch: u64,
     connected: bool,
@@ -52,9 +72,9 @@ impl Inflight {
         self.connected
     }
 
-    /// A publish for `seq` was queued with rumqttc.
-    pub fn queue(&mut self, seq: u64) {
-        self.queued.push_back(seq);
+    /// A publish carrying `ticket` was queued with rumqttc.
+    pub fn queue(&mut self, ticket: Ticket) {
+        self.queued.push_back(ticket);
     }
 
     /// Undoes the last [`Inflight::queue`] (rumqttc refused the request).
@@ -62,19 +82,19 @@ impl Inflight {
         self.queued.pop_back();
     }
 
-    /// rumqttc wrote a publish with `pkid`: binds it to the oldest queued `seq`.
-    pub fn on_outgoing(&mut self, pkid: u16) -> Result<u64, Unexpected> {
-        let seq = self.queued.pop_front().ok_or(Unexpected(pkid))?;
+    /// rumqttc wrote a publish with `pkid`: binds it to the oldest queued ticket.
+    pub fn on_outgoing(&mut self, pkid: u16) -> Result<(), Unexpected> {
+        let ticket = self.queued.pop_front().ok_or(Unexpected(pkid))?;
         // A pkid still bound means the broker never acked it in this connection; rumqttc only
         // reuses ids after their ack, so this cannot happen without a bug upstream.
-        if self.on_wire.insert(pkid, seq).is_some() {
+        if self.on_wire.insert(pkid, ticket).is_some() {
             return Err(Unexpected(pkid));
         }
-        Ok(seq)
+        Ok(())
     }
 
-    /// PUBACK for `pkid`: the `seq` that may now be removed from the outbox.
-    pub fn on_puback(&mut self, pkid: u16) -> Option<u64> {
+    /// PUBACK for `pkid`: what may now be removed from the outbox.
+    pub fn on_puback(&mut self, pkid: u16) -> Option<Ticket> {
         self.on_wire.remove(&pkid)
     }
 
@@ -108,18 +128,18 @@ mod tests {
         let mut f = Inflight::default();
         let e = f.on_connected();
         assert!(f.is_current(e));
-        for s in [10, 11, 12] {
-            f.queue(s);
-        }
-        assert_eq!(f.on_outgoing(1), Ok(10));
-        assert_eq!(f.on_outgoing(2), Ok(11));
+        f.queue(Ticket::One(10));
+        f.queue(Ticket::Batch(vec![11, 13]));
+        f.queue(Ticket::Untracked);
+        f.on_outgoing(1).unwrap();
+        f.on_outgoing(2).unwrap();
         assert_eq!(f.in_flight(), 3);
-        // Acks may come in any order.
-        assert_eq!(f.on_puback(2), Some(11));
-        assert_eq!(f.on_outgoing(3), Ok(12));
-        assert_eq!(f.on_puback(1), Some(10));
+        // Acks may come in any order; a batch's ack names all of its records.
+        assert_eq!(f.on_puback(2).unwrap().tags(), &[11, 13]);
+        f.on_outgoing(3).unwrap();
+        assert_eq!(f.on_puback(1), Some(Ticket::One(10)));
         assert_eq!(f.on_puback(1), None, "a duplicate ack names nothing");
-        assert_eq!(f.on_puback(3), Some(12));
+        assert_eq!(f.on_puback(3).unwrap().tags(), &[] as &[u64]);
         assert_eq!(f.in_flight(), 0);
     }
 
@@ -127,12 +147,12 @@ mod tests {
     fn inflight_reuses_a_packet_id_after_its_ack() {
         let mut f = Inflight::default();
         f.on_connected();
-        f.queue(1);
-        f.queue(2);
-        assert_eq!(f.on_outgoing(7), Ok(1));
-        assert_eq!(f.on_puback(7), Some(1));
-        assert_eq!(f.on_outgoing(7), Ok(2));
-        assert_eq!(f.on_puback(7), Some(2));
+        f.queue(Ticket::One(1));
+        f.queue(Ticket::One(2));
+        f.on_outgoing(7).unwrap();
+        assert_eq!(f.on_puback(7), Some(Ticket::One(1)));
+        f.on_outgoing(7).unwrap();
+        assert_eq!(f.on_puback(7), Some(Ticket::One(2)));
     }
 
     #[test]
@@ -146,8 +166,8 @@ mod tests {
     fn inflight_lost_connection_forgets_bindings_and_stale_acks() {
         let mut f = Inflight::default();
         let e1 = f.on_connected();
-        f.queue(5);
-        f.queue(6);
+        f.queue(Ticket::One(5));
+        f.queue(Ticket::One(6));
         f.on_outgoing(1).unwrap();
         assert_eq!(f.on_lost(), 2);
         assert!(!f.is_current(e1));

@@ -73,6 +73,7 @@
 //! window loses them, and they are published again from the node's state (the retained routes
 //! are re-read at every reconnect). Everything appended survives.
 
+pub mod batch;
 pub mod config;
 pub mod inflight;
 pub mod lanes;
@@ -150,6 +151,8 @@ struct Shared {
     /// In-flight space was freed (or the connection changed).
     space: Notify,
     window: usize,
+    /// Shutting down: open batches go now, not at their interval.
+    flushing: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -376,6 +379,7 @@ pub fn start(
         appended: Notify::new(),
         space: Notify::new(),
         window,
+        flushing: std::sync::atomic::AtomicBool::new(false),
     });
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -410,7 +414,10 @@ pub fn start(
         shared.clone(),
         client.clone(),
         conn_rx.clone(),
-        cfg.replay_max_msgs_per_s,
+        SenderConfig {
+            replay_rate: cfg.replay_max_msgs_per_s,
+            batch: cfg.batch.clone().map(|b| (b, prefix.clone())),
+        },
         stop.clone(),
     ));
     tracker.spawn(run_acker(shared.clone(), acks_rx));
@@ -515,6 +522,11 @@ impl Bridge {
         if tokio::time::timeout_at(deadline, self.tap).await.is_err() {
             warn!("bridge tap did not finish its last append in time");
         }
+        // Open batches go now rather than at their interval.
+        self.shared
+            .flushing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.shared.appended.notify_one();
         loop {
             let records = self.shared.outbox.stats().records;
             let connected = self.shared.inflight().is_connected();
@@ -860,12 +872,25 @@ impl Pacer {
     }
 }
 
+/// A bulk publish waiting for a slot: one record, or a batch of them.
+enum BulkOut {
+    One(edgetwin_outbox::Record),
+    Batch(batch::Ready),
+}
+
+/// What the sender needs besides the shared state.
+struct SenderConfig {
+    replay_rate: u32,
+    /// Batching, with the topic prefix it applies under.
+    batch: Option<(batch::BatchConfig, String)>,
+}
+
 /// Publishes outbox records, oldest first, within the in-flight window of the current connection.
 async fn run_sender(
     shared: Arc<Shared>,
     client: AsyncClient,
     mut conn: watch::Receiver<ConnState>,
-    replay_rate: u32,
+    cfg: SenderConfig,
     stop: CancellationToken,
 ) {
     'connection: loop {
@@ -877,9 +902,17 @@ async fn run_sender(
             },
         };
         let epoch = state.epoch;
-        let mut pacer = Pacer::new(replay_rate);
+        let mut pacer = Pacer::new(cfg.replay_rate);
         let mut control = ReadAhead::new(shared.clone(), Lane::Control);
         let mut bulk = ReadAhead::new(shared.clone(), Lane::Bulk);
+        // Rebuilt per connection: what a lost connection left unacknowledged is read again.
+        let mut batcher = cfg
+            .batch
+            .as_ref()
+            .map(|(c, prefix)| batch::Batcher::new(c.clone(), prefix));
+        // Bulk publishes in the order they must go (a record that cannot join its topic's open
+        // batch waits behind that batch, so order per topic holds).
+        let mut queue: std::collections::VecDeque<BulkOut> = std::collections::VecDeque::new();
         // Telemetry never takes the whole window: a control record (a twin document, an error,
         // a command result) finds a slot at once even while a backlog drains.
         let reserve = (shared.window / 10).clamp(1, shared.window.saturating_sub(1).max(1));
@@ -903,88 +936,215 @@ async fn run_sender(
                 }
                 continue;
             }
-            let next = match control.next().await {
-                Ok(Some(r)) => Ok(Some((Lane::Control, r))),
-                Ok(None) if space > reserve => {
-                    bulk.next().await.map(|r| r.map(|r| (Lane::Bulk, r)))
-                }
-                Ok(None) => {
-                    // Only bulk records wait, and the rest of the window is control's.
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = shared.space.notified() => {}
-                        _ = shared.appended.notified() => {}
-                        _ = conn.changed() => {}
+            match control.next().await {
+                Ok(Some(r)) => {
+                    let seq = r.seq;
+                    match send_one(&shared, &client, epoch, Lane::Control, r) {
+                        Sent::Yes => {
+                            shared.metrics.sent.inc();
+                        }
+                        Sent::Lost => continue 'connection,
+                        Sent::Full(_) => {
+                            // Not sent: read again from it (what followed it was not sent either).
+                            control.restart_at(seq);
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
                     }
                     continue;
                 }
-                Err(e) => Err(e),
-            };
-            let (lane, r) = match next {
-                Ok(Some(r)) => r,
-                Ok(None) => {
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = shared.appended.notified() => {}
-                        _ = conn.changed() => {}
-                        // Expired records are dropped by peek; look again now and then.
-                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                    }
-                    continue;
-                }
+                Ok(None) => {}
                 Err(e) => {
                     error!(error = %e, "outbox peek failed; retrying in 1 s");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
-            };
-            let backlog = r.ts_ms < state.since_ms;
-            if backlog && lane == Lane::Bulk {
-                if let Some(p) = pacer.as_mut() {
+            }
+            if space <= reserve {
+                // Only bulk records wait, and the rest of the window is control's.
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = shared.space.notified() => {}
+                    _ = shared.appended.notified() => {}
+                    _ = conn.changed() => {}
+                }
+                continue;
+            }
+            if let Some(out) = queue.pop_front() {
+                // Backlog singles are paced, and batches (each one publish, whatever it holds).
+                let (one, backlog) = match &out {
+                    BulkOut::One(r) => (true, r.ts_ms < state.since_ms),
+                    BulkOut::Batch(_) => (false, true),
+                };
+                if let (Some(p), true) = (pacer.as_mut(), backlog) {
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         _ = p.wait() => {}
                     }
                 }
-            }
-            let seq = r.seq;
-            let qos = if r.qos == 0 {
-                QoS::AtMostOnce
-            } else {
-                QoS::AtLeastOnce
-            };
-            let queued = {
-                let mut g = shared.inflight();
-                if !g.is_current(epoch) {
-                    None
-                } else {
-                    g.queue(lanes::tag(lane, seq));
-                    let sent = client.try_publish(r.topic, qos, r.retain, r.payload);
-                    if sent.is_err() {
-                        g.unqueue_last();
+                let sent = match out {
+                    BulkOut::One(r) => {
+                        send_one(&shared, &client, epoch, Lane::Bulk, r).map_full(BulkOut::One)
                     }
-                    Some(sent)
-                }
-            };
-            match queued {
-                None => continue 'connection,
-                Some(Ok(())) => {}
-                Some(Err(e)) => {
-                    warn!(seq, error = %e, "cloud connection queue full; retrying");
-                    // Not sent: read again from it (what followed it was not sent either).
-                    match lane {
-                        Lane::Control => control.restart_at(seq),
-                        Lane::Bulk => bulk.restart_at(seq),
+                    BulkOut::Batch(b) => send_batch(&shared, &client, epoch, b),
+                };
+                match sent {
+                    Sent::Yes if one => {
+                        shared.metrics.sent.inc();
+                        if backlog {
+                            shared.metrics.replayed.inc();
+                        }
                     }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
+                    Sent::Yes => {}
+                    Sent::Lost => continue 'connection,
+                    Sent::Full(out) => {
+                        warn!("cloud connection queue full; retrying");
+                        queue.push_front(out);
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
                 }
+                continue;
             }
-            shared.metrics.sent.inc();
-            if backlog {
-                shared.metrics.replayed.inc();
+            match bulk.next().await {
+                Ok(Some(r)) => {
+                    let Some(b) = batcher.as_mut().filter(|_| !r.retain) else {
+                        queue.push_back(BulkOut::One(r));
+                        continue;
+                    };
+                    let tag = lanes::tag(Lane::Bulk, r.seq);
+                    match b.push(&r.topic, &r.payload, tag, Instant::now()) {
+                        Ok(full) => {
+                            if r.ts_ms < state.since_ms {
+                                shared.metrics.replayed.inc();
+                            }
+                            queue.extend(full.into_iter().map(BulkOut::Batch));
+                        }
+                        Err(_) => {
+                            // Sent alone, after whatever of its topic is already held.
+                            queue.extend(b.take_topic(&r.topic).map(BulkOut::Batch));
+                            queue.push_back(BulkOut::One(r));
+                        }
+                    }
+                }
+                Ok(None) => {
+                    // Nothing more to read: the batches that are due go (all of them at shutdown).
+                    let next_due = match batcher.as_mut() {
+                        Some(b) => {
+                            let flush = shared.flushing.load(std::sync::atomic::Ordering::SeqCst);
+                            queue.extend(
+                                b.due(Instant::now(), flush).into_iter().map(BulkOut::Batch),
+                            );
+                            b.next_due()
+                        }
+                        None => None,
+                    };
+                    if !queue.is_empty() {
+                        continue;
+                    }
+                    let batch_due = async {
+                        match next_due {
+                            Some(at) => tokio::time::sleep_until(at).await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = shared.appended.notified() => {}
+                        _ = conn.changed() => {}
+                        _ = batch_due => {}
+                        // Expired records are dropped by peek; look again now and then.
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    }
+                }
+                Err(e) => {
+                    error!(error = %e, "outbox peek failed; retrying in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
             }
         }
+    }
+}
+
+/// How handing a publish to rumqttc went.
+enum Sent<T> {
+    Yes,
+    /// The connection of this epoch is gone.
+    Lost,
+    /// rumqttc's request channel is full: try again with this.
+    Full(T),
+}
+
+impl<T> Sent<T> {
+    fn map_full<U>(self, f: impl FnOnce(T) -> U) -> Sent<U> {
+        match self {
+            Sent::Yes => Sent::Yes,
+            Sent::Lost => Sent::Lost,
+            Sent::Full(t) => Sent::Full(f(t)),
+        }
+    }
+}
+
+/// Queues the publish's ticket and hands it to rumqttc under one lock (see [`inflight`]).
+fn send_tracked(
+    shared: &Shared,
+    epoch: u64,
+    ticket: inflight::Ticket,
+    publish: impl FnOnce() -> Result<(), rumqttc::ClientError>,
+) -> Sent<()> {
+    let mut g = shared.inflight();
+    if !g.is_current(epoch) {
+        return Sent::Lost;
+    }
+    g.queue(ticket);
+    match publish() {
+        Ok(()) => Sent::Yes,
+        Err(_) => {
+            g.unqueue_last();
+            Sent::Full(())
+        }
+    }
+}
+
+fn send_one(
+    shared: &Shared,
+    client: &AsyncClient,
+    epoch: u64,
+    lane: Lane,
+    r: edgetwin_outbox::Record,
+) -> Sent<edgetwin_outbox::Record> {
+    let qos = if r.qos == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    };
+    let ticket = inflight::Ticket::One(lanes::tag(lane, r.seq));
+    let (topic, payload) = (r.topic.clone(), r.payload.clone());
+    match send_tracked(shared, epoch, ticket, || {
+        client.try_publish(topic, qos, r.retain, payload)
+    }) {
+        Sent::Yes => Sent::Yes,
+        Sent::Lost => Sent::Lost,
+        Sent::Full(()) => Sent::Full(r),
+    }
+}
+
+fn send_batch(shared: &Shared, client: &AsyncClient, epoch: u64, b: batch::Ready) -> Sent<BulkOut> {
+    let n = b.tags.len() as u64;
+    let (raw, bytes) = (b.raw_bytes as u64, b.payload.len() as u64);
+    let ticket = inflight::Ticket::Batch(b.tags.clone());
+    let (topic, payload) = (b.topic.clone(), b.payload.clone());
+    match send_tracked(shared, epoch, ticket, || {
+        client.try_publish(topic, QoS::AtLeastOnce, false, payload)
+    }) {
+        Sent::Yes => {
+            let m = &shared.metrics;
+            m.sent.inc_by(n);
+            m.batches.inc();
+            m.batch_raw_bytes.inc_by(raw);
+            m.batch_sent_bytes.inc_by(bytes);
+            Sent::Yes
+        }
+        Sent::Lost => Sent::Lost,
+        Sent::Full(()) => Sent::Full(BulkOut::Batch(b)),
     }
 }
 
@@ -1138,7 +1298,7 @@ fn publish_untracked(
 ) -> Result<(), rumqttc::ClientError> {
     // Queued under the same lock as the publish, so the session binds its packet id to no record.
     let mut g = shared.inflight();
-    g.queue(inflight::UNTRACKED);
+    g.queue(inflight::Ticket::Untracked);
     let r = client.try_publish(topic, QoS::AtLeastOnce, true, payload.into());
     if r.is_err() {
         g.unqueue_last();
@@ -1274,10 +1434,13 @@ impl Session {
                     info!(broker = %self.host, session_present = ack.session_present, "connected to the cloud broker");
                 }
                 Ok(Event::Incoming(rumqttc::Packet::PubAck(ack))) => {
-                    let seq = self.shared.inflight().on_puback(ack.pkid);
-                    if let Some(seq) = seq.filter(|s| *s != inflight::UNTRACKED) {
-                        self.shared.metrics.acked.inc();
-                        let _ = self.acks.send(seq);
+                    let ticket = self.shared.inflight().on_puback(ack.pkid);
+                    if let Some(ticket) = ticket {
+                        let tags = ticket.tags();
+                        self.shared.metrics.acked.inc_by(tags.len() as u64);
+                        for t in tags {
+                            let _ = self.acks.send(*t);
+                        }
                         self.shared.space.notify_one();
                     }
                 }
@@ -1329,9 +1492,11 @@ impl Session {
                         }
                         Ok(Event::Incoming(rumqttc::Packet::PubAck(ack))) => {
                             match self.shared.inflight().on_puback(ack.pkid) {
-                                Some(inflight::UNTRACKED) => break,
-                                Some(seq) => {
-                                    let _ = self.acks.send(seq);
+                                Some(inflight::Ticket::Untracked) => break,
+                                Some(t) => {
+                                    for tag in t.tags() {
+                                        let _ = self.acks.send(*tag);
+                                    }
                                 }
                                 None => {}
                             }

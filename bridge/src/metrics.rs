@@ -33,11 +33,18 @@ pub struct BridgeMetrics {
     pub reconnects: Counter,
     /// Failed connection attempts and lost connections.
     pub connection_errors: Counter,
-    /// QoS 1 publishes handed to the cloud connection (resends after a reconnect included).
+    /// Outbox records handed to the cloud connection, alone or in batches (resends after a
+    /// reconnect included).
     pub sent: Counter,
+    /// Batch envelopes handed to the cloud connection.
+    pub batches: Counter,
+    /// Payload bytes of the messages in those batches, before the envelope and compression.
+    pub batch_raw_bytes: Counter,
+    /// Bytes of those envelopes as sent (after compression).
+    pub batch_sent_bytes: Counter,
     /// Of `sent`, records appended before the current connection came up (backlog replay).
     pub replayed: Counter,
-    /// PUBACKs received from the cloud broker for outbox records.
+    /// Outbox records whose publish (alone or in a batch) the cloud broker acknowledged.
     pub acked: Counter,
     /// Messages received from the cloud broker.
     pub received: Counter,
@@ -88,8 +95,23 @@ impl BridgeMetrics {
         );
         registry.register(
             "bridge_sent_messages",
-            "QoS 1 publishes handed to the cloud connection, resends included",
+            "Outbox records handed to the cloud connection, alone or in batches, resends included",
             self.sent.clone(),
+        );
+        registry.register(
+            "bridge_batches",
+            "Batch envelopes handed to the cloud connection",
+            self.batches.clone(),
+        );
+        registry.register(
+            "bridge_batch_raw_bytes",
+            "Payload bytes of the batched messages, before the envelope and compression",
+            self.batch_raw_bytes.clone(),
+        );
+        registry.register(
+            "bridge_batch_sent_bytes",
+            "Bytes of the batch envelopes as sent, after compression",
+            self.batch_sent_bytes.clone(),
         );
         registry.register(
             "bridge_replayed_messages",
@@ -98,7 +120,7 @@ impl BridgeMetrics {
         );
         registry.register(
             "bridge_acked_messages",
-            "PUBACKs received from the cloud broker for outbox records",
+            "Outbox records whose publish (alone or in a batch) the cloud broker acknowledged",
             self.acked.clone(),
         );
         registry.register(
