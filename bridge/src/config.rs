@@ -14,9 +14,13 @@ pub struct BridgeConfig {
     /// Default `edgetwin-{node_id}`.
     #[serde(default)]
     pub client_id: Option<String>,
-    /// MQTT protocol version spoken to the cloud: `v4` (3.1.1). `v5` is not implemented yet.
+    /// MQTT protocol version spoken to the cloud: `v4` (3.1.1, the default) or `v5`.
     #[serde(default)]
     pub protocol: BridgeProtocol,
+    /// MQTT 5: how long the cloud broker keeps the node's session (its subscriptions and the
+    /// commands queued for it) while the node is away, seconds. Default 604800 (7 days).
+    #[serde(default = "default_session_expiry_s")]
+    pub session_expiry_s: u32,
     /// TLS files (PEM); used with `mqtts://`. Without `ca_file` the URL must be `mqtt://`.
     #[serde(default)]
     pub tls: Option<TlsFiles>,
@@ -80,7 +84,7 @@ pub enum BridgeProtocol {
     /// MQTT 3.1.1.
     #[default]
     V4,
-    /// MQTT 5 (not implemented yet: rejected by the config check).
+    /// MQTT 5.
     V5,
 }
 
@@ -187,6 +191,9 @@ pub struct ReconnectConfig {
     pub max_ms: u64,
 }
 
+fn default_session_expiry_s() -> u32 {
+    7 * 24 * 60 * 60
+}
 fn default_keep_alive_s() -> u16 {
     30
 }
@@ -322,8 +329,11 @@ impl BridgeConfig {
             }
             Err(e) => errors.push(format!("bridge.url: {e}")),
         }
-        if self.protocol == BridgeProtocol::V5 {
-            errors.push("bridge.protocol: v5 is not implemented yet; use v4".to_string());
+        if self.session_expiry_s == 0 {
+            errors.push(
+                "bridge.session_expiry_s: must be at least 1 (0 would end the session, and the commands queued for the node, at every disconnect)"
+                    .to_string(),
+            );
         }
         if let Some(id) = &self.client_id {
             if id.is_empty() || id.starts_with(' ') || id.len() > 256 {

@@ -74,6 +74,7 @@
 //! are re-read at every reconnect). Everything appended survives.
 
 pub mod batch;
+mod cloud;
 pub mod config;
 pub mod inflight;
 pub mod lanes;
@@ -86,8 +87,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
+use cloud::{Client, Down, Ev, Loop};
 use edgetwin_outbox::{Limits, NewRecord, Outbox, OverflowPolicy};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, MqttState, Outgoing, QoS};
+use rumqttc::QoS;
 use rumqttd::Forward;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
@@ -153,6 +155,8 @@ struct Shared {
     window: usize,
     /// Shutting down: open batches go now, not at their interval.
     flushing: std::sync::atomic::AtomicBool,
+    /// Named in the envelopes' MQTT 5 user properties.
+    node_id: String,
 }
 
 impl Shared {
@@ -215,7 +219,7 @@ impl Shared {
 pub struct Bridge {
     shared: Arc<Shared>,
     /// The cloud session, until [`Bridge::connect`] starts it.
-    session: Option<(Session, EventLoop)>,
+    session: Option<(Session, Loop)>,
     stop: CancellationToken,
     tap_stop: CancellationToken,
     tracker: TaskTracker,
@@ -333,20 +337,6 @@ pub fn start(
         topic: format!("{prefix}node/status"),
         boot_ms: now_ms(),
     };
-    let mut opts = MqttOptions::new(cfg.client_id(node_id), endpoint.host.clone(), endpoint.port);
-    // The cloud broker publishes this when the connection dies without a DISCONNECT (a crash,
-    // a lost link, a frozen node past 1.5 keep-alives): the node's presence says offline.
-    opts.set_last_will(rumqttc::LastWill::new(
-        presence.topic.clone(),
-        presence.payload(MapperState::Offline, Some("connection lost")),
-        QoS::AtLeastOnce,
-        true,
-    ));
-    opts.set_keep_alive(Duration::from_secs(u64::from(cfg.keep_alive_s)))
-        .set_clean_session(false)
-        .set_manual_acks(true)
-        .set_inflight(cfg.max_inflight_messages)
-        .set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
     let password = match (&cfg.password, &cfg.password_file) {
         (Some(p), _) => Some(p.clone()),
         (None, Some(f)) => Some(
@@ -355,20 +345,36 @@ pub fn start(
         ),
         (None, None) => None,
     };
-    if let Some(user) = &cfg.username {
-        opts.set_credentials(user.clone(), password.unwrap_or_default());
-    }
-    if endpoint.tls {
-        opts.set_transport(rumqttc::Transport::tls_with_config(tls_config(cfg)?));
-    }
     let window = usize::from(cfg.max_inflight_messages);
-    // Room for the whole window plus subscriptions and down-path acks, so `try_publish` within
-    // the window never finds the channel full.
-    let (client, mut eventloop) = AsyncClient::new(opts, window * 2 + 64);
-    let mut net = rumqttc::NetworkOptions::new();
-    net.set_tcp_nodelay(true);
-    net.set_connection_timeout(10);
-    eventloop.set_network_options(net);
+    let (client, eventloop) = cloud::connect(cloud::Settings {
+        protocol: cfg.protocol,
+        client_id: cfg.client_id(node_id),
+        host: endpoint.host.clone(),
+        port: endpoint.port,
+        keep_alive: Duration::from_secs(u64::from(cfg.keep_alive_s)),
+        window: cfg.max_inflight_messages,
+        max_packet_bytes: MAX_PACKET_BYTES,
+        credentials: cfg
+            .username
+            .clone()
+            .map(|u| (u, password.unwrap_or_default())),
+        tls: if endpoint.tls {
+            Some(tls_config(cfg)?)
+        } else {
+            None
+        },
+        // The cloud broker publishes this when the connection dies without a DISCONNECT (a
+        // crash, a lost link, a frozen node past 1.5 keep-alives): the node's presence says
+        // offline.
+        will: (
+            presence.topic.clone(),
+            presence.payload(MapperState::Offline, Some("connection lost")),
+        ),
+        session_expiry_s: cfg.session_expiry_s,
+        // Room for the whole window plus subscriptions and down-path acks, so `try_publish`
+        // within the window never finds the channel full.
+        capacity: window * 2 + 64,
+    });
 
     let shared = Arc::new(Shared {
         outbox,
@@ -380,6 +386,7 @@ pub fn start(
         space: Notify::new(),
         window,
         flushing: std::sync::atomic::AtomicBool::new(false),
+        node_id: node_id.to_string(),
     });
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -888,7 +895,7 @@ struct SenderConfig {
 /// Publishes outbox records, oldest first, within the in-flight window of the current connection.
 async fn run_sender(
     shared: Arc<Shared>,
-    client: AsyncClient,
+    client: Client,
     mut conn: watch::Receiver<ConnState>,
     cfg: SenderConfig,
     stop: CancellationToken,
@@ -1088,7 +1095,7 @@ fn send_tracked(
     shared: &Shared,
     epoch: u64,
     ticket: inflight::Ticket,
-    publish: impl FnOnce() -> Result<(), rumqttc::ClientError>,
+    publish: impl FnOnce() -> Result<(), cloud::Busy>,
 ) -> Sent<()> {
     let mut g = shared.inflight();
     if !g.is_current(epoch) {
@@ -1106,7 +1113,7 @@ fn send_tracked(
 
 fn send_one(
     shared: &Shared,
-    client: &AsyncClient,
+    client: &Client,
     epoch: u64,
     lane: Lane,
     r: edgetwin_outbox::Record,
@@ -1119,7 +1126,7 @@ fn send_one(
     let ticket = inflight::Ticket::One(lanes::tag(lane, r.seq));
     let (topic, payload) = (r.topic.clone(), r.payload.clone());
     match send_tracked(shared, epoch, ticket, || {
-        client.try_publish(topic, qos, r.retain, payload)
+        client.try_publish(topic, qos, r.retain, payload, None)
     }) {
         Sent::Yes => Sent::Yes,
         Sent::Lost => Sent::Lost,
@@ -1127,13 +1134,22 @@ fn send_one(
     }
 }
 
-fn send_batch(shared: &Shared, client: &AsyncClient, epoch: u64, b: batch::Ready) -> Sent<BulkOut> {
+fn send_batch(shared: &Shared, client: &Client, epoch: u64, b: batch::Ready) -> Sent<BulkOut> {
     let n = b.tags.len() as u64;
     let (raw, bytes) = (b.raw_bytes as u64, b.payload.len() as u64);
     let ticket = inflight::Ticket::Batch(b.tags.clone());
     let (topic, payload) = (b.topic.clone(), b.payload.clone());
+    // MQTT 5 only (dropped over 3.1.1, where the topic and zstd's magic number tell the same).
+    let mut user = vec![("edgetwin-node".to_string(), shared.node_id.clone())];
+    if let Some(enc) = b.compression.encoding() {
+        user.push(("content-encoding".to_string(), enc.to_string()));
+    }
+    let meta = cloud::Meta {
+        content_type: Some(batch::CONTENT_TYPE),
+        user,
+    };
     match send_tracked(shared, epoch, ticket, || {
-        client.try_publish(topic, QoS::AtLeastOnce, false, payload)
+        client.try_publish(topic, QoS::AtLeastOnce, false, payload, Some(&meta))
     }) {
         Sent::Yes => {
             let m = &shared.metrics;
@@ -1292,14 +1308,20 @@ async fn run_acker(shared: Arc<Shared>, mut acks: mpsc::UnboundedReceiver<u64>) 
 /// Publishes a retained state document (QoS 1) outside the outbox: its PUBACK releases no record.
 fn publish_untracked(
     shared: &Shared,
-    client: &AsyncClient,
+    client: &Client,
     topic: &str,
     payload: impl Into<Vec<u8>>,
-) -> Result<(), rumqttc::ClientError> {
+) -> Result<(), cloud::Busy> {
     // Queued under the same lock as the publish, so the session binds its packet id to no record.
     let mut g = shared.inflight();
     g.queue(inflight::Ticket::Untracked);
-    let r = client.try_publish(topic, QoS::AtLeastOnce, true, payload.into());
+    let r = client.try_publish(
+        topic.to_string(),
+        QoS::AtLeastOnce,
+        true,
+        payload.into(),
+        None,
+    );
     if r.is_err() {
         g.unqueue_last();
     }
@@ -1311,7 +1333,7 @@ fn publish_untracked(
 /// while offline is sent then, once, not queued).
 async fn run_state_feed(
     shared: Arc<Shared>,
-    client: AsyncClient,
+    client: Client,
     mut conn: watch::Receiver<ConnState>,
     mut doc: watch::Receiver<Option<Bytes>>,
     topic: String,
@@ -1348,7 +1370,7 @@ async fn run_state_feed(
 
 struct Session {
     shared: Arc<Shared>,
-    client: AsyncClient,
+    client: Client,
     conn: watch::Sender<ConnState>,
     acks: mpsc::UnboundedSender<u64>,
     inbound: mpsc::UnboundedSender<Inbound>,
@@ -1395,7 +1417,7 @@ impl Session {
         }
     }
 
-    async fn run(mut self, mut eventloop: EventLoop, stop: CancellationToken) {
+    async fn run(mut self, mut eventloop: Loop, stop: CancellationToken) {
         let mut connected_before = false;
         loop {
             let event = tokio::select! {
@@ -1403,19 +1425,18 @@ impl Session {
                 e = eventloop.poll() => e,
             };
             match event {
-                Ok(Event::Incoming(rumqttc::Packet::ConnAck(ack))) => {
+                Ok(Ev::ConnAck { session_present }) => {
                     let epoch = self.shared.inflight().on_connected();
                     // First on the new connection, before the sender queues anything of it.
                     self.publish_presence(MapperState::Online, None);
-                    let filters = self.down.iter().map(|f| {
-                        rumqttc::SubscribeFilter::new(
-                            format!("{}{f}", self.prefix),
-                            QoS::AtLeastOnce,
-                        )
-                    });
                     if !self.down.is_empty() {
+                        let filters = self
+                            .down
+                            .iter()
+                            .map(|f| format!("{}{f}", self.prefix))
+                            .collect();
                         if let Err(e) = self.client.try_subscribe_many(filters) {
-                            error!(error = %e, "cannot subscribe the cloud topics");
+                            error!(error = ?e, "cannot subscribe the cloud topics");
                         }
                     }
                     self.conn.send_replace(ConnState {
@@ -1431,34 +1452,51 @@ impl Session {
                     }
                     connected_before = true;
                     self.backoff.reset();
-                    info!(broker = %self.host, session_present = ack.session_present, "connected to the cloud broker");
+                    info!(broker = %self.host, session_present, "connected to the cloud broker");
                 }
-                Ok(Event::Incoming(rumqttc::Packet::PubAck(ack))) => {
-                    let ticket = self.shared.inflight().on_puback(ack.pkid);
+                Ok(Ev::PubAck { pkid, refused }) => {
+                    let ticket = self.shared.inflight().on_puback(pkid);
                     if let Some(ticket) = ticket {
                         let tags = ticket.tags();
-                        self.shared.metrics.acked.inc_by(tags.len() as u64);
+                        let n = tags.len() as u64;
+                        match &refused {
+                            None => {
+                                self.shared.metrics.acked.inc_by(n);
+                            }
+                            Some(why) if n > 0 => {
+                                // Sending it again would be refused again: released, counted.
+                                warn!(records = n, reason = %why, "the cloud broker refused a publish; its records are dropped");
+                                self.shared
+                                    .metrics
+                                    .outbox_dropped
+                                    .get_or_create(&metrics::ReasonLabels {
+                                        reason: metrics::CLOUD_REFUSED.to_string(),
+                                    })
+                                    .inc_by(n);
+                            }
+                            Some(why) => {
+                                warn!(reason = %why, "the cloud broker refused a state document")
+                            }
+                        }
                         for t in tags {
                             let _ = self.acks.send(*t);
                         }
                         self.shared.space.notify_one();
                     }
                 }
-                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                Ok(Ev::OutgoingPublish(pkid)) => {
                     if let Err(e) = self.shared.inflight().on_outgoing(pkid) {
                         error!(error = %e, "ack tracking out of step");
                     }
                 }
-                Ok(Event::Incoming(rumqttc::Packet::Publish(p))) => self.down(p),
+                Ok(Ev::Publish(p)) => self.down(p),
                 Ok(_) => {}
                 Err(e) => {
                     let lost = {
                         let mut g = self.shared.inflight();
                         // The outbox is the only retransmission queue: drop what rumqttc would
                         // resend (and any request queued since the failure) with the bindings.
-                        eventloop.clean();
-                        eventloop.pending.clear();
-                        eventloop.state = MqttState::new(self.window, true);
+                        eventloop.reset(self.window);
                         g.on_lost()
                     };
                     let was_connected = self.conn.borrow().connected;
@@ -1487,20 +1525,19 @@ impl Session {
             let _ = tokio::time::timeout(Duration::from_millis(500), async {
                 loop {
                     match eventloop.poll().await {
-                        Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                        Ok(Ev::OutgoingPublish(pkid)) => {
                             let _ = self.shared.inflight().on_outgoing(pkid);
                         }
-                        Ok(Event::Incoming(rumqttc::Packet::PubAck(ack))) => {
-                            match self.shared.inflight().on_puback(ack.pkid) {
-                                Some(inflight::Ticket::Untracked) => break,
-                                Some(t) => {
-                                    for tag in t.tags() {
-                                        let _ = self.acks.send(*tag);
-                                    }
+                        Ok(Ev::PubAck { pkid, .. }) => match self.shared.inflight().on_puback(pkid)
+                        {
+                            Some(inflight::Ticket::Untracked) => break,
+                            Some(t) => {
+                                for tag in t.tags() {
+                                    let _ = self.acks.send(*tag);
                                 }
-                                None => {}
                             }
-                        }
+                            None => {}
+                        },
                         Err(_) => break,
                         _ => {}
                     }
@@ -1511,7 +1548,7 @@ impl Session {
             let _ = tokio::time::timeout(Duration::from_millis(500), async {
                 loop {
                     match eventloop.poll().await {
-                        Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                        Ok(Ev::OutgoingDisconnect) | Err(_) => break,
                         _ => {}
                     }
                 }
@@ -1523,23 +1560,23 @@ impl Session {
     }
 
     /// A message from the cloud: hand it over; PUBACK once it took effect.
-    fn down(&self, p: rumqttc::Publish) {
+    fn down(&self, p: Down) {
         self.shared.metrics.received.inc();
         let epoch = self.shared.inflight().epoch();
-        let local = p
-            .topic
+        let cloud_topic = p.topic();
+        let local = cloud_topic
             .strip_prefix(self.prefix.as_str())
             .filter(|t| !t.is_empty())
             .map(str::to_string);
         let Some(topic) = local else {
-            warn!(topic = %p.topic, "ignoring a cloud message outside the prefix");
+            warn!(topic = %cloud_topic, "ignoring a cloud message outside the prefix");
             let _ = self.client.try_ack(&p);
             return;
         };
         debug!(topic = %topic, "message from the cloud");
         let (payload, refused) = match &self.verifier {
-            None => (p.payload.clone(), None),
-            Some(v) => match v.open(&p.topic, &p.payload, now_ms()) {
+            None => (p.payload(), None),
+            Some(v) => match v.open(&cloud_topic, &p.payload(), now_ms()) {
                 Ok(msg) => (Bytes::from(msg), None),
                 Err(r) => {
                     warn!(topic = %topic, reason = r.reason(), error = %r, "cloud message refused: signatures are required");
@@ -1550,7 +1587,7 @@ impl Session {
                             reason: r.reason().to_string(),
                         })
                         .inc();
-                    (p.payload.clone(), Some(r.to_string()))
+                    (p.payload(), Some(r.to_string()))
                 }
             },
         };

@@ -21,6 +21,9 @@ pub struct ReasonLabels {
 
 /// The `reason` label of records lost because the outbox could not store them.
 pub const APPEND_FAILED: &str = "append_failed";
+/// The `reason` label of records the cloud broker refused (an MQTT 5 PUBACK with a failure
+/// reason code, e.g. not authorized): released from the outbox, not sent again.
+pub const CLOUD_REFUSED: &str = "cloud_refused";
 /// The `reason` label of records lost because the outbox file was damaged (counted at open).
 pub const DAMAGED: &str = "damaged";
 

@@ -799,3 +799,75 @@ fn bridge_batches_telemetry_into_compressed_envelopes_that_the_python_decoder_re
         envelopes.len()
     );
 }
+
+#[test]
+fn bridge_over_mqtt_5_keeps_its_session_and_labels_its_envelopes() {
+    let cloud = Mosquitto::start();
+    let extra = "  protocol: v5\n  session_expiry_s: 120\n  batch: {interval_ms: 200}\n";
+    let mut node = Node::start_with_config(&["v-1"], &bridge_yaml(cloud.port, extra));
+    wait_connected(&node, true);
+    assert!(
+        cloud
+            .log()
+            .lines()
+            .any(|l| l.contains("as edgetwin-test-node (p5")),
+        "the bridge connects with MQTT 5:\n{}",
+        cloud.log()
+    );
+    let status = format!("{PREFIX}node/status");
+    let state_is = |want: &'static str| {
+        move |v: Option<&serde_json::Value>| v.is_some_and(|v| v["state"] == want)
+    };
+    cloud
+        .retained_until(&status, Duration::from_secs(10), state_is("online"))
+        .expect("online at the cloud");
+
+    // An envelope carries its content type and encoding as MQTT 5 properties.
+    require("mosquitto_sub");
+    let sub = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &cloud.port.to_string(),
+            "-V",
+            "5",
+            "-q",
+            "1",
+        ])
+        .args(["-t", &format!("{PREFIX}dt/v-1/telemetry/batch")])
+        .args(["-C", "1", "-W", "20", "-F", "%C|%P|%x"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    publish_lines(node.port, "dt/v-1/telemetry", &telemetry(0..3, 0));
+    let out = sub.wait_with_output().unwrap();
+    let line = String::from_utf8(out.stdout).unwrap();
+    let mut parts = line.trim().splitn(3, '|');
+    let (ctype, props, hex) = (
+        parts.next().unwrap(),
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(""),
+    );
+    assert_eq!(ctype, "application/vnd.edgetwin.batch.v1+json", "{line}");
+    assert!(props.contains("content-encoding:zstd"), "{props}");
+    assert!(props.contains("edgetwin-node:test-node"), "{props}");
+    let payload: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect();
+    let (topic, messages) = edgetwin_bridge::batch::decode(&payload).unwrap();
+    assert_eq!(topic, "dt/v-1/telemetry");
+    assert_eq!(messages.len(), 3);
+
+    // The session outlives the node: a patch the cloud queued while it was dead is applied.
+    node.kill9();
+    cloud
+        .retained_until(&status, Duration::from_secs(10), state_is("offline"))
+        .expect("the will says offline");
+    cloud.pub_(&format!("{PREFIX}dt/v-1/desired"), r#"{"setpoint": 17.5}"#);
+    node.restart();
+    let twin = node.twin_until("v-1", |t| t["desired"]["setpoint"] == 17.5);
+    assert_eq!(twin["desired"]["setpoint"], 17.5);
+}

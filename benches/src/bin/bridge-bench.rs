@@ -1,6 +1,8 @@
 //! `bridge-bench`: drain rate of the upstream bridge after an outage, edgetwin's store-and-forward
-//! bridge beside Mosquitto's own bridge forwarding the same load in the same run, and upstream
-//! bytes per telemetry point (one JSON message per point vs 100 points per message).
+//! bridge (one message per message, and with `bridge.batch`) beside Mosquitto's own bridge
+//! forwarding the same load in the same run, and upstream bytes per telemetry point on a fixed
+//! corpus (`benches/data/meter-telemetry.jsonl`: a three-phase meter's 20 properties read every
+//! second for 15 minutes), one message per point vs edgetwin's zstd envelopes.
 //!
 //! Topology for both systems (everything on 127.0.0.1, free ports):
 //!
@@ -40,9 +42,9 @@ struct Args {
     /// Messages published at the edge during the outage.
     #[arg(long, default_value_t = 20_000)]
     messages: usize,
-    /// Points per message in the batched variant of the bytes-per-point figure.
-    #[arg(long, default_value_t = 100)]
-    batch: usize,
+    /// Skip the bytes-per-point runs (drain only).
+    #[arg(long)]
+    no_corpus: bool,
     /// edgetwin's `bridge.replay_max_msgs_per_s` (0 = unpaced, the drain at full speed).
     #[arg(long, default_value_t = 0)]
     replay_rate: u32,
@@ -194,9 +196,11 @@ async fn cloud_subscriber(
                 }
                 // Only telemetry: the node's presence and health documents (`{"ts": ...}` too)
                 // arrive under the same prefix, at the first connection, long before the drain.
-                Ok(Event::Incoming(Packet::Publish(p))) if p.topic.ends_with("/telemetry") => {
+                Ok(Event::Incoming(Packet::Publish(p)))
+                    if p.topic.ends_with("/telemetry") || p.topic.ends_with("/telemetry/batch") =>
+                {
                     let now = Instant::now();
-                    let ids = point_ids(&p.payload);
+                    let ids = point_ids(&p.topic, &p.payload);
                     let mut a = sink.lock().unwrap_or_else(|e| e.into_inner());
                     for id in ids {
                         if a.seen.insert(id) {
@@ -215,16 +219,21 @@ async fn cloud_subscriber(
     Ok((arrivals, task))
 }
 
-/// The point ids in a payload: `{"ts": id, ...}` or `{"points": [{"ts": id, ...}, ...]}`.
-fn point_ids(payload: &[u8]) -> Vec<u64> {
+/// The point ids in a payload: `{"ts": id, ...}`, or an edgetwin envelope of such messages.
+fn point_ids(topic: &str, payload: &[u8]) -> Vec<u64> {
+    if topic.ends_with(edgetwin_bridge::batch::TOPIC_SUFFIX) {
+        return match edgetwin_bridge::batch::decode(payload) {
+            Ok((_, messages)) => messages.iter().filter_map(|m| m["ts"].as_u64()).collect(),
+            Err(e) => {
+                eprintln!("{topic}: {e}");
+                Vec::new()
+            }
+        };
+    }
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
         return Vec::new();
     };
-    if let Some(points) = v["points"].as_array() {
-        points.iter().filter_map(|p| p["ts"].as_u64()).collect()
-    } else {
-        v["ts"].as_u64().into_iter().collect()
-    }
+    v["ts"].as_u64().into_iter().collect()
 }
 
 fn one_point(id: u64) -> String {
@@ -234,19 +243,11 @@ fn one_point(id: u64) -> String {
     )
 }
 
-fn batch_of(ids: std::ops::Range<u64>) -> String {
-    let points: Vec<String> = ids
-        .map(|id| {
-            format!(
-                r#"{{"ts":{id},"values":{{"temperature":{:.1}}}}}"#,
-                20.0 + (id % 50) as f64 / 10.0
-            )
-        })
-        .collect();
-    format!(r#"{{"points":[{}]}}"#, points.join(","))
-}
+/// The bytes-per-point corpus: one telemetry message per line, as the SDK publishes them.
+const CORPUS: &str = include_str!("../../data/meter-telemetry.jsonl");
+/// The corpus's device.
+const CORPUS_TOPIC: &str = "dt/meter-1/telemetry";
 
-/// Publishes `payloads` (device i % 10) at QoS 1 and waits for every PUBACK.
 /// One QoS 1 message, acknowledged by the edge broker.
 async fn publish_one(edge: SocketAddr, topic: &str, payload: &str) -> Result<()> {
     let (client, mut el) = loadgen::connect("bench-live", edge, INFLIGHT).await?;
@@ -266,12 +267,12 @@ async fn publish_one(edge: SocketAddr, topic: &str, payload: &str) -> Result<()>
     Ok(())
 }
 
-async fn publish_all(edge: SocketAddr, payloads: Vec<String>) -> Result<()> {
+/// Publishes `(topic, payload)` pairs at QoS 1 and waits for every PUBACK.
+async fn publish_all(edge: SocketAddr, payloads: Vec<(String, String)>) -> Result<()> {
     let (client, mut el) = loadgen::connect("bench-publisher", edge, INFLIGHT).await?;
     let total = payloads.len();
     let producer = tokio::spawn(async move {
-        for (i, p) in payloads.into_iter().enumerate() {
-            let topic = format!("dt/dev-{}/telemetry", i % 10);
+        for (topic, p) in payloads {
             if client
                 .publish(topic, QoS::AtLeastOnce, false, p)
                 .await
@@ -353,9 +354,10 @@ fn start_edgetwin(
     bin: &Path,
     dir: &Path,
     proxy: SocketAddr,
-    replay_rate: u32,
-    window: u16,
+    args: &Args,
+    batch: Option<&str>,
 ) -> Result<(ChildGuard, SocketAddr, SocketAddr)> {
+    let (replay_rate, window) = (args.replay_rate, args.window);
     let ports = procs::free_ports(3)?;
     let data = dir.join("data");
     std::fs::create_dir_all(&data)?;
@@ -380,6 +382,9 @@ fn start_edgetwin(
     writeln!(t, "  max_inflight_messages: {window}")?;
     writeln!(t, "  replay_max_msgs_per_s: {replay_rate}")?;
     writeln!(t, "  reconnect: {{initial_ms: 100, max_ms: 1000}}")?;
+    if let Some(b) = batch {
+        writeln!(t, "  batch: {b}")?;
+    }
     std::fs::write(&conf, t)?;
     let mut cmd = Command::new(bin);
     cmd.arg("serve").arg("--config").arg(&conf);
@@ -427,47 +432,101 @@ fn start_mosquitto_bridge(
     Ok((child, addr))
 }
 
+/// One run: an edge (edgetwin with a `bridge.batch` setting, or Mosquitto's bridge) and what
+/// is measured through it.
+struct Variant {
+    name: &'static str,
+    edgetwin: bool,
+    /// edgetwin's `bridge.batch` (flow YAML), `None` = off.
+    batch: Option<&'static str>,
+    drain: bool,
+    corpus: bool,
+}
+
+/// The runs, in order. The corpus is published as fast as the edge takes it, so a batch's size
+/// is set by `max_messages`: 10 and 60 are what a 10 s and a 60 s interval hold at the meter's
+/// 1 s cadence (the interval itself is longer than the run, so it never splits a batch).
+const VARIANTS: &[Variant] = &[
+    Variant {
+        name: "edgetwin",
+        edgetwin: true,
+        batch: None,
+        drain: true,
+        corpus: true,
+    },
+    Variant {
+        name: "edgetwin batched (defaults)",
+        edgetwin: true,
+        batch: Some("{}"),
+        drain: true,
+        corpus: false,
+    },
+    Variant {
+        name: "edgetwin batched, 10 s at 1 s",
+        edgetwin: true,
+        batch: Some("{max_messages: 10, interval_ms: 600000}"),
+        drain: false,
+        corpus: true,
+    },
+    Variant {
+        name: "edgetwin batched, 60 s at 1 s",
+        edgetwin: true,
+        batch: Some("{max_messages: 60, interval_ms: 600000}"),
+        drain: false,
+        corpus: true,
+    },
+    Variant {
+        name: "mosquitto-bridge",
+        edgetwin: false,
+        batch: None,
+        drain: true,
+        corpus: true,
+    },
+];
+
 struct Outcome {
     system: &'static str,
+    drain: Option<Drain>,
+    /// Upstream bytes per corpus point (MQTT framing included).
+    corpus_bytes_per_point: Option<f64>,
+}
+
+struct Drain {
     to_first: Duration,
     /// From publishing a status message a tenth into the drain to its arrival at the cloud.
     live_latency: Option<Duration>,
-    drain: Duration,
+    took: Duration,
     duplicates: usize,
     up_bytes_per_msg: f64,
-    batched_bytes_per_point: Option<f64>,
 }
 
 async fn run_one(
-    which: &'static str,
+    v: &Variant,
     args: &Args,
     mosquitto_bin: &Path,
     edgetwin_bin: Option<&Path>,
 ) -> Result<Outcome> {
+    let which = v.name;
     let dir = tempfile::tempdir()?;
     let cloud = procs::Mosquitto::start(mosquitto_bin, dir.path(), QUEUES)?;
     let proxy = Proxy::start(cloud.addr).await?;
     let (arrivals, sub_task) = cloud_subscriber(cloud.addr).await?;
-    let (edge, edge_addr) = match which {
-        "edgetwin" => {
-            let bin = edgetwin_bin.context("no edgetwin binary")?;
-            let (child, mqtt, http) =
-                start_edgetwin(bin, dir.path(), proxy.addr, args.replay_rate, args.window)?;
-            (
-                Edge::Edgetwin {
-                    _child: child,
-                    http,
-                },
-                mqtt,
-            )
-        }
-        _ => {
-            let (child, addr) =
-                start_mosquitto_bridge(mosquitto_bin, dir.path(), proxy.addr, args.window)?;
-            (Edge::Mosquitto { _child: child }, addr)
-        }
+    let (edge, edge_addr) = if v.edgetwin {
+        let bin = edgetwin_bin.context("no edgetwin binary")?;
+        let (child, mqtt, http) = start_edgetwin(bin, dir.path(), proxy.addr, args, v.batch)?;
+        (
+            Edge::Edgetwin {
+                _child: child,
+                http,
+            },
+            mqtt,
+        )
+    } else {
+        let (child, addr) =
+            start_mosquitto_bridge(mosquitto_bin, dir.path(), proxy.addr, args.window)?;
+        (Edge::Mosquitto { _child: child }, addr)
     };
-    // Bridge up, then the outage.
+    // Bridge up first.
     match &edge {
         Edge::Edgetwin { http, .. } => {
             wait_metric(*http, "edgetwin_bridge_connected", |v| v == 1.0).await?
@@ -483,16 +542,74 @@ async fn run_one(
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
+    let drain = if v.drain {
+        Some(drain_after_outage(which, args, &proxy, &edge, edge_addr, &arrivals).await?)
+    } else {
+        None
+    };
+    let corpus_bytes_per_point = if v.corpus && !args.no_corpus {
+        let lines: Vec<(String, String)> = CORPUS
+            .lines()
+            .map(|l| (CORPUS_TOPIC.to_string(), l.to_string()))
+            .collect();
+        let points = lines.len();
+        let before = arrivals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .seen
+            .len();
+        proxy.up_bytes.store(0, Ordering::SeqCst);
+        publish_all(edge_addr, lines).await?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while arrivals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .seen
+            .len()
+            < before + points
+        {
+            if Instant::now() > deadline {
+                bail!("{which}: the corpus did not all arrive");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Some(proxy.up_bytes.load(Ordering::SeqCst) as f64 / points as f64)
+    } else {
+        None
+    };
+    sub_task.abort();
+    drop(edge);
+    drop(cloud);
+    Ok(Outcome {
+        system: which,
+        drain,
+        corpus_bytes_per_point,
+    })
+}
+
+/// Cuts the link, queues `args.messages` at the edge, heals it and times the drain.
+async fn drain_after_outage(
+    which: &str,
+    args: &Args,
+    proxy: &Proxy,
+    edge: &Edge,
+    edge_addr: SocketAddr,
+    arrivals: &Mutex<Arrivals>,
+) -> Result<Drain> {
     proxy.cut();
-    match &edge {
+    match edge {
         Edge::Edgetwin { http, .. } => {
             wait_metric(*http, "edgetwin_bridge_connected", |v| v == 0.0).await?
         }
         Edge::Mosquitto { .. } => tokio::time::sleep(Duration::from_millis(500)).await,
     }
     let n = args.messages;
-    publish_all(edge_addr, (0..n as u64).map(one_point).collect()).await?;
-    if let Edge::Edgetwin { http, .. } = &edge {
+    let payloads = (0..n as u64)
+        .map(|i| (format!("dt/dev-{}/telemetry", i % 10), one_point(i)))
+        .collect();
+    publish_all(edge_addr, payloads).await?;
+    if let Edge::Edgetwin { http, .. } = edge {
         wait_metric(*http, "edgetwin_outbox_records", |v| v >= n as f64).await?;
     }
     proxy.up_bytes.store(0, Ordering::SeqCst);
@@ -524,7 +641,7 @@ async fn run_one(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (to_first, drain, duplicates) = {
+    let (to_first, took, duplicates) = {
         let a = arrivals.lock().unwrap_or_else(|e| e.into_inner());
         let first = a.first.context("no arrival")?;
         let last = a.last.context("no arrival")?;
@@ -547,51 +664,12 @@ async fn run_one(
     // Let PUBACK-side traffic settle before reading the byte counter.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let up_bytes_per_msg = proxy.up_bytes.load(Ordering::SeqCst) as f64 / n as f64;
-
-    // Batched points through the same (connected) bridge.
-    let batched_bytes_per_point = if args.batch > 1 {
-        let before_seen = arrivals
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .seen
-            .len();
-        let base = 1_000_000_000u64;
-        let messages = n.div_ceil(args.batch).max(1);
-        let points = (messages * args.batch) as u64;
-        proxy.up_bytes.store(0, Ordering::SeqCst);
-        let payloads: Vec<String> = (0..messages as u64)
-            .map(|m| batch_of(base + m * args.batch as u64..base + (m + 1) * args.batch as u64))
-            .collect();
-        publish_all(edge_addr, payloads).await?;
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while arrivals
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .seen
-            .len()
-            < before_seen + points as usize
-        {
-            if Instant::now() > deadline {
-                bail!("{which}: batched points did not all arrive");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        Some(proxy.up_bytes.load(Ordering::SeqCst) as f64 / points as f64)
-    } else {
-        None
-    };
-    sub_task.abort();
-    drop(edge);
-    drop(cloud);
-    Ok(Outcome {
-        system: which,
+    Ok(Drain {
         to_first,
         live_latency,
-        drain,
+        took,
         duplicates,
         up_bytes_per_msg,
-        batched_bytes_per_point,
     })
 }
 
@@ -600,12 +678,18 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let mosquitto = procs::find_mosquitto(args.mosquitto.as_deref());
     let edgetwin = procs::find_edgetwin(args.edgetwin.as_deref());
-    let mut outcomes = Vec::new();
-    match &edgetwin {
-        Ok(bin) => outcomes.push(run_one("edgetwin", &args, &mosquitto, Some(bin)).await?),
-        Err(e) => eprintln!("note: {e:#}; measuring Mosquitto's bridge only"),
+    if let Err(e) = &edgetwin {
+        eprintln!("note: {e:#}; measuring Mosquitto's bridge only");
     }
-    outcomes.push(run_one("mosquitto-bridge", &args, &mosquitto, None).await?);
+    let mut outcomes = Vec::new();
+    for v in VARIANTS {
+        let bin = match (&edgetwin, v.edgetwin) {
+            (Err(_), true) => continue,
+            (Ok(b), true) => Some(b.as_path()),
+            (_, false) => None,
+        };
+        outcomes.push(run_one(v, &args, &mosquitto, bin).await?);
+    }
 
     let n = args.messages;
     println!(
@@ -625,48 +709,54 @@ async fn main() -> Result<()> {
         "heal -> first msg",
         "drain time",
         "drain rate",
+        "vs mosquitto-bridge",
         "live msg during drain",
         "dup",
         "upstream B/msg",
     ]);
+    let rate = |d: &Drain| n as f64 / d.took.as_secs_f64().max(1e-9);
+    let mosquitto_rate = outcomes
+        .iter()
+        .find(|o| o.system == "mosquitto-bridge")
+        .and_then(|o| o.drain.as_ref())
+        .map(rate);
     for o in &outcomes {
+        let Some(d) = &o.drain else { continue };
         t.row(vec![
             o.system.to_string(),
-            format!("{:.0} ms", o.to_first.as_secs_f64() * 1000.0),
-            format!("{:.0} ms", o.drain.as_secs_f64() * 1000.0),
-            format!("{:.0} msg/s", n as f64 / o.drain.as_secs_f64().max(1e-9)),
-            o.live_latency.map_or("-".to_string(), |d| {
-                format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+            format!("{:.0} ms", d.to_first.as_secs_f64() * 1000.0),
+            format!("{:.0} ms", d.took.as_secs_f64() * 1000.0),
+            format!("{:.0} msg/s", rate(d)),
+            mosquitto_rate.map_or("-".into(), |m| ratio(rate(d), m)),
+            d.live_latency.map_or("-".to_string(), |l| {
+                format!("{:.0} ms", l.as_secs_f64() * 1000.0)
             }),
-            o.duplicates.to_string(),
-            format!("{:.1}", o.up_bytes_per_msg),
+            d.duplicates.to_string(),
+            format!("{:.1}", d.up_bytes_per_msg),
         ]);
     }
     print!("{}", t.render());
-    if let [e, m] = &outcomes[..] {
-        let re = n as f64 / e.drain.as_secs_f64().max(1e-9);
-        let rm = n as f64 / m.drain.as_secs_f64().max(1e-9);
-        println!(
-            "\ndrain rate edgetwin / mosquitto-bridge: {}",
-            ratio(re, rm)
-        );
+    if args.no_corpus {
+        return Ok(());
     }
+    let points = CORPUS.lines().count();
     println!(
-        "\nupstream bytes per telemetry point (bridge -> cloud, MQTT framing included; batches of {} points are built by the producer, the bridge forwards them as is):",
-        args.batch
+        "\nupstream bytes per telemetry point (bridge -> cloud, MQTT framing included): {points} messages of benches/data/meter-telemetry.jsonl (a meter's 20 properties, 1 s apart, ~{} B each)",
+        CORPUS.len() / points.max(1)
     );
-    let mut b = Table::new(&["system", "1 point per message", "batched", "saving"]);
+    let mut b = Table::new(&["system", "B/point", "vs mosquitto-bridge"]);
+    let base = outcomes
+        .iter()
+        .find(|o| o.system == "mosquitto-bridge")
+        .and_then(|o| o.corpus_bytes_per_point);
     for o in &outcomes {
-        let batched = o.batched_bytes_per_point;
+        let Some(v) = o.corpus_bytes_per_point else {
+            continue;
+        };
         b.row(vec![
             o.system.to_string(),
-            format!("{:.1} B", o.up_bytes_per_msg),
-            batched
-                .map(|v| format!("{v:.1} B"))
-                .unwrap_or_else(|| "-".into()),
-            batched
-                .map(|v| ratio(o.up_bytes_per_msg, v))
-                .unwrap_or_else(|| "-".into()),
+            format!("{v:.1}"),
+            base.map_or("-".into(), |m| ratio(v, m)),
         ]);
     }
     print!("{}", b.render());
