@@ -78,7 +78,7 @@ pub enum Ev {
 
 /// The event loop half.
 pub enum Loop {
-    V4(rumqttc::EventLoop),
+    V4(Box<rumqttc::EventLoop>),
     V5(Box<rumqttc::v5::EventLoop>),
 }
 
@@ -128,7 +128,7 @@ pub fn connect(s: Settings) -> (Client, Loop) {
             }
             let (c, mut el) = rumqttc::AsyncClient::new(o, s.capacity);
             el.set_network_options(net);
-            (Client::V4(c), Loop::V4(el))
+            (Client::V4(c), Loop::V4(Box::new(el)))
         }
         BridgeProtocol::V5 => {
             let mut o = rumqttc::v5::MqttOptions::new(s.client_id, s.host, s.port);
