@@ -46,6 +46,17 @@
 //! in-flight window (`max_inflight_messages`) never exceeds rumqttc's, so no packet-id collision
 //! reorders anything.
 //!
+//! # Batching
+//! With `bridge.batch`, the sender hands bulk records of batched topics to a [`batch::Batcher`]
+//! instead of publishing them: one envelope per topic goes when it is full, when its interval
+//! passed and nothing more is waiting to be read, or at shutdown. Its in-flight ticket holds
+//! every record's tag, so its PUBACK acks them all; a lost connection drops open batches with
+//! everything else, and the records are read again. The outbox never sees a batch.
+//!
+//! # MQTT version
+//! The `cloud` module puts rumqttc's 3.1.1 and 5 clients behind one surface (`bridge.protocol`); the
+//! rest of the bridge does not know which one runs.
+//!
 //! # Replay pacing
 //! Bulk records appended before the current connection came up are the *backlog*. By default it
 //! drains unpaced, as fast as the cloud acknowledges; `replay_max_msgs_per_s` caps it (token
