@@ -871,3 +871,36 @@ fn bridge_over_mqtt_5_keeps_its_session_and_labels_its_envelopes() {
     let twin = node.twin_until("v-1", |t| t["desired"]["setpoint"] == 17.5);
     assert_eq!(twin["desired"]["setpoint"], 17.5);
 }
+
+#[test]
+fn bridge_over_mqtt_5_drops_and_counts_what_the_cloud_refuses_instead_of_resending_it() {
+    // The cloud's ACL refuses this node's telemetry; MQTT 5 says so in the PUBACK.
+    let cloud = Mosquitto::start_with_acl(Some(
+        "topic readwrite #\ntopic deny edgetwin/test-node/dt/+/telemetry\n",
+    ));
+    let extra = "  protocol: v5\n";
+    let node = Node::start_with_config(&["r-1"], &bridge_yaml(cloud.port, extra));
+    wait_connected(&node, true);
+    publish_lines(node.port, "dt/r-1/telemetry", &telemetry(0..5, 0));
+    metric_until(
+        &node,
+        r#"edgetwin_outbox_dropped_records_total{reason="cloud_refused"}"#,
+        Duration::from_secs(15),
+        |v| v == 5.0,
+    );
+    metric_until(
+        &node,
+        "edgetwin_outbox_records",
+        Duration::from_secs(10),
+        |v| v == 0.0,
+    );
+    // What the cloud takes still goes: the twin document of a desired change arrives.
+    node.pub_("dt/r-1/desired", r#"{"setpoint": 12.5}"#);
+    cloud
+        .retained_until(
+            &format!("{PREFIX}dt/r-1/twin"),
+            Duration::from_secs(10),
+            |v| v.is_some_and(|v| v["desired"]["setpoint"] == 12.5),
+        )
+        .expect("the twin document reached the cloud");
+}

@@ -175,14 +175,24 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub fn start() -> Mosquitto {
+        Mosquitto::start_with_acl(None)
+    }
+
+    /// Started with `acl` as its `acl_file` (anonymous clients get its `topic` lines).
+    pub fn start_with_acl(acl: Option<&str>) -> Mosquitto {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let conf = format!(
+        let mut conf = format!(
             "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {dir}/\n\
              autosave_interval 1\nmax_queued_messages 1000000\nmax_inflight_messages 100\nset_tcp_nodelay true\n\
              log_dest file {dir}/mosquitto.log\n",
             dir = dir.path().display()
         );
+        if let Some(acl) = acl {
+            let file = dir.path().join("acl");
+            std::fs::write(&file, acl).unwrap();
+            conf.push_str(&format!("acl_file {}\n", file.display()));
+        }
         std::fs::write(dir.path().join("mosquitto.conf"), conf).unwrap();
         // Started as root, Mosquitto drops to its own user, which must still write its files.
         {
