@@ -56,6 +56,54 @@ struct Args {
     /// different roots.
     #[arg(long, default_value = "fleet/")]
     root: String,
+    /// Full nodes (`edgetwin serve` processes, one device each) beside the simulated ones, each
+    /// sent a tenth of the desired patches' share.
+    #[arg(long, default_value_t = 3)]
+    full_nodes: usize,
+    /// The edgetwin binary for the full nodes (default: next to this program).
+    #[arg(long)]
+    edgetwin: Option<PathBuf>,
+}
+
+/// Starts full node `full-{i}`: the real daemon with one profile device (`bench-0`), bridged to
+/// the cloud under `{root}full-{i}/` with the default routes.
+fn start_full_node(
+    i: usize,
+    bin: &std::path::Path,
+    dir: &std::path::Path,
+    root: &str,
+    cloud: std::net::SocketAddr,
+) -> Result<procs::ChildGuard> {
+    use std::fmt::Write as _;
+    let node = format!("full-{i}");
+    let base = dir.join(&node);
+    let devices = base.join("devices");
+    std::fs::create_dir_all(&devices)?;
+    std::fs::write(devices.join("bench.yaml"), procs::thermostat_profile(1))?;
+    let ports = procs::free_ports(3)?;
+    let mut t = String::new();
+    writeln!(t, "node_id: {node}")?;
+    writeln!(t, "data_dir: {}", base.join("data").display())?;
+    writeln!(t, "devices_dir: {}", devices.display())?;
+    writeln!(
+        t,
+        "mqtt: {{listen: 127.0.0.1:{}, listen_v5: 127.0.0.1:{}}}",
+        ports[0], ports[1]
+    )?;
+    writeln!(t, "http: {{listen: 127.0.0.1:{}}}", ports[2])?;
+    writeln!(
+        t,
+        "bridge: {{url: mqtt://{cloud}, topic_prefix: {root}{node}/}}"
+    )?;
+    let conf = base.join("edgetwin.yaml");
+    std::fs::write(&conf, t)?;
+    let mut cmd = std::process::Command::new(bin);
+    cmd.arg("serve").arg("--config").arg(&conf);
+    cmd.env("EDGETWIN_LOG", "warn");
+    let mut child = procs::ChildGuard::spawn(&node, cmd, &base.join("edgetwin.log"))?;
+    let http = std::net::SocketAddr::from(([127, 0, 0, 1], ports[2]));
+    procs::wait_ready(&mut child, http, Duration::from_secs(30))?;
+    Ok(child)
 }
 
 const UP: [&str; 2] = ["dt/+/telemetry", "dt/+/desired/result"];
@@ -251,6 +299,19 @@ async fn main() -> Result<()> {
         offered: offered.clone(),
     };
     let started = Instant::now();
+    let full_bin = if args.full_nodes > 0 {
+        Some(procs::find_edgetwin(args.edgetwin.as_deref())?)
+    } else {
+        None
+    };
+    let mut full = Vec::new();
+    for i in 0..args.full_nodes {
+        let bin = full_bin.as_deref().context("no edgetwin binary")?;
+        full.push(
+            start_full_node(i, bin, dir.path(), &args.root, cloud_addr)
+                .with_context(|| format!("full node {i}"))?,
+        );
+    }
     for i in 0..args.nodes {
         start_node(i, &world)
             .await
@@ -260,13 +321,13 @@ async fn main() -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         let online = seen.lock().unwrap_or_else(|e| e.into_inner()).online.len();
-        if online >= args.nodes {
+        if online >= args.nodes + args.full_nodes {
             break;
         }
         if Instant::now() > deadline {
             bail!(
                 "only {online} of {} nodes online at the cloud after 300 s",
-                args.nodes
+                args.nodes + args.full_nodes
             );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -282,21 +343,27 @@ async fn main() -> Result<()> {
     let run_start = Instant::now();
     let cpu0 = cloud_pid.map(procs::cpu_secs).transpose()?;
     let mut sent: Vec<(String, Instant)> = Vec::with_capacity(args.commands);
+    let mut sent_full: Vec<(String, Instant)> = Vec::new();
     for k in 0..args.commands {
         let at = run_start + run.mul_f64(k as f64 / args.commands.max(1) as f64);
         tokio::time::sleep_until(at.into()).await;
-        let node = rand::rng().random_range(0..args.nodes);
         let id = format!("k-{k}");
         let patch = serde_json::json!({"$id": id, "setpoint": k});
-        observer
-            .publish(
-                format!("{}sim-{node}/dt/dev/desired", args.root),
-                QoS::AtLeastOnce,
-                false,
-                patch.to_string(),
+        // Every tenth patch goes to a full node (its twin service answers it after the commit).
+        let (topic, log) = if args.full_nodes > 0 && k % 10 == 0 {
+            let f = (k / 10) % args.full_nodes;
+            (
+                format!("{}full-{f}/dt/bench-0/desired", args.root),
+                &mut sent_full,
             )
+        } else {
+            let node = rand::rng().random_range(0..args.nodes);
+            (format!("{}sim-{node}/dt/dev/desired", args.root), &mut sent)
+        };
+        observer
+            .publish(topic, QoS::AtLeastOnce, false, patch.to_string())
             .await?;
-        sent.push((id, Instant::now()));
+        log.push((id, Instant::now()));
     }
     tokio::time::sleep_until((run_start + run).into()).await;
     let cpu = match (cloud_pid, cpu0) {
@@ -313,25 +380,36 @@ async fn main() -> Result<()> {
         let n = {
             let s = seen.lock().unwrap_or_else(|e| e.into_inner());
             sent.iter()
+                .chain(sent_full.iter())
                 .filter(|(id, _)| s.answers.contains_key(id))
                 .count()
         };
-        if n == sent.len() || Instant::now() > answer_deadline {
+        if n == sent.len() + sent_full.len() || Instant::now() > answer_deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut rtt: Vec<u64> = {
+    let rtts = |sent: &[(String, Instant)]| {
         let s = seen.lock().unwrap_or_else(|e| e.into_inner());
-        sent.iter()
+        let mut v: Vec<u64> = sent
+            .iter()
             .filter_map(|(id, at)| {
                 s.answers
                     .get(id)
                     .map(|t| t.saturating_duration_since(*at).as_nanos() as u64)
             })
-            .collect()
+            .collect();
+        Summary::from_nanos(&mut v)
     };
-    let rtt = Summary::from_nanos(&mut rtt);
+    let rtt = rtts(&sent);
+    let rtt_full = rtts(&sent_full);
+    // Full nodes still online at the end (their presence at the cloud).
+    let full_online = {
+        let s = seen.lock().unwrap_or_else(|e| e.into_inner());
+        (0..args.full_nodes)
+            .filter(|i| s.online.contains(&format!("full-{i}")))
+            .count()
+    };
     stop.cancel();
     tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(30), tracker.wait()).await;
@@ -340,8 +418,8 @@ async fn main() -> Result<()> {
 
     let secs = run.as_secs_f64();
     println!(
-        "fleet: {} bridges (edgetwin-bridge, durable outboxes) in one process -> one Mosquitto (cloud), all on 127.0.0.1",
-        args.nodes
+        "fleet: {} bridges (edgetwin-bridge, durable outboxes) in one process and {} full nodes (edgetwin serve) -> one Mosquitto (cloud), all on 127.0.0.1",
+        args.nodes, args.full_nodes
     );
     println!(
         "each node: telemetry every {} ms through the bridge's intake, answers desired patches; the cloud sends {} patches to random nodes over {} s\n",
@@ -377,6 +455,25 @@ async fn main() -> Result<()> {
             ms(rtt.max, rtt.count)
         ),
     ]);
+    if args.full_nodes > 0 {
+        t.row(vec![
+            "full nodes (edgetwin serve) online at the end".into(),
+            format!("{full_online} of {}", args.full_nodes),
+        ]);
+        t.row(vec![
+            "desired patches to full nodes answered".into(),
+            format!("{} of {}", rtt_full.count, sent_full.len()),
+        ]);
+        t.row(vec![
+            "full-node round trip p50 / p99 / max".into(),
+            format!(
+                "{} / {} / {}",
+                ms(rtt_full.p50, rtt_full.count),
+                ms(rtt_full.p99, rtt_full.count),
+                ms(rtt_full.max, rtt_full.count)
+            ),
+        ]);
+    }
     t.row(vec![
         "cloud Mosquitto CPU".into(),
         cpu.map_or("- (external broker)".into(), |c| {
@@ -417,6 +514,7 @@ async fn main() -> Result<()> {
             .map_or("-".to_string(), |c| procs::mib(c.rss_kib));
         println!("  {:>5.0}: {c:>10} {:>10}", o.secs, procs::mib(o.rss_kib));
     }
+    drop(full);
     drop(broker);
     Ok(())
 }
