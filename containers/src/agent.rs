@@ -114,6 +114,8 @@ pub struct Agent {
     backoff: BackoffPolicy,
     /// The agent's own restarts per declared container name.
     restarts: Mutex<BTreeMap<String, AgentRestarts>>,
+    /// The node the agent declares containers for (label `edgetwin.node`); `None`: unlabelled.
+    node: Option<String>,
 }
 
 impl Agent {
@@ -145,7 +147,45 @@ impl Agent {
             reconciling: tokio::sync::Mutex::new(()),
             backoff: BackoffPolicy::default(),
             restarts: Mutex::new(BTreeMap::new()),
+            node: None,
         }
+    }
+
+    /// Declares containers as node `node`'s (label `edgetwin.node`) and leaves every other
+    /// node's declared containers alone, so nodes sharing one runtime do not remove each
+    /// other's containers.
+    pub fn with_node(mut self, node: &str) -> Self {
+        self.node = Some(node.to_string());
+        self
+    }
+
+    /// The runtime's containers as this node sees them: another node's declared containers
+    /// lose their managed label here (in memory only), so the reconciler neither changes nor
+    /// reports them and a desired name they hold is a conflict.
+    fn as_seen(&self, mut all: Vec<ContainerInfo>) -> Vec<ContainerInfo> {
+        if let Some(node) = &self.node {
+            for c in all.iter_mut().filter(|c| c.declared_by_other(node)) {
+                c.labels.remove(crate::spec::LABEL_MANAGED);
+            }
+        }
+        all
+    }
+
+    /// `desired` with this node's label on every spec (the fingerprint leaves labels out, so
+    /// containers created before the label are not recreated for it).
+    fn labelled(
+        &self,
+        desired: &BTreeMap<String, DesiredContainer>,
+    ) -> BTreeMap<String, DesiredContainer> {
+        let mut d = desired.clone();
+        if let Some(node) = &self.node {
+            for c in d.values_mut() {
+                c.spec
+                    .labels
+                    .insert(crate::spec::LABEL_NODE.to_string(), node.clone());
+            }
+        }
+        d
     }
 
     /// Spaces the agent's own restarts of declared containers by `policy` (default
@@ -196,7 +236,7 @@ impl Agent {
         let _one_at_a_time = self.reconciling.lock().await;
         self.bump(|s| s.reconcile_runs += 1);
         let actual = match self.runtime.list().await {
-            Ok(a) => a,
+            Ok(a) => self.as_seen(a),
             Err(e) => {
                 self.bump(|s| s.reconcile_errors += 1);
                 tracing::warn!(error = %e, "reconcile: cannot read the container runtime");
@@ -215,7 +255,7 @@ impl Agent {
             crashloop::settle(&mut memory, desired, &actual, &self.backoff, now);
         }
         self.observe(&self.annotated(actual.clone(), now));
-        let actions = plan(desired, &actual);
+        let actions = plan(&self.labelled(desired), &actual);
         let mut outcomes = Vec::with_capacity(actions.len());
         let mut errors = BTreeMap::new();
         for action in &actions {
@@ -243,7 +283,7 @@ impl Agent {
         let failed = outcomes.iter().filter(|o| o.error.is_some()).count() as u64;
         self.bump(|s| s.reconcile_errors += failed);
         let (actual, error) = match self.runtime.list().await {
-            Ok(a) => (a, None),
+            Ok(a) => (self.as_seen(a), None),
             Err(e) => (actual, Some(e.to_string())),
         };
         let actual = self.annotated(actual, now_ms());
@@ -545,6 +585,37 @@ mod tests {
         assert_eq!((m.reconcile_runs, m.reconcile_errors), (1, 1));
         assert_eq!(m.containers_by_state[&ContainerState::Running], 1);
         assert_eq!(m.containers_by_state[&ContainerState::Created], 1);
+    }
+
+    #[tokio::test]
+    async fn agents_of_two_nodes_on_one_runtime_each_keep_their_own_containers() {
+        let fake = Arc::new(Fake::with_image("img"));
+        let (_da, a) = agent(fake.clone());
+        let (_db, b) = agent(fake.clone());
+        let (a, b) = (a.with_node("node-a"), b.with_node("node-b"));
+        let want = |name: &str| {
+            parse_desired(&json!({ name: {"image": "img", "state": "running"} })).unwrap()
+        };
+        a.reconcile(&want("x")).await;
+        let rep = b.reconcile(&want("y")).await;
+        // b neither removed a's container nor reports it.
+        let names: Vec<String> = fake.containers.lock().unwrap().keys().cloned().collect();
+        assert_eq!(names, vec!["x".to_string(), "y".to_string()]);
+        assert!(rep.reported.get("x").is_none(), "{}", rep.reported);
+        assert_eq!(
+            fake.containers.lock().unwrap()["y"].labels["edgetwin.node"],
+            "node-b"
+        );
+        // a name another node declared is a conflict, left alone.
+        let rep = b.reconcile(&want("x")).await;
+        assert!(rep.reported["x"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("declared by another node"));
+        let names: Vec<String> = fake.containers.lock().unwrap().keys().cloned().collect();
+        assert_eq!(names, vec!["x".to_string()], "b removed only its own y");
+        let rep = a.reconcile(&want("x")).await;
+        assert_eq!(rep.reported["x"]["state"], "running");
     }
 
     #[tokio::test]

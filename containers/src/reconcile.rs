@@ -155,7 +155,7 @@ pub fn plan(desired: &BTreeMap<String, DesiredContainer>, actual: &[ContainerInf
             actions.push(Action::Conflict {
                 name: name.clone(),
                 reason: format!(
-                    "the name {name} is taken by a container edgetwin does not manage (no label {LABEL_MANAGED}=true); remove or rename it"
+                    "the name {name} is taken by a container this node does not manage (without the label {LABEL_MANAGED}=true, or declared by another node); remove or rename it"
                 ),
             });
             continue;

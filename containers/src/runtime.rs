@@ -101,6 +101,15 @@ impl ContainerInfo {
         self.labels.get(LABEL_MANAGED).is_some_and(|v| v == "true")
     }
 
+    /// Whether another node's agent declared it (label `edgetwin.node` naming another node).
+    pub fn declared_by_other(&self, node: &str) -> bool {
+        self.managed()
+            && self
+                .labels
+                .get(crate::spec::LABEL_NODE)
+                .is_some_and(|n| n != node)
+    }
+
     /// The spec fingerprint it was created from (label `edgetwin.spec-hash`).
     pub fn spec_hash(&self) -> Option<&str> {
         self.labels.get(LABEL_SPEC_HASH).map(String::as_str)

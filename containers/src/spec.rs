@@ -21,6 +21,11 @@ use serde::Serialize;
 pub const LABEL_MANAGED: &str = "edgetwin.managed";
 /// Label holding [`ContainerSpec::fingerprint`] of the spec a container was created from.
 pub const LABEL_SPEC_HASH: &str = "edgetwin.spec-hash";
+/// Label naming the node whose agent declared a container. Two nodes on one runtime (a shared
+/// Docker host) each own only their own: a managed container of another node is left alone as if
+/// unmanaged. A managed container without it (created before the label existed) is taken as
+/// this node's.
+pub const LABEL_NODE: &str = "edgetwin.node";
 /// Label holding the id of the command that created a container (commands' `run`).
 pub const LABEL_COMMAND_ID: &str = "edgetwin.command-id";
 

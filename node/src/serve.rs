@@ -272,7 +272,8 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
             tokio::task::spawn_blocking(move || edgetwin_containers::Agent::new(runtime, dir))
                 .await
                 .context("container agent start-up panicked")?
-                .context("cannot start the container agent")?;
+                .context("cannot start the container agent")?
+                .with_node(cfg.node_id.as_str());
         let cmd = edgetwin_contract::Topic::ContainersCmd.to_topic_string();
         let (link, commands) = LocalClient::connect(
             &broker,
