@@ -355,7 +355,7 @@ fn start_edgetwin(
     dir: &Path,
     proxy: SocketAddr,
     args: &Args,
-    batch: Option<&str>,
+    v: &Variant,
 ) -> Result<(ChildGuard, SocketAddr, SocketAddr)> {
     let (replay_rate, window) = (args.replay_rate, args.window);
     let ports = procs::free_ports(3)?;
@@ -382,8 +382,11 @@ fn start_edgetwin(
     writeln!(t, "  max_inflight_messages: {window}")?;
     writeln!(t, "  replay_max_msgs_per_s: {replay_rate}")?;
     writeln!(t, "  reconnect: {{initial_ms: 100, max_ms: 1000}}")?;
-    if let Some(b) = batch {
+    if let Some(b) = v.batch {
         writeln!(t, "  batch: {b}")?;
+    }
+    if v.v5 {
+        writeln!(t, "  protocol: v5")?;
     }
     std::fs::write(&conf, t)?;
     let mut cmd = Command::new(bin);
@@ -439,6 +442,8 @@ struct Variant {
     edgetwin: bool,
     /// edgetwin's `bridge.batch` (flow YAML), `None` = off.
     batch: Option<&'static str>,
+    /// edgetwin's `bridge.protocol` is `v5`.
+    v5: bool,
     drain: bool,
     corpus: bool,
 }
@@ -451,6 +456,7 @@ const VARIANTS: &[Variant] = &[
         name: "edgetwin",
         edgetwin: true,
         batch: None,
+        v5: false,
         drain: true,
         corpus: true,
     },
@@ -458,6 +464,23 @@ const VARIANTS: &[Variant] = &[
         name: "edgetwin batched (defaults)",
         edgetwin: true,
         batch: Some("{}"),
+        v5: false,
+        drain: true,
+        corpus: false,
+    },
+    Variant {
+        name: "edgetwin over MQTT 5",
+        edgetwin: true,
+        batch: None,
+        v5: true,
+        drain: true,
+        corpus: false,
+    },
+    Variant {
+        name: "edgetwin batched over MQTT 5",
+        edgetwin: true,
+        batch: Some("{}"),
+        v5: true,
         drain: true,
         corpus: false,
     },
@@ -465,6 +488,7 @@ const VARIANTS: &[Variant] = &[
         name: "edgetwin batched, 10 s at 1 s",
         edgetwin: true,
         batch: Some("{max_messages: 10, interval_ms: 600000}"),
+        v5: false,
         drain: false,
         corpus: true,
     },
@@ -472,6 +496,7 @@ const VARIANTS: &[Variant] = &[
         name: "edgetwin batched, 60 s at 1 s",
         edgetwin: true,
         batch: Some("{max_messages: 60, interval_ms: 600000}"),
+        v5: false,
         drain: false,
         corpus: true,
     },
@@ -479,6 +504,7 @@ const VARIANTS: &[Variant] = &[
         name: "mosquitto-bridge",
         edgetwin: false,
         batch: None,
+        v5: false,
         drain: true,
         corpus: true,
     },
@@ -513,7 +539,7 @@ async fn run_one(
     let (arrivals, sub_task) = cloud_subscriber(cloud.addr).await?;
     let (edge, edge_addr) = if v.edgetwin {
         let bin = edgetwin_bin.context("no edgetwin binary")?;
-        let (child, mqtt, http) = start_edgetwin(bin, dir.path(), proxy.addr, args, v.batch)?;
+        let (child, mqtt, http) = start_edgetwin(bin, dir.path(), proxy.addr, args, v)?;
         (
             Edge::Edgetwin {
                 _child: child,
