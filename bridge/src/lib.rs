@@ -1284,10 +1284,46 @@ impl ReadAhead {
     }
 }
 
+/// Longest an ack stays deferred (committed without fsync): a crash replays at most this much of
+/// a drain upstream (duplicates, never losses), and redb reuses the freed pages after it.
+const ACK_SYNC_INTERVAL: Duration = Duration::from_millis(250);
+
 /// Acks released records in the outbox, everything that arrived since the last commit at once.
+/// Within [`ACK_SYNC_INTERVAL`] of a lane's last durable commit its acks are deferred: during a
+/// drain that is one fsync per lane every 250 ms instead of one per ack batch.
 async fn run_acker(shared: Arc<Shared>, mut acks: mpsc::UnboundedReceiver<u64>) {
+    use edgetwin_outbox::AckDurability;
     let mut buf = Vec::new();
-    while acks.recv_many(&mut buf, 8192).await > 0 {
+    let lanes = [Lane::Control, Lane::Bulk];
+    let mut synced_at = [Instant::now(); 2];
+    let mut deferred = [false; 2];
+    loop {
+        let due = (0..2)
+            .filter(|&i| deferred[i])
+            .map(|i| synced_at[i] + ACK_SYNC_INTERVAL)
+            .min();
+        let n = match due {
+            Some(at) => match tokio::time::timeout_at(at, acks.recv_many(&mut buf, 8192)).await {
+                Ok(n) => n,
+                Err(_) => {
+                    // Quiet: make the deferred acks durable now.
+                    for i in 0..2 {
+                        if deferred[i] {
+                            sync_lane(&shared, lanes[i]).await;
+                            (synced_at[i], deferred[i]) = (Instant::now(), false);
+                        }
+                    }
+                    continue;
+                }
+            },
+            None => acks.recv_many(&mut buf, 8192).await,
+        };
+        if n == 0 {
+            for i in (0..2).filter(|&i| deferred[i]) {
+                sync_lane(&shared, lanes[i]).await;
+            }
+            break;
+        }
         let (mut control, mut bulk) = (Vec::new(), Vec::new());
         for t in buf.drain(..) {
             match lanes::untag(t) {
@@ -1295,14 +1331,27 @@ async fn run_acker(shared: Arc<Shared>, mut acks: mpsc::UnboundedReceiver<u64>) 
                 (Lane::Bulk, seq) => bulk.push(seq),
             }
         }
-        for (lane, seqs) in [(Lane::Control, control), (Lane::Bulk, bulk)] {
+        for (i, seqs) in [control, bulk].into_iter().enumerate() {
             if seqs.is_empty() {
                 continue;
             }
+            let lane = lanes[i];
+            let durable = synced_at[i].elapsed() >= ACK_SYNC_INTERVAL;
+            let how = if durable {
+                AckDurability::Immediate
+            } else {
+                AckDurability::Deferred
+            };
             let n = seqs.len();
             let outbox = shared.outbox.get(lane).clone();
-            match tokio::task::spawn_blocking(move || outbox.ack(&seqs)).await {
-                Ok(Ok(_)) => {}
+            match tokio::task::spawn_blocking(move || outbox.ack_with(&seqs, how)).await {
+                Ok(Ok(_)) => {
+                    if durable {
+                        (synced_at[i], deferred[i]) = (Instant::now(), false);
+                    } else {
+                        deferred[i] = true;
+                    }
+                }
                 Ok(Err(e)) => {
                     warn!(error = %e, records = n, lane = ?lane, "outbox ack failed; these records will be sent again")
                 }
@@ -1312,6 +1361,18 @@ async fn run_acker(shared: Arc<Shared>, mut acks: mpsc::UnboundedReceiver<u64>) 
             }
         }
         shared.sync_metrics().await;
+    }
+}
+
+/// Makes a lane's deferred acks durable.
+async fn sync_lane(shared: &Shared, lane: Lane) {
+    let outbox = shared.outbox.get(lane).clone();
+    match tokio::task::spawn_blocking(move || outbox.sync()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            warn!(error = %e, lane = ?lane, "outbox sync failed; acked records may be sent again after a crash")
+        }
+        Err(e) => warn!(error = %e, lane = ?lane, "outbox sync task failed"),
     }
 }
 

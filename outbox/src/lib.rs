@@ -31,7 +31,7 @@ pub mod store;
 
 pub use crate::policy::{DropCount, DropReason, Drops, Limits, OverflowPolicy};
 pub use crate::store::{
-    AckError, AckReport, AppendError, AppendReport, CompactError, CompactReport, DbError,
-    NewRecord, OpenError, OpenReport, Outbox, PeekError, QuarantinedFile, Record, Stats,
+    AckDurability, AckError, AckReport, AppendError, AppendReport, CompactError, CompactReport,
+    DbError, NewRecord, OpenError, OpenReport, Outbox, PeekError, QuarantinedFile, Record, Stats,
     AUTO_COMPACT_MIN_FILE_BYTES, AUTO_COMPACT_RATIO,
 };

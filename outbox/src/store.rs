@@ -41,14 +41,15 @@
 //! `Durability::Immediate` (fsync before returning). An append of a batch is one transaction
 //! (group commit; one fsync per batch, not per record).
 //!
-//! Acks are durable too. A cheaper `Durability::None` ack would be safe for correctness (a lost
-//! ack only means a duplicate after a crash, which at-least-once allows), but it is not used:
-//! redb processes the pages freed by a non-durable commit only after a later durable commit, so a
-//! long drain with no appends (the typical reconnect after an outage) would not reuse any space;
-//! and a crash after a long non-durable drain would replay the whole drained backlog upstream,
-//! the "replay saturates the uplink" complaint of users of other gateways.
-//! The fsync cost is amortized by the caller: [`Outbox::ack`] takes a slice, so the bridge acks
-//! every PUBACK that arrived since its last ack in one transaction.
+//! Acks may be deferred ([`Outbox::ack_with`] with [`AckDurability::Deferred`]: redb's
+//! `Durability::None`). A lost ack only means a duplicate after a crash, which at-least-once
+//! allows. But deferring *every* ack would be wrong twice over: redb reuses the pages a
+//! non-durable commit freed only after a later durable commit, so a long drain with no appends
+//! (the typical reconnect after an outage) would reuse no space; and a crash after a long
+//! deferred drain would replay the whole drained backlog upstream. So the caller bounds it: the
+//! bridge defers acks for at most 250 ms, then commits one durably ([`Outbox::sync`] when no ack
+//! is due). [`Outbox::ack`] takes a slice besides, so every PUBACK that arrived since the last
+//! ack goes in one transaction.
 //!
 //! Space (measured, see the crate README): redb reuses the pages freed by acks, so with a steady
 //! backlog the file stops growing (10,000 records of 105 bytes standing while 100,000 flow
@@ -253,6 +254,20 @@ pub enum DbError {
     /// Compaction failed.
     #[error("compaction failed: {0}")]
     Compaction(#[from] redb::CompactionError),
+    /// A deferred commit was refused.
+    #[error("cannot defer the commit: {0}")]
+    Durability(#[from] redb::SetDurabilityError),
+}
+
+/// How [`Outbox::ack_with`] commits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AckDurability {
+    /// fsynced before it returns.
+    #[default]
+    Immediate,
+    /// Made durable by the next durable commit (an append, an immediate ack, [`Outbox::sync`]);
+    /// a crash before that brings the records back, to be sent again (a duplicate, never a loss).
+    Deferred,
 }
 
 impl DbError {
@@ -725,11 +740,16 @@ impl Outbox {
     /// Removes the records with these sequence numbers in one durable transaction. Order does not
     /// matter; unknown numbers (already acked, dropped, never assigned) are ignored.
     pub fn ack(&self, seqs: &[u64]) -> Result<AckReport, AckError> {
+        self.ack_with(seqs, AckDurability::Immediate)
+    }
+
+    /// [`Outbox::ack`], committed as `durability` says.
+    pub fn ack_with(&self, seqs: &[u64], durability: AckDurability) -> Result<AckReport, AckError> {
         if seqs.is_empty() {
             return Ok(AckReport::default());
         }
         let mut inner = self.lock();
-        let result = self.ack_locked(&mut inner, seqs);
+        let result = self.ack_locked(&mut inner, seqs, durability);
         let report = self
             .finish(&mut inner, result)
             .map_err(|source| AckError::Db {
@@ -761,14 +781,40 @@ impl Outbox {
         Ok(report)
     }
 
-    fn ack_locked(&self, inner: &mut Inner, seqs: &[u64]) -> Result<AckReport, DbError> {
+    /// Makes every deferred ack durable (one fsynced, empty commit).
+    pub fn sync(&self) -> Result<(), AckError> {
+        let mut inner = self.lock();
+        let result = (|| {
+            self.ensure_db(&mut inner)?;
+            let Some(db) = inner.db.as_ref() else {
+                return Err(DbError::Storage(redb::StorageError::DatabaseClosed));
+            };
+            db.begin_write()?.commit()?;
+            Ok(())
+        })();
+        self.finish(&mut inner, result)
+            .map_err(|source| AckError::Db {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    fn ack_locked(
+        &self,
+        inner: &mut Inner,
+        seqs: &[u64],
+        durability: AckDurability,
+    ) -> Result<AckReport, DbError> {
         self.ensure_db(inner)?;
         let Some(db) = inner.db.as_ref() else {
             return Err(DbError::Storage(redb::StorageError::DatabaseClosed));
         };
         let mut report = AckReport::default();
         let mut summary = inner.summary;
-        let txn = db.begin_write()?;
+        let mut txn = db.begin_write()?;
+        if durability == AckDurability::Deferred {
+            txn.set_durability(redb::Durability::None)?;
+        }
         {
             let mut table = txn.open_table(RECORDS)?;
             for &seq in seqs {

@@ -1039,3 +1039,29 @@ fn outbox_damage_corpus_keeps_every_record_that_reads_and_counts_gaps() {
         "a damaged page must not cost the records on other pages: {outcomes:#?}"
     );
 }
+
+#[test]
+fn outbox_deferred_acks_take_effect_at_once_and_last_after_sync() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("outbox.redb");
+    {
+        let outbox = open(&path, generous());
+        let recs = (0..10u64).map(|i| rec("a", i, NOW)).collect();
+        outbox.append(recs, NOW).expect("append");
+        let r = outbox
+            .ack_with(&[0, 1, 2], AckDurability::Deferred)
+            .expect("deferred ack");
+        assert_eq!(r.removed, 3);
+        // Gone for readers at once, fsynced or not.
+        let next = outbox.peek(None, 1, NOW).expect("peek");
+        assert_eq!(next[0].seq, 3);
+        assert_eq!(outbox.stats().records, 7);
+        outbox.sync().expect("sync");
+    }
+    let (outbox, report) = Outbox::open(&path, generous()).expect("reopen");
+    assert_eq!(
+        report.records, 7,
+        "the synced deferred acks survive a reopen"
+    );
+    assert_eq!(outbox.peek(None, 1, NOW).expect("peek")[0].seq, 3);
+}
