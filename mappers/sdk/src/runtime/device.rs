@@ -33,6 +33,12 @@ pub const WRITE_ATTEMPTS: u32 = 3;
 /// The wait before the second write of a value not held; doubled for each further one.
 pub const WRITE_RETRY_BASE: Duration = Duration::from_millis(500);
 
+/// How long a value written and read back as held stands against a delta asking for it again.
+/// A reading taken before the write (an OPC UA data change queued before it, a collect cycle in
+/// flight) can reach the node after the write, and the node answers it with a delta for the
+/// value just written; within this window that delta is not a reason to write again.
+pub const WRITE_SETTLE: Duration = Duration::from_secs(2);
+
 /// The error code a refused read or write is published with.
 fn refusal_code(e: &Refusal, writing: bool) -> ErrorCode {
     match e {
@@ -114,6 +120,8 @@ pub(crate) struct DeviceTask<D: Driver> {
     pending: Vec<Write>,
     /// Desired values the device did not hold, to be written again when due.
     retries: Vec<Write>,
+    /// Per property: the last value written and read back as held, and when.
+    settled: Vec<Option<(Value, Instant)>>,
     last_delta_version: Option<u64>,
     epoch: Instant,
 }
@@ -155,6 +163,7 @@ impl<D: Driver> DeviceTask<D> {
             pushed_at: vec![None; cycles.len()],
             connected_at: Duration::ZERO,
             retries: Vec::new(),
+            settled: vec![None; cycles.len()],
             cycles,
             status: None,
             pending: Vec::new(),
@@ -616,6 +625,24 @@ impl<D: Driver> DeviceTask<D> {
             if busy {
                 continue;
             }
+            let settled_at = self.settled[i]
+                .as_ref()
+                .filter(|(held, at)| same_value(held, &v) && at.elapsed() < WRITE_SETTLE)
+                .map(|(_, at)| *at);
+            if let Some(at) = settled_at {
+                // Looked at again when the window closes: written then only if the device was
+                // last reported holding something else (a check, not a retry: attempt 0).
+                debug!(device = %self.id, property = %k, "delta for the value just written and held; checked again in 2 s");
+                self.pending.retain(|w| w.idx != i);
+                self.retries.retain(|w| w.idx != i);
+                self.retries.push(Write {
+                    idx: i,
+                    value: v,
+                    attempt: 0,
+                    due: at + WRITE_SETTLE,
+                });
+                continue;
+            }
             self.pending.retain(|w| w.idx != i);
             self.retries.retain(|w| w.idx != i);
             self.pending.push(Write {
@@ -634,7 +661,17 @@ impl<D: Driver> DeviceTask<D> {
             .into_iter()
             .partition(|w| w.due <= now);
         self.retries = later;
-        self.pending.extend(due);
+        for w in due {
+            // A settle check (attempt 0, see `accept_delta`) whose value the device holds is done.
+            let held = self
+                .reporter
+                .last_reported(w.idx)
+                .is_some_and(|r| same_value(r, &w.value));
+            if w.attempt == 0 && held {
+                continue;
+            }
+            self.pending.push(w);
+        }
     }
 
     /// Writes every pending desired value, reads it back and reports it. A read-back that
@@ -721,6 +758,7 @@ impl<D: Driver> DeviceTask<D> {
                         .values
                         .insert(prop.name.as_str().into(), held.clone());
                     if same_value(&held, &value) {
+                        self.settled[i] = Some((held.clone(), Instant::now()));
                         // Met: the node clears a write error once reported equals desired.
                         if matches!(self.prop_errors[i], Some((_, PropertyOp::Write))) {
                             self.prop_errors[i] = None;
