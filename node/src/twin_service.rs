@@ -237,6 +237,9 @@ pub struct TwinService {
     node_desired: Option<tokio::sync::watch::Sender<Option<serde_json::Value>>>,
     /// Readiness; this service owns the "twin store" check.
     health: Arc<Readiness>,
+    /// Per device: the `lastSeen` its retained document was last published with for a
+    /// repeated reading alone (so such republishes are a full period apart).
+    seen_published: HashMap<DeviceId, i64>,
 }
 
 /// What the twin service subscribes. Not `desired` and `reported`: clients' patches come from
@@ -322,6 +325,7 @@ impl TwinService {
             directory,
             node_desired: node.map(|(_, tx)| tx),
             health,
+            seen_published: HashMap::new(),
         })
     }
 
@@ -637,9 +641,14 @@ impl TwinService {
             Side::Reported => twin.apply_reported(&spec, &patch, source.clone(), now),
         };
         // The retained document's `lastSeen` follows the readings a period at a time (not at
-        // every poll: that would publish every twin every cycle).
+        // every poll: that would publish every twin every cycle), a full period after the last
+        // time a reading alone moved it.
         let seen_moved = match (seen_before, twin.status.last_seen) {
-            (Some(a), Some(b)) => a.div_euclid(period) != b.div_euclid(period),
+            (Some(a), Some(b)) => {
+                // Without an entry yet, the document was last published with at most `a`.
+                let since = *self.seen_published.entry(device.clone()).or_insert(a);
+                b - since >= period
+            }
             (None, Some(_)) => true,
             _ => false,
         };
@@ -664,6 +673,9 @@ impl TwinService {
                     b.pending_errors
                         .push((device.clone(), topic.to_string(), id));
                 } else if seen_moved {
+                    if let Some(seen) = twin.status.last_seen {
+                        self.seen_published.insert(device.clone(), seen);
+                    }
                     b.republish.insert(device.clone());
                 }
                 // A newer desired write of the same value moves its (ts, source); that is stored
