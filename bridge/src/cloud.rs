@@ -171,6 +171,17 @@ fn qos5(q: QoS) -> QoS5 {
 #[error("{0}")]
 pub struct Busy(pub String);
 
+/// A publish rumqttc did not take, handed back so the caller can try again without having kept
+/// a copy (every record would otherwise be copied once on its way out).
+#[derive(Debug, thiserror::Error)]
+#[error("{reason}")]
+pub struct Unsent {
+    /// Why.
+    pub reason: String,
+    /// The topic and payload, when rumqttc returned them (it does for a full channel).
+    pub publish: Option<(String, Vec<u8>)>,
+}
+
 impl Client {
     /// Queues a publish without waiting.
     pub fn try_publish(
@@ -180,11 +191,19 @@ impl Client {
         retain: bool,
         payload: Vec<u8>,
         meta: Option<&Meta>,
-    ) -> Result<(), Busy> {
+    ) -> Result<(), Unsent> {
         match self {
-            Client::V4(c) => c
-                .try_publish(topic, qos, retain, payload)
-                .map_err(|e| Busy(e.to_string())),
+            Client::V4(c) => c.try_publish(topic, qos, retain, payload).map_err(|e| {
+                let reason = e.to_string();
+                let publish = match e {
+                    rumqttc::ClientError::Request(rumqttc::Request::Publish(p))
+                    | rumqttc::ClientError::TryRequest(rumqttc::Request::Publish(p)) => {
+                        Some((p.topic, p.payload.to_vec()))
+                    }
+                    _ => None,
+                };
+                Unsent { reason, publish }
+            }),
             Client::V5(c) => {
                 let r = match meta {
                     Some(m) => {
@@ -197,7 +216,20 @@ impl Client {
                     }
                     None => c.try_publish(topic, qos5(qos), retain, payload),
                 };
-                r.map_err(|e| Busy(e.to_string()))
+                r.map_err(|e| {
+                    let reason = e.to_string();
+                    let publish = match e {
+                        rumqttc::v5::ClientError::Request(rumqttc::v5::Request::Publish(p))
+                        | rumqttc::v5::ClientError::TryRequest(rumqttc::v5::Request::Publish(p)) => {
+                            Some((
+                                String::from_utf8_lossy(&p.topic).into_owned(),
+                                p.payload.to_vec(),
+                            ))
+                        }
+                        _ => None,
+                    };
+                    Unsent { reason, publish }
+                })
             }
         }
     }

@@ -1106,8 +1106,8 @@ fn send_tracked(
     shared: &Shared,
     epoch: u64,
     ticket: inflight::Ticket,
-    publish: impl FnOnce() -> Result<(), cloud::Busy>,
-) -> Sent<()> {
+    publish: impl FnOnce() -> Result<(), cloud::Unsent>,
+) -> Sent<cloud::Unsent> {
     let mut g = shared.inflight();
     if !g.is_current(epoch) {
         return Sent::Lost;
@@ -1115,11 +1115,19 @@ fn send_tracked(
     g.queue(ticket);
     match publish() {
         Ok(()) => Sent::Yes,
-        Err(_) => {
+        Err(e) => {
             g.unqueue_last();
-            Sent::Full(())
+            Sent::Full(e)
         }
     }
+}
+
+/// Puts back what rumqttc handed back; `None` when it did not (then the connection's sender
+/// starts over from the outbox, which still holds the record).
+fn restore(unsent: cloud::Unsent, topic: &mut String, payload: &mut Vec<u8>) -> Option<()> {
+    let (t, p) = unsent.publish?;
+    (*topic, *payload) = (t, p);
+    Some(())
 }
 
 fn send_one(
@@ -1127,7 +1135,7 @@ fn send_one(
     client: &Client,
     epoch: u64,
     lane: Lane,
-    r: edgetwin_outbox::Record,
+    mut r: edgetwin_outbox::Record,
 ) -> Sent<edgetwin_outbox::Record> {
     let qos = if r.qos == 0 {
         QoS::AtMostOnce
@@ -1135,21 +1143,24 @@ fn send_one(
         QoS::AtLeastOnce
     };
     let ticket = inflight::Ticket::One(lanes::tag(lane, r.seq));
-    let (topic, payload) = (r.topic.clone(), r.payload.clone());
+    let (topic, payload) = (std::mem::take(&mut r.topic), std::mem::take(&mut r.payload));
     match send_tracked(shared, epoch, ticket, || {
         client.try_publish(topic, qos, r.retain, payload, None)
     }) {
         Sent::Yes => Sent::Yes,
         Sent::Lost => Sent::Lost,
-        Sent::Full(()) => Sent::Full(r),
+        Sent::Full(e) => match restore(e, &mut r.topic, &mut r.payload) {
+            Some(()) => Sent::Full(r),
+            None => Sent::Lost,
+        },
     }
 }
 
-fn send_batch(shared: &Shared, client: &Client, epoch: u64, b: batch::Ready) -> Sent<BulkOut> {
+fn send_batch(shared: &Shared, client: &Client, epoch: u64, mut b: batch::Ready) -> Sent<BulkOut> {
     let n = b.tags.len() as u64;
     let (raw, bytes) = (b.raw_bytes as u64, b.payload.len() as u64);
     let ticket = inflight::Ticket::Batch(b.tags.clone());
-    let (topic, payload) = (b.topic.clone(), b.payload.clone());
+    let (topic, payload) = (std::mem::take(&mut b.topic), std::mem::take(&mut b.payload));
     // MQTT 5 only (dropped over 3.1.1, where the topic and zstd's magic number tell the same).
     let mut user = vec![("edgetwin-node".to_string(), shared.node_id.clone())];
     if let Some(enc) = b.compression.encoding() {
@@ -1171,7 +1182,10 @@ fn send_batch(shared: &Shared, client: &Client, epoch: u64, b: batch::Ready) -> 
             Sent::Yes
         }
         Sent::Lost => Sent::Lost,
-        Sent::Full(()) => Sent::Full(BulkOut::Batch(b)),
+        Sent::Full(e) => match restore(e, &mut b.topic, &mut b.payload) {
+            Some(()) => Sent::Full(BulkOut::Batch(b)),
+            None => Sent::Lost,
+        },
     }
 }
 
@@ -1383,7 +1397,7 @@ fn publish_untracked(
     client: &Client,
     topic: &str,
     payload: impl Into<Vec<u8>>,
-) -> Result<(), cloud::Busy> {
+) -> Result<(), cloud::Unsent> {
     // Queued under the same lock as the publish, so the session binds its packet id to no record.
     let mut g = shared.inflight();
     g.queue(inflight::Ticket::Untracked);

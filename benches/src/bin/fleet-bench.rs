@@ -252,6 +252,16 @@ async fn start_node(i: usize, w: &World<'_>) -> Result<()> {
     Ok(())
 }
 
+/// `p50 / p99 / max` of round trips.
+fn percentiles(s: &Summary) -> String {
+    format!(
+        "{} / {} / {}",
+        ms(s.p50, s.count),
+        ms(s.p99, s.count),
+        ms(s.max, s.count)
+    )
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -446,15 +456,7 @@ async fn main() -> Result<()> {
         "desired patches answered".into(),
         format!("{} of {}", rtt.count, sent.len()),
     ]);
-    t.row(vec![
-        "round trip p50 / p99 / max".into(),
-        format!(
-            "{} / {} / {}",
-            ms(rtt.p50, rtt.count),
-            ms(rtt.p99, rtt.count),
-            ms(rtt.max, rtt.count)
-        ),
-    ]);
+    t.row(vec!["round trip p50 / p99 / max".into(), percentiles(&rtt)]);
     if args.full_nodes > 0 {
         t.row(vec![
             "full nodes (edgetwin serve) online at the end".into(),
@@ -466,12 +468,7 @@ async fn main() -> Result<()> {
         ]);
         t.row(vec![
             "full-node round trip p50 / p99 / max".into(),
-            format!(
-                "{} / {} / {}",
-                ms(rtt_full.p50, rtt_full.count),
-                ms(rtt_full.p99, rtt_full.count),
-                ms(rtt_full.max, rtt_full.count)
-            ),
+            percentiles(&rtt_full),
         ]);
     }
     t.row(vec![
