@@ -181,6 +181,21 @@ impl NodeConfig {
         Self::parse(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
     }
 
+    /// The config as the node runs it, for `--print-config`: values that default from others
+    /// (the bridge's client id and topic prefix from the node id; the front door's listeners
+    /// from `mqtt.listen` and `mqtt.listen_v5`, and its packet limit from the broker's) filled
+    /// in, so what is printed is what is in force, and reads back to the same node.
+    pub fn effective(&self) -> NodeConfig {
+        let mut cfg = self.clone();
+        let node = cfg.node_id.as_str().to_string();
+        if let Some(b) = cfg.bridge.as_mut() {
+            b.client_id = Some(b.client_id(&node));
+            b.topic_prefix = Some(b.topic_prefix(&node));
+        }
+        cfg.gate = Some(self.front_door());
+        cfg
+    }
+
     /// The front door's configuration: the `gate:` section (or every default) serving, besides
     /// its own listeners, `mqtt.listen` and `mqtt.listen_v5`, unless a gate listener already
     /// covers one (same port, same or unspecified address).
@@ -387,6 +402,34 @@ mod tests {
             "mqtt:\n  listen: 127.0.0.1:11883\n  listen_v5: 127.0.0.1:11884\ngate:\n  listeners: [{listen: 0.0.0.0:1883}]\n",
         )
         .expect("old gate config");
+    }
+
+    #[test]
+    fn config_printed_effective_has_every_default_filled_in_and_reads_back_the_same() {
+        let cfg =
+            NodeConfig::parse("node_id: plant-7\nbridge:\n  url: mqtt://cloud.example:1883\n")
+                .expect("valid");
+        let shown = cfg.effective();
+        let bridge = shown.bridge.as_ref().expect("bridge kept");
+        assert_eq!(bridge.client_id.as_deref(), Some("edgetwin-plant-7"));
+        assert_eq!(bridge.topic_prefix.as_deref(), Some("edgetwin/plant-7/"));
+        let yaml = serde_norway::to_string(&shown).expect("serialises");
+        for key in ["client_id", "topic_prefix"] {
+            assert!(
+                !yaml.contains(&format!("{key}: null")),
+                "{key} left unresolved:\n{yaml}"
+            );
+        }
+        assert!(
+            yaml.contains("127.0.0.1:1883"),
+            "front door not shown:\n{yaml}"
+        );
+        let again = NodeConfig::parse(&yaml).expect("the printed config is valid");
+        assert_eq!(
+            serde_norway::to_string(&again.effective()).expect("serialises"),
+            yaml,
+            "printing the printed config changes it"
+        );
     }
 
     #[test]

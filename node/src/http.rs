@@ -1,4 +1,5 @@
-//! The node's HTTP endpoint: `/metrics` (OpenMetrics), `/healthz` (process alive), `/readyz`
+//! The node's HTTP endpoint: `/metrics` (the classic text format, or OpenMetrics when the
+//! scraper asks for it; see [`crate::exposition`]), `/healthz` (process alive), `/readyz`
 //! (start-up finished and every readiness check passing now; see [`crate::health`]).
 
 use std::sync::Arc;
@@ -122,15 +123,21 @@ async fn run(
     Ok(())
 }
 
-async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
+async fn metrics(
+    State(state): State<HttpState>,
+    headers: axum::http::HeaderMap,
+) -> impl IntoResponse {
+    use crate::exposition::{self, Format};
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = exposition::negotiate(accept);
     match state.metrics.encode() {
         Ok(body) => (
             StatusCode::OK,
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            body,
+            [(header::CONTENT_TYPE, format.content_type())],
+            match format {
+                Format::OpenMetrics => body,
+                Format::Text => exposition::to_text(&body),
+            },
         ),
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,

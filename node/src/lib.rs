@@ -8,11 +8,13 @@
 mod canary;
 pub mod config;
 mod container_agent;
+mod exposition;
 mod health;
 mod http;
 #[cfg(test)]
 mod inprocess;
 mod intake;
+pub mod logging;
 mod mapper_metrics;
 mod metrics;
 mod node_health;
@@ -22,6 +24,7 @@ mod registry;
 mod retained;
 pub mod serve;
 mod sessions;
+mod systemd;
 mod twin_service;
 
 pub use config::NodeConfig;

@@ -7,11 +7,19 @@ use edgetwin_node::{config, serve};
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
+use edgetwin_node::logging::{self, LogFormat};
+
+/// The version with the commit it was built from (`build.rs`).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("EDGETWIN_COMMIT"),
+    ")"
+);
 
 /// edgetwin: the edge node daemon and its command-line tools.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(name = "edgetwin", version = VERSION, about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -25,9 +33,16 @@ enum Command {
         /// data in ./edgetwin-data, profiles from ./devices).
         #[arg(long, env = "EDGETWIN_CONFIG")]
         config: Option<PathBuf>,
-        /// Print the effective config as YAML and exit.
+        /// Print the config in force as YAML (defaults filled in) and exit.
         #[arg(long)]
         print_config: bool,
+        /// Log line format.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "EDGETWIN_LOG_FORMAT")]
+        log_format: LogFormat,
+        /// Append the log to this file instead of standard error; SIGHUP reopens it (for
+        /// logrotate). Under systemd leave it out: journald takes standard error.
+        #[arg(long, env = "EDGETWIN_LOG_FILE")]
+        log_file: Option<PathBuf>,
     },
     /// Read and write device twins on a node.
     Twin {
@@ -60,6 +75,19 @@ enum Command {
     Key {
         #[command(subcommand)]
         command: KeyCommand,
+    },
+    /// Print a shell completion script (e.g. `edgetwin completions bash >
+    /// /etc/bash_completion.d/edgetwin`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (one per command) into a folder.
+    #[command(hide = true)]
+    Man {
+        /// The folder (created when missing).
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -317,28 +345,23 @@ enum DeviceCommand {
 }
 
 fn main() -> std::process::ExitCode {
-    use tracing_subscriber::filter::FilterExt;
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    use tracing_subscriber::Layer;
-    // By default rumqttd shows warnings only, and none of its spans: it logs every internal
-    // link's connect and subscribe at info, and opens spans at error level for every routed
-    // publish, which cost its router thread half its time per message. `EDGETWIN_LOG` given
-    // is taken as it is.
-    let (env, quiet) = match EnvFilter::try_from_env("EDGETWIN_LOG") {
-        Ok(f) => (f, false),
-        Err(_) => (EnvFilter::new("info,rumqttd=warn"), true),
-    };
-    let log = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_filter(env.and(tracing_subscriber::filter::filter_fn(move |m| {
-            !quiet || edgetwin_broker::skips::quiet_broker_spans(m)
-        })));
-    // Counts what rumqttd only logs (subscribers that fell behind), whatever EDGETWIN_LOG says.
-    let skips =
-        edgetwin_broker::skips::skip_layer().with_filter(edgetwin_broker::skips::skip_filter());
-    tracing_subscriber::registry().with(log).with(skips).init();
     let cli = Cli::parse();
+    let (format, file) = match &cli.command {
+        Command::Serve {
+            log_format,
+            log_file,
+            ..
+        } => (*log_format, log_file.as_deref()),
+        _ => (LogFormat::Text, None),
+    };
+    let log_file = match logging::init(format, file) {
+        Ok(f) => f,
+        Err(e) => {
+            let path = file.map(|f| f.display().to_string()).unwrap_or_default();
+            eprintln!("error: cannot open the log file {path}: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -346,7 +369,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, log_file)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -355,22 +378,45 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli, log_file: Option<std::sync::Arc<logging::LogFile>>) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve {
             config,
             print_config,
+            ..
         } => {
             let cfg = match &config {
                 Some(path) => config::NodeConfig::load(path)?,
                 None => config::NodeConfig::default(),
             };
             if print_config {
-                print!("{}", serde_norway::to_string(&cfg)?);
+                print!("{}", serde_norway::to_string(&cfg.effective())?);
                 return Ok(());
             }
-            serve::serve(cfg, serve::Control::from_signals()?).await
+            tracing::info!(version = VERSION, "edgetwin starting");
+            let control = serve::Control::from_signals_with(move || {
+                if let Some(f) = &log_file {
+                    match f.reopen() {
+                        Ok(()) => tracing::info!(file = %f.path().display(), "log file reopened"),
+                        Err(e) => {
+                            tracing::error!(file = %f.path().display(), error = %e, "cannot reopen the log file; writing on to the old one")
+                        }
+                    }
+                }
+            })?;
+            serve::serve(cfg, control).await
         }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "edgetwin",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Man { out } => write_man_pages(&out),
         Command::Twin { command } => match command {
             TwinCommand::Get { device, broker } => cli::twin_get(&device, &broker).await,
             TwinCommand::Set {
@@ -562,8 +608,42 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// One man page per command and subcommand (`edgetwin.1`, `edgetwin-serve.1`,
+/// `edgetwin-twin-get.1`, ...), the version without the commit so that a rebuild of the same
+/// release writes the same pages.
+fn write_man_pages(out: &std::path::Path) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(out)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
+    let cmd = Cli::command().version(env!("CARGO_PKG_VERSION"));
+    clap_mangen::generate_to(cmd, out)
+        .map_err(|e| anyhow::anyhow!("cannot write man pages into {}: {e}", out.display()))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn man_pages_cover_every_command() {
+        #![allow(clippy::unwrap_used)]
+        let dir = tempfile::tempdir().unwrap();
+        super::write_man_pages(dir.path()).unwrap();
+        for page in [
+            "edgetwin.1",
+            "edgetwin-serve.1",
+            "edgetwin-twin-get.1",
+            "edgetwin-fleet-list.1",
+        ] {
+            let text = std::fs::read_to_string(dir.path().join(page)).unwrap();
+            assert!(text.contains(".TH"), "{page} is not a man page");
+        }
+        let serve = std::fs::read_to_string(dir.path().join("edgetwin-serve.1")).unwrap();
+        assert!(
+            serve.contains("log\\-file"),
+            "serve's options missing:\n{serve}"
+        );
+    }
+
     #[test]
     fn cli_definition_is_consistent() {
         use clap::CommandFactory;

@@ -23,9 +23,10 @@
 //! (rumqttd's threads end with the process).
 //!
 //! # Reload (SIGHUP)
-//! Rescans the profile folders at once and rereads the gate's credentials file; an invalid file
-//! keeps what was in force. Logs go to standard error (journald or the service manager owns the
-//! file), so there is nothing to reopen. Nothing stops.
+//! Reopens the log file (`--log-file`, for logrotate), rescans the profile folders at once and
+//! rereads the gate's credentials file; an invalid file keeps what was in force. Nothing stops.
+//! Under systemd (`Type=notify`) the node says READY=1 once its listeners accept, RELOADING=1
+//! and READY=1 around a reload, STOPPING=1 when it stops.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,6 +77,12 @@ pub struct Control {
 impl Control {
     /// A control driven by the process's signals: SIGTERM and SIGINT stop, SIGHUP reloads.
     pub fn from_signals() -> anyhow::Result<Control> {
+        Self::from_signals_with(|| {})
+    }
+
+    /// [`Control::from_signals`], calling `first` on each SIGHUP before the node reloads (the
+    /// binary reopens its log file there, so the reload's own lines go to the new file).
+    pub fn from_signals_with(first: impl Fn() + Send + 'static) -> anyhow::Result<Control> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
@@ -88,6 +95,7 @@ impl Control {
                     _ = term.recv() => { info!("SIGTERM received"); break }
                     _ = int.recv() => { info!("SIGINT received"); break }
                     _ = hup.recv() => {
+                        first();
                         info!("SIGHUP received: reloading");
                         c.reload.notify_one();
                     }
@@ -453,9 +461,11 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
     ));
     health.serving();
     info!(http = %cfg.http.listen, node = %cfg.node_id, "node serving");
+    crate::systemd::ready("serving");
 
     control.shutdown.cancelled().await;
     info!("shutting down");
+    crate::systemd::stopping();
     health.stopping();
     intake.cancel();
     tracker.close();
@@ -551,6 +561,7 @@ async fn reload_on_request(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = reload.notified() => {
+                crate::systemd::reloading();
                 rescan.notify_one();
                 if let Some(g) = &gate {
                     match g.reload() {
@@ -559,6 +570,7 @@ async fn reload_on_request(
                         Err(e) => error!(error = %e, "gate credentials not reloaded; the previous ones stay in force"),
                     }
                 }
+                crate::systemd::reloaded("serving (reloaded)");
             }
         }
     }

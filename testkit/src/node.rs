@@ -34,25 +34,29 @@ pub fn edgetwin_bin() -> PathBuf {
     }
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
-        .get_or_init(|| {
-            let exe = std::env::current_exe().unwrap();
-            // target/<profile>/deps/<test-binary>
-            let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
-            let bin = profile_dir.join("edgetwin");
-            if bin.exists() {
-                return bin;
-            }
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let mut c = Command::new(cargo);
-            c.args(["build", "-q", "-p", "edgetwin-node", "--bin", "edgetwin"]);
-            if profile_dir.file_name().is_some_and(|n| n == "release") {
-                c.arg("--release");
-            }
-            let status = c.current_dir(env!("CARGO_MANIFEST_DIR")).status().unwrap();
-            assert!(status.success(), "cannot build the edgetwin binary");
-            bin
-        })
+        .get_or_init(|| workspace_bin("edgetwin-node", "edgetwin"))
         .clone()
+}
+
+/// Binary `bin` of workspace package `package` in the target dir the running test was built
+/// in, built there first when it is missing.
+pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test-binary>
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
+    let path = profile_dir.join(bin);
+    if path.exists() {
+        return path;
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut c = Command::new(cargo);
+    c.args(["build", "-q", "-p", package, "--bin", bin]);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        c.arg("--release");
+    }
+    let status = c.current_dir(env!("CARGO_MANIFEST_DIR")).status().unwrap();
+    assert!(status.success(), "cannot build the {bin} binary");
+    path
 }
 
 pub struct Node {
@@ -67,6 +71,19 @@ pub struct Node {
     /// as; `None`: anonymous, which the node accepts from loopback unless a credentials file is
     /// configured.
     pub login: Option<(String, String)>,
+    /// `serve`'s arguments after `--config`, and environment variables, at every (re)start.
+    launch: Launch,
+}
+
+/// Extra arguments and environment of the node process.
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    /// Arguments after `serve --config FILE` (e.g. `--log-file`).
+    pub args: Vec<String>,
+    /// Environment variables besides `EDGETWIN_LOG` (e.g. `NOTIFY_SOCKET`).
+    pub env: Vec<(String, String)>,
+    /// Where standard error goes: `None` is the node's `node.log`.
+    pub stderr_to: Option<PathBuf>,
 }
 
 /// A node to start with more than the defaults of [`Node::start`].
@@ -82,6 +99,8 @@ pub struct NodeSpec {
     pub scan_interval_ms: u64,
     /// `data_dir` (default: `data` in the node's temp dir).
     pub data_dir: Option<PathBuf>,
+    /// Extra arguments and environment of the process.
+    pub launch: Launch,
 }
 
 impl Default for NodeSpec {
@@ -92,6 +111,7 @@ impl Default for NodeSpec {
             http_keys: Vec::new(),
             scan_interval_ms: 200,
             data_dir: None,
+            launch: Launch::default(),
         }
     }
 }
@@ -99,6 +119,14 @@ impl Default for NodeSpec {
 impl NodeSpec {
     /// Starts the node and waits until it is ready.
     pub fn start(self) -> Node {
+        let mut node = self.prepare();
+        node.spawn();
+        node
+    }
+
+    /// The node on its ports with its config and devices written, not started yet
+    /// ([`Node::spawn`] starts it).
+    pub fn prepare(self) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let devdir = dir.path().join("devices");
         std::fs::create_dir_all(&devdir).unwrap();
@@ -109,6 +137,7 @@ impl NodeSpec {
         }
         std::fs::write(devdir.join("thermostats.yaml"), yaml).unwrap();
         let mut node = Node::new(dir, self.scan_interval_ms, self.data_dir);
+        node.launch = self.launch;
         let mut f = std::fs::OpenOptions::new()
             .append(true)
             .open(node.config_path())
@@ -119,7 +148,6 @@ impl NodeSpec {
         }
         f.write_all(self.extra_yaml.as_bytes()).unwrap();
         drop(f);
-        node.spawn();
         node
     }
 }
@@ -190,6 +218,7 @@ impl Node {
             scan_interval_ms,
             data_dir,
             login: None,
+            launch: Launch::default(),
         };
         node.write_config();
         node
@@ -263,7 +292,8 @@ impl Node {
         );
     }
 
-    fn config_path(&self) -> PathBuf {
+    /// The node's config file.
+    pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("node.yaml")
     }
 
@@ -282,15 +312,22 @@ impl Node {
     }
 
     pub fn spawn(&mut self) {
+        let stderr = self
+            .launch
+            .stderr_to
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("node.log"));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.path().join("node.log"))
+            .open(stderr)
             .unwrap();
         let child = Command::new(edgetwin_bin())
             .args(["serve", "--config"])
             .arg(self.config_path())
+            .args(&self.launch.args)
             .env("EDGETWIN_LOG", "info,edgetwin=debug")
+            .envs(self.launch.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -85,9 +85,11 @@ pub fn main_with<D: Driver>(driver: D) -> ExitCode {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("EDGETWIN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only on a terminal: journald and redirected files get plain text.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
