@@ -7,8 +7,8 @@
 #                    doc tests. This is what CI runs.
 # The full run installs the real peers the tests drive when they are
 # missing (Debian packages: mosquitto, mosquitto-clients, socat, docker.io, busybox-static, dbus,
-# iproute2, prometheus (promtool), systemd (systemd-analyze), and pkg-config + libdbus-1-dev that
-# btleplug builds against; PyPI: paho-mqtt, pymodbus, pyserial,
+# iproute2, prometheus (promtool), systemd (systemd-analyze), debootstrap, and pkg-config +
+# libdbus-1-dev that btleplug builds against; crates.io: cargo-deb; PyPI: paho-mqtt, pymodbus, pyserial,
 # asyncua). Under CI=true a peer that cannot be installed is a failure, never a skip.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -32,6 +32,7 @@ command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
 dpkg -s libdbus-1-dev >/dev/null 2>&1 || need_apt+=(libdbus-1-dev)    # btleplug (BlueZ over D-Bus)
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)          # promtool checks /metrics
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)      # verifies the units
+command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need_apt+=(debootstrap)  # the package test's scratch root
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "test.sh: installing ${need_apt[*]} (apt-get)"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -48,7 +49,11 @@ if ! "$PY" -c "$PY_IMPORTS" 2>/dev/null; then
     || "$PY" -m pip install -q --disable-pip-version-check --break-system-packages "${PY_PEERS[@]}"
 fi
 
-for p in mosquitto_pub mosquitto_sub mosquitto_rr socat dbus-daemon pkg-config promtool systemd-analyze; do
+if ! command -v cargo-deb >/dev/null 2>&1; then
+  echo "test.sh: installing cargo-deb (cargo install)"
+  cargo install -q --locked cargo-deb
+fi
+for p in mosquitto_pub mosquitto_sub mosquitto_rr socat dbus-daemon pkg-config promtool systemd-analyze cargo-deb; do
   command -v "$p" >/dev/null 2>&1 || { echo "test.sh: peer $p is still missing" >&2; exit 1; }
 done
 "$PY" -c "$PY_IMPORTS" || { echo "test.sh: a Python peer (${PY_PEERS[*]}) is still missing" >&2; exit 1; }

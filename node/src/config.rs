@@ -181,6 +181,81 @@ impl NodeConfig {
         Self::parse(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
     }
 
+    /// Reads `path`, then merges every `*.yaml` of `fragments` (when that folder exists) over
+    /// it in file-name order: a mapping key of a later file replaces or, for mappings, merges
+    /// into the earlier value; anything else replaces it. So a package's `node.yaml` stays as
+    /// shipped and local changes live in `conf.d/` files of their own. Errors name the file
+    /// (and the line, where serde knows it) and the field.
+    pub fn load_with_fragments(
+        path: &Path,
+        fragments: Option<&Path>,
+    ) -> anyhow::Result<NodeConfig> {
+        let files = match fragments {
+            Some(dir) if dir.is_dir() => {
+                let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+                    .with_context(|| format!("cannot read config folder {}", dir.display()))?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| {
+                        p.extension().is_some_and(|x| x == "yaml" || x == "yml")
+                            && !p
+                                .file_name()
+                                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+                    })
+                    .collect();
+                files.sort();
+                files
+            }
+            _ => Vec::new(),
+        };
+        if files.is_empty() {
+            return Self::load(path);
+        }
+        let mut layers = Vec::new();
+        let mut errors = Vec::new();
+        for file in std::iter::once(path.to_path_buf()).chain(files) {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read config file {}", file.display()))?;
+            match serde_norway::from_str::<serde_norway::Value>(&text) {
+                Ok(serde_norway::Value::Null) => {}
+                Ok(v @ serde_norway::Value::Mapping(_)) => layers.push((file, v)),
+                Ok(_) => errors.push(format!("config file {}: not a mapping", file.display())),
+                Err(e) => {
+                    let line = e
+                        .location()
+                        .map(|l| format!("line {}: ", l.line()))
+                        .unwrap_or_default();
+                    errors.push(format!("config file {}: {line}{e}", file.display()));
+                }
+            }
+        }
+        if !errors.is_empty() {
+            anyhow::bail!("{}", errors.join("\n"));
+        }
+        let mut merged = serde_norway::Value::Mapping(Default::default());
+        for (_, layer) in &layers {
+            merge_yaml(&mut merged, layer.clone());
+        }
+        let cfg: NodeConfig = serde_path_to_error::deserialize(merged).map_err(|e| {
+            let field = e.path().to_string();
+            let from = layers
+                .iter()
+                .rev()
+                .find(|(_, v)| yaml_has_path(v, &field))
+                .or(layers.first())
+                .map(|(f, _)| f.display().to_string())
+                .unwrap_or_default();
+            anyhow::anyhow!("config file {from}: {field}: {}", e.into_inner())
+        })?;
+        cfg.check().map_err(|e| {
+            let names: Vec<String> = layers
+                .iter()
+                .map(|(f, _)| f.display().to_string())
+                .collect();
+            anyhow::anyhow!("config files {}: {e}", names.join(" + "))
+        })?;
+        Ok(cfg)
+    }
+
     /// The config as the node runs it, for `--print-config`: values that default from others
     /// (the bridge's client id and topic prefix from the node id; the front door's listeners
     /// from `mqtt.listen` and `mqtt.listen_v5`, and its packet limit from the broker's) filled
@@ -346,6 +421,45 @@ impl NodeConfig {
     }
 }
 
+/// Merges `over` into `base`: mappings key by key (recursively), anything else replaced.
+fn merge_yaml(base: &mut serde_norway::Value, over: serde_norway::Value) {
+    use serde_norway::Value;
+    match (base, over) {
+        (Value::Mapping(b), Value::Mapping(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge_yaml(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
+/// Whether `v` holds the field `path` (serde_path_to_error's `a.b[2].c`), or the longest part
+/// of it that exists as a mapping key chain.
+fn yaml_has_path(v: &serde_norway::Value, path: &str) -> bool {
+    let mut at = v;
+    let keys: Vec<&str> = path
+        .split('.')
+        .map(|k| k.split('[').next().unwrap_or(k))
+        .filter(|k| !k.is_empty() && *k != "?")
+        .collect();
+    if keys.is_empty() {
+        return false;
+    }
+    for k in keys {
+        match at.get(k) {
+            Some(next) => at = next,
+            None => return false,
+        }
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -430,6 +544,59 @@ mod tests {
             yaml,
             "printing the printed config changes it"
         );
+    }
+
+    #[test]
+    fn config_fragments_merge_over_the_file_in_name_order_and_errors_name_their_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let main = dir.path().join("node.yaml");
+        let conf = dir.path().join("conf.d");
+        std::fs::create_dir(&conf).expect("mkdir");
+        std::fs::write(
+            &main,
+            "node_id: shipped\nmqtt:\n  listen: 127.0.0.1:1883\nhttp:\n  listen: 127.0.0.1:8080\n",
+        )
+        .expect("write");
+        std::fs::write(
+            conf.join("10-site.yaml"),
+            "node_id: plant-7\nmqtt:\n  listen: 0.0.0.0:1883\n",
+        )
+        .expect("write");
+        std::fs::write(
+            conf.join("20-http.yaml"),
+            "http:\n  listen: 127.0.0.1:9090\n",
+        )
+        .expect("write");
+        std::fs::write(conf.join(".hidden.yaml"), "node_id: nope\n").expect("write");
+        std::fs::write(conf.join("README"), "not yaml: [").expect("write");
+        let cfg = NodeConfig::load_with_fragments(&main, Some(&conf)).expect("valid");
+        assert_eq!(cfg.node_id.as_str(), "plant-7");
+        assert_eq!(cfg.mqtt.listen.to_string(), "0.0.0.0:1883");
+        assert_eq!(cfg.http.listen.to_string(), "127.0.0.1:9090");
+
+        std::fs::write(conf.join("30-bad.yaml"), "twin:\n  max_batch: lots\n").expect("write");
+        let e = NodeConfig::load_with_fragments(&main, Some(&conf))
+            .expect_err("bad type")
+            .to_string();
+        assert!(
+            e.contains("30-bad.yaml") && e.contains("twin.max_batch"),
+            "{e}"
+        );
+
+        std::fs::write(conf.join("30-bad.yaml"), "twin: [\n").expect("write");
+        std::fs::write(conf.join("40-bad.yaml"), "http: {listen: \n  - [\n").expect("write");
+        let e = NodeConfig::load_with_fragments(&main, Some(&conf))
+            .expect_err("bad yaml")
+            .to_string();
+        assert!(
+            e.contains("30-bad.yaml") && e.contains("40-bad.yaml"),
+            "both files named: {e}"
+        );
+
+        // No folder: the file alone.
+        let alone =
+            NodeConfig::load_with_fragments(&main, Some(&dir.path().join("none"))).expect("valid");
+        assert_eq!(alone.node_id.as_str(), "shipped");
     }
 
     #[test]

@@ -33,6 +33,10 @@ enum Command {
         /// data in ./edgetwin-data, profiles from ./devices).
         #[arg(long, env = "EDGETWIN_CONFIG")]
         config: Option<PathBuf>,
+        /// A folder of config fragments (`*.yaml`, merged over `--config` in name order), e.g.
+        /// `/etc/edgetwin/conf.d`; a missing folder is no fragments.
+        #[arg(long, env = "EDGETWIN_CONFIG_DIR", requires = "config")]
+        config_dir: Option<PathBuf>,
         /// Print the config in force as YAML (defaults filled in) and exit.
         #[arg(long)]
         print_config: bool,
@@ -382,11 +386,12 @@ async fn run(cli: Cli, log_file: Option<std::sync::Arc<logging::LogFile>>) -> an
     match cli.command {
         Command::Serve {
             config,
+            config_dir,
             print_config,
             ..
         } => {
             let cfg = match &config {
-                Some(path) => config::NodeConfig::load(path)?,
+                Some(path) => config::NodeConfig::load_with_fragments(path, config_dir.as_deref())?,
                 None => config::NodeConfig::default(),
             };
             if print_config {

@@ -86,7 +86,7 @@ fn operations_the_unit_starts_the_node_from_etc_edgetwin_and_reloads_with_sighup
     };
     assert_eq!(
         line("ExecStart="),
-        "/usr/bin/edgetwin serve --config /etc/edgetwin/node.yaml"
+        "/usr/bin/edgetwin serve --config /etc/edgetwin/node.yaml --config-dir /etc/edgetwin/conf.d"
     );
     assert_eq!(line("Type="), "notify");
     assert_eq!(line("ExecReload="), "/bin/kill -HUP $MAINPID");
