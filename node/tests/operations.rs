@@ -341,3 +341,34 @@ fn operations_promtool_accepts_the_classic_metrics_of_a_live_node_and_prometheus
     assert_eq!(series(&text), series(&om));
     assert!(node.stop().success());
 }
+
+#[test]
+fn operations_every_dashboard_query_is_valid_promql() {
+    let text = std::fs::read_to_string(repo().join("examples/grafana/edgetwin.json")).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    let mut n = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap();
+            // Grafana's variables, as Grafana substitutes them for one node.
+            let expr = expr.replace("$instance", "node-1:8080");
+            rules.push_str(&format!(
+                "      - record: dashboard:query_{n}\n        expr: {}\n",
+                serde_json::to_string(&expr).unwrap()
+            ));
+            n += 1;
+        }
+    }
+    assert!(n >= 50, "only {n} queries");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dashboard-rules.yaml");
+    std::fs::write(&file, &rules).unwrap();
+    let out = run(Command::new("promtool").args(["check", "rules"]).arg(&file));
+    assert!(
+        out.status.success(),
+        "promtool check rules:\n{}{}\n{rules}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
