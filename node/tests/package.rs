@@ -325,3 +325,111 @@ fn twin_of(port: u16, device: &str) -> serde_json::Value {
     .unwrap_or_else(|| panic!("no twin document for {device}"));
     serde_json::from_str(out.trim()).unwrap()
 }
+
+/// `docker -H unix://SOCKET` for the test's private daemon.
+fn docker_cli() -> String {
+    format!(
+        "docker -H unix://{}",
+        edgetwin_testkit::docker::daemon().socket.display()
+    )
+}
+
+#[test]
+fn package_the_container_image_builds_without_a_registry_and_runs_the_node_and_a_mapper() {
+    workspace_bin("edgetwin-node", "edgetwin");
+    workspace_bin("edgetwin-mapper-modbus", "edgetwin-mapper-modbus");
+    let docker = docker_cli();
+    let tag = format!("edgetwin:test-{}", std::process::id());
+    ok(Command::new(repo().join("packaging/container/build.sh"))
+        .args(["--profile", "dev", "--tag", &tag, "--docker", &docker])
+        .args(["--bins", "edgetwin edgetwin-mapper-modbus"])
+        .env("CARGO_TARGET_DIR", target_dir()));
+    let cli = |args: &[&str]| {
+        let mut parts = docker.split_whitespace();
+        let mut c = Command::new(parts.next().unwrap());
+        c.args(parts).args(args);
+        c
+    };
+    let version = ok(&mut cli(&["run", "--rm", &tag, "--version"]));
+    assert!(version.starts_with("edgetwin 0.1.0 (commit "), "{version}");
+
+    // The image's own command and config, its ports moved by a conf.d fragment (the test's
+    // daemon has no bridge network: host networking, so the ports must be free ones).
+    let conf = tempfile::tempdir().unwrap();
+    let (http, mqtt, mqtt5) = (free_port(), free_port(), free_port());
+    std::fs::write(
+        conf.path().join("50-test.yaml"),
+        format!(
+            "node_id: boxed\nmqtt:\n  listen: 127.0.0.1:{mqtt}\n  listen_v5: 127.0.0.1:{mqtt5}\nhttp:\n  listen: 127.0.0.1:{http}\n"
+        ),
+    )
+    .unwrap();
+    let name = format!("edgetwin-node-{}", std::process::id());
+    let mount = format!("{}:/etc/edgetwin/conf.d:ro", conf.path().display());
+    ok(&mut cli(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--network",
+        "host",
+        "-v",
+        &mount,
+        &tag,
+    ]));
+    let logs = || {
+        let out = run(&mut cli(&["logs", &name]));
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    wait_for(Duration::from_secs(30), || {
+        http_status(http, "/readyz").filter(|s| *s == 200)
+    })
+    .unwrap_or_else(|| panic!("the node in the container is not ready:\n{}", logs()));
+    let user = ok(&mut cli(&["inspect", "-f", "{{.Config.User}}", &name]));
+    assert_eq!(user.trim(), "10001:10001");
+
+    // A mapper from the same image finds the node.
+    let mapper = format!("edgetwin-mapper-{}", std::process::id());
+    ok(&mut cli(&[
+        "run",
+        "-d",
+        "--name",
+        &mapper,
+        "--network",
+        "host",
+        "--entrypoint",
+        "/usr/bin/edgetwin-mapper-modbus",
+        "-e",
+        &format!("EDGETWIN_BROKER=127.0.0.1:{mqtt}"),
+        &tag,
+    ]));
+    let up = wait_for(Duration::from_secs(30), || {
+        let out =
+            run(Command::new("curl").args(["-fsS", &format!("http://127.0.0.1:{http}/metrics")]));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l == "edgetwin_mapper_up{protocol=\"modbus\"} 1")
+            .then_some(())
+    });
+    let mapper_logs = run(&mut cli(&["logs", &mapper]));
+    let _ = run(&mut cli(&["rm", "-f", &mapper]));
+    ok(&mut cli(&["stop", "-t", "30", &name]));
+    let exit = ok(&mut cli(&["inspect", "-f", "{{.State.ExitCode}}", &name]));
+    let node_logs = logs();
+    let _ = run(&mut cli(&["rm", "-f", &name]));
+    let _ = run(&mut cli(&["rmi", "-f", &tag]));
+    assert!(
+        up.is_some(),
+        "the mapper in its container never came up:\n{}",
+        String::from_utf8_lossy(&mapper_logs.stderr)
+    );
+    assert_eq!(
+        exit.trim(),
+        "0",
+        "the node did not stop cleanly:\n{node_logs}"
+    );
+}
