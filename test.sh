@@ -32,6 +32,7 @@ command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
 dpkg -s libdbus-1-dev >/dev/null 2>&1 || need_apt+=(libdbus-1-dev)    # btleplug (BlueZ over D-Bus)
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)          # promtool checks /metrics
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)      # verifies the units
+command -v file >/dev/null 2>&1 || need_apt+=(file)                    # the package test: stripped binaries
 command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need_apt+=(debootstrap)  # the package test's scratch root
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "test.sh: installing ${need_apt[*]} (apt-get)"

@@ -35,4 +35,5 @@ for shell in bash zsh fish; do
   "$target/$out/edgetwin" completions "$shell" > "$gen/completions/$(case $shell in bash) echo edgetwin.bash;; zsh) echo _edgetwin;; fish) echo edgetwin.fish;; esac)"
 done
 # cargo-deb maps the assets' target/release/ prefix to the profile's folder.
-cargo deb --locked -p edgetwin-node --no-build --profile "$profile" "$@"
+# --strip: the release profile keeps line tables (for perf), which cargo-deb would otherwise keep.
+cargo deb --locked -p edgetwin-node --no-build --strip --profile "$profile" "$@"

@@ -235,17 +235,17 @@ impl NodeConfig {
         for (_, layer) in &layers {
             merge_yaml(&mut merged, layer.clone());
         }
-        let cfg: NodeConfig = serde_path_to_error::deserialize(merged).map_err(|e| {
-            let field = e.path().to_string();
+        let cfg = read_collecting(merged, |field| {
             let from = layers
                 .iter()
                 .rev()
-                .find(|(_, v)| yaml_has_path(v, &field))
+                .find(|(_, v)| yaml_has_path(v, field))
                 .or(layers.first())
                 .map(|(f, _)| f.display().to_string())
                 .unwrap_or_default();
-            anyhow::anyhow!("config file {from}: {field}: {}", e.into_inner())
-        })?;
+            format!("config file {from}: ")
+        })
+        .map_err(|errors| anyhow::anyhow!("{}", errors.join("\n")))?;
         cfg.check().map_err(|e| {
             let names: Vec<String> = layers
                 .iter()
@@ -330,16 +330,22 @@ impl NodeConfig {
         if text.trim().is_empty() {
             return Ok(NodeConfig::default());
         }
-        let de = serde_norway::Deserializer::from_str(text);
-        let cfg: NodeConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            let line = inner
+        // Syntax errors stop the parse (one, with its line); type errors are collected: each
+        // field serde refuses is reported and taken out, and the rest is read again, so a file
+        // with five mistakes takes one round, not five.
+        let value: serde_norway::Value = serde_norway::from_str(text).map_err(|e| {
+            let line = e
                 .location()
                 .map(|l| format!("line {}: ", l.line()))
                 .unwrap_or_default();
-            format!("{line}{path}: {inner}")
+            format!("{line}{e}")
         })?;
+        let cfg = read_collecting(value, |path| {
+            edgetwin_profile::yaml_line_of(text, path)
+                .map(|l| format!("line {l}: "))
+                .unwrap_or_default()
+        })
+        .map_err(|errors| errors.join("\n"))?;
         cfg.check()?;
         Ok(cfg)
     }
@@ -418,6 +424,97 @@ impl NodeConfig {
     /// Parsed profile documents kept for the next start (see `Registry::with_cache`).
     pub fn profile_cache_path(&self) -> PathBuf {
         self.data_dir.join("profiles.cache")
+    }
+}
+
+/// Type errors reported from one config file at most (past that, fix some first).
+const MAX_CONFIG_ERRORS: usize = 32;
+
+/// Reads a config from its YAML value, collecting every type error instead of the first: each
+/// field serde refuses is reported (prefixed by `place(field path)`) and taken out, and the rest
+/// is read again.
+fn read_collecting(
+    mut value: serde_norway::Value,
+    place: impl Fn(&str) -> String,
+) -> Result<NodeConfig, Vec<String>> {
+    let mut errors = Vec::new();
+    for _ in 0..MAX_CONFIG_ERRORS {
+        match serde_path_to_error::deserialize::<_, NodeConfig>(value.clone()) {
+            Ok(cfg) if errors.is_empty() => return Ok(cfg),
+            Ok(_) => break,
+            Err(e) => {
+                let path = e.path().to_string();
+                let inner = e.into_inner().to_string();
+                errors.push(format!("{}{path}: {inner}", place(&path)));
+                if !remove_yaml_path(&mut value, &path, &inner) {
+                    break;
+                }
+            }
+        }
+    }
+    Err(errors)
+}
+
+/// Takes the field serde refused out of `v`, so the next read gets past it: the field at
+/// `path` (`a.b[2].c`), or, for an unknown field, that key of the mapping at `path`.
+/// `false` when nothing could be taken out (the next read would fail the same way).
+fn remove_yaml_path(v: &mut serde_norway::Value, path: &str, message: &str) -> bool {
+    use serde_norway::Value;
+    #[derive(Debug)]
+    enum Seg {
+        Key(String),
+        Index(usize),
+    }
+    let mut segs = Vec::new();
+    for part in path.split('.').filter(|p| !p.is_empty() && *p != "?") {
+        let mut rest = part;
+        if let Some(i) = rest.find('[') {
+            if i > 0 {
+                segs.push(Seg::Key(rest[..i].to_string()));
+            }
+            rest = &rest[i..];
+            while let Some(end) = rest.find(']') {
+                match rest[1..end].parse() {
+                    Ok(n) => segs.push(Seg::Index(n)),
+                    Err(_) => return false,
+                }
+                rest = &rest[end + 1..];
+            }
+        } else {
+            segs.push(Seg::Key(rest.to_string()));
+        }
+    }
+    // serde's "unknown field `x`" names the key; the path may stop at the mapping holding it.
+    if let Some(key) = message
+        .strip_prefix("unknown field `")
+        .and_then(|m| m.split('`').next())
+    {
+        if !matches!(segs.last(), Some(Seg::Key(k)) if k == key) {
+            segs.push(Seg::Key(key.to_string()));
+        }
+    }
+    let Some(last) = segs.pop() else {
+        return false;
+    };
+    let mut at = v;
+    for s in &segs {
+        let next = match (s, at) {
+            (Seg::Key(k), Value::Mapping(m)) => m.get_mut(k.as_str()),
+            (Seg::Index(i), Value::Sequence(q)) => q.get_mut(*i),
+            _ => None,
+        };
+        match next {
+            Some(n) => at = n,
+            None => return false,
+        }
+    }
+    match (last, at) {
+        (Seg::Key(k), Value::Mapping(m)) => m.remove(k.as_str()).is_some(),
+        (Seg::Index(i), Value::Sequence(q)) if i < q.len() => {
+            q.remove(i);
+            true
+        }
+        _ => false,
     }
 }
 
@@ -605,6 +702,28 @@ mod tests {
         assert_eq!(cfg.mqtt.listen.port(), 1883);
         assert_eq!(cfg.http.listen.port(), 8080);
         assert_eq!(cfg.data_dir, PathBuf::from("./edgetwin-data"));
+    }
+
+    #[test]
+    fn config_reports_every_type_error_at_once_each_with_its_line() {
+        let text = "node_id: ok-node\nmqtt:\n  listen: not-an-address\n  lisen_v5: x\nhttp:\n  listen: 127.0.0.1:8080\n  max_connections: many\ntwin:\n  max_batch: -1\nbridge:\n  url: mqtt://c:1883\n  up:\n    - {filter: a/b, retain: maybe}\n";
+        let err = NodeConfig::parse(text).expect_err("five mistakes");
+        let lines: Vec<&str> = err.lines().collect();
+        for (line, field) in [
+            ("line 3", "mqtt.listen"),
+            ("line 4", "lisen_v5"),
+            ("line 7", "http.max_connections"),
+            ("line 9", "twin.max_batch"),
+            ("line 13", "bridge.up[0].retain"),
+        ] {
+            assert!(
+                lines
+                    .iter()
+                    .any(|l| l.starts_with(line) && l.contains(field)),
+                "no {line} {field} in:\n{err}"
+            );
+        }
+        assert_eq!(lines.len(), 5, "{err}");
     }
 
     #[test]

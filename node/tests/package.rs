@@ -230,6 +230,10 @@ fn package_installs_into_a_fresh_debian_root_runs_as_its_unit_says_and_upgrades_
     assert!(passwd.contains("/var/lib/edgetwin"), "{passwd}");
     let owner = ok(chroot(&root).args(["stat", "-c", "%U:%G %a", "/var/lib/edgetwin"]));
     assert_eq!(owner.trim(), "edgetwin:edgetwin 750");
+    for bin in ["edgetwin", "edgetwin-mapper-modbus"] {
+        let what = ok(Command::new("file").arg(root.join("usr/bin").join(bin)));
+        assert!(what.contains(", stripped"), "{bin} not stripped: {what}");
+    }
     let version = ok(chroot(&root).args(["/usr/bin/edgetwin", "--version"]));
     assert!(version.starts_with("edgetwin 0.1.0 (commit "), "{version}");
 

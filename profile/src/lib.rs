@@ -48,5 +48,12 @@ pub use set::{
 };
 pub use validate::{validate, validate_refs};
 
+/// The 1-based line of the field `path` (`bridge.up[1].filter`, as serde_path_to_error writes
+/// it) in the first YAML document of `text`, or of its nearest parent that is there. The node's
+/// config errors use it to name lines as the profile errors do.
+pub fn yaml_line_of(text: &str, path: &str) -> Option<usize> {
+    source::line_of(text, 0, path)
+}
+
 /// Problems found by a section's own checks: (path relative to the section, message).
 pub(crate) type Issues = Vec<(String, String)>;
