@@ -8,7 +8,7 @@
 # The full run installs the real peers the tests drive when they are
 # missing (Debian packages: mosquitto, mosquitto-clients, socat, docker.io, busybox-static, dbus,
 # iproute2, prometheus (promtool), systemd (systemd-analyze), debootstrap, and pkg-config +
-# libdbus-1-dev that btleplug builds against; crates.io: cargo-deb; PyPI: paho-mqtt, pymodbus, pyserial,
+# libdbus-1-dev that btleplug builds against; crates.io: cargo-deb, cargo-deny; PyPI: paho-mqtt, pymodbus, pyserial,
 # asyncua). Under CI=true a peer that cannot be installed is a failure, never a skip.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -50,11 +50,13 @@ if ! "$PY" -c "$PY_IMPORTS" 2>/dev/null; then
     || "$PY" -m pip install -q --disable-pip-version-check --break-system-packages "${PY_PEERS[@]}"
 fi
 
-if ! command -v cargo-deb >/dev/null 2>&1; then
-  echo "test.sh: installing cargo-deb (cargo install)"
-  cargo install -q --locked cargo-deb
-fi
-for p in mosquitto_pub mosquitto_sub mosquitto_rr socat dbus-daemon pkg-config promtool systemd-analyze cargo-deb; do
+for tool in cargo-deb cargo-deny; do
+  if ! command -v "$tool" >/dev/null 2>&1; then
+    echo "test.sh: installing $tool (cargo install)"
+    cargo install -q --locked "$tool"
+  fi
+done
+for p in mosquitto_pub mosquitto_sub mosquitto_rr socat dbus-daemon pkg-config promtool systemd-analyze cargo-deb cargo-deny; do
   command -v "$p" >/dev/null 2>&1 || { echo "test.sh: peer $p is still missing" >&2; exit 1; }
 done
 "$PY" -c "$PY_IMPORTS" || { echo "test.sh: a Python peer (${PY_PEERS[*]}) is still missing" >&2; exit 1; }
@@ -64,6 +66,7 @@ export EDGETWIN_TEST_PYTHON="$PY"
 # as the binaries themselves).
 [ "${CI:-}" = "true" ] && export CARGO_INCREMENTAL=0
 
+cargo deny --locked check licenses bans sources      # deny.toml: the dependencies' licenses and origins
 cargo test --workspace --locked --lib --bins          # fast lane
 cargo test --workspace --locked --test '*'            # process and peer tests
 cargo test --workspace --locked --doc

@@ -6,6 +6,8 @@
 //!
 //! Peers: cargo-deb, debootstrap (Debian's mirror, for the scratch root), dpkg-deb, chroot.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;

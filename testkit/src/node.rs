@@ -84,6 +84,9 @@ pub struct Launch {
     pub env: Vec<(String, String)>,
     /// Where standard error goes: `None` is the node's `node.log`.
     pub stderr_to: Option<PathBuf>,
+    /// Log with the node's own default filter (no `EDGETWIN_LOG`), as an operator's node does;
+    /// otherwise `info,edgetwin=debug`.
+    pub default_log: bool,
 }
 
 /// A node to start with more than the defaults of [`Node::start`].
@@ -322,11 +325,16 @@ impl Node {
             .append(true)
             .open(stderr)
             .unwrap();
-        let child = Command::new(edgetwin_bin())
+        let mut c = Command::new(edgetwin_bin());
+        if self.launch.default_log {
+            c.env_remove("EDGETWIN_LOG");
+        } else {
+            c.env("EDGETWIN_LOG", "info,edgetwin=debug");
+        }
+        let child = c
             .args(["serve", "--config"])
             .arg(self.config_path())
             .args(&self.launch.args)
-            .env("EDGETWIN_LOG", "info,edgetwin=debug")
             .envs(self.launch.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
