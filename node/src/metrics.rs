@@ -124,6 +124,15 @@ impl Metrics {
             bridge: Default::default(),
             registry: std::sync::Mutex::new(Registry::default()),
         };
+        // Which build is running, for dashboards and alerts across a fleet being upgraded.
+        registry.register(
+            "build",
+            "The running build: its version and the commit it was built from",
+            prometheus_client::metrics::info::Info::new(vec![
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("commit", env!("EDGETWIN_COMMIT")),
+            ]),
+        );
         registry.register(
             "twin_updates_accepted",
             "Twin patches accepted that changed at least one property",

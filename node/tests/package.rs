@@ -298,7 +298,11 @@ fn package_installs_into_a_fresh_debian_root_runs_as_its_unit_says_and_upgrades_
     assert_eq!(std::fs::read_to_string(&shipped).unwrap(), edited);
     assert!(root.join("etc/edgetwin/conf.d/50-test.yaml").exists());
     let mode = ok(chroot(&root).args(["stat", "-c", "%U:%G %a", "/etc/edgetwin/node.yaml"]));
-    assert_eq!(mode.trim(), "root:edgetwin 640", "the node could not read its config");
+    assert_eq!(
+        mode.trim(),
+        "root:edgetwin 640",
+        "the node could not read its config"
+    );
     let status = ok(chroot(&root).args(["dpkg-query", "-W", "-f=${Version}", "edgetwin"]));
     assert_eq!(status, "0.1.0-2");
 
