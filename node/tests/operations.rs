@@ -399,3 +399,135 @@ fn operations_every_dashboard_query_is_valid_promql() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A real Prometheus (Debian's `prometheus`) scraping `targets` every second, on a free port.
+struct Prometheus {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(targets: &[String]) -> Prometheus {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let list = targets
+            .iter()
+            .map(|t| format!("\"{t}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let cfg = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nscrape_configs:\n  - job_name: edgetwin\n    static_configs: [{{targets: [{list}]}}]\n"
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("prometheus (Debian package prometheus) must be installed");
+        Prometheus {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    /// `GET /api/v1/query?query=...`: the JSON answer.
+    fn query(&self, promql: &str) -> Option<serde_json::Value> {
+        use std::io::{Read, Write};
+        let encoded: String = promql
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            s,
+            "GET /api/v1/query?query={encoded} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).ok()?;
+        let body = buf.split_once("\r\n\r\n")?.1;
+        // Chunked or not, the JSON object is the part between the outer braces.
+        let json = &body[body.find('{')?..=body.rfind('}')?];
+        serde_json::from_str(json).ok()
+    }
+
+    /// The result vector of an instant query, once it has at least one element.
+    fn series_until(&self, promql: &str, within: Duration) -> Vec<serde_json::Value> {
+        wait_for(within, || {
+            let v = self.query(promql)?;
+            let r = v["data"]["result"].as_array()?.clone();
+            (!r.is_empty()).then_some(r)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "Prometheus has no series for {promql}: {:?}",
+                self.query(promql)
+            )
+        })
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn operations_a_real_prometheus_scrapes_the_node_and_every_dashboard_query_evaluates() {
+    let node = Node::start(&["pr-1"]);
+    node.pub_("dt/pr-1/desired", r#"{"setpoint": 20.5}"#);
+    let target = format!("127.0.0.1:{}", node.http_port);
+    let prom = Prometheus::start(std::slice::from_ref(&target));
+
+    let up = prom.series_until("up{job=\"edgetwin\"} == 1", Duration::from_secs(30));
+    assert_eq!(up[0]["metric"]["instance"], target.as_str());
+    let build = prom.series_until("edgetwin_build_info", Duration::from_secs(10));
+    assert!(build[0]["metric"]["commit"].is_string(), "{build:?}");
+    prom.series_until(
+        "edgetwin_twin_updates_accepted_total{side=\"desired\"}",
+        Duration::from_secs(10),
+    );
+    // A counter's samples are read as counters: rate() over them is defined.
+    prom.series_until(
+        "rate(edgetwin_twin_updates_accepted_total[10s]) >= 0",
+        Duration::from_secs(15),
+    );
+
+    // Every dashboard query, for this node, evaluates without an error.
+    let text = std::fs::read_to_string(repo().join("examples/grafana/edgetwin.json")).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().unwrap().replace("$instance", &target);
+            let answer = prom
+                .query(&expr)
+                .unwrap_or_else(|| panic!("no answer for {expr}"));
+            assert_eq!(
+                answer["status"], "success",
+                "panel {:?}: {expr}: {answer}",
+                panel["title"]
+            );
+        }
+    }
+}
