@@ -442,6 +442,8 @@ impl TwinService {
                     if let Err(e) = &result {
                         error!(error = %e, "device registry update failed");
                     }
+                    // A profile change parses and republishes in bulk, as start-up does.
+                    crate::serve::release_freed_memory();
                     if let Some(done) = update.done {
                         let _ = done.send(result);
                     }
