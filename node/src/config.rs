@@ -459,63 +459,57 @@ fn read_collecting(
 /// `path` (`a.b[2].c`), or, for an unknown field, that key of the mapping at `path`.
 /// `false` when nothing could be taken out (the next read would fail the same way).
 fn remove_yaml_path(v: &mut serde_norway::Value, path: &str, message: &str) -> bool {
+    use edgetwin_profile::FieldSeg;
     use serde_norway::Value;
-    #[derive(Debug)]
-    enum Seg {
-        Key(String),
-        Index(usize),
-    }
-    let mut segs = Vec::new();
-    for part in path.split('.').filter(|p| !p.is_empty() && *p != "?") {
-        let mut rest = part;
-        if let Some(i) = rest.find('[') {
-            if i > 0 {
-                segs.push(Seg::Key(rest[..i].to_string()));
-            }
-            rest = &rest[i..];
-            while let Some(end) = rest.find(']') {
-                match rest[1..end].parse() {
-                    Ok(n) => segs.push(Seg::Index(n)),
-                    Err(_) => return false,
-                }
-                rest = &rest[end + 1..];
-            }
-        } else {
-            segs.push(Seg::Key(rest.to_string()));
-        }
-    }
+    let mut segs = yaml_steps(path);
     // serde's "unknown field `x`" names the key; the path may stop at the mapping holding it.
     if let Some(key) = message
         .strip_prefix("unknown field `")
         .and_then(|m| m.split('`').next())
     {
-        if !matches!(segs.last(), Some(Seg::Key(k)) if k == key) {
-            segs.push(Seg::Key(key.to_string()));
+        if !matches!(segs.last(), Some(FieldSeg::Key(k)) if k == key) {
+            segs.push(FieldSeg::Key(key.to_string()));
         }
     }
     let Some(last) = segs.pop() else {
         return false;
     };
-    let mut at = v;
-    for s in &segs {
-        let next = match (s, at) {
-            (Seg::Key(k), Value::Mapping(m)) => m.get_mut(k.as_str()),
-            (Seg::Index(i), Value::Sequence(q)) => q.get_mut(*i),
-            _ => None,
-        };
-        match next {
-            Some(n) => at = n,
-            None => return false,
-        }
-    }
+    let Some(at) = yaml_at_mut(v, &segs) else {
+        return false;
+    };
     match (last, at) {
-        (Seg::Key(k), Value::Mapping(m)) => m.remove(k.as_str()).is_some(),
-        (Seg::Index(i), Value::Sequence(q)) if i < q.len() => {
+        (FieldSeg::Key(k), Value::Mapping(m)) => m.remove(k.as_str()).is_some(),
+        (FieldSeg::Index(i), Value::Sequence(q)) if i < q.len() => {
             q.remove(i);
             true
         }
         _ => false,
     }
+}
+
+/// The steps of a serde_path_to_error path, without its `?` (a place it could not name).
+fn yaml_steps(path: &str) -> Vec<edgetwin_profile::FieldSeg> {
+    edgetwin_profile::field_path(path)
+        .into_iter()
+        .filter(|s| !matches!(s, edgetwin_profile::FieldSeg::Key(k) if k == "?"))
+        .collect()
+}
+
+/// The value at `steps` in `v`.
+fn yaml_at_mut<'a>(
+    mut v: &'a mut serde_norway::Value,
+    steps: &[edgetwin_profile::FieldSeg],
+) -> Option<&'a mut serde_norway::Value> {
+    use edgetwin_profile::FieldSeg;
+    use serde_norway::Value;
+    for s in steps {
+        v = match (s, v) {
+            (FieldSeg::Key(k), Value::Mapping(m)) => m.get_mut(k.as_str())?,
+            (FieldSeg::Index(i), Value::Sequence(q)) => q.get_mut(*i)?,
+            _ => return None,
+        };
+    }
+    Some(v)
 }
 
 /// Merges `over` into `base`: mappings key by key (recursively), anything else replaced.
@@ -536,25 +530,27 @@ fn merge_yaml(base: &mut serde_norway::Value, over: serde_norway::Value) {
     }
 }
 
-/// Whether `v` holds the field `path` (serde_path_to_error's `a.b[2].c`), or the longest part
-/// of it that exists as a mapping key chain.
+/// Whether `v` holds the field `path` (serde_path_to_error's `a.b[2].c`).
 fn yaml_has_path(v: &serde_norway::Value, path: &str) -> bool {
-    let mut at = v;
-    let keys: Vec<&str> = path
-        .split('.')
-        .map(|k| k.split('[').next().unwrap_or(k))
-        .filter(|k| !k.is_empty() && *k != "?")
-        .collect();
-    if keys.is_empty() {
-        return false;
+    let steps = yaml_steps(path);
+    !steps.is_empty() && yaml_at(v, &steps).is_some()
+}
+
+/// The value at `steps` in `v` ([`yaml_at_mut`] to change it).
+fn yaml_at<'a>(
+    mut v: &'a serde_norway::Value,
+    steps: &[edgetwin_profile::FieldSeg],
+) -> Option<&'a serde_norway::Value> {
+    use edgetwin_profile::FieldSeg;
+    use serde_norway::Value;
+    for s in steps {
+        v = match (s, v) {
+            (FieldSeg::Key(k), Value::Mapping(m)) => m.get(k.as_str())?,
+            (FieldSeg::Index(i), Value::Sequence(q)) => q.get(*i)?,
+            _ => return None,
+        };
     }
-    for k in keys {
-        match at.get(k) {
-            Some(next) => at = next,
-            None => return false,
-        }
-    }
-    true
+    Some(v)
 }
 
 #[cfg(test)]
@@ -689,6 +685,23 @@ mod tests {
             e.contains("30-bad.yaml") && e.contains("40-bad.yaml"),
             "both files named: {e}"
         );
+
+        // An error inside a list names the fragment that wrote the list.
+        std::fs::remove_file(conf.join("30-bad.yaml")).expect("rm");
+        std::fs::remove_file(conf.join("40-bad.yaml")).expect("rm");
+        std::fs::write(
+            conf.join("50-bridge.yaml"),
+            "bridge:\n  url: mqtt://c:1883\n  up:\n    - {filter: a/b, retain: maybe}\n",
+        )
+        .expect("write");
+        let e = NodeConfig::load_with_fragments(&main, Some(&conf))
+            .expect_err("bad type in a list")
+            .to_string();
+        assert!(
+            e.contains("50-bridge.yaml") && e.contains("bridge.up[0].retain"),
+            "{e}"
+        );
+        std::fs::remove_file(conf.join("50-bridge.yaml")).expect("rm");
 
         // No folder: the file alone.
         let alone =

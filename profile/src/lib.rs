@@ -55,5 +55,7 @@ pub fn yaml_line_of(text: &str, path: &str) -> Option<usize> {
     source::line_of(text, 0, path)
 }
 
+pub use source::{segments as field_path, Seg as FieldSeg};
+
 /// Problems found by a section's own checks: (path relative to the section, message).
 pub(crate) type Issues = Vec<(String, String)>;

@@ -67,13 +67,17 @@ impl fmt::Debug for SourceDoc {
     }
 }
 
+/// One step of a field path: a mapping key or a sequence index.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Seg {
+pub enum Seg {
+    /// `name` in `a.name`.
     Key(String),
+    /// `2` in `a[2]`.
     Index(usize),
 }
 
-fn segments(path: &str) -> Vec<Seg> {
+/// The steps of a field path as serde_path_to_error writes it (`spec.properties[2].name`).
+pub fn segments(path: &str) -> Vec<Seg> {
     let mut out = Vec::new();
     for part in path.split('.').filter(|p| !p.is_empty()) {
         let (key, mut rest) = match part.find('[') {
