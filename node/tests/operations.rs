@@ -12,10 +12,6 @@ use std::time::Duration;
 
 use edgetwin_testkit::*;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 /// A scratch root holding the host's systemd units, our units, and the binaries they name, for
 /// `systemd-analyze verify --root` (it checks that every command exists and is executable).
 fn units_root() -> tempfile::TempDir {
@@ -35,7 +31,7 @@ fn units_root() -> tempfile::TempDir {
             break;
         }
     }
-    for e in std::fs::read_dir(repo().join("packaging/systemd")).unwrap() {
+    for e in std::fs::read_dir(repo_root().join("packaging/systemd")).unwrap() {
         let e = e.unwrap();
         std::fs::copy(e.path(), units.join(e.file_name())).unwrap();
     }
@@ -98,7 +94,8 @@ fn operations_the_units_keep_their_hardening_an_exposure_of_at_most_2_of_10() {
 
 #[test]
 fn operations_the_unit_starts_the_node_from_etc_edgetwin_and_reloads_with_sighup() {
-    let unit = std::fs::read_to_string(repo().join("packaging/systemd/edgetwin.service")).unwrap();
+    let unit =
+        std::fs::read_to_string(repo_root().join("packaging/systemd/edgetwin.service")).unwrap();
     let line = |key: &str| {
         unit.lines()
             .find_map(|l| l.strip_prefix(key))
@@ -293,26 +290,11 @@ fn bridge_yaml(port: u16) -> String {
 
 /// GET /metrics with an `Accept` header: (content type, body).
 fn scrape(node: &Node, accept: &str) -> (String, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", node.http_port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+    let reply = http_get(node.http_port, "/metrics", &[("Accept", accept)]).unwrap();
+    (
+        reply.header("content-type").unwrap_or_default().to_string(),
+        reply.body,
     )
-    .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).unwrap();
-    let (head, body) = buf.split_once("\r\n\r\n").unwrap();
-    let ctype = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-type")
-                .then(|| v.trim().to_string())
-        })
-        .unwrap_or_default();
-    (ctype, body.to_string())
 }
 
 #[test]
@@ -371,7 +353,7 @@ fn operations_promtool_accepts_the_classic_metrics_of_a_live_node_and_prometheus
 
 #[test]
 fn operations_every_dashboard_query_is_valid_promql() {
-    let text = std::fs::read_to_string(repo().join("examples/grafana/edgetwin.json")).unwrap();
+    let text = std::fs::read_to_string(repo_root().join("examples/grafana/edgetwin.json")).unwrap();
     let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
     let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
     let mut n = 0;
@@ -445,7 +427,6 @@ impl Prometheus {
 
     /// `GET /api/v1/query?query=...`: the JSON answer.
     fn query(&self, promql: &str) -> Option<serde_json::Value> {
-        use std::io::{Read, Write};
         let encoded: String = promql
             .bytes()
             .map(|b| match b {
@@ -455,16 +436,8 @@ impl Prometheus {
                 _ => format!("%{b:02X}"),
             })
             .collect();
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            s,
-            "GET /api/v1/query?query={encoded} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut buf = String::new();
-        s.read_to_string(&mut buf).ok()?;
-        let body = buf.split_once("\r\n\r\n")?.1;
+        let reply = http_get(self.port, &format!("/api/v1/query?query={encoded}"), &[]).ok()?;
+        let body = reply.body;
         // Chunked or not, the JSON object is the part between the outer braces.
         let json = &body[body.find('{')?..=body.rfind('}')?];
         serde_json::from_str(json).ok()
@@ -515,7 +488,7 @@ fn operations_a_real_prometheus_scrapes_the_node_and_every_dashboard_query_evalu
     );
 
     // Every dashboard query, for this node, evaluates without an error.
-    let text = std::fs::read_to_string(repo().join("examples/grafana/edgetwin.json")).unwrap();
+    let text = std::fs::read_to_string(repo_root().join("examples/grafana/edgetwin.json")).unwrap();
     let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
     for panel in dashboard["panels"].as_array().unwrap() {
         for t in panel["targets"].as_array().into_iter().flatten() {

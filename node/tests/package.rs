@@ -14,10 +14,6 @@ use std::time::Duration;
 
 use edgetwin_testkit::*;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 /// The target dir this test runs from (`target/debug/deps/<test>` → `target`).
 fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
@@ -84,7 +80,7 @@ fn build_deb(version: &str, out: &Path) -> PathBuf {
         workspace_bin(package, bin);
     }
     let deb = out.join(format!("edgetwin_{version}_amd64.deb"));
-    ok(Command::new(repo().join("packaging/build-deb.sh"))
+    ok(Command::new(repo_root().join("packaging/build-deb.sh"))
         .args([
             "--profile",
             "dev",
@@ -181,20 +177,6 @@ impl Installed {
     }
 }
 
-fn http_status(port: u16, path: &str) -> Option<u16> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    buf.split_whitespace().nth(1)?.parse().ok()
-}
-
 #[test]
 fn package_installs_into_a_fresh_debian_root_runs_as_its_unit_says_and_upgrades_keeping_config_and_data(
 ) {
@@ -250,7 +232,8 @@ fn package_installs_into_a_fresh_debian_root_runs_as_its_unit_says_and_upgrades_
     .unwrap();
     std::fs::write(
         root.join("etc/edgetwin/devices/meter.yaml"),
-        std::fs::read_to_string(repo().join("examples/profiles/modbus-power-meter.yaml")).unwrap(),
+        std::fs::read_to_string(repo_root().join("examples/profiles/modbus-power-meter.yaml"))
+            .unwrap(),
     )
     .unwrap();
     let node = Installed::start(&root, http);
@@ -267,24 +250,10 @@ fn package_installs_into_a_fresh_debian_root_runs_as_its_unit_says_and_upgrades_
         node.log()
     );
     // A desired value the upgrade must keep (the twin store in /var/lib/edgetwin).
-    ok(Command::new("mosquitto_pub").args([
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &mqtt.to_string(),
-        "-q",
-        "1",
-        "-t",
-        "dt/meter-7/desired",
-        "-m",
-        r#"{"setpoint": 23.5}"#,
-    ]));
-    wait_for(Duration::from_secs(10), || {
-        twin_of(mqtt, "meter-7")["desired"]["setpoint"]
-            .as_f64()
-            .filter(|v| *v == 23.5)
-    })
-    .unwrap_or_else(|| panic!("desired setpoint not stored: {}", twin_of(mqtt, "meter-7")));
+    mosquitto_pub(mqtt, "dt/meter-7/desired", r#"{"setpoint": 23.5}"#, &[]);
+    retained_until(mqtt, "dt/meter-7/twin", Duration::from_secs(10), |t| {
+        t.is_some_and(|t| t["desired"]["setpoint"] == 23.5)
+    });
     node.stop();
 
     // An operator's edit of the shipped file, which the upgrade must keep (a conffile).
@@ -307,35 +276,15 @@ fn package_installs_into_a_fresh_debian_root_runs_as_its_unit_says_and_upgrades_
     assert_eq!(status, "0.1.0-2");
 
     let node = Installed::start(&root, http);
-    let twin = twin_of(mqtt, "meter-7");
+    let twin = retained_until(mqtt, "dt/meter-7/twin", Duration::from_secs(10), |t| {
+        t.is_some()
+    })
+    .unwrap();
     assert_eq!(
         twin["desired"]["setpoint"], 23.5,
         "lost in the upgrade: {twin}"
     );
     node.stop();
-}
-
-/// The retained twin document of `device` on the node at `port`.
-fn twin_of(port: u16, device: &str) -> serde_json::Value {
-    let out = wait_for(Duration::from_secs(10), || {
-        let out = run(Command::new("mosquitto_sub").args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-t",
-            &format!("dt/{device}/twin"),
-            "-C",
-            "1",
-            "-W",
-            "3",
-        ]));
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).to_string())
-    })
-    .unwrap_or_else(|| panic!("no twin document for {device}"));
-    serde_json::from_str(out.trim()).unwrap()
 }
 
 /// `docker -H unix://SOCKET` for the test's private daemon.
@@ -352,10 +301,12 @@ fn package_the_container_image_builds_without_a_registry_and_runs_the_node_and_a
     workspace_bin("edgetwin-mapper-modbus", "edgetwin-mapper-modbus");
     let docker = docker_cli();
     let tag = format!("edgetwin:test-{}", std::process::id());
-    ok(Command::new(repo().join("packaging/container/build.sh"))
-        .args(["--profile", "dev", "--tag", &tag, "--docker", &docker])
-        .args(["--bins", "edgetwin edgetwin-mapper-modbus"])
-        .env("CARGO_TARGET_DIR", target_dir()));
+    ok(
+        Command::new(repo_root().join("packaging/container/build.sh"))
+            .args(["--profile", "dev", "--tag", &tag, "--docker", &docker])
+            .args(["--bins", "edgetwin edgetwin-mapper-modbus"])
+            .env("CARGO_TARGET_DIR", target_dir()),
+    );
     let cli = |args: &[&str]| {
         let mut parts = docker.split_whitespace();
         let mut c = Command::new(parts.next().unwrap());

@@ -108,6 +108,64 @@ pub(crate) fn wait_exit(child: &mut Child, limit: Duration) -> std::process::Exi
     }
 }
 
+/// The repository's root folder (for the files the tests read: packaging, examples, docs).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The answer to [`http_get`].
+#[derive(Debug, Clone)]
+pub struct HttpReply {
+    /// The status code (0 when the status line does not parse).
+    pub status: u16,
+    /// The status line and headers.
+    pub head: String,
+    /// Everything after the headers, as sent (chunked bodies are not decoded).
+    pub body: String,
+}
+
+impl HttpReply {
+    /// The value of header `name` (any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+/// A plain HTTP/1.1 GET to `127.0.0.1:port` with extra request `headers`, the connection closed
+/// after the answer (5 s to read it).
+pub fn http_get(port: u16, path: &str, headers: &[(&str, &str)]) -> std::io::Result<HttpReply> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}Connection: close\r\n\r\n"
+    )?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((buf.as_str(), ""));
+    Ok(HttpReply {
+        status: head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0),
+        head: head.to_string(),
+        body: body.to_string(),
+    })
+}
+
+/// The status of `GET path` on `127.0.0.1:port`, `None` when nothing answers.
+pub fn http_status(port: u16, path: &str) -> Option<u16> {
+    http_get(port, path, &[]).ok().map(|r| r.status)
+}
+
 pub fn run(c: &mut Command) -> Output {
     c.output()
         .unwrap_or_else(|e| panic!("cannot run {c:?}: {e}"))
