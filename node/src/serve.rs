@@ -590,7 +590,7 @@ async fn reload_on_request(
                         Err(e) => error!(error = %e, "gate credentials not reloaded; the previous ones stay in force"),
                     }
                 }
-                crate::systemd::reloaded("serving (reloaded)");
+                crate::systemd::ready("serving (reloaded)");
             }
         }
     }

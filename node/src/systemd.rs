@@ -11,7 +11,7 @@ fn send(what: &str, states: &[NotifyState]) {
     }
 }
 
-/// Start-up finished: the front door's listeners accept clients.
+/// Start-up finished (the front door's listeners accept clients), or a reload did.
 pub fn ready(status: &str) {
     send("READY", &[NotifyState::Ready, NotifyState::Status(status)]);
 }
@@ -23,11 +23,6 @@ pub fn reloading() {
         states.push(now);
     }
     send("RELOADING", &states);
-}
-
-/// The reload finished.
-pub fn reloaded(status: &str) {
-    send("READY", &[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
 /// Shutdown began.
