@@ -1169,6 +1169,8 @@ impl TwinService {
             .collect();
         for d in &removed {
             info!(device = %d, "device unregistered");
+            // Per-device state of this service goes with the device (churn must not grow it).
+            self.seen_published.remove(d);
             self.link
                 .publish(Message::retained(
                     Topic::Twin(d.clone()).to_topic_string(),
