@@ -629,28 +629,24 @@ impl<D: Driver> DeviceTask<D> {
                 .as_ref()
                 .filter(|(held, at)| same_value(held, &v) && at.elapsed() < WRITE_SETTLE)
                 .map(|(_, at)| *at);
-            if let Some(at) = settled_at {
-                // Looked at again when the window closes: written then only if the device was
-                // last reported holding something else (a check, not a retry: attempt 0).
-                debug!(device = %self.id, property = %k, "delta for the value just written and held; checked again in 2 s");
-                self.pending.retain(|w| w.idx != i);
-                self.retries.retain(|w| w.idx != i);
-                self.retries.push(Write {
-                    idx: i,
-                    value: v,
-                    attempt: 0,
-                    due: at + WRITE_SETTLE,
-                });
-                continue;
-            }
+            // This delta replaces whatever write of the property was waiting.
             self.pending.retain(|w| w.idx != i);
             self.retries.retain(|w| w.idx != i);
-            self.pending.push(Write {
+            let write = |due| Write {
                 idx: i,
                 value: v,
                 attempt: 0,
-                due: Instant::now(),
-            });
+                due,
+            };
+            match settled_at {
+                Some(at) => {
+                    // Looked at again when the window closes: written then only if the device
+                    // was last reported holding something else (a check, not a retry: attempt 0).
+                    debug!(device = %self.id, property = %k, "delta for the value just written and held; checked again in 2 s");
+                    self.retries.push(write(at + WRITE_SETTLE));
+                }
+                None => self.pending.push(write(Instant::now())),
+            }
         }
     }
 
