@@ -126,10 +126,7 @@ impl ParsedCache {
                     m.set_source(source);
                     Document::DeviceModel(m)
                 }
-                OwnedKind::Device(mut dev) => {
-                    dev.set_source(source);
-                    Document::Device(dev)
-                }
+                OwnedKind::Device(dev) => Document::Device(dev.into_document(source)),
             });
         }
         Some(out)

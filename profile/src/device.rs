@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::ApiVersion;
 use crate::protocol::{PropertyVisitor, ProtocolConfig};
+use std::sync::Arc;
+
 use crate::source::SourceDoc;
 use crate::Duration;
 
@@ -220,8 +222,14 @@ impl Device {
         &self.source
     }
 
-    pub(crate) fn set_source(&mut self, source: SourceDoc) {
+    /// The device as a parsed document: its source attached, the defaults that depend on other
+    /// fields written out ([`Device::fill_defaults`]) and no spare capacity, in one shared
+    /// allocation that the validated set takes over as it is (no second copy per device).
+    pub(crate) fn into_document(mut self, source: SourceDoc) -> Arc<Device> {
         self.source = source;
+        self.fill_defaults();
+        self.spec.properties.shrink_to_fit();
+        Arc::new(self)
     }
 
     /// Writes out defaults that depend on other fields (a Modbus visitor's `limit`), so the

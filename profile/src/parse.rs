@@ -232,9 +232,8 @@ fn document(
         }
         Some(Value::String(k)) if k == "Device" => {
             match typed_from::<Device>(value, file, text, index, line0) {
-                Ok(mut d) => {
-                    d.set_source(source);
-                    docs.push(Document::Device(d));
+                Ok(d) => {
+                    docs.push(Document::Device(d.into_document(source)));
                     vec![]
                 }
                 Err(e) => all_errors(e, value, &schemas().1, file, &source),

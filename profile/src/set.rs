@@ -1,6 +1,7 @@
 //! The result of loading: documents, the validated set, and the resolved device a mapper gets.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use edgetwin_contract::{DeviceId, PropertyType, ProtocolName};
 use schemars::JsonSchema;
@@ -14,8 +15,8 @@ use crate::{Device, DeviceModel, DeviceProperty, PropertyVisitor};
 pub enum Document {
     /// `kind: DeviceModel`.
     DeviceModel(DeviceModel),
-    /// `kind: Device`.
-    Device(Device),
+    /// `kind: Device`, shared with the [`ProfileSet`] it is validated into.
+    Device(Arc<Device>),
 }
 
 impl Document {
@@ -33,8 +34,8 @@ impl Document {
 pub struct ProfileSet {
     /// Models by name.
     pub models: BTreeMap<String, DeviceModel>,
-    /// Devices by id.
-    pub devices: BTreeMap<DeviceId, Device>,
+    /// Devices by id: the parsed documents themselves (defaults written out), shared.
+    pub devices: BTreeMap<DeviceId, Arc<Device>>,
 }
 
 impl ProfileSet {
@@ -43,7 +44,7 @@ impl ProfileSet {
         let device = self.devices.get(id)?;
         let model = self.models.get(device.model_ref())?;
         Some(ResolvedDevice {
-            device: device.clone(),
+            device: Device::clone(device),
             model: model.clone(),
         })
     }
@@ -183,7 +184,7 @@ mod resolved_json_tests {
         let (_, device) = set.devices.iter().next().unwrap();
         let model = &set.models["m"];
         let owned = ResolvedDevice {
-            device: device.clone(),
+            device: Device::clone(device),
             model: model.clone(),
         };
         assert_eq!(

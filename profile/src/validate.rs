@@ -3,6 +3,7 @@
 //! stops the others.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use edgetwin_contract::{DeviceId, PropertyType};
 
@@ -143,7 +144,7 @@ pub(crate) fn validate_with(
                     set.models.insert(m.name().to_owned(), m.clone());
                 }
             }
-            set.devices.insert(d.id().clone(), d.clone());
+            set.devices.insert(d.id().clone(), Arc::clone(d));
         }
     }
     if !report.errors.is_empty() {
@@ -153,10 +154,6 @@ pub(crate) fn validate_with(
         let mut m = m.clone();
         m.set_source(SourceDoc::default());
         set.models.insert(name, m);
-    }
-    for d in set.devices.values_mut() {
-        d.set_source(SourceDoc::default());
-        d.fill_defaults();
     }
     Ok(set)
 }

@@ -920,7 +920,7 @@ fn profile_rejects_a_silence_timeout_on_a_polled_value() {
 fn the_device(text: &str) -> edgetwin_profile::Device {
     let docs = parse_str("p.yaml", text).unwrap();
     let set = validate(&[("p.yaml".into(), docs)], &BTreeMap::new()).unwrap();
-    set.devices.into_values().next().unwrap()
+    edgetwin_profile::Device::clone(&set.devices.into_values().next().unwrap())
 }
 
 #[test]
