@@ -341,6 +341,58 @@ pub struct GetResult {
     pub twin: TwinDoc,
 }
 
+/// `dt/{device}/history/get` request: one property's recent history.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryRequest {
+    /// Opaque request id echoed in the result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The property.
+    pub property: String,
+    /// Only points of buckets that end after this time (ms); default: all that are kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<TimestampMs>,
+    /// Most points, the newest ones; default and most: 10,000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+}
+
+/// One point of a history: the readings of one bucket of `resolutionMs`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct HistoryPoint {
+    /// Start of the bucket (ms).
+    pub t: TimestampMs,
+    /// Smallest reading.
+    pub min: f64,
+    /// Largest reading.
+    pub max: f64,
+    /// Mean of the readings.
+    pub avg: f64,
+    /// The latest reading.
+    pub last: f64,
+    /// How many readings.
+    pub count: u32,
+}
+
+/// `dt/{device}/history/result` (or the MQTT 5 response topic), and the body of
+/// `GET /api/devices/{device}/history`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryResult {
+    /// The request's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The device.
+    pub device: DeviceId,
+    /// The property.
+    pub property: String,
+    /// Width of each point's bucket (ms).
+    pub resolution_ms: i64,
+    /// Oldest first.
+    pub points: Vec<HistoryPoint>,
+}
+
 /// `{prefix}node/status` at the cloud (retained): the node's presence, published by its bridge on
 /// every connection (`online`), at a clean stop (`offline`, reason `stopped`), and as its MQTT will
 /// (`offline`, reason `connection lost`) when the connection dies.

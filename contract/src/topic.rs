@@ -25,6 +25,10 @@ pub enum Topic {
     Status(DeviceId),
     /// `dt/{device}/telemetry`: time series readings.
     Telemetry(DeviceId),
+    /// `dt/{device}/history/get`: request for a property's recent history.
+    HistoryGet(DeviceId),
+    /// `dt/{device}/history/result`: reply to a history request.
+    HistoryResult(DeviceId),
     /// `mappers/{protocol}/devices/{device}`: the resolved device for a mapper (retained).
     MapperDevice(ProtocolName, DeviceId),
     /// `mappers/{protocol}/status`: a mapper's own state (retained, also its will).
@@ -61,6 +65,8 @@ pub mod filter {
     pub const REPORTED: &str = "dt/+/reported";
     /// All get requests.
     pub const GET: &str = "dt/+/get";
+    /// All history requests.
+    pub const HISTORY_GET: &str = "dt/+/history/get";
     /// All device status messages.
     pub const STATUS: &str = "dt/+/status";
     /// All mapper status messages.
@@ -106,6 +112,8 @@ impl Topic {
             Topic::Error(d) => format!("dt/{d}/error"),
             Topic::Status(d) => format!("dt/{d}/status"),
             Topic::Telemetry(d) => format!("dt/{d}/telemetry"),
+            Topic::HistoryGet(d) => format!("dt/{d}/history/get"),
+            Topic::HistoryResult(d) => format!("dt/{d}/history/result"),
             Topic::MapperDevice(p, d) => format!("mappers/{p}/devices/{d}"),
             Topic::MapperStatus(p) => format!("mappers/{p}/status"),
             Topic::MapperMetrics(p) => format!("mappers/{p}/metrics"),
@@ -138,6 +146,8 @@ impl Topic {
             ["dt", d, "error"] => Topic::Error(dev(d)?),
             ["dt", d, "status"] => Topic::Status(dev(d)?),
             ["dt", d, "telemetry"] => Topic::Telemetry(dev(d)?),
+            ["dt", d, "history", "get"] => Topic::HistoryGet(dev(d)?),
+            ["dt", d, "history", "result"] => Topic::HistoryResult(dev(d)?),
             ["mappers", p, "devices", d] => Topic::MapperDevice(proto(p)?, dev(d)?),
             ["mappers", p, "status"] => Topic::MapperStatus(proto(p)?),
             ["mappers", p, "metrics"] => Topic::MapperMetrics(proto(p)?),
@@ -187,6 +197,8 @@ mod tests {
             Topic::Error(d("m-1")),
             Topic::Status(d("m-1")),
             Topic::Telemetry(d("m-1")),
+            Topic::HistoryGet(d("m-1")),
+            Topic::HistoryResult(d("m-1")),
             Topic::MapperDevice(p.clone(), d("m-1")),
             Topic::MapperStatus(p.clone()),
             Topic::MapperMetrics(p),

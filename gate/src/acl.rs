@@ -102,12 +102,16 @@ pub fn may_publish(role: &Role, topic: &str, dir: &dyn DeviceDirectory) -> bool 
             Some(
                 Topic::Desired(_)
                     | Topic::Get(_)
+                    | Topic::HistoryGet(_)
                     | Topic::DevicesApply
                     | Topic::DevicesList
                     | Topic::MapperDiscover(_)
             )
         ),
-        Role::App => matches!(Topic::parse(topic), Some(Topic::Desired(_) | Topic::Get(_))),
+        Role::App => matches!(
+            Topic::parse(topic),
+            Some(Topic::Desired(_) | Topic::Get(_) | Topic::HistoryGet(_))
+        ),
         Role::Mapper(p) => match Topic::parse(topic) {
             Some(Topic::Reported(d) | Topic::Status(d) | Topic::Telemetry(d) | Topic::Error(d)) => {
                 serves(dir, p, &d)
@@ -312,6 +316,7 @@ mod tests {
             "dt/unknown/reported",
             "dt/m1/desired",
             "dt/m1/get",
+            "dt/m1/history/get",
             "mappers/opcua/status",
             "mappers/modbus/devices/m1",
             "node/devices/apply",
@@ -327,6 +332,7 @@ mod tests {
         for t in [
             "dt/m1/desired",
             "dt/o1/get",
+            "dt/o1/history/get",
             "node/devices/apply",
             "node/devices/list",
         ] {

@@ -264,6 +264,7 @@ impl Recorder {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
@@ -296,7 +297,10 @@ mod tests {
         let out = r.take_dirty(10_950);
         assert_eq!(out.len(), 1);
         let p = out[0].point;
-        assert_eq!((p.t, p.min, p.max, p.last, p.count), (10_000, 1.0, 5.0, 5.0, 3));
+        assert_eq!(
+            (p.t, p.min, p.max, p.last, p.count),
+            (10_000, 1.0, 5.0, 5.0, 3)
+        );
         assert_eq!(p.avg(), 3.0);
         assert!(r.take_dirty(10_950).is_empty(), "written once");
     }
@@ -328,7 +332,10 @@ mod tests {
         let mut r = Recorder::new(settings());
         r.record("d", "p", 5_000, 1.0, none);
         assert_eq!(r.record("d", "p", 4_999, 9.0, none), Recorded::Late);
-        assert_eq!(r.record("d", "p", 5_001, f64::NAN, none), Recorded::NotFinite);
+        assert_eq!(
+            r.record("d", "p", 5_001, f64::NAN, none),
+            Recorded::NotFinite
+        );
         assert_eq!(
             r.record("d", "p", 5_001, f64::INFINITY, none),
             Recorded::NotFinite

@@ -99,7 +99,9 @@ impl HistoryStore {
             {
                 let mut table = tx.open_table(TABLE).map_err(|e| err(&e))?;
                 for (k, v) in &salvaged {
-                    table.insert(k.as_str(), v.as_slice()).map_err(|e| err(&e))?;
+                    table
+                        .insert(k.as_str(), v.as_slice())
+                        .map_err(|e| err(&e))?;
                 }
             }
             tx.commit().map_err(|e| err(&e))?;
@@ -232,6 +234,7 @@ impl HistoryStore {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -281,7 +284,11 @@ mod tests {
             .iter()
             .map(|p| p.t)
             .collect();
-        assert_eq!(got, vec![2000, 3000, 4000], "the bucket holding `since` is included");
+        assert_eq!(
+            got,
+            vec![2000, 3000, 4000],
+            "the bucket holding `since` is included"
+        );
         let newest: Vec<i64> = s
             .range(&key("d", "p"), 0, 1000, 2)
             .unwrap()
@@ -308,7 +315,11 @@ mod tests {
             .map(|p| p.t)
             .collect();
         assert_eq!(left, vec![7000, 8000, 9000, 10_000]);
-        assert_eq!(s.len().unwrap(), 5, "another series is not pruned by this write");
+        assert_eq!(
+            s.len().unwrap(),
+            5,
+            "another series is not pruned by this write"
+        );
         assert_eq!(s.prune_before(8000).unwrap(), 2);
         assert_eq!(s.len().unwrap(), 3);
     }
@@ -323,7 +334,11 @@ mod tests {
         let aside = std::fs::read_dir(dir.path())
             .unwrap()
             .filter_map(Result::ok)
-            .any(|e| e.file_name().to_string_lossy().starts_with("h.redb.corrupt-"));
+            .any(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("h.redb.corrupt-")
+            });
         assert!(aside, "the damaged file is kept aside");
     }
 }

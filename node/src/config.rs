@@ -29,6 +29,8 @@ pub struct NodeConfig {
     pub twin: TwinConfig,
     /// Readiness checks.
     pub health: HealthConfig,
+    /// The short local history of reported numeric values.
+    pub history: crate::history::HistoryConfig,
     /// The upstream bridge to a cloud MQTT broker; absent = no upstream.
     pub bridge: Option<edgetwin_bridge::BridgeConfig>,
     /// The container agent; absent = no container management.
@@ -145,6 +147,7 @@ impl Default for NodeConfig {
             mqtt: MqttConfig::default(),
             http: HttpConfig::default(),
             twin: TwinConfig::default(),
+            history: crate::history::HistoryConfig::default(),
             health: HealthConfig::default(),
             bridge: None,
             containers: None,
@@ -360,6 +363,7 @@ impl NodeConfig {
         if self.twin.snapshot_interval_s == 0 {
             errors.push("twin.snapshot_interval_s: must be at least 1".to_string());
         }
+        errors.extend(self.history.problems());
         if self.twin.max_batch == 0 {
             errors.push("twin.max_batch: must be at least 1".to_string());
         }

@@ -1,7 +1,12 @@
 //! The node's HTTP endpoint: `/metrics` (the classic text format, or OpenMetrics when the
 //! scraper asks for it; see [`crate::exposition`]), `/healthz` (process alive), `/readyz`
-//! (start-up finished and every readiness check passing now; see [`crate::health`]).
+//! (start-up finished and every readiness check passing now; see [`crate::health`]), and the
+//! JSON API: `GET /api/devices/{device}/history?prop=&since=&limit=` (docs/history.md).
+//!
+//! The API answers loopback clients only, for now: it shows device values, and this listener
+//! has no login yet (`/metrics` is meant for a Prometheus, which may sit on another host).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +17,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use prometheus_client::metrics::counter::Counter;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -20,6 +25,7 @@ use tracing::{debug, warn};
 use crate::config::HttpConfig;
 
 use crate::health::Health;
+use crate::history::{Query, QueryError};
 use crate::metrics::Metrics;
 
 /// What the HTTP handlers read.
@@ -29,7 +35,13 @@ pub struct HttpState {
     pub metrics: Arc<Metrics>,
     /// Readiness: lifecycle phase and checks.
     pub health: Arc<Health>,
+    /// The history task's requests (it answers once it runs).
+    pub history: mpsc::Sender<Query>,
 }
+
+/// The address of the connection a request came on.
+#[derive(Clone, Copy)]
+struct Peer(SocketAddr);
 
 /// Binds the listener (so a taken port fails start-up) and returns the server future.
 ///
@@ -50,6 +62,7 @@ pub async fn bind(
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/api/devices/{device}/history", get(history))
         .with_state(state);
     let limits = Limits {
         header_timeout: Duration::from_millis(cfg.header_timeout_ms),
@@ -99,7 +112,9 @@ async fn run(
         builder
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(limits.header_timeout);
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let service = hyper_util::service::TowerToHyperService::new(
+            app.clone().layer(axum::Extension(Peer(peer))),
+        );
         let stop = shutdown.clone();
         connections.spawn(async move {
             let _slot = slot;
@@ -155,4 +170,83 @@ async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, report.text)
+}
+
+/// `?prop=&since=&limit=` of a history request.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryParams {
+    prop: String,
+    since: Option<i64>,
+    limit: Option<usize>,
+}
+
+/// Longest an API request waits for the history task.
+const API_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn json_reply(code: StatusCode, body: &impl serde::Serialize) -> axum::response::Response {
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    (code, [(header::CONTENT_TYPE, "application/json")], bytes).into_response()
+}
+
+fn api_error(code: StatusCode, message: String) -> axum::response::Response {
+    json_reply(code, &serde_json::json!({ "error": message }))
+}
+
+async fn history(
+    State(state): State<HttpState>,
+    axum::Extension(Peer(peer)): axum::Extension<Peer>,
+    axum::extract::Path(device): axum::extract::Path<String>,
+    params: Result<axum::extract::Query<HistoryParams>, axum::extract::rejection::QueryRejection>,
+) -> axum::response::Response {
+    if !peer.ip().is_loopback() {
+        return api_error(
+            StatusCode::FORBIDDEN,
+            "the API answers clients on this host only (it has no login yet)".into(),
+        );
+    }
+    let params = match params {
+        Ok(axum::extract::Query(p)) => p,
+        Err(e) => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                format!("query string: {e} (expected prop=NAME, optional since=MS and limit=N)"),
+            )
+        }
+    };
+    let device = match edgetwin_contract::DeviceId::new(&device) {
+        Ok(d) => d,
+        Err(e) => return api_error(StatusCode::BAD_REQUEST, format!("device id: {e}")),
+    };
+    let (reply, answer) = oneshot::channel();
+    let query = Query {
+        device: device.clone(),
+        request: edgetwin_contract::HistoryRequest {
+            id: None,
+            property: params.prop.clone(),
+            since: params.since,
+            limit: params.limit,
+        },
+        reply,
+    };
+    let unavailable = || {
+        api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the history is not answering (starting or stopping)".into(),
+        )
+    };
+    if state.history.send(query).await.is_err() {
+        return unavailable();
+    }
+    match tokio::time::timeout(API_TIMEOUT, answer).await {
+        Ok(Ok(Ok(result))) => json_reply(StatusCode::OK, &result),
+        Ok(Ok(Err(e))) => {
+            let code = match e {
+                QueryError::UnknownDevice | QueryError::UnknownProperty => StatusCode::NOT_FOUND,
+                QueryError::Disabled | QueryError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            api_error(code, e.message(&device, &params.prop))
+        }
+        _ => unavailable(),
+    }
 }

@@ -91,6 +91,7 @@ impl Harness {
             },
             None,
             twin_service::Reports {
+                history: None,
                 metrics: metrics.clone(),
                 health: health.clone(),
                 directory: Arc::new(twin_service::Directory::default()),

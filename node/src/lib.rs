@@ -10,6 +10,7 @@ pub mod config;
 mod container_agent;
 mod exposition;
 mod health;
+pub mod history;
 mod http;
 #[cfg(test)]
 mod inprocess;

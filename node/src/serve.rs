@@ -115,11 +115,14 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
     let tracker = TaskTracker::new();
 
     // 1. HTTP first, so an orchestrator sees "starting" rather than a refused connection.
+    // History requests wait in their queue until the history task runs (step 4).
+    let (history_queries_tx, history_queries) = mpsc::channel(64);
     let http_server = http::bind(
         &cfg.http,
         HttpState {
             metrics: metrics.clone(),
             health: health.clone(),
+            history: history_queries_tx,
         },
         intake.clone(),
     )
@@ -156,6 +159,11 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
             edgetwin_retained::RetainedStore::open(&path, edgetwin_retained::Limits::default())
         })
     };
+    let history_path = cfg.data_dir.join("history.redb");
+    let history_open = cfg.history.enabled.then(|| {
+        let path = history_path.clone();
+        tokio::task::spawn_blocking(move || edgetwin_history::HistoryStore::open(&path))
+    });
     let store_path = cfg.twin_store_path();
     let (store, twins, quarantined) = {
         let path = store_path.clone();
@@ -182,7 +190,10 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
         .iter()
         .chain(registry::FILTERS.iter())
         .map(|f| f.to_string())
-        .chain([edgetwin_contract::Topic::ContainersCmd.to_topic_string()])
+        .chain([
+            edgetwin_contract::Topic::ContainersCmd.to_topic_string(),
+            edgetwin_contract::topic::filter::HISTORY_GET.to_string(),
+        ])
         .chain(tap_filters.iter().cloned())
         .collect();
     let broker = EmbeddedBroker::start_router(&cfg.mqtt, &internal_filters);
@@ -212,6 +223,50 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
         &tracker,
     )
     .await?;
+    // The history: its file, the twin service's feed, and requests over MQTT. Subscribed even
+    // when switched off, so a request is answered with why.
+    let history_metrics = crate::history::HistoryMetrics::default();
+    metrics.register_with(|r| history_metrics.register(r));
+    let history_store = match history_open {
+        None => None,
+        Some(open) => {
+            let (s, salvaged) = open
+                .await
+                .context("history store open panicked")?
+                .with_context(|| format!("cannot open history store {}", history_path.display()))?;
+            info!(salvaged, path = %history_path.display(), "history store opened");
+            Some(s)
+        }
+    };
+    let (history_tx, history_rx) = mpsc::channel(crate::history::READING_QUEUE);
+    let (history_link, history_requests) = LocalClient::connect(
+        &broker,
+        "history",
+        &[edgetwin_contract::topic::filter::HISTORY_GET],
+        256,
+        intake.clone(),
+        &tracker,
+    )
+    .await?;
+    let history_stop = CancellationToken::new();
+    let history_task = tokio::spawn(
+        crate::history::HistoryTask {
+            cfg: cfg.history.clone(),
+            path: history_path,
+            store: history_store,
+            readings: history_rx,
+            queries: history_queries,
+            link: history_link,
+            requests: history_requests,
+            directory: directory.clone(),
+            metrics: history_metrics.clone(),
+        }
+        .run(history_stop.clone()),
+    );
+    let history_feed = cfg.history.enabled.then(|| crate::history::HistoryFeed {
+        tx: history_tx,
+        metrics: history_metrics,
+    });
     let mut service = TwinService::new(
         twin_link,
         store,
@@ -226,6 +281,7 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
             metrics: metrics.clone(),
             health: health.clone(),
             directory: directory.clone(),
+            history: history_feed,
         },
     )?;
 
@@ -483,6 +539,14 @@ pub async fn serve(cfg: NodeConfig, control: Control) -> anyhow::Result<()> {
         Ok(Ok(Err(e))) => error!(error = %e, "twin service failed while stopping"),
         Ok(Err(e)) => error!(error = %e, "twin service panicked"),
         Err(_) => error!("twin service did not finish its final commit within 20 s"),
+    }
+    // After the twin service: its last readings are in the history's queue.
+    history_stop.cancel();
+    if tokio::time::timeout(Duration::from_secs(10), history_task)
+        .await
+        .is_err()
+    {
+        warn!("the history did not write its pending points within 10 s");
     }
     if let Some(bridge) = bridge {
         bridge.shutdown().await;

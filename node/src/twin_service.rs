@@ -240,6 +240,8 @@ pub struct TwinService {
     /// Per device: the `lastSeen` its retained document was last published with for a
     /// repeated reading alone (so such republishes are a full period apart).
     seen_published: HashMap<DeviceId, i64>,
+    /// The local history's feed.
+    history: Option<crate::history::HistoryFeed>,
 }
 
 /// What the twin service subscribes. Not `desired` and `reported`: clients' patches come from
@@ -279,6 +281,8 @@ struct Batch {
     pending_errors: Vec<(DeviceId, String, Option<String>)>,
     /// Desired patches with an `$id` to answer once the batch is committed.
     answers: Vec<(DeviceId, String, PatchOutcome)>,
+    /// Accepted numeric readings, for the local history once the batch is committed.
+    readings: Vec<crate::history::Reading>,
 }
 
 /// Where the twin service reports besides MQTT: its metrics, its readiness check, and the
@@ -290,6 +294,8 @@ pub struct Reports {
     pub health: Arc<Readiness>,
     /// Rewritten on every registry change.
     pub directory: Arc<Directory>,
+    /// Where accepted numeric readings go; `None`: no history.
+    pub history: Option<crate::history::HistoryFeed>,
 }
 
 impl TwinService {
@@ -306,6 +312,7 @@ impl TwinService {
             metrics,
             health,
             directory,
+            history,
         } = reports;
         let twins: HashMap<DeviceId, Twin> =
             twins.into_iter().map(|t| (t.device.clone(), t)).collect();
@@ -326,6 +333,7 @@ impl TwinService {
             node_desired: node.map(|(_, tx)| tx),
             health,
             seen_published: HashMap::new(),
+            history,
         })
     }
 
@@ -658,6 +666,13 @@ impl TwinService {
             side: side.as_str().to_string(),
             source: source.kind().to_string(),
         };
+        if side == Side::Reported && result.is_ok() && self.history.is_some() {
+            // Every accepted reading, changed or not: the history's buckets count them.
+            let at = patch.ts.unwrap_or(now).min(now);
+            let props = patch.props.iter().map(|(k, v)| (k.as_str(), v.as_ref()));
+            b.readings
+                .extend(crate::history::readings_of(&device, props, at));
+        }
         match result {
             Err(r) => self.reject(b, &device, topic, id, r),
             Ok(applied) if applied.changed.is_empty() => {
@@ -739,18 +754,7 @@ impl TwinService {
             id: req.id,
             twin: twin.to_doc(),
         };
-        // MQTT 5 request/response: answer on the response topic with the correlation data.
-        let (reply_topic, reply_props) = match props {
-            Some(p) if p.response_topic.as_deref().is_some_and(valid_publish_topic) => {
-                let rt = p.response_topic.clone().unwrap_or_default();
-                let props = PublishProperties {
-                    correlation_data: p.correlation_data.clone(),
-                    ..Default::default()
-                };
-                (rt, Some(props))
-            }
-            _ => (Topic::GetResult(device).to_topic_string(), None),
-        };
+        let (reply_topic, reply_props) = reply_route(props, Topic::GetResult(device));
         b.outs
             .push(json_out(&reply_topic, &result, false, reply_props));
     }
@@ -832,6 +836,7 @@ impl TwinService {
             silent,
             republish,
             answers,
+            readings,
             ..
         } = b;
         if !dirty.is_empty() || !silent.is_empty() {
@@ -883,6 +888,9 @@ impl TwinService {
             }
         }
         self.notify_node_desired(&dirty);
+        if let Some(h) = &self.history {
+            h.offer(readings);
+        }
         for (device, id, outcome) in &answers {
             let version = self.twins.get(device).map(|t| t.version);
             outs.push(desired_result(device, id, *outcome, version));
@@ -1321,6 +1329,25 @@ fn json_out<T: serde::Serialize>(
         ),
         retain,
         props,
+    }
+}
+
+/// Where a request's answer goes: MQTT 5 request/response (the request's response topic, with
+/// its correlation data) when it named a valid one, else the contract's `result` topic.
+pub(crate) fn reply_route(
+    props: Option<PublishProperties>,
+    result: Topic,
+) -> (String, Option<PublishProperties>) {
+    match props {
+        Some(p) if p.response_topic.as_deref().is_some_and(valid_publish_topic) => {
+            let rt = p.response_topic.clone().unwrap_or_default();
+            let props = PublishProperties {
+                correlation_data: p.correlation_data,
+                ..Default::default()
+            };
+            (rt, Some(props))
+        }
+        _ => (result.to_topic_string(), None),
     }
 }
 
