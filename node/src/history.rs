@@ -219,8 +219,12 @@ pub struct HistoryMetrics {
 }
 
 impl HistoryMetrics {
-    /// Registers every history metric.
+    /// Registers every history metric, each outcome's series at 0 so that it is exported (and
+    /// charted) before its first reading.
     pub fn register(&self, r: &mut Registry) {
+        for o in ["taken", "late", "series_limit", "not_finite", "dropped"] {
+            self.outcome(o);
+        }
         r.register(
             "history_readings",
             "Numeric readings offered to the local history, by outcome",
