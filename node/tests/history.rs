@@ -89,27 +89,12 @@ fn history_keeps_readings_as_points_and_answers_over_http_and_mqtt() {
     assert_eq!(readings(&later), 1);
 
     // Over MQTT 5: the answer goes to the response topic.
-    require("mosquitto_rr");
-    let out = run(std::process::Command::new("mosquitto_rr").args([
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &node.port_v5.to_string(),
-        "-t",
+    let r = mosquitto_rr(
+        node.port_v5,
         "dt/h-1/history/get",
-        "-e",
         "rr/h-1/history",
-        "-m",
         r#"{"id":"q1","property":"temperature","limit":1}"#,
-        "-W",
-        "5",
-    ]));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["id"], "q1");
     assert_eq!(
         r["points"].as_array().unwrap().len(),

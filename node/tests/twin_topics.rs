@@ -155,28 +155,8 @@ fn twin_get_honours_mqtt5_response_topic_and_correlation_data() {
 
 #[test]
 fn twin_get_works_with_mosquitto_rr() {
-    require("mosquitto_rr");
     let node = Node::start(&["t-6"]);
-    let out = run(std::process::Command::new("mosquitto_rr").args([
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &node.port_v5.to_string(),
-        "-t",
-        "dt/t-6/get",
-        "-e",
-        "rr/t-6",
-        "-m",
-        r#"{"id":"x"}"#,
-        "-W",
-        "5",
-    ]));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = mosquitto_rr(node.port_v5, "dt/t-6/get", "rr/t-6", r#"{"id":"x"}"#);
     assert_eq!(r["twin"]["device"], "t-6");
 }
 

@@ -22,6 +22,37 @@ pub fn mosquitto_pub(port: u16, topic: &str, payload: &str, extra: &[&str]) {
     );
 }
 
+/// One MQTT 5 request with `mosquitto_rr`: `payload` to `topic`, naming `response_topic`; the
+/// JSON answer (asserting that one came within 5 s).
+pub fn mosquitto_rr(port: u16, topic: &str, response_topic: &str, payload: &str) -> Value {
+    require("mosquitto_rr");
+    let out = run(Command::new("mosquitto_rr").args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-t",
+        topic,
+        "-e",
+        response_topic,
+        "-m",
+        payload,
+        "-W",
+        "5",
+    ]));
+    assert!(
+        out.status.success(),
+        "mosquitto_rr failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "mosquitto_rr answered {:?}: {e}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
 /// `mosquitto_pub -q 1` with `extra` arguments; its output, whatever the outcome.
 pub fn mosquitto_pub_output(port: u16, topic: &str, payload: &str, extra: &[&str]) -> Output {
     require("mosquitto_pub");
